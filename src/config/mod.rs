@@ -1,0 +1,1 @@
+//! Configuration: loading, validation and defaults. (placeholder, being written)
