@@ -5,3 +5,6 @@
 //! `upstream` owns backend connections; errors decided anywhere are rendered by `error`.
 
 pub mod config;
+pub mod error;
+pub mod http;
+pub mod mock;
