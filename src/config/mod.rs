@@ -354,7 +354,7 @@ impl Default for RawLog {
     }
 }
 
-/// Validates `raw` and resolves what needs resolving; `None` if it pushed any issue.
+/// Validates `raw` and resolves what needs resolving; `None` once any issue is recorded.
 fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
     let mut report = |at: &str, result: Result<(), String>| {
         if let Err(message) = result {
