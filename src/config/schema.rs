@@ -1,0 +1,248 @@
+//! The key schema: which keys the gateway acts on, which it knows but does not support yet,
+//! and everything else (typos). Checked on the generic tree before typed deserialization so
+//! every key problem in the file is reported at once, with its full path.
+
+use serde_json::{Map, Value};
+
+use super::Issue;
+
+/// The shape of a config value, as far as key checking cares.
+pub(super) enum Shape {
+    /// A scalar (or anything whose type serde checks later).
+    Leaf,
+    /// A mapping with exactly these keys.
+    Map(&'static [(&'static str, Shape)]),
+    /// A list whose items all have this shape.
+    List(&'static Shape),
+}
+
+use Shape::{Leaf, List, Map as Fields};
+
+/// Keys the gateway acts on now. Must match the `Raw*` structs in `mod.rs`
+/// (they deny unknown fields, so a key listed here but missing there fails loudly).
+pub(super) const ROOT: Shape = Fields(&[
+    ("listen", Leaf),
+    ("workers", Leaf),
+    ("io_driver", Leaf),
+    ("cpu_affinity", Leaf),
+    ("max_request_body", Leaf),
+    ("max_header_size", Leaf),
+    ("shutdown_timeout", Leaf),
+    (
+        "timeouts",
+        Fields(&[
+            ("connect", Leaf),
+            ("client_header", Leaf),
+            ("client_body", Leaf),
+            ("keepalive", Leaf),
+        ]),
+    ),
+    (
+        "upstream",
+        Fields(&[("max_idle_per_backend", Leaf), ("idle_timeout", Leaf)]),
+    ),
+    (
+        "backends",
+        List(&Fields(&[("url", Leaf), ("weight", Leaf)])),
+    ),
+    ("log", Fields(&[("level", Leaf), ("format", Leaf)])),
+]);
+
+/// Keys from the seed README or the roadmap that the gateway does not act on yet: (path, what it
+/// would do). Loading them must fail rather than silently ignore, say, `auth`. When a key gets
+/// implemented, delete its line here and add it to [`ROOT`]. `[]` stands for any list index.
+pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
+    ("usage_hook", "usage reporting"),
+    ("health_check", "active backend health checks"),
+    ("auth", "client authentication"),
+    ("api_keys", "client API keys"),
+    ("rate_limit", "rate limiting"),
+    ("routing", "model-based routing"),
+    (
+        "load_balance",
+        "load-balancing strategies other than weighted round robin",
+    ),
+    ("retry", "upstream retries"),
+    ("metrics", "Prometheus metrics"),
+    ("admin", "the admin API"),
+    ("model_aliases", "model aliases"),
+    ("backends[].models", "per-backend model lists"),
+    ("backends[].api_key", "per-backend API keys"),
+    ("backends[].headers", "per-backend extra headers"),
+    ("backends[].max_in_flight", "per-backend concurrency limits"),
+];
+
+/// Checks every key of `root` against [`ROOT`], pushing one issue per problem. Removes the keys it
+/// reported or accepted without meaning (`null`, disabled unsupported blocks) so typed
+/// deserialization sees only keys it knows, and `key:` left empty falls back to its default.
+pub(super) fn check(root: &mut Map<String, Value>, issues: &mut Vec<Issue>) {
+    let Fields(fields) = ROOT else {
+        unreachable!("ROOT is a mapping")
+    };
+    check_map(fields, root, "", "", issues);
+}
+
+/// `path` is the real location (`backends[1]`), `pattern` the same with indices erased
+/// (`backends[]`) for looking up [`NOT_SUPPORTED`].
+fn check_map(
+    fields: &[(&str, Shape)],
+    map: &mut Map<String, Value>,
+    path: &str,
+    pattern: &str,
+    issues: &mut Vec<Issue>,
+) {
+    let keys: Vec<String> = map.keys().cloned().collect();
+    for key in keys {
+        let at = join(path, &key);
+        let key_pattern = join(pattern, &key);
+        let value = map.get_mut(&key).expect("key taken from this map");
+        if value.is_null() {
+            map.remove(&key);
+            continue;
+        }
+        if let Some((_, shape)) = fields.iter().find(|(name, _)| *name == key) {
+            check_value(shape, value, &at, &key_pattern, issues);
+            continue;
+        }
+        if let Some((_, note)) = NOT_SUPPORTED.iter().find(|(p, _)| *p == key_pattern) {
+            if !is_disabled(value) {
+                issues.push(Issue::new(
+                    &at,
+                    format!("not supported yet ({note}); remove it or set `enabled: false`"),
+                ));
+            }
+        } else {
+            let message = match suggest(&key, fields, pattern) {
+                Some(known) => format!("unknown key; did you mean `{known}`?"),
+                None => "unknown key".to_string(),
+            };
+            issues.push(Issue::new(&at, message));
+        }
+        map.remove(&key);
+    }
+}
+
+fn check_value(shape: &Shape, value: &mut Value, at: &str, pattern: &str, issues: &mut Vec<Issue>) {
+    match (shape, value) {
+        (Fields(fields), Value::Object(map)) => check_map(fields, map, at, pattern, issues),
+        (List(item), Value::Array(items)) => {
+            let item_pattern = format!("{pattern}[]");
+            for (index, item_value) in items.iter_mut().enumerate() {
+                check_value(
+                    item,
+                    item_value,
+                    &format!("{at}[{index}]"),
+                    &item_pattern,
+                    issues,
+                );
+            }
+        }
+        // Wrong types are left for serde, which names the expected type.
+        _ => {}
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// A block with `enabled: false` asks for nothing, so an unsupported feature switched off is fine.
+fn is_disabled(value: &Value) -> bool {
+    value.get("enabled") == Some(&Value::Bool(false))
+}
+
+/// The known or not-yet-supported key at this level closest to `key`, if it is a likely typo.
+fn suggest<'a>(key: &str, fields: &'a [(&'a str, Shape)], pattern: &str) -> Option<&'a str> {
+    let prefix = if pattern.is_empty() {
+        String::new()
+    } else {
+        format!("{pattern}.")
+    };
+    let unsupported = NOT_SUPPORTED.iter().filter_map(|(p, _)| {
+        p.strip_prefix(prefix.as_str())
+            .filter(|rest| !rest.contains(['.', '[']))
+    });
+    fields
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(unsupported)
+        .map(|name| (edit_distance(&key.to_ascii_lowercase(), name), name))
+        .filter(|(distance, _)| *distance <= 2)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, name)| name)
+}
+
+/// Optimal string alignment distance: Levenshtein plus adjacent transpositions (`listne`).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    rows[0] = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = best;
+        }
+    }
+    rows[a.len()][b.len()]
+}
+
+/// Every key path [`ROOT`] accepts, with `[]` for list items; lets tests prove the example
+/// configs document every key.
+#[cfg(test)]
+pub(super) fn known_paths() -> Vec<String> {
+    fn collect(shape: &Shape, path: &str, out: &mut Vec<String>) {
+        match shape {
+            Leaf => out.push(path.to_string()),
+            Fields(fields) => {
+                for (key, shape) in *fields {
+                    collect(shape, &join(path, key), out);
+                }
+            }
+            List(item) => collect(item, &format!("{path}[]"), out),
+        }
+    }
+    let mut out = Vec::new();
+    collect(&ROOT, "", &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("listne", "listen"), 1);
+        assert_eq!(edit_distance("wieght", "weight"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("backend", "backends"), 1);
+        assert_eq!(edit_distance("zzz", "log"), 3);
+    }
+
+    #[test]
+    fn not_supported_paths_are_not_also_supported() {
+        let known = known_paths();
+        for (path, _) in NOT_SUPPORTED {
+            assert!(
+                !known
+                    .iter()
+                    .any(|k| k == path || k.starts_with(&format!("{path}."))),
+                "{path} is in both ROOT and NOT_SUPPORTED"
+            );
+        }
+    }
+}
