@@ -1,10 +1,15 @@
 //! llmproxy: a thread-per-core gateway for OpenAI-compatible inference servers.
 //!
-//! A request moves through named phases, each owned by one module and flowing one way:
-//! `server` (runtimes, listeners) accepts; `http` parses; `proxy` admits, routes and relays;
-//! `upstream` owns backend connections; errors decided anywhere are rendered by `error`.
+//! A request moves through named phases, each owned by one module, and data flows one way:
+//! `server` (runtimes, listeners, lifecycle) accepts connections; `http` parses the wire format;
+//! `proxy` reads, routes and relays each request; `upstream` picks backends and owns their
+//! connections; errors decided anywhere are rendered by `error`. `config` loads and validates the
+//! configuration; `mock` is the OpenAI-compatible simulator used by tests, the demo and benchmarks.
 
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod mock;
+pub mod proxy;
+pub mod server;
+pub mod upstream;
