@@ -11,7 +11,10 @@ use crate::http::{self, RequestError, UpstreamError};
 pub enum GatewayError {
     Request(RequestError),
     /// Path outside the proxied and built-in routes.
-    NotFound { method: String, path: String },
+    NotFound {
+        method: String,
+        path: String,
+    },
     /// No backend has an address to send to.
     NoBackend,
     UpstreamConnect,
@@ -80,7 +83,9 @@ impl GatewayError {
                     Cow::Owned(format!("Refused ambiguous request framing: {why}."))
                 }
                 RequestError::HeaderTooLarge => "Request line and headers are too large.".into(),
-                RequestError::BodyTooLarge => "Request body exceeds the gateway's max_request_body.".into(),
+                RequestError::BodyTooLarge => {
+                    "Request body exceeds the gateway's max_request_body.".into()
+                }
                 RequestError::Timeout => "The request was not received in time.".into(),
             },
             GatewayError::NotFound { method, path } => {
@@ -89,7 +94,9 @@ impl GatewayError {
             GatewayError::NoBackend => "No healthy backend is available.".into(),
             GatewayError::UpstreamConnect => "Could not connect to the backend.".into(),
             GatewayError::UpstreamConnectTimeout => "Timed out connecting to the backend.".into(),
-            GatewayError::UpstreamClosed => "The backend closed the connection without a response.".into(),
+            GatewayError::UpstreamClosed => {
+                "The backend closed the connection without a response.".into()
+            }
             GatewayError::UpstreamProtocol(e) => {
                 Cow::Owned(format!("The backend sent an invalid response ({e:?})."))
             }
@@ -116,8 +123,19 @@ pub fn write_error(out: &mut Vec<u8>, err: &GatewayError, request_id: &[u8], kee
     .to_string();
     let keep_alive = keep_alive && !err.closes_connection();
     let mut headers: [(&[u8], &[u8]); 1] = [(b"X-Request-Id", request_id)];
-    let extra: &[(&[u8], &[u8])] = if request_id.is_empty() { &[] } else { &mut headers[..] };
-    http::write_response(out, err.status(), b"application/json", extra, body.as_bytes(), keep_alive);
+    let extra: &[(&[u8], &[u8])] = if request_id.is_empty() {
+        &[]
+    } else {
+        &mut headers[..]
+    };
+    http::write_response(
+        out,
+        err.status(),
+        b"application/json",
+        extra,
+        body.as_bytes(),
+        keep_alive,
+    );
 }
 
 #[cfg(test)]
@@ -127,7 +145,12 @@ mod tests {
     #[test]
     fn error_body_has_openai_shape() {
         let mut out = Vec::new();
-        write_error(&mut out, &GatewayError::Request(RequestError::BodyTooLarge), b"req_1", true);
+        write_error(
+            &mut out,
+            &GatewayError::Request(RequestError::BodyTooLarge),
+            b"req_1",
+            true,
+        );
         let text = String::from_utf8(out).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 413 Payload Too Large\r\n"));

@@ -13,3 +13,4 @@ pub mod mock;
 pub mod proxy;
 pub mod server;
 pub mod upstream;
+pub mod usage;

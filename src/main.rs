@@ -80,12 +80,23 @@ fn serve(path: Option<&Path>) -> Result<(), String> {
 }
 
 fn demo() -> Result<(), String> {
-    let cfg = config::parse(config::DEMO_CONFIG, config::Format::Yaml).map_err(|e| e.to_string())?;
+    let cfg =
+        config::parse(config::DEMO_CONFIG, config::Format::Yaml).map_err(|e| e.to_string())?;
     init_logging(&cfg.log.level, cfg.log.format);
     let backend = cfg.backends[0].host_header.clone();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut sim = std::process::Command::new(exe)
-        .args(["mock-llm", "--listen", &backend, "--ttft-ms", "150", "--itl-ms", "40", "--tokens", "24"])
+        .args([
+            "mock-llm",
+            "--listen",
+            &backend,
+            "--ttft-ms",
+            "150",
+            "--itl-ms",
+            "40",
+            "--tokens",
+            "24",
+        ])
         .spawn()
         .map_err(|e| format!("cannot start the simulator: {e}"))?;
     let base = format!("http://{}", cfg.listen);
@@ -105,7 +116,9 @@ fn demo() -> Result<(), String> {
 fn init_logging(level: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),

@@ -59,7 +59,11 @@ impl ChunkedDecoder {
 
     /// Consumes framing from `input`, handing each piece of chunk data to `data`. Returns how many
     /// bytes belong to this body: all of `input`, or fewer when the body ended inside it.
-    pub fn feed(&mut self, input: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize, ChunkedError> {
+    pub fn feed(
+        &mut self,
+        input: &[u8],
+        mut data: impl FnMut(&[u8]),
+    ) -> Result<usize, ChunkedError> {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
@@ -181,7 +185,8 @@ mod tests {
 
     #[test]
     fn decodes_across_every_split_point() {
-        let raw = b"5;name=v\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        let raw =
+            b"5;name=v\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\nNEXT";
         for piece in 1..raw.len() {
             let (out, used) = decode_in_pieces(raw, piece).unwrap();
             assert_eq!(out, b"helloabcdefghijklmnopqrstuvwxyz");
@@ -194,11 +199,17 @@ mod tests {
         let mut d = ChunkedDecoder::default();
         assert_eq!(d.feed(b"zz\r\n", |_| {}), Err(ChunkedError::InvalidSize));
         let mut d = ChunkedDecoder::default();
-        assert_eq!(d.feed(b"3\r\nabcX", |_| {}), Err(ChunkedError::InvalidFraming));
+        assert_eq!(
+            d.feed(b"3\r\nabcX", |_| {}),
+            Err(ChunkedError::InvalidFraming)
+        );
         let mut d = ChunkedDecoder::default();
         assert_eq!(d.feed(b"\r\n", |_| {}), Err(ChunkedError::InvalidSize));
         let mut d = ChunkedDecoder::default();
-        assert_eq!(d.feed(b"1234567890abcdef0\r\n", |_| {}), Err(ChunkedError::InvalidSize));
+        assert_eq!(
+            d.feed(b"1234567890abcdef0\r\n", |_| {}),
+            Err(ChunkedError::InvalidSize)
+        );
         let mut d = ChunkedDecoder::default();
         assert_eq!(d.feed(b"3\nabc", |_| {}), Err(ChunkedError::InvalidSize));
     }

@@ -60,7 +60,11 @@ impl RequestHead {
 ///
 /// Returns `Ok(false)` when more bytes are needed, `Ok(true)` when `out` holds a complete, validated
 /// head. `max_head` bounds the head size: an incomplete head already that long is refused.
-pub fn parse_request(buf: &[u8], max_head: usize, out: &mut RequestHead) -> Result<bool, RequestError> {
+pub fn parse_request(
+    buf: &[u8],
+    max_head: usize,
+    out: &mut RequestHead,
+) -> Result<bool, RequestError> {
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut storage);
     let head_len = match req.parse(buf) {
@@ -73,7 +77,9 @@ pub fn parse_request(buf: &[u8], max_head: usize, out: &mut RequestHead) -> Resu
             };
         }
         Err(httparse::Error::TooManyHeaders) => return Err(RequestError::HeaderTooLarge),
-        Err(httparse::Error::Version) => return Err(RequestError::Malformed("unsupported HTTP version")),
+        Err(httparse::Error::Version) => {
+            return Err(RequestError::Malformed("unsupported HTTP version"))
+        }
         Err(_) => return Err(RequestError::Malformed("malformed request head")),
     };
     if head_len > max_head {
@@ -97,11 +103,15 @@ pub fn parse_request(buf: &[u8], max_head: usize, out: &mut RequestHead) -> Resu
     out.expect_continue = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        out.headers.push((Span::within(buf, name), Span::within(buf, h.value)));
+        out.headers
+            .push((Span::within(buf, name), Span::within(buf, h.value)));
         if name.eq_ignore_ascii_case(b"content-length") {
-            let n = parse_content_length(h.value).ok_or(RequestError::Malformed("invalid Content-Length"))?;
+            let n = parse_content_length(h.value)
+                .ok_or(RequestError::Malformed("invalid Content-Length"))?;
             if content_length.is_some_and(|prev| prev != n) {
-                return Err(RequestError::AmbiguousFraming("conflicting Content-Length headers"));
+                return Err(RequestError::AmbiguousFraming(
+                    "conflicting Content-Length headers",
+                ));
             }
             content_length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
@@ -113,7 +123,9 @@ pub fn parse_request(buf: &[u8], max_head: usize, out: &mut RequestHead) -> Resu
             // might read differently.
             chunked = h.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
             if !chunked {
-                return Err(RequestError::AmbiguousFraming("unsupported Transfer-Encoding"));
+                return Err(RequestError::AmbiguousFraming(
+                    "unsupported Transfer-Encoding",
+                ));
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
             close |= has_token(h.value, b"close");
@@ -139,7 +151,9 @@ pub fn parse_request(buf: &[u8], max_head: usize, out: &mut RequestHead) -> Resu
         ));
     }
     if transfer_encoding && out.http10 {
-        return Err(RequestError::AmbiguousFraming("Transfer-Encoding in an HTTP/1.0 request"));
+        return Err(RequestError::AmbiguousFraming(
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ));
     }
     out.framing = Some(if chunked {
         Framing::Chunked
@@ -149,7 +163,11 @@ pub fn parse_request(buf: &[u8], max_head: usize, out: &mut RequestHead) -> Resu
             Some(n) => Framing::Length(n),
         }
     });
-    out.keep_alive = if out.http10 { keep_alive_token && !close } else { !close };
+    out.keep_alive = if out.http10 {
+        keep_alive_token && !close
+    } else {
+        !close
+    };
     Ok(true)
 }
 
@@ -178,7 +196,10 @@ mod tests {
     #[test]
     fn partial_then_too_large() {
         let mut h = RequestHead::default();
-        assert_eq!(parse_request(b"GET / HTTP/1.1\r\nHo", 8192, &mut h), Ok(false));
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\nHo", 8192, &mut h),
+            Ok(false)
+        );
         assert_eq!(
             parse_request(b"GET / HTTP/1.1\r\nHo", 10, &mut h),
             Err(RequestError::HeaderTooLarge)
@@ -199,7 +220,9 @@ mod tests {
             );
         }
         // The same length twice is unambiguous.
-        let h = parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n").unwrap();
+        let h =
+            parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n")
+                .unwrap();
         assert_eq!(h.framing(), Framing::Length(3));
     }
 
@@ -209,16 +232,33 @@ mod tests {
             parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n"),
             Err(RequestError::Malformed(_))
         ));
-        assert!(matches!(parse("GET / HTTP/1.1\r\n\r\n"), Err(RequestError::Malformed(_))));
-        assert!(matches!(parse("GET / HTTP/1.1\r\nBad Header\r\n\r\n"), Err(RequestError::Malformed(_))));
+        assert!(matches!(
+            parse("GET / HTTP/1.1\r\n\r\n"),
+            Err(RequestError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse("GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
+            Err(RequestError::Malformed(_))
+        ));
     }
 
     #[test]
     fn connection_semantics() {
-        assert!(!parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap().keep_alive);
+        assert!(
+            !parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .unwrap()
+                .keep_alive
+        );
         assert!(!parse("GET / HTTP/1.0\r\n\r\n").unwrap().keep_alive);
-        assert!(parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().keep_alive);
-        let h = parse("POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n").unwrap();
+        assert!(
+            parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                .unwrap()
+                .keep_alive
+        );
+        let h = parse(
+            "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .unwrap();
         assert!(h.expect_continue);
     }
 }

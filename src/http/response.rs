@@ -23,6 +23,8 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// The backend allows this connection to be reused after the body.
     pub reusable: bool,
+    /// `Content-Type: text/event-stream`: the body is a sequence of SSE events.
+    pub event_stream: bool,
 }
 
 impl ResponseHead {
@@ -45,7 +47,9 @@ pub fn parse_response(
     let mut res = httparse::Response::new(&mut storage);
     let head_len = match res.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() >= max_head => return Err(UpstreamError::HeadTooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= max_head => {
+            return Err(UpstreamError::HeadTooLarge)
+        }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(UpstreamError::HeadTooLarge),
         Err(_) => return Err(UpstreamError::Malformed),
@@ -59,9 +63,13 @@ pub fn parse_response(
     let mut transfer_encoding = false;
     let mut close = version == 0;
     let mut connection_tokens: &[u8] = b"";
+    let mut event_stream = false;
     for h in res.headers.iter() {
         let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if name.eq_ignore_ascii_case(b"content-type") {
+            event_stream =
+                h.value.len() >= 17 && h.value[..17].eq_ignore_ascii_case(b"text/event-stream");
+        } else if name.eq_ignore_ascii_case(b"content-length") {
             let n = parse_content_length(h.value).ok_or(UpstreamError::Malformed)?;
             if content_length.is_some_and(|p| p != n) {
                 return Err(UpstreamError::AmbiguousFraming);
@@ -139,6 +147,7 @@ pub fn parse_response(
         head_len,
         framing,
         reusable: !close && framing != Framing::UntilClose,
+        event_stream,
     }))
 }
 
@@ -168,18 +177,27 @@ impl BodyTracker {
         }
     }
 
-    /// Returns how many leading bytes of `bytes` belong to the body.
+    /// Returns how many leading bytes of `bytes` belong to the body, handing the body's payload
+    /// (chunk framing removed) to `payload`.
     #[inline]
-    pub fn advance(&mut self, bytes: &[u8]) -> Result<usize, UpstreamError> {
-        match self {
+    pub fn advance(
+        &mut self,
+        bytes: &[u8],
+        mut payload: impl FnMut(&[u8]),
+    ) -> Result<usize, UpstreamError> {
+        let taken = match self {
             BodyTracker::Length(n) => {
                 let take = (*n).min(bytes.len() as u64);
                 *n -= take;
-                Ok(take as usize)
+                take as usize
             }
-            BodyTracker::Chunked(d) => d.feed(bytes, |_| {}).map_err(UpstreamError::BadChunk),
-            BodyTracker::UntilClose => Ok(bytes.len()),
-        }
+            BodyTracker::Chunked(d) => {
+                return d.feed(bytes, payload).map_err(UpstreamError::BadChunk)
+            }
+            BodyTracker::UntilClose => bytes.len(),
+        };
+        payload(&bytes[..taken]);
+        Ok(taken)
     }
 }
 
@@ -189,7 +207,9 @@ mod tests {
 
     fn parse(raw: &str) -> (ResponseHead, String) {
         let mut out = Vec::new();
-        let h = parse_response(raw.as_bytes(), 8192, false, &mut out).unwrap().unwrap();
+        let h = parse_response(raw.as_bytes(), 8192, false, &mut out)
+            .unwrap()
+            .unwrap();
         (h, String::from_utf8(out).unwrap())
     }
 
@@ -208,8 +228,12 @@ mod tests {
 
     #[test]
     fn length_close_and_until_close() {
-        let (h, out) = parse("HTTP/1.1 404 Not Found\r\nContent-Length: 7\r\nConnection: close\r\n\r\n");
-        assert_eq!((h.status, h.framing, h.reusable), (404, Framing::Length(7), false));
+        let (h, out) =
+            parse("HTTP/1.1 404 Not Found\r\nContent-Length: 7\r\nConnection: close\r\n\r\n");
+        assert_eq!(
+            (h.status, h.framing, h.reusable),
+            (404, Framing::Length(7), false)
+        );
         assert!(out.ends_with("Content-Length: 7\r\n"));
         let (h, _) = parse("HTTP/1.0 200 OK\r\n\r\n");
         assert_eq!((h.framing, h.reusable), (Framing::UntilClose, false));
@@ -230,11 +254,18 @@ mod tests {
     #[test]
     fn tracker_stops_at_body_end() {
         let mut t = BodyTracker::new(Framing::Length(5));
-        assert_eq!(t.advance(b"abc").unwrap(), 3);
-        assert_eq!(t.advance(b"defg").unwrap(), 2);
+        assert_eq!(t.advance(b"abc", |_| {}).unwrap(), 3);
+        assert_eq!(t.advance(b"defg", |_| {}).unwrap(), 2);
         assert!(t.is_done());
         let mut t = BodyTracker::new(Framing::Chunked);
-        assert_eq!(t.advance(b"2\r\nab\r\n0\r\n\r\nextra").unwrap(), 12);
+        let mut payload = Vec::new();
+        assert_eq!(
+            t.advance(b"2\r\nab\r\n0\r\n\r\nextra", |d| payload
+                .extend_from_slice(d))
+                .unwrap(),
+            12
+        );
         assert!(t.is_done());
+        assert_eq!(payload, b"ab");
     }
 }

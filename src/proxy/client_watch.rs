@@ -86,7 +86,9 @@ where
                 match self.read.await {
                     (Ok(0), _) => WatchEnd::Gone,
                     (Ok(n), buf) => WatchEnd::Pipelined(buf, n),
-                    (Err(e), buf) if e.raw_os_error() == Some(libc::ECANCELED) => WatchEnd::Quiet(buf),
+                    (Err(e), buf) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                        WatchEnd::Quiet(buf)
+                    }
                     (Err(_), _) => WatchEnd::Gone,
                 }
             }

@@ -6,7 +6,13 @@ use crate::upstream::Backend;
 
 /// Headers the gateway sets itself, so the client's copies are dropped.
 fn replaced_by_gateway(name: &[u8]) -> bool {
-    const OWN: [&[u8]; 5] = [b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-request-id"];
+    const OWN: [&[u8]; 5] = [
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-request-id",
+    ];
     OWN.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
@@ -50,7 +56,12 @@ pub fn write_upstream_head(
         }
         push_header(out, name, v.of(buf));
     }
-    if body_len > 0 || !matches!(head.method.of(buf), b"GET" | b"HEAD" | b"DELETE" | b"OPTIONS") {
+    if body_len > 0
+        || !matches!(
+            head.method.of(buf),
+            b"GET" | b"HEAD" | b"DELETE" | b"OPTIONS"
+        )
+    {
         out.extend_from_slice(b"Content-Length: ");
         push_decimal(out, body_len);
         out.extend_from_slice(b"\r\n");

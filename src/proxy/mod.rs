@@ -13,6 +13,7 @@
 
 mod client_watch;
 mod forward;
+mod inspect;
 mod relay;
 
 use std::cell::Cell;
@@ -23,7 +24,7 @@ use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use monoio::buf::IoBufMut;
 use monoio::io::{
@@ -36,8 +37,9 @@ use crate::config::Config;
 use crate::error::{write_error, GatewayError};
 use crate::http::{self, ChunkedDecoder, Framing, RequestError, RequestHead};
 use crate::upstream::WorkerUpstreams;
+use crate::usage::{Captured, Outcome, UsageEvent, UsageSender};
 use client_watch::{ClientWatch, WatchEnd};
-use relay::{Exchange, Relayed};
+use relay::{Exchange, Progress, Relayed};
 
 type ClientReader = OwnedReadHalf<TcpStream>;
 type ClientWriter = OwnedWriteHalf<TcpStream>;
@@ -53,16 +55,27 @@ const KEEP_BUF: usize = 64 * 1024;
 pub struct Context {
     pub config: Arc<Config>,
     pub upstreams: WorkerUpstreams,
+    /// Present when usage reporting is enabled.
+    pub usage: Option<UsageSender>,
+    /// Ask streaming backends for usage on the client's behalf (`usage_hook.inject_stream_usage`).
+    pub inject_stream_usage: bool,
     shutdown: Arc<AtomicBool>,
     active: Cell<usize>,
     ids: RequestIds,
 }
 
 impl Context {
-    pub fn new(config: Arc<Config>, upstreams: WorkerUpstreams, shutdown: Arc<AtomicBool>, worker: usize) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        upstreams: WorkerUpstreams,
+        shutdown: Arc<AtomicBool>,
+        worker: usize,
+    ) -> Self {
         Context {
             config,
             upstreams,
+            usage: None,
+            inject_stream_usage: true,
             shutdown,
             active: Cell::new(0),
             ids: RequestIds::new(worker),
@@ -100,6 +113,8 @@ struct Client {
     /// Bytes read from the client and not yet consumed (a head, body bytes, a pipelined request).
     buf: Vec<u8>,
     head: RequestHead,
+    /// The request body, decoded.
+    body: Vec<u8>,
     /// The upstream request, or an error response.
     out: Vec<u8>,
     resp_head: Vec<u8>,
@@ -120,6 +135,7 @@ pub async fn serve_connection(ctx: Rc<Context>, stream: TcpStream, peer: SocketA
     let mut c = Client {
         buf: Vec::with_capacity(CLIENT_BUF),
         head: RequestHead::default(),
+        body: Vec::new(),
         out: Vec::new(),
         resp_head: Vec::with_capacity(1024),
         watch_buf: Vec::with_capacity(WATCH_BUF),
@@ -140,6 +156,9 @@ pub async fn serve_connection(ctx: Rc<Context>, stream: TcpStream, peer: SocketA
         if c.out.capacity() > KEEP_BUF {
             c.out = Vec::new();
         }
+        if c.body.capacity() > KEEP_BUF {
+            c.body = Vec::new();
+        }
         if matches!(next, Next::Close) || ctx.draining() {
             return;
         }
@@ -148,7 +167,11 @@ pub async fn serve_connection(ctx: Rc<Context>, stream: TcpStream, peer: SocketA
 
 /// Phase 1: reads until `c.buf` starts with a complete, valid request head. `Ok(false)` means the
 /// connection ended quietly (closed, or idle past the keep-alive timeout).
-async fn read_head(ctx: &Context, rd: &mut ClientReader, c: &mut Client) -> Result<bool, GatewayError> {
+async fn read_head(
+    ctx: &Context,
+    rd: &mut ClientReader,
+    c: &mut Client,
+) -> Result<bool, GatewayError> {
     let max_head = ctx.config.max_header_size;
     let mut deadline: Option<Instant> = None;
     loop {
@@ -168,7 +191,8 @@ async fn read_head(ctx: &Context, rd: &mut ClientReader, c: &mut Client) -> Resu
             None => ctx.config.timeouts.keepalive,
             Some(d) => d.saturating_duration_since(Instant::now()),
         };
-        let Ok((read, slice)) = monoio::time::timeout(wait, rd.read(buf.slice_mut(len..cap))).await else {
+        let Ok((read, slice)) = monoio::time::timeout(wait, rd.read(buf.slice_mut(len..cap))).await
+        else {
             return if deadline.is_some() {
                 Err(RequestError::Timeout.into())
             } else {
@@ -184,7 +208,12 @@ async fn read_head(ctx: &Context, rd: &mut ClientReader, c: &mut Client) -> Resu
 }
 
 /// Phases 2 to 6 for one request whose head is in `c.buf`.
-async fn handle_request(ctx: &Context, rd: &mut ClientReader, wr: &mut ClientWriter, c: &mut Client) -> Next {
+async fn handle_request(
+    ctx: &Context,
+    rd: &mut ClientReader,
+    wr: &mut ClientWriter,
+    c: &mut Client,
+) -> Next {
     let request_id = RequestId::for_request(c.head.header(&c.buf, b"x-request-id"), &ctx.ids);
     let keep_alive = c.head.keep_alive && !ctx.draining();
     let path = c.head.path(&c.buf);
@@ -192,7 +221,11 @@ async fn handle_request(ctx: &Context, rd: &mut ClientReader, wr: &mut ClientWri
     let head_request = method == b"HEAD";
 
     if path == b"/health" && matches!(method, b"GET" | b"HEAD") {
-        let body: &[u8] = if head_request { b"" } else { br#"{"status":"ok"}"# };
+        let body: &[u8] = if head_request {
+            b""
+        } else {
+            br#"{"status":"ok"}"#
+        };
         let keep = keep_alive && c.head.framing() == Framing::Empty;
         http::write_response(&mut c.out, 200, b"application/json", &[], body, keep);
         let consumed = c.head.head_len;
@@ -211,9 +244,27 @@ async fn handle_request(ctx: &Context, rd: &mut ClientReader, wr: &mut ClientWri
     let Some(backend) = ctx.upstreams.pick() else {
         return reject_unread_body(wr, c, &GatewayError::NoBackend, &request_id, keep_alive).await;
     };
-    if let Err(e) = read_body(ctx, rd, wr, c, backend, &request_id).await {
+    if let Err(e) = read_body(ctx, rd, wr, c).await {
         return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), false).await;
     }
+    let started = Instant::now();
+    let info = inspect::inspect(&c.body).unwrap_or_default();
+    let strip_usage = ctx.usage.is_some()
+        && ctx.inject_stream_usage
+        && info.stream
+        && is_generation_endpoint(c.head.path(&c.buf))
+        && inspect::request_stream_usage(&mut c.body, &info);
+
+    forward::write_upstream_head(
+        &mut c.out,
+        &c.buf,
+        &c.head,
+        ctx.upstreams.backend(backend),
+        &c.ip,
+        request_id.as_bytes(),
+        c.body.len() as u64,
+    );
+    c.out.extend_from_slice(&c.body);
 
     let canceller = Canceller::new();
     let watch_buf = mem::take(&mut c.watch_buf);
@@ -224,8 +275,19 @@ async fn handle_request(ctx: &Context, rd: &mut ClientReader, wr: &mut ClientWri
         head_request,
         request_id: request_id.as_bytes(),
         client_keep_alive: keep_alive,
+        strip_usage,
     };
-    let result = relay::exchange(ctx, &mut watch, wr, &mut c.out, &mut c.resp_head, ex).await;
+    let mut progress = Progress::default();
+    let result = relay::exchange(
+        ctx,
+        &mut watch,
+        wr,
+        &mut c.out,
+        &mut c.resp_head,
+        ex,
+        &mut progress,
+    )
+    .await;
     let client_still_there = match watch.finish().await {
         WatchEnd::Quiet(buf) => {
             c.watch_buf = buf;
@@ -238,41 +300,113 @@ async fn handle_request(ctx: &Context, rd: &mut ClientReader, wr: &mut ClientWri
         }
         WatchEnd::Gone => false,
     };
-    let backend_url = &ctx.upstreams.backend(backend).url;
-    match &result {
-        Ok(Relayed::Complete { status, .. }) => {
-            tracing::debug!(request_id = %String::from_utf8_lossy(request_id.as_bytes()), status, backend = %backend_url, "relayed");
-        }
-        Ok(Relayed::Broken { status }) => {
-            tracing::warn!(request_id = %String::from_utf8_lossy(request_id.as_bytes()), status, backend = %backend_url, "backend failed mid-response; client connection cut");
-        }
-        Ok(Relayed::ClientGone) => {
-            tracing::debug!(request_id = %String::from_utf8_lossy(request_id.as_bytes()), backend = %backend_url, "client left; upstream closed");
-        }
-        Err(_) => {}
-    }
+
+    let done = Finished {
+        request_id: &request_id,
+        backend,
+        info: &info,
+        started,
+        result: &result,
+        progress,
+    };
+    account(ctx, c, done);
     match result {
-        Ok(Relayed::Complete { client_reusable, .. }) if client_reusable && client_still_there => Next::KeepAlive,
+        Ok(Relayed::Complete {
+            client_reusable, ..
+        }) if client_reusable && client_still_there => Next::KeepAlive,
         Ok(_) => Next::Close,
-        Err(e) if client_still_there => respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await,
+        Err(e) if client_still_there => {
+            respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await
+        }
         Err(_) => Next::Close,
     }
 }
 
-/// Phase 3: reads the body and builds the complete upstream request in `c.out`, consuming the
-/// request's bytes from `c.buf` (what follows stays for the next request).
+/// Endpoints whose streams carry token usage (and may be asked for it).
+fn is_generation_endpoint(path: &[u8]) -> bool {
+    path == b"/v1/chat/completions" || path == b"/v1/completions"
+}
+
+/// A relayed request, as the account phase sees it.
+struct Finished<'a> {
+    request_id: &'a RequestId,
+    backend: usize,
+    info: &'a inspect::RequestInfo,
+    started: Instant,
+    result: &'a Result<Relayed, GatewayError>,
+    progress: Progress,
+}
+
+/// Phase 6: what the request cost, for the usage reporters and the log.
+fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
+    let Finished {
+        request_id,
+        backend,
+        info,
+        started,
+        result,
+        progress,
+    } = done;
+    let backend_url = &ctx.upstreams.backend(backend).url;
+    let rid = String::from_utf8_lossy(request_id.as_bytes());
+    let outcome = match result {
+        Ok(Relayed::Complete { status, .. }) => {
+            tracing::debug!(request_id = %rid, status, backend = %backend_url, "relayed");
+            Outcome::Completed
+        }
+        Ok(Relayed::Broken { status }) => {
+            tracing::warn!(request_id = %rid, status, backend = %backend_url, "backend failed mid-response; client connection cut");
+            Outcome::Failed
+        }
+        Ok(Relayed::ClientGone) => {
+            tracing::debug!(request_id = %rid, backend = %backend_url, "client left; upstream closed");
+            Outcome::Cancelled
+        }
+        Err(_) => Outcome::Failed,
+    };
+    let Some(usage) = &ctx.usage else { return };
+    // Requests that never reached a backend cost nothing.
+    if progress.status == 0 && outcome == Outcome::Failed {
+        return;
+    }
+    let (captured, content_events) = match progress.meter {
+        Some(m) => {
+            let events = m.content_events();
+            (m.finish(), events)
+        }
+        None => (Captured::Nothing, 0),
+    };
+    usage.send(UsageEvent {
+        request_id: rid.into_owned(),
+        started_at: SystemTime::now() - started.elapsed(),
+        key: None,
+        model: info.model(&c.body).map(str::to_owned),
+        endpoint: String::from_utf8_lossy(c.head.path(&c.buf)).into_owned(),
+        is_stream: info.stream,
+        backend_url: ctx.upstreams.backend(backend).url_shared.clone(),
+        status_code: progress.status,
+        latency: started.elapsed(),
+        ttft: progress.first_byte.map(|t| t - started),
+        outcome,
+        captured,
+        content_events,
+        request_bytes: c.body.len() as u64,
+    });
+}
+
+/// Phase 3: reads the request body into `c.body`, consuming the request's bytes from `c.buf`
+/// (what follows stays for the next request). Chunked bodies are decoded: the gateway always
+/// sends a known length upstream, and needs the whole body anyway to route and meter it.
 async fn read_body(
     ctx: &Context,
     rd: &mut ClientReader,
     wr: &mut ClientWriter,
     c: &mut Client,
-    backend: usize,
-    request_id: &RequestId,
 ) -> Result<(), GatewayError> {
-    let limit = ctx.config.max_request_body as u64;
+    let limit = ctx.config.max_request_body;
     let framing = c.head.framing();
     if let Framing::Length(n) = framing {
-        if n > limit {
+        if n > limit as u64 {
             return Err(RequestError::BodyTooLarge.into());
         }
     }
@@ -280,69 +414,53 @@ async fn read_body(
         let (sent, _) = wr.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await;
         sent.map_err(|_| RequestError::Malformed("client closed"))?;
     }
-    let backend = ctx.upstreams.backend(backend);
     let head_len = c.head.head_len;
+    c.body.clear();
     match framing {
-        Framing::Empty | Framing::UntilClose => {
-            forward::write_upstream_head(&mut c.out, &c.buf, &c.head, backend, &c.ip, request_id.as_bytes(), 0);
-            c.buf.drain(..head_len);
-        }
+        Framing::Empty | Framing::UntilClose => {}
         Framing::Length(n) => {
-            forward::write_upstream_head(&mut c.out, &c.buf, &c.head, backend, &c.ip, request_id.as_bytes(), n);
-            let in_buf = (c.buf.len() - head_len).min(n as usize);
-            c.out.extend_from_slice(&c.buf[head_len..head_len + in_buf]);
-            c.buf.drain(..head_len + in_buf);
-            let mut remaining = n as usize - in_buf;
-            c.out.reserve_exact(remaining);
-            while remaining > 0 {
-                let out = mem::take(&mut c.out);
-                let len = out.len();
-                let read = rd.read(out.slice_mut(len..len + remaining));
+            let n = n as usize;
+            let in_buf = (c.buf.len() - head_len).min(n);
+            c.body.reserve_exact(n);
+            c.body
+                .extend_from_slice(&c.buf[head_len..head_len + in_buf]);
+            while c.body.len() < n {
+                let body = mem::take(&mut c.body);
+                let len = body.len();
+                let read = rd.read(body.slice_mut(len..n));
                 let (res, slice) = monoio::time::timeout(ctx.config.timeouts.client_body, read)
                     .await
                     .map_err(|_| RequestError::Timeout)?;
-                c.out = slice.into_inner();
+                c.body = slice.into_inner();
                 match res {
-                    Ok(k) if k > 0 => remaining -= k,
+                    Ok(k) if k > 0 => {}
                     _ => return Err(RequestError::Malformed("body ended early").into()),
                 }
             }
+            c.buf.drain(head_len..head_len + in_buf);
         }
-        Framing::Chunked => {
-            let body = read_chunked(ctx, rd, c, head_len, limit).await?;
-            forward::write_upstream_head(
-                &mut c.out,
-                &c.buf,
-                &c.head,
-                backend,
-                &c.ip,
-                request_id.as_bytes(),
-                body.len() as u64,
-            );
-            c.buf.drain(..head_len);
-            c.out.extend_from_slice(&body);
-        }
+        Framing::Chunked => read_chunked(ctx, rd, c, head_len, limit).await?,
     }
     Ok(())
 }
 
-/// Decodes a chunked body that starts at `c.buf[head_len..]`. Leaves the head (and any bytes
-/// after the body) in `c.buf`. Chunked request bodies are rare, so this one path allocates.
+/// Decodes a chunked body that starts at `c.buf[head_len..]` into `c.body`, dropping its framing
+/// from `c.buf` so that the head and any bytes after the body remain.
 async fn read_chunked(
     ctx: &Context,
     rd: &mut ClientReader,
     c: &mut Client,
     head_len: usize,
-    limit: u64,
-) -> Result<Vec<u8>, GatewayError> {
+    limit: usize,
+) -> Result<(), GatewayError> {
     let mut decoder = ChunkedDecoder::default();
-    let mut body = Vec::new();
     let mut too_large = false;
-    let mut pos = head_len;
+    let pos = head_len;
     loop {
+        let body = &mut c.body;
         let used = decoder
             .feed(&c.buf[pos..], |d| {
-                too_large |= body.len() as u64 + d.len() as u64 > limit;
+                too_large |= body.len() + d.len() > limit;
                 if !too_large {
                     body.extend_from_slice(d);
                 }
@@ -351,20 +469,21 @@ async fn read_chunked(
         if too_large {
             return Err(RequestError::BodyTooLarge.into());
         }
-        // Framing bytes already decoded are dropped so the buffer holds only the head and the rest.
         c.buf.drain(pos..pos + used);
         if decoder.is_done() {
-            return Ok(body);
+            return Ok(());
         }
-        pos = c.buf.len();
         let mut buf = mem::take(&mut c.buf);
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(16 * 1024);
         }
         let (len, cap) = (buf.len(), buf.capacity());
-        let (res, slice) = monoio::time::timeout(ctx.config.timeouts.client_body, rd.read(buf.slice_mut(len..cap)))
-            .await
-            .map_err(|_| RequestError::Timeout)?;
+        let (res, slice) = monoio::time::timeout(
+            ctx.config.timeouts.client_body,
+            rd.read(buf.slice_mut(len..cap)),
+        )
+        .await
+        .map_err(|_| RequestError::Timeout)?;
         c.buf = slice.into_inner();
         match res {
             Ok(k) if k > 0 => {}
@@ -388,7 +507,13 @@ async fn reject_unread_body(
 }
 
 /// The one place where a [`GatewayError`] becomes bytes on the wire.
-async fn respond_error(wr: &mut ClientWriter, out: &mut Vec<u8>, err: &GatewayError, request_id: &[u8], keep_alive: bool) -> Next {
+async fn respond_error(
+    wr: &mut ClientWriter,
+    out: &mut Vec<u8>,
+    err: &GatewayError,
+    request_id: &[u8],
+    keep_alive: bool,
+) -> Next {
     if err.status() >= 500 {
         tracing::warn!(request_id = %String::from_utf8_lossy(request_id), status = err.status(), code = err.code(), "request failed");
     } else {
@@ -416,7 +541,9 @@ struct RequestIds {
 
 impl RequestIds {
     fn new(worker: usize) -> Self {
-        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
         RequestIds {
             prefix: (random & 0xffff_ffff_ff00) | (worker as u64 & 0xff),
             next: Cell::new(0),
@@ -436,7 +563,11 @@ impl RequestId {
             len: 0,
         };
         match client {
-            Some(v) if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| (0x21..0x7f).contains(b)) => {
+            Some(v)
+                if !v.is_empty()
+                    && v.len() <= 128
+                    && v.iter().all(|b| (0x21..0x7f).contains(b)) =>
+            {
                 id.bytes[..v.len()].copy_from_slice(v);
                 id.len = v.len();
             }

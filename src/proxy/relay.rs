@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::mem;
+use std::time::Instant;
 
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf};
@@ -15,6 +16,7 @@ use super::Context;
 use crate::error::GatewayError;
 use crate::http::{self, parse_response, BodyTracker, Framing, ResponseHead, UpstreamError};
 use crate::upstream::{ConnectError, UpstreamConn};
+use crate::usage::Meter;
 
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -36,6 +38,17 @@ pub struct Exchange<'a> {
     pub head_request: bool,
     pub request_id: &'a [u8],
     pub client_keep_alive: bool,
+    /// The gateway added `include_usage` to the request: keep the usage-only event from the client.
+    pub strip_usage: bool,
+}
+
+/// What the relay observed, filled in as it goes so every exit path can be accounted for.
+#[derive(Default)]
+pub struct Progress {
+    pub status: u16,
+    /// When the first body byte reached the client (time to first token for streams).
+    pub first_byte: Option<Instant>,
+    pub meter: Option<Meter>,
 }
 
 enum HeadError {
@@ -67,6 +80,7 @@ pub async fn exchange<R>(
     request: &mut Vec<u8>,
     resp_head: &mut Vec<u8>,
     ex: Exchange<'_>,
+    progress: &mut Progress,
 ) -> Result<Relayed, GatewayError>
 where
     R: Future<Output = BufResult<usize, Vec<u8>>>,
@@ -101,26 +115,51 @@ where
         }
     };
 
+    let status = head.status;
+    progress.status = status;
+    let strip =
+        ex.strip_usage && head.event_stream && head.framing == Framing::Chunked && status == 200;
+    let meter = progress.meter.insert(Meter::new(head.event_stream, strip));
     let mut tracker = BodyTracker::new(head.framing);
-    let initial = &up.buf[head.head_len..];
-    let first = tracker
-        .advance(initial)
-        .map_err(GatewayError::UpstreamProtocol)?;
-    let mut upstream_reusable = head.reusable && first == initial.len();
     let client_reusable = ex.client_keep_alive && head.framing != Framing::UntilClose;
     http::push_header(resp_head, b"X-Request-Id", ex.request_id);
     if !client_reusable {
         resp_head.extend_from_slice(b"Connection: close\r\n");
     }
     resp_head.extend_from_slice(b"\r\n");
-    resp_head.extend_from_slice(&initial[..first]);
+
+    // The head and the body bytes that came with it leave in one write.
+    let initial = &up.buf[head.head_len..];
+    let head_len = resp_head.len();
+    let first = if strip {
+        let mut events = mem::take(request);
+        events.clear();
+        let k = tracker
+            .advance(initial, |d| meter.filter(d, &mut events))
+            .map_err(GatewayError::UpstreamProtocol)?;
+        if tracker.is_done() {
+            meter.flush(&mut events);
+        }
+        push_chunk(resp_head, &events, tracker.is_done());
+        *request = events;
+        k
+    } else {
+        let k = tracker
+            .advance(initial, |d| meter.observe(d))
+            .map_err(GatewayError::UpstreamProtocol)?;
+        resp_head.extend_from_slice(&initial[..k]);
+        k
+    };
+    let mut upstream_reusable = head.reusable && first == initial.len();
+    if resp_head.len() > head_len {
+        progress.first_byte = Some(Instant::now());
+    }
     let (sent, h) = client.write_all(mem::take(resp_head)).await;
     *resp_head = h;
     if sent.is_err() {
         return Ok(Relayed::ClientGone);
     }
 
-    let status = head.status;
     while !tracker.is_done() {
         let mut buf = mem::take(&mut up.buf);
         buf.clear();
@@ -133,13 +172,38 @@ where
             Ok(0) | Err(_) => return Ok(Relayed::Broken { status }),
             Ok(n) => n,
         };
-        let Ok(body) = tracker.advance(&up.buf[..n]) else {
-            return Ok(Relayed::Broken { status });
+        let sent = if strip {
+            // Events are re-framed: one chunk per read, usage-only events left out.
+            let mut out = mem::take(request);
+            out.clear();
+            out.resize(CHUNK_PREFIX, 0);
+            let Ok(body) = tracker.advance(&up.buf[..n], |d| meter.filter(d, &mut out)) else {
+                return Ok(Relayed::Broken { status });
+            };
+            upstream_reusable &= body == n;
+            if tracker.is_done() {
+                meter.flush(&mut out);
+            }
+            let Some(start) = frame_chunk_in_place(&mut out, tracker.is_done()) else {
+                *request = out;
+                continue;
+            };
+            let (sent, slice) = client.write_all(out.slice(start..)).await;
+            *request = slice.into_inner();
+            sent
+        } else {
+            let Ok(body) = tracker.advance(&up.buf[..n], |d| meter.observe(d)) else {
+                return Ok(Relayed::Broken { status });
+            };
+            // Bytes past the end of the response mean the backend is out of step: never reuse it.
+            upstream_reusable &= body == n;
+            let (sent, slice) = client.write_all(mem::take(&mut up.buf).slice(..body)).await;
+            up.buf = slice.into_inner();
+            sent
         };
-        // Bytes past the end of the response mean the backend is out of step: never reuse it.
-        upstream_reusable &= body == n;
-        let (sent, slice) = client.write_all(mem::take(&mut up.buf).slice(..body)).await;
-        up.buf = slice.into_inner();
+        if progress.first_byte.is_none() {
+            progress.first_byte = Some(Instant::now());
+        }
         if sent.is_err() {
             return Ok(Relayed::ClientGone);
         }
@@ -151,6 +215,57 @@ where
         status,
         client_reusable,
     })
+}
+
+/// Room reserved in front of a re-framed chunk for its size line (8 hex digits and CRLF).
+const CHUNK_PREFIX: usize = 10;
+
+/// Turns `out` = [CHUNK_PREFIX reserved bytes][payload] into one chunk (plus the last chunk when
+/// `end`), returning where the bytes to send start; `None` when there is nothing to send.
+fn frame_chunk_in_place(out: &mut Vec<u8>, end: bool) -> Option<usize> {
+    let payload = out.len() - CHUNK_PREFIX;
+    let mut start = CHUNK_PREFIX;
+    if payload > 0 {
+        let mut size = [0u8; 8];
+        let hex = hex_size(payload, &mut size);
+        start = CHUNK_PREFIX - 2 - hex.len();
+        out[start..CHUNK_PREFIX - 2].copy_from_slice(hex);
+        out[CHUNK_PREFIX - 2..CHUNK_PREFIX].copy_from_slice(b"\r\n");
+        out.extend_from_slice(b"\r\n");
+    }
+    if end {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    (out.len() > start).then_some(start)
+}
+
+/// Appends `payload` as one chunk (and the last chunk when `end`).
+fn push_chunk(out: &mut Vec<u8>, payload: &[u8], end: bool) {
+    if !payload.is_empty() {
+        let mut size = [0u8; 8];
+        out.extend_from_slice(hex_size(payload.len(), &mut size));
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(payload);
+        out.extend_from_slice(b"\r\n");
+    }
+    if end {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+}
+
+fn hex_size(n: usize, buf: &mut [u8; 8]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 || i == 0 {
+            break;
+        }
+    }
+    &buf[i..]
 }
 
 /// Reads until a final (non-1xx) response head is complete. `None` means the client left.
@@ -190,5 +305,26 @@ where
             Ok(0) | Err(_) => return Some(Err(HeadError::Protocol(UpstreamError::Malformed))),
             Ok(_) => seen_any = true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_framed_in_place() {
+        let mut out = vec![0u8; CHUNK_PREFIX];
+        out.extend_from_slice(&[b'x'; 26]);
+        let start = frame_chunk_in_place(&mut out, true).unwrap();
+        assert_eq!(
+            &out[start..],
+            &b"1a\r\nxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n0\r\n\r\n"[..]
+        );
+        let mut empty = vec![0u8; CHUNK_PREFIX];
+        assert_eq!(frame_chunk_in_place(&mut empty, false), None);
+        let mut v = Vec::new();
+        push_chunk(&mut v, b"abc", false);
+        assert_eq!(v, b"3\r\nabc\r\n");
     }
 }

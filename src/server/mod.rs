@@ -33,7 +33,12 @@ pub fn run(config: Config) -> io::Result<()> {
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<&'static str>>();
     let mut threads = Vec::with_capacity(config.workers);
     for worker in 0..config.workers {
-        let (config, shutdown, backends, ready) = (config.clone(), shutdown.clone(), backends.clone(), ready_tx.clone());
+        let (config, shutdown, backends, ready) = (
+            config.clone(),
+            shutdown.clone(),
+            backends.clone(),
+            ready_tx.clone(),
+        );
         let handle = std::thread::Builder::new()
             .name(format!("llmproxy-w{worker}"))
             .spawn(move || {
@@ -60,7 +65,10 @@ pub fn run(config: Config) -> io::Result<()> {
                 for t in threads {
                     let _ = t.join();
                 }
-                return Err(io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen)));
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {}: {e}", config.listen),
+                ));
             }
             Err(_) => return Err(io::Error::other("a worker exited during start-up")),
         }
@@ -87,7 +95,11 @@ where
         IoDriver::Auto => monoio::utils::detect_uring(),
     };
     if uring {
-        match RuntimeBuilder::<IoUringDriver>::new().with_entries(URING_ENTRIES).enable_timer().build() {
+        match RuntimeBuilder::<IoUringDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()
+        {
             Ok(mut rt) => {
                 rt.block_on(main("io_uring"));
                 return Ok(());
@@ -96,7 +108,9 @@ where
             Err(e) => tracing::warn!("io_uring unavailable ({e}); using epoll"),
         }
     }
-    let mut rt = RuntimeBuilder::<LegacyDriver>::new().enable_timer().build()?;
+    let mut rt = RuntimeBuilder::<LegacyDriver>::new()
+        .enable_timer()
+        .build()?;
     rt.block_on(main("epoll"));
     Ok(())
 }
@@ -109,7 +123,10 @@ async fn worker_main(
     backends: Arc<Backends>,
     ready: mpsc::Sender<io::Result<&'static str>>,
 ) {
-    let opts = ListenerOpts::new().reuse_port(true).reuse_addr(true).backlog(4096);
+    let opts = ListenerOpts::new()
+        .reuse_port(true)
+        .reuse_addr(true)
+        .backlog(4096);
     let listener = match TcpListener::bind_with_config(config.listen, &opts) {
         Ok(l) => l,
         Err(e) => {
@@ -120,7 +137,12 @@ async fn worker_main(
     tracing::debug!(worker, driver, "worker listening");
     let _ = ready.send(Ok(driver));
     let upstreams = WorkerUpstreams::new(backends, &config);
-    let ctx = Rc::new(Context::new(config.clone(), upstreams, shutdown.clone(), worker));
+    let ctx = Rc::new(Context::new(
+        config.clone(),
+        upstreams,
+        shutdown.clone(),
+        worker,
+    ));
 
     let accept = async {
         loop {
@@ -159,7 +181,11 @@ async fn worker_main(
         monoio::time::sleep(proxy::DRAIN_POLL).await;
     }
     if ctx.active_requests() > 0 {
-        tracing::warn!(worker, cut = ctx.active_requests(), "shutdown_timeout reached; closing running requests");
+        tracing::warn!(
+            worker,
+            cut = ctx.active_requests(),
+            "shutdown_timeout reached; closing running requests"
+        );
     }
 }
 
@@ -175,7 +201,10 @@ fn install_signal_handler(shutdown: Arc<AtomicBool>) -> io::Result<()> {
                     tracing::warn!(signal = sig, "second signal: exiting without draining");
                     std::process::exit(1);
                 }
-                tracing::info!(signal = sig, "shutting down: no new connections, draining running requests");
+                tracing::info!(
+                    signal = sig,
+                    "shutting down: no new connections, draining running requests"
+                );
             }
         })?;
     Ok(())

@@ -20,6 +20,8 @@ use crate::config::Config;
 #[derive(Debug)]
 pub struct Backend {
     pub url: String,
+    /// The same URL, shared cheaply with usage events.
+    pub url_shared: Arc<str>,
     pub host_header: String,
     pub path_prefix: String,
     pub weight: u32,
@@ -61,6 +63,7 @@ impl Backends {
             .iter()
             .map(|b| Backend {
                 url: b.url.clone(),
+                url_shared: Arc::from(b.url.as_str()),
                 host_header: b.host_header.clone(),
                 path_prefix: b.path_prefix.clone(),
                 weight: b.weight,
@@ -117,7 +120,12 @@ impl WorkerUpstreams {
         WorkerUpstreams {
             current: RefCell::new(vec![0; n]),
             pools: (0..n)
-                .map(|_| pool::Pool::new(config.upstream.max_idle_per_backend, config.upstream.idle_timeout))
+                .map(|_| {
+                    pool::Pool::new(
+                        config.upstream.max_idle_per_backend,
+                        config.upstream.idle_timeout,
+                    )
+                })
                 .collect(),
             backends,
             connect_timeout: config.timeouts.connect,

@@ -28,7 +28,10 @@ pub struct UpstreamConn {
 }
 
 impl UpstreamConn {
-    pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn, ConnectError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<UpstreamConn, ConnectError> {
         let stream = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
             Err(_) => return Err(ConnectError::Timeout),
             Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -82,6 +85,8 @@ impl Pool {
 
     pub fn sweep(&self) {
         let timeout = self.idle_timeout;
-        self.idle.borrow_mut().retain(|c| c.idle_since.elapsed() < timeout);
+        self.idle
+            .borrow_mut()
+            .retain(|c| c.idle_since.elapsed() < timeout);
     }
 }

@@ -1,0 +1,261 @@
+//! Request-body inspection: finds the few top-level fields of an OpenAI request the gateway acts on
+//! (`model`, `stream`, `stream_options.include_usage`, `user`) by scanning the JSON once, without
+//! building a document or allocating. Also the byte-level edit that asks a backend for streaming
+//! usage without re-serialising the client's JSON.
+
+use std::ops::Range;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// Raw bytes of the `model` string (between the quotes).
+    pub model: Option<Range<usize>>,
+    pub stream: bool,
+    /// `stream_options` object value, braces included.
+    pub stream_options: Option<Range<usize>>,
+    /// `stream_options.include_usage` literal value.
+    pub include_usage: Option<(bool, Range<usize>)>,
+    pub user: Option<Range<usize>>,
+    /// Position of the closing brace of the top-level object.
+    pub end: usize,
+    /// The object has at least one member.
+    pub has_members: bool,
+}
+
+impl RequestInfo {
+    pub fn model<'a>(&self, body: &'a [u8]) -> Option<&'a str> {
+        self.model
+            .clone()
+            .and_then(|r| std::str::from_utf8(&body[r]).ok())
+    }
+}
+
+/// Scans a request body. `None` when it is not a JSON object (the backend will judge it).
+pub fn inspect(body: &[u8]) -> Option<RequestInfo> {
+    let mut s = Scanner { b: body, i: 0 };
+    let mut info = RequestInfo::default();
+    s.ws();
+    s.eat(b'{')?;
+    loop {
+        s.ws();
+        if s.peek()? == b'}' {
+            info.end = s.i;
+            return Some(info);
+        }
+        if info.has_members {
+            s.eat(b',')?;
+            s.ws();
+        }
+        let key = s.string()?;
+        s.ws();
+        s.eat(b':')?;
+        s.ws();
+        let value = s.value()?;
+        info.has_members = true;
+        match &body[key] {
+            b"model" if body[value.start] == b'"' => {
+                info.model = Some(value.start + 1..value.end - 1)
+            }
+            b"user" if body[value.start] == b'"' => {
+                info.user = Some(value.start + 1..value.end - 1)
+            }
+            b"stream" => info.stream = &body[value.clone()] == b"true",
+            b"stream_options" if body[value.start] == b'{' => {
+                info.include_usage = find_bool(body, value.clone(), b"include_usage");
+                info.stream_options = Some(value);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The value of boolean member `name` of the object at `obj`.
+fn find_bool(body: &[u8], obj: Range<usize>, name: &[u8]) -> Option<(bool, Range<usize>)> {
+    let mut s = Scanner {
+        b: &body[..obj.end],
+        i: obj.start + 1,
+    };
+    let mut first = true;
+    loop {
+        s.ws();
+        if s.peek()? == b'}' {
+            return None;
+        }
+        if !first {
+            s.eat(b',')?;
+            s.ws();
+        }
+        first = false;
+        let key = s.string()?;
+        s.ws();
+        s.eat(b':')?;
+        s.ws();
+        let v = s.value()?;
+        if &body[key] == name {
+            return match &body[v.clone()] {
+                b"true" => Some((true, v)),
+                b"false" => Some((false, v)),
+                _ => None,
+            };
+        }
+    }
+}
+
+/// Rewrites `body` in place so a streaming request asks for the final usage chunk
+/// (`stream_options.include_usage = true`). Returns false when nothing needed changing.
+pub fn request_stream_usage(body: &mut Vec<u8>, info: &RequestInfo) -> bool {
+    match (&info.stream_options, &info.include_usage) {
+        (_, Some((true, _))) => false,
+        (_, Some((false, at))) => {
+            body.splice(at.clone(), b"true".iter().copied());
+            true
+        }
+        (Some(obj), None) => {
+            let inner_empty = body[obj.start + 1..obj.end - 1]
+                .iter()
+                .all(u8::is_ascii_whitespace);
+            let insert: &[u8] = if inner_empty {
+                b"\"include_usage\":true"
+            } else {
+                b"\"include_usage\":true,"
+            };
+            body.splice(obj.start + 1..obj.start + 1, insert.iter().copied());
+            true
+        }
+        (None, None) => {
+            let insert: &[u8] = if info.has_members {
+                b",\"stream_options\":{\"include_usage\":true}"
+            } else {
+                b"\"stream_options\":{\"include_usage\":true}"
+            };
+            body.splice(info.end..info.end, insert.iter().copied());
+            true
+        }
+    }
+}
+
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    /// A string; returns the range between the quotes.
+    fn string(&mut self) -> Option<Range<usize>> {
+        self.eat(b'"')?;
+        let start = self.i;
+        loop {
+            match self.peek()? {
+                b'"' => {
+                    self.i += 1;
+                    return Some(start..self.i - 1);
+                }
+                b'\\' => self.i += 2,
+                _ => self.i += 1,
+            }
+        }
+    }
+
+    /// Any value; returns its full range (quotes and brackets included).
+    fn value(&mut self) -> Option<Range<usize>> {
+        let start = self.i;
+        match self.peek()? {
+            b'"' => {
+                self.string()?;
+            }
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match self.peek()? {
+                        b'"' => {
+                            self.string()?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                self.i += 1;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.i += 1;
+                }
+            }
+            _ => {
+                while !matches!(
+                    self.peek()?,
+                    b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'
+                ) {
+                    self.i += 1;
+                }
+            }
+        }
+        (self.i > start).then_some(start..self.i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edited(body: &str) -> String {
+        let mut b = body.as_bytes().to_vec();
+        let info = inspect(&b).unwrap();
+        request_stream_usage(&mut b, &info);
+        let s = String::from_utf8(b).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&s).expect("edit keeps valid JSON");
+        assert_eq!(v["stream_options"]["include_usage"], true, "{s}");
+        s
+    }
+
+    #[test]
+    fn finds_fields_past_nested_values() {
+        let body = br#"{"messages":[{"role":"user","content":"say \"model\": {x}"}],"model":"m-1","stream":true,"user":"u","n":1}"#;
+        let info = inspect(body).unwrap();
+        assert_eq!(info.model(body), Some("m-1"));
+        assert!(info.stream);
+        assert_eq!(&body[info.user.clone().unwrap()], b"u");
+        assert_eq!(info.include_usage, None);
+        assert!(inspect(b"[1,2]").is_none());
+        assert!(inspect(b"{\"model\":").is_none());
+    }
+
+    #[test]
+    fn usage_request_edits_are_minimal_and_valid() {
+        assert_eq!(
+            edited(r#"{"model":"m","stream":true}"#),
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        assert_eq!(
+            edited(r#"{"stream":true, "stream_options": {"continuous_usage_stats": true} }"#),
+            r#"{"stream":true, "stream_options": {"include_usage":true,"continuous_usage_stats": true} }"#
+        );
+        assert_eq!(
+            edited(r#"{"stream":true,"stream_options":{ }}"#),
+            r#"{"stream":true,"stream_options":{"include_usage":true }}"#
+        );
+        assert_eq!(
+            edited(r#"{"stream":true,"stream_options":{"include_usage":false}}"#),
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        let mut b = br#"{"stream":true,"stream_options":{"include_usage":true}}"#.to_vec();
+        let info = inspect(&b).unwrap();
+        assert!(!request_stream_usage(&mut b, &info));
+    }
+}

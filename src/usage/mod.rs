@@ -1,0 +1,88 @@
+//! Usage metering: what each request consumed, captured on the relay path and delivered to the
+//! reporters (spool, webhook, SQL) by one reporter thread.
+//!
+//! Worker side ([`Meter`], [`UsageEvent`], [`UsageSender`]): capture bytes while relaying and hand
+//! one event per request to a bounded channel; never parse, never block, never do I/O. Everything
+//! else (parsing usage, spooling, delivery) happens on the reporter thread.
+
+mod meter;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+pub use meter::{Captured, Meter};
+
+/// How the request ended, as billed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response reached the client completely.
+    Completed,
+    /// The client disconnected first; tokens relayed so far are billed.
+    Cancelled,
+    /// The backend failed (mid-response or before it).
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "ok",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Failed => "error",
+        }
+    }
+}
+
+/// The authenticated key behind a request, as the reporter needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRef {
+    pub name: String,
+    pub user_id: Option<String>,
+    /// The raw key; masked on the reporter thread unless `include_raw_key` is set.
+    pub api_key: String,
+}
+
+/// Everything a worker knows about one finished request that reached a backend.
+#[derive(Debug, Clone)]
+pub struct UsageEvent {
+    pub request_id: String,
+    pub started_at: SystemTime,
+    pub key: Option<KeyRef>,
+    pub model: Option<String>,
+    pub endpoint: String,
+    pub is_stream: bool,
+    pub backend_url: Arc<str>,
+    pub status_code: u16,
+    pub latency: Duration,
+    pub ttft: Option<Duration>,
+    pub outcome: Outcome,
+    pub captured: Captured,
+    /// SSE content events relayed: the completion estimate when the backend reports no usage.
+    pub content_events: u32,
+    /// Request body size: the prompt estimate (bytes / 4) when the backend reports no usage.
+    pub request_bytes: u64,
+}
+
+/// The workers' end of the channel to the reporter thread.
+#[derive(Clone)]
+pub struct UsageSender {
+    tx: crossbeam_channel::Sender<UsageEvent>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl UsageSender {
+    pub fn new(tx: crossbeam_channel::Sender<UsageEvent>, dropped: Arc<AtomicU64>) -> Self {
+        UsageSender { tx, dropped }
+    }
+
+    /// Never blocks: a full channel drops the event, counts it and logs (every 1000th drop).
+    pub fn send(&self, event: UsageEvent) {
+        if self.tx.try_send(event).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed);
+            if n % 1000 == 0 {
+                tracing::error!(dropped = n + 1, "usage channel full: usage events dropped");
+            }
+        }
+    }
+}
