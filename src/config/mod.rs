@@ -10,9 +10,13 @@
 //! collected) -> serde into `Raw*` structs (type errors carry the key path) -> validation.
 
 mod env;
+mod routing;
 mod schema;
 mod units;
 
+pub use routing::{Affinity, HealthCheck, Retry, Routing, Strategy};
+
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -71,6 +75,11 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Never empty.
     pub backends: Vec<Backend>,
+    pub routing: Routing,
+    pub health_check: HealthCheck,
+    pub retry: Retry,
+    /// Public model name -> the name the backends serve (rewritten in the request body).
+    pub model_aliases: Vec<(String, String)>,
     pub log: LogConfig,
 }
 
@@ -85,6 +94,12 @@ pub struct Timeouts {
     pub client_body: Duration,
     /// Idle time allowed between requests on a client keep-alive connection.
     pub keepalive: Duration,
+    /// Request sent -> response head received (then 504); `None`: no limit.
+    pub first_byte: Option<Duration>,
+    /// Longest gap between two reads of a response body (then the stream is cut).
+    pub idle: Option<Duration>,
+    /// Whole exchange, first byte to last.
+    pub total: Option<Duration>,
 }
 
 /// Upstream connection pooling (key `upstream`).
@@ -112,6 +127,12 @@ pub struct Backend {
     pub host_header: String,
     /// Prepended to request paths: "" or e.g. "/openai" (never a trailing slash).
     pub path_prefix: String,
+    /// Models this backend serves; empty means any.
+    pub models: Vec<String>,
+    /// Extra headers sent with every request to this backend.
+    pub headers: Vec<(String, String)>,
+    /// Most requests in flight to this backend across all workers; `None`: unlimited.
+    pub max_in_flight: Option<u32>,
 }
 
 /// Logging (key `log`).
@@ -268,6 +289,11 @@ struct RawConfig {
     timeouts: RawTimeouts,
     upstream: RawUpstream,
     backends: Vec<RawBackend>,
+    load_balance: Option<Strategy>,
+    routing: routing::RawRouting,
+    health_check: Option<routing::RawHealthCheck>,
+    retry: routing::RawRetry,
+    model_aliases: BTreeMap<String, String>,
     log: RawLog,
 }
 
@@ -284,6 +310,11 @@ impl Default for RawConfig {
             timeouts: RawTimeouts::default(),
             upstream: RawUpstream::default(),
             backends: Vec::new(),
+            load_balance: None,
+            routing: routing::RawRouting::default(),
+            health_check: None,
+            retry: routing::RawRetry::default(),
+            model_aliases: BTreeMap::new(),
             log: RawLog::default(),
         }
     }
@@ -296,6 +327,9 @@ struct RawTimeouts {
     client_header: DurationValue,
     client_body: DurationValue,
     keepalive: DurationValue,
+    first_byte: Option<DurationValue>,
+    idle: Option<DurationValue>,
+    total: Option<DurationValue>,
 }
 
 impl Default for RawTimeouts {
@@ -306,6 +340,9 @@ impl Default for RawTimeouts {
             client_header: secs(10),
             client_body: secs(60),
             keepalive: secs(75),
+            first_byte: None,
+            idle: None,
+            total: None,
         }
     }
 }
@@ -332,6 +369,12 @@ struct RawBackend {
     url: String,
     #[serde(default = "default_weight")]
     weight: u32,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    max_in_flight: Option<u32>,
 }
 
 fn default_weight() -> u32 {
@@ -397,10 +440,16 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
                 port: target.port,
                 host_header: target.host_header,
                 path_prefix: target.path_prefix,
+                models: backend.models,
+                headers: backend.headers.into_iter().collect(),
+                max_in_flight: backend.max_in_flight,
             }),
             Err(message) => report(&format!("backends[{index}].url"), Err(message)),
         }
     }
+    let routing = routing::routing(raw.load_balance, raw.routing, &mut report);
+    let health_check = routing::health_check(raw.health_check);
+    let retry = routing::retry(raw.retry, &mut report);
     if !issues.is_empty() {
         return None;
     }
@@ -421,12 +470,19 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             client_header: raw.timeouts.client_header.0,
             client_body: raw.timeouts.client_body.0,
             keepalive: raw.timeouts.keepalive.0,
+            first_byte: raw.timeouts.first_byte.map(|d| d.0),
+            idle: raw.timeouts.idle.map(|d| d.0),
+            total: raw.timeouts.total.map(|d| d.0),
         },
         upstream: UpstreamConfig {
             max_idle_per_backend: raw.upstream.max_idle_per_backend,
             idle_timeout: raw.upstream.idle_timeout.0,
         },
         backends,
+        routing,
+        health_check,
+        retry,
+        model_aliases: raw.model_aliases.into_iter().collect(),
         log: LogConfig {
             level: raw.log.level,
             format: raw.log.format,
