@@ -209,14 +209,19 @@ start_nginx() { # NAME DIR
 BODY_NS='{"model":"mock-model","messages":[{"role":"user","content":"Hello"}],"stream":false,"max_tokens":1}'
 BODY_S="{\"model\":\"mock-model\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"stream\":true,\"max_tokens\":$TOKENS}"
 
+# Two requests on one keep-alive connection: both must be 200 with the expected content.
 smoke() { # LABEL PORT stream|plain
-  local out body=$BODY_NS want='"choices"'
+  local out body=$BODY_NS want='"choices"' url="http://127.0.0.1:$2/v1/chat/completions"
   if [[ $3 == stream ]]; then body=$BODY_S; want='data: [DONE]'; fi
-  out=$(curl -sS -N --max-time 10 -H 'Content-Type: application/json' -d "$body" \
-        -w '\nHTTP %{http_code}' "http://127.0.0.1:$2/v1/chat/completions" 2>&1) \
-    || die "smoke test of $1 failed: $out"
-  [[ "$out" == *"HTTP 200" && "$out" == *"$want"* ]] \
-    || die "smoke test of $1 ($3) did not return 200 with $want:"$'\n'"$out"
+  local req=(-H 'Content-Type: application/json' -d "$body" -w '\nSMOKE %{http_code} %{num_connects}\n' "$url")
+  out=$(curl -sS -N --max-time 10 "${req[@]}" --next "${req[@]}" 2>&1) || die "smoke test of $1 failed: $out"
+  local codes; codes=$(awk '/^SMOKE / {printf "%s ", $2}' <<<"$out")
+  if [[ "$codes" != "200 200 " ]] || (( $(grep -cF -- "$want" <<<"$out") < 2 )); then
+    die "smoke test of $1 ($3): expected two 200 responses with '$want' on one connection, got status ${codes:-none}:"$'\n'"$out"
+  fi
+  if [[ $(awk '/^SMOKE / {c = $3} END {print c}' <<<"$out") != 0 ]]; then
+    echo "run.sh: warning: $1 did not keep the connection alive between two requests" >&2
+  fi
 }
 
 # Brings up simulator + llmproxy + nginx for one part. Sets PORT_direct/PORT_llmproxy/PORT_nginx.
@@ -350,6 +355,9 @@ REPORT=$(jq -rs \
     "- Workers: llmproxy \($workers), nginx worker_processes \($workers), simulator \($simw); nothing pinned; load generators share the same cores",
     "- Every figure is the median over \($rounds) round(s); targets run interleaved, order rotated per round",
     "",
+    ( [ $all[] | select(.part=="wrk") | .err_connect+.err_read+.err_write+.err_status+.err_timeout ]
+      + [ $all[] | select(.part=="stream") | .errors ] | add // 0 ) as $errs
+    | if $errs > 0 then "**WARNING: \($errs) failed requests (see the errors columns and the run logs); the figures of an affected target are not valid.**\n" else empty end,
     "## (a) Non-streaming chat completion (`stream:false`, `max_tokens:1`)",
     "",
     "wrk -c \($conns) -t \($thr) -d \($dur)s --latency -s loadtest/post.lua (after a \($wu) s unmeasured warm-up per target and round); simulator --ttft-ms 0 --itl-ms 0. Latencies in µs.",
@@ -397,3 +405,9 @@ echo
 printf '%s\n' "$REPORT"
 echo
 echo "(written to loadtest/results/latest.md; raw JSON lines in loadtest/results/latest.jsonl)" >&2
+ERRORS=$(jq -s '[.[] | select(.part=="wrk") | .err_connect+.err_read+.err_write+.err_status+.err_timeout]
+                + [.[] | select(.part=="stream") | .errors] | add // 0' "$RESULTS")
+if (( ERRORS > 0 )); then
+  echo "run.sh: $ERRORS requests failed during the measurements; see the errors columns" >&2
+  exit 3
+fi
