@@ -1,13 +1,16 @@
 //! Streaming latency probe for loadtest/run.sh (std only, no dependencies).
 //!
 //! `probe stream --addr HOST:PORT [--requests N] [--concurrency C] [--warmup W] [--max-tokens T] [--label L]`
-//!   Each of C threads opens one keep-alive connection (TCP_NODELAY) and sends its share of N
-//!   sequential streaming chat requests. Per request it measures, with a monotonic clock:
-//!   - TTFT: from just before writing the request to the read() that delivered the first byte
-//!     of the first SSE `data:` event;
-//!   - the gap between successive `data:` events (excluding `data: [DONE]`), as seen by the
-//!     client (events delivered by the same read() count as a gap of 0).
-//!   Prints one JSON line: TTFT p50/p90/p99/mean/max, mean inter-event gap, all in microseconds.
+//!
+//! Each of C threads opens one keep-alive connection (TCP_NODELAY) and sends its share of N
+//! sequential streaming chat requests. Per request it measures, with a monotonic clock:
+//! - TTFT: from just before writing the request to the read() that delivered the first byte
+//!   of the first SSE `data:` event;
+//! - the gap between successive `data:` events (excluding `data: [DONE]`), as seen by the
+//!   client (events delivered by the same read() count as a gap of 0).
+//!
+//! Prints one JSON line: TTFT p50/p90/p99/mean/max, mean inter-event gap, all in microseconds.
+//!
 //! `probe free-ports N`      prints N distinct currently free TCP ports on 127.0.0.1.
 //! `probe wait HOST:PORT MS` waits until HOST:PORT accepts a TCP connection (exit 1 on timeout).
 
@@ -328,10 +331,8 @@ impl Conn {
             if let Some((k, v)) = l.split_once(':') {
                 let v = v.trim();
                 match k.trim() {
-                    "content-length" => {
-                        if !matches!(framing, Framing::Chunked) {
-                            framing = Framing::Length(v.parse().map_err(|_| "bad content-length")?);
-                        }
+                    "content-length" if !matches!(framing, Framing::Chunked) => {
+                        framing = Framing::Length(v.parse().map_err(|_| "bad content-length")?);
                     }
                     "transfer-encoding" if v.contains("chunked") => framing = Framing::Chunked,
                     "connection" if v.contains("close") => keep = false,
