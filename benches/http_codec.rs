@@ -68,7 +68,10 @@ fn relay_chunks(c: &mut Criterion) {
         })
     });
     g.finish();
-    eprintln!("relay_loop: {} chunks, {bytes} bytes per iteration", chunks.len());
+    eprintln!(
+        "relay_loop: {} chunks, {bytes} bytes per iteration",
+        chunks.len()
+    );
 }
 
 criterion_group!(benches, request_head, relay_chunks);

@@ -106,6 +106,8 @@ impl Default for RawLeastLoad {
 #[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawHealthCheck {
+    /// Defaults to true: naming the section turns active checks on.
+    pub enabled: bool,
     pub interval: DurationValue,
     pub path: String,
     pub timeout: DurationValue,
@@ -120,6 +122,7 @@ pub(super) struct RawHealthCheck {
 impl Default for RawHealthCheck {
     fn default() -> Self {
         RawHealthCheck {
+            enabled: true,
             interval: DurationValue(Duration::from_secs(10)),
             path: "/health".into(),
             timeout: DurationValue(Duration::from_secs(2)),
@@ -168,10 +171,12 @@ pub(super) fn routing(
             Err("conflicts with the top-level `load_balance`; set one of them".into()),
         );
     }
-    let affinity = match raw.affinity {
-        None => None,
-        Some(RawAffinity { header: Some(h), field: None }) => Some(Affinity::Header(h)),
-        Some(RawAffinity { header: None, field: Some(f) }) if f == "user" => Some(Affinity::User),
+    // Empty strings count as unset, so the example file can list both keys.
+    let set = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let affinity = match raw.affinity.map(|a| (set(a.header), set(a.field))) {
+        None | Some((None, None)) => None,
+        Some((Some(h), None)) => Some(Affinity::Header(h)),
+        Some((None, Some(f))) if f == "user" => Some(Affinity::User),
         Some(_) => {
             report(
                 "routing.affinity",
@@ -189,7 +194,7 @@ pub(super) fn routing(
 }
 
 pub(super) fn health_check(raw: Option<RawHealthCheck>) -> HealthCheck {
-    let active = raw.is_some();
+    let active = raw.as_ref().is_some_and(|r| r.enabled);
     let raw = raw.unwrap_or_default();
     HealthCheck {
         active,
@@ -207,7 +212,10 @@ pub(super) fn health_check(raw: Option<RawHealthCheck>) -> HealthCheck {
 
 pub(super) fn retry(raw: RawRetry, report: &mut dyn FnMut(&str, Result<(), String>)) -> Retry {
     if raw.max_attempts == 0 {
-        report("retry.max_attempts", Err("must be at least 1 (1 means no retries)".into()));
+        report(
+            "retry.max_attempts",
+            Err("must be at least 1 (1 means no retries)".into()),
+        );
     }
     Retry {
         max_attempts: raw.max_attempts.max(1),

@@ -66,6 +66,7 @@ pub(super) const ROOT: Shape = Fields(&[
     (
         "health_check",
         Fields(&[
+            ("enabled", Leaf),
             ("interval", Leaf),
             ("path", Leaf),
             ("timeout", Leaf),
