@@ -16,7 +16,7 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::config::{Config, IoDriver};
 use crate::proxy::{self, Context};
-use crate::upstream::{Backends, WorkerUpstreams};
+use crate::upstream::{self, Backends, WorkerUpstreams};
 
 /// Submission queue size per worker: enough for thousands of concurrent streams per core.
 const URING_ENTRIES: u32 = 8192;
@@ -29,6 +29,7 @@ pub fn run(config: Config) -> io::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     install_signal_handler(shutdown.clone())?;
     let backends = Backends::new(&config);
+    upstream::spawn_checker(backends.clone(), &config);
 
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<&'static str>>();
     let mut threads = Vec::with_capacity(config.workers);
@@ -136,7 +137,7 @@ async fn worker_main(
     };
     tracing::debug!(worker, driver, "worker listening");
     let _ = ready.send(Ok(driver));
-    let upstreams = WorkerUpstreams::new(backends, &config);
+    let upstreams = WorkerUpstreams::new(backends, &config, worker);
     let ctx = Rc::new(Context::new(
         config.clone(),
         upstreams,
