@@ -180,10 +180,12 @@ impl WorkerUpstreams {
                 })
             }
             Strategy::Latency => {
-                let n = candidates.count_ones() as u64;
+                // Power of two choices: two distinct candidates, the cheaper wins.
+                let n = u64::from(candidates.count_ones());
                 let nth = |k: u64| ids().nth(k as usize).unwrap_or(0);
-                let a = nth(self.random() % n);
-                let b = nth(self.random() % n);
+                let first = self.random() % n;
+                let a = nth(first);
+                let b = nth((first + 1 + self.random() % n.saturating_sub(1).max(1)) % n);
                 let cost = |i: usize| self.latency_us(i) * f64::from(list[i].in_flight() + 1);
                 if cost(b) < cost(a) {
                     b
