@@ -190,22 +190,28 @@ async fn worker_main(
     }
 }
 
-/// First SIGTERM/SIGINT starts the drain; a second one exits at once.
+/// First SIGTERM/SIGINT starts the drain; another one a second or more later exits at once.
+/// (Tools like `timeout` signal the process and then its whole group: one intent, two signals.)
 fn install_signal_handler(shutdown: Arc<AtomicBool>) -> io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     std::thread::Builder::new()
         .name("llmproxy-signals".into())
         .spawn(move || {
+            let mut first: Option<Instant> = None;
             for sig in signals.forever() {
-                if shutdown.swap(true, Ordering::SeqCst) {
-                    tracing::warn!(signal = sig, "second signal: exiting without draining");
-                    std::process::exit(1);
+                match first {
+                    None => {
+                        first = Some(Instant::now());
+                        shutdown.store(true, Ordering::SeqCst);
+                        tracing::info!(signal = sig, "shutting down: no new connections, draining running requests");
+                    }
+                    Some(t) if t.elapsed() >= Duration::from_secs(1) => {
+                        tracing::warn!(signal = sig, "second signal: exiting without draining");
+                        std::process::exit(1);
+                    }
+                    Some(_) => {}
                 }
-                tracing::info!(
-                    signal = sig,
-                    "shutting down: no new connections, draining running requests"
-                );
             }
         })?;
     Ok(())
