@@ -524,7 +524,7 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
         progress,
     } = done;
     let backend_url: &str = backend.map_or("-", |b| &ctx.upstreams.backend(b).url);
-    let rid = String::from_utf8_lossy(request_id.as_bytes());
+    let rid = request_id.as_str();
     let outcome = match result {
         Ok(Relayed::Complete { status, .. }) => {
             tracing::debug!(request_id = %rid, status, backend = %backend_url, "relayed");
@@ -554,7 +554,7 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
         None => (Captured::Nothing, 0),
     };
     usage.send(UsageEvent {
-        request_id: rid.into_owned(),
+        request_id: rid.to_owned(),
         started_at: SystemTime::now() - started.elapsed(),
         key: None,
         model: info.model(&c.body).map(str::to_owned),
@@ -765,6 +765,11 @@ impl RequestId {
 
     fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
+    }
+
+    /// Ids are printable ASCII by construction, so this never falls back.
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("-")
     }
 }
 
