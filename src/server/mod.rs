@@ -204,7 +204,10 @@ fn install_signal_handler(shutdown: Arc<AtomicBool>) -> io::Result<()> {
                     None => {
                         first = Some(Instant::now());
                         shutdown.store(true, Ordering::SeqCst);
-                        tracing::info!(signal = sig, "shutting down: no new connections, draining running requests");
+                        tracing::info!(
+                            signal = sig,
+                            "shutting down: no new connections, draining running requests"
+                        );
                     }
                     Some(t) if t.elapsed() >= Duration::from_secs(1) => {
                         tracing::warn!(signal = sig, "second signal: exiting without draining");
