@@ -11,6 +11,15 @@
 //!
 //! Prints one JSON line: TTFT p50/p90/p99/mean/max, mean inter-event gap, all in microseconds.
 //!
+//! `probe soak --addr HOST:PORT --streams N [--ramp-ms R] [--tokens T] [--check words|count]
+//!            [--rss-pid PID] [--rss-interval-ms MS] [--timeout-ms MS] [--label L]`
+//!
+//! Opens N concurrent streaming chat requests (one connection and one thread with a 64 KiB stack
+//! each), started evenly over R ms, so that all N are open at once when a stream lasts longer than
+//! R. Verifies every stream (status 200, T content events, each the simulator's word for its
+//! position with `--check words`, `data: [DONE]` last), records TTFT per stream, and samples
+//! VmRSS of PID every MS while it runs. Prints one JSON line (see `soak`).
+//!
 //! `probe free-ports N`      prints N distinct currently free TCP ports on 127.0.0.1.
 //! `probe wait HOST:PORT MS` waits until HOST:PORT accepts a TCP connection (exit 1 on timeout).
 
@@ -19,10 +28,14 @@ use std::net::{TcpListener, TcpStream};
 use std::process::exit;
 use std::time::{Duration, Instant};
 
+mod soak;
+
 fn usage() -> ! {
     eprintln!(
         "usage: probe stream --addr HOST:PORT [--requests N] [--concurrency C] [--warmup W] \
-         [--max-tokens T] [--label L]\n       probe free-ports N\n       probe wait HOST:PORT TIMEOUT_MS"
+         [--max-tokens T] [--label L]\n       probe soak --addr HOST:PORT --streams N [--ramp-ms R] [--tokens T] \
+         [--check words|count] [--rss-pid PID] [--rss-interval-ms MS] [--timeout-ms MS] [--label L]\n       \
+         probe free-ports N\n       probe wait HOST:PORT TIMEOUT_MS"
     );
     exit(2)
 }
@@ -38,6 +51,7 @@ fn main() {
             wait(addr, ms)
         }
         Some("stream") => stream(&args[1..]),
+        Some("soak") => soak::soak(&args[1..]),
         _ => usage(),
     }
 }
