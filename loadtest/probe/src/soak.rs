@@ -44,6 +44,7 @@ struct Opts {
     label: String,
     model: String,
     path: String,
+    auth: String,
 }
 
 fn parse(args: &[String]) -> Opts {
@@ -60,6 +61,7 @@ fn parse(args: &[String]) -> Opts {
         label: String::new(),
         model: "mock-model".into(),
         path: "/v1/chat/completions".into(),
+        auth: "x".into(),
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -83,6 +85,7 @@ fn parse(args: &[String]) -> Opts {
             "--label" => o.label = v.clone(),
             "--model" => o.model = v.clone(),
             "--path" => o.path = v.clone(),
+            "--auth" => o.auth = v.clone(),
             _ => usage(),
         }
     }
@@ -113,10 +116,11 @@ pub fn soak(args: &[String]) {
         o.model, o.tokens
     );
     let request: Arc<[u8]> = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAuthorization: Bearer x\r\n\
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAuthorization: Bearer {}\r\n\
          Accept: text/event-stream\r\nContent-Length: {}\r\n\r\n{}",
         o.path,
         o.addr,
+        o.auth,
         body.len(),
         body
     )
