@@ -121,3 +121,12 @@ machine_info() { # ORIG_CMD
   echo "- Machine: nproc $(nproc), kernel $(uname -r), CPU ${cpu:-unknown}, RAM $(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), open files limit $(ulimit -Sn)/$(ulimit -Hn)"
   echo "- Load average at report time: $(cut -d' ' -f1-3 /proc/loadavg) (nothing pinned; clients, simulator and gateway share the cores)"
 }
+
+# TcpExt counters of this network namespace as JSON (shared with anything else on the box):
+# accept-queue overflows and SYN retransmits explain TTFT outliers of about 1 s or more.
+tcp_counters() {
+  awk '/^TcpExt:/ { if (!h) { split($0, k); h = 1 } else {
+         printf "{"; sep = "";
+         for (i = 2; i <= NF; i++) if (k[i] ~ /^(ListenOverflows|ListenDrops|TCPSynRetrans|TCPTimeouts)$/) { printf "%s\"%s\":%s", sep, k[i], $i; sep = "," }
+         print "}" } }' /proc/net/netstat
+}

@@ -61,10 +61,10 @@ fi
 
 # File descriptors: llmproxy holds 2 per stream (client + upstream), the simulator and the
 # probe 1 each; plus listeners, io_uring, logs. All processes inherit this shell's limit.
-NEED_FDS=$(( 2 * STREAMS + 256 ))
-fds_for "$NEED_FDS" || die "llmproxy needs about $NEED_FDS open files for $STREAMS streams (2 per stream + 256); \
+NEED_FDS=$(( 2 * STREAMS + 64 ))
+fds_for "$NEED_FDS" || die "llmproxy needs about $NEED_FDS open files for $STREAMS streams (2 per stream + 64; idle it holds 13); \
 the limit is $(ulimit -Sn) soft / $(ulimit -Hn) hard and cannot be raised here (needs CAP_SYS_RESOURCE, e.g. docker --ulimit nofile=65536). \
-Use --streams $(( ( $(ulimit -Hn) - 256 ) / 2 )) or less."
+Use --streams $(( ( $(ulimit -Hn) - 64 ) / 2 )) or less."
 
 build_all "$BUILD" "$LLMPROXY_ARG"
 
@@ -79,11 +79,14 @@ LIMIT_S=$(( (RAMP_MS + STREAM_MS) / 1000 + 60 ))
 READ_TIMEOUT_MS=$(( ITL_MS * 5 > 10000 ? ITL_MS * 5 : 10000 ))
 
 run_soak() { # LABEL PORT PID
-  local line rc=0
+  local line rc=0 n0 n1
+  n0=$(tcp_counters)
   log "$1: $STREAMS streams over ${RAMP_MS} ms, ~${STREAM_MS} ms each (sim --itl-ms $ITL_MS --tokens $TOKENS)"
   line=$(timeout -k 5 "$LIMIT_S" "$PROBE" soak --addr "127.0.0.1:$2" --streams "$STREAMS" --ramp-ms "$RAMP_MS" \
           --tokens "$TOKENS" --check words --rss-pid "$3" --timeout-ms "$READ_TIMEOUT_MS" --label "$1") || rc=$?
   [[ -n "$line" ]] || die "probe soak against $1 produced no result (exit $rc; killed after ${LIMIT_S} s?)"
+  n1=$(tcp_counters)
+  line=$(jq -c --argjson a "$n0" --argjson b "$n1" '. + {tcp: ($b | with_entries(.value -= ($a[.key] // 0)))}' <<<"$line")
   echo "$line" >>"$RES"
   jq -r '"   ok \(.ok), failed \(.failed), max open \(.max_open), TTFT p50 \(.ttft_us.p50) µs p99 \(.ttft_us.p99) µs"
          + (if (.errors|length) > 0 then ", errors: \(.errors)" else "" end)' <<<"$line" >&2
@@ -121,6 +124,9 @@ REPORT=$( {
       (.[] | "| \(.label)\(if .label == "direct" then " (RSS: simulator)" else "" end) | \(.ok) | \(.failed) | \(.max_open) | \(.ttft_us.p50|r0) | \(.ttft_us.p99|r0) | "
         + (if .label == "direct" or $d == null then "– | – | " else "\((.ttft_us.p50 - $d.ttft_us.p50)|signed) | \((.ttft_us.p99 - $d.ttft_us.p99)|signed) | " end)
         + "\(.rss_idle_kib|mib) | \(.rss_peak_kib|mib) | \(.rss_per_stream_kib|r1) |"),
+      "",
+      "TCP during each run (TcpExt counters of the whole network namespace, so other load on the box counts too): "
+        + (map("\(.label): listen overflows \(.tcp.ListenOverflows // "?"), SYN retransmits \(.tcp.TCPSynRetrans // "?"), RTO timeouts \(.tcp.TCPTimeouts // "?")") | join("; ")) + ".",
       "",
       "KiB per stream = (peak VmRSS while streams were open − VmRSS before the first stream) / streams. Max open = streams with response head received and `[DONE]` not yet read, at the same time.",
       (.[] | select(.failed > 0) | "", "**\(.label): \(.failed) failed streams**: \(.errors | map("\(.count)× \(.error)") | join("; "))"),
