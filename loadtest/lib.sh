@@ -130,3 +130,15 @@ tcp_counters() {
          for (i = 2; i <= NF; i++) if (k[i] ~ /^(ListenOverflows|ListenDrops|TCPSynRetrans|TCPTimeouts)$/) { printf "%s\"%s\":%s", sep, k[i], $i; sep = "," }
          print "}" } }' /proc/net/netstat
 }
+
+# run_bounded NAME SECONDS OUTFILE CMD... : runs CMD under `timeout` in the background (stdout to
+# OUTFILE, stderr to $WORK/NAME.err) and waits for it. A signal to the script interrupts the wait,
+# and cleanup stops CMD too (`timeout` runs CMD in its own process group, out of reach of Ctrl-C).
+run_bounded() {
+  local name=$1 secs=$2 out=$3 rc=0; shift 3
+  timeout -k 5 "$secs" "$@" >"$out" 2>"$WORK/$name.err" &
+  PID_OF[$name]=$!
+  wait "${PID_OF[$name]}" || rc=$?
+  unset "PID_OF[$name]"
+  return $rc
+}

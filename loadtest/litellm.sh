@@ -160,8 +160,9 @@ for t in "${TARGETS[@]}"; do
   LOADTEST_AUTH=$KEY wrk -c "$CONNS" -t "$WRK_T" -d "${WARMUP_S}s" -s "$LT/post.lua" "$url" >/dev/null 2>&1 || true
   log "(a) $t: wrk -c $CONNS -t $WRK_T -d ${DURATION}s"
   pid=$(pid_of "$t"); c0=$(tree_ticks "$pid")
-  LOADTEST_AUTH=$KEY timeout -k 5 $(( DURATION + 30 )) wrk -c "$CONNS" -t "$WRK_T" -d "${DURATION}s" --timeout 10s \
-    --latency -s "$LT/post.lua" "$url" >"$WORK/wrk-$t.txt" 2>&1 || { cat "$WORK/wrk-$t.txt" >&2; die "wrk failed against $t"; }
+  LOADTEST_AUTH=$KEY run_bounded wrk $(( DURATION + 30 )) "$WORK/wrk-$t.txt" wrk -c "$CONNS" -t "$WRK_T" \
+    -d "${DURATION}s" --timeout 10s --latency -s "$LT/post.lua" "$url" \
+    || { cat "$WORK/wrk-$t.txt" "$WORK/wrk.err" >&2; die "wrk failed against $t"; }
   c1=$(tree_ticks "$pid")
   line=$(sed -n 's/^JSON //p' "$WORK/wrk-$t.txt")
   [[ -n "$line" ]] || { cat "$WORK/wrk-$t.txt" >&2; die "no summary from wrk against $t"; }
@@ -174,8 +175,10 @@ done
 for t in "${TARGETS[@]}"; do
   log "(b) $t: probe stream, $REQUESTS requests at concurrency $CONC"
   rc=0
-  line=$(timeout -k 5 300 "$PROBE" stream --addr "127.0.0.1:$(port_of "$t")" --requests "$REQUESTS" \
-           --concurrency "$CONC" --warmup "$PROBE_WARMUP" --max-tokens "$TOKENS" --label "$t" --auth "$KEY") || rc=$?
+  run_bounded probe 300 "$WORK/probe-$t.json" "$PROBE" stream --addr "127.0.0.1:$(port_of "$t")" \
+    --requests "$REQUESTS" --concurrency "$CONC" --warmup "$PROBE_WARMUP" --max-tokens "$TOKENS" --label "$t" \
+    --auth "$KEY" || rc=$?
+  line=$(cat "$WORK/probe-$t.json")
   [[ -n "$line" ]] || die "probe produced no result against $t (exit $rc)"
   jq -c --arg t "$t" '. + {part:"stream", target:$t}' <<<"$line" >>"$RES"
 done

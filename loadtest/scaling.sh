@@ -95,8 +95,8 @@ for l in $LEVELS; do
   wrk -c "$c" -t "$t" -d "${WARMUP_S}s" -s "$LT/post.lua" "http://127.0.0.1:$GW_PORT/" >/dev/null 2>&1 || true
   log "  ${l}x: wrk -c $c -t $t -d ${DURATION}s"
   g0=$(cpu_ticks "$GPID"); s0=$(cpu_ticks "$SPID")
-  timeout -k 5 $(( DURATION + 30 )) wrk -c "$c" -t "$t" -d "${DURATION}s" --latency -s "$LT/post.lua" \
-    "http://127.0.0.1:$GW_PORT/" >"$WORK/wrk-$l.txt" 2>&1 || { cat "$WORK/wrk-$l.txt" >&2; die "wrk failed at ${l}x"; }
+  run_bounded wrk $(( DURATION + 30 )) "$WORK/wrk-$l.txt" wrk -c "$c" -t "$t" -d "${DURATION}s" --latency \
+    -s "$LT/post.lua" "http://127.0.0.1:$GW_PORT/" || { cat "$WORK/wrk-$l.txt" "$WORK/wrk.err" >&2; die "wrk failed at ${l}x"; }
   g1=$(cpu_ticks "$GPID"); s1=$(cpu_ticks "$SPID")
   line=$(sed -n 's/^JSON //p' "$WORK/wrk-$l.txt")
   [[ -n "$line" ]] || { cat "$WORK/wrk-$l.txt" >&2; die "no summary from wrk at ${l}x"; }
@@ -117,10 +117,10 @@ if [[ $SKIP_STREAMS == 0 ]]; then
     n=$(( l * BASE_STREAMS ))
     log "memory: ${l}x = $n concurrent streams (loadtest/soak.sh --proxy-only)"
     rc=0
-    "$LT/soak.sh" --proxy-only --no-build --llmproxy "$LLMPROXY" --streams "$n" --ramp-ms "$RAMP_MS" \
+    run_bounded "soak-$l" $(( (RAMP_MS + ITL_MS * TOKENS) / 1000 + 120 )) "$WORK/soak-$l.txt" "$LT/soak.sh" --proxy-only --no-build --llmproxy "$LLMPROXY" --streams "$n" --ramp-ms "$RAMP_MS" \
       --itl-ms "$ITL_MS" --tokens "$TOKENS" --workers "$WORKERS" --sim-workers "$SIM_WORKERS" \
-      --out "$WORK/soak-$l.jsonl" >"$WORK/soak-$l.txt" 2>&1 || rc=$?
-    [[ -s "$WORK/soak-$l.jsonl" ]] || { tail -n 20 "$WORK/soak-$l.txt" >&2; die "soak.sh failed at ${l}x (exit $rc)"; }
+      --out "$WORK/soak-$l.jsonl" || rc=$?
+    [[ -s "$WORK/soak-$l.jsonl" ]] || { tail -n 20 "$WORK/soak-$l.txt" "$WORK/soak-$l.err" >&2; die "soak.sh failed at ${l}x (exit $rc)"; }
     jq -c --argjson l "$l" '{part:"mem", level:$l, streams, ok, failed, max_open, rss_idle_kib, rss_peak_kib,
         rss_per_stream_kib, ttft_p50_us:.ttft_us.p50, ttft_p99_us:.ttft_us.p99}' "$WORK/soak-$l.jsonl" >>"$RES"
     jq -r 'select(.part == "mem" and .level == '"$l"') | "   ok \(.ok), failed \(.failed), peak RSS \(.rss_peak_kib) KiB, \(.rss_per_stream_kib) KiB/stream"' "$RES" >&2

@@ -82,8 +82,9 @@ run_soak() { # LABEL PORT PID
   local line rc=0 n0 n1
   n0=$(tcp_counters)
   log "$1: $STREAMS streams over ${RAMP_MS} ms, ~${STREAM_MS} ms each (sim --itl-ms $ITL_MS --tokens $TOKENS)"
-  line=$(timeout -k 5 "$LIMIT_S" "$PROBE" soak --addr "127.0.0.1:$2" --streams "$STREAMS" --ramp-ms "$RAMP_MS" \
-          --tokens "$TOKENS" --check words --rss-pid "$3" --timeout-ms "$READ_TIMEOUT_MS" --label "$1") || rc=$?
+  run_bounded "probe-$1" "$LIMIT_S" "$WORK/probe-$1.json" "$PROBE" soak --addr "127.0.0.1:$2" --streams "$STREAMS" \
+    --ramp-ms "$RAMP_MS" --tokens "$TOKENS" --check words --rss-pid "$3" --timeout-ms "$READ_TIMEOUT_MS" --label "$1" || rc=$?
+  line=$(cat "$WORK/probe-$1.json")
   [[ -n "$line" ]] || die "probe soak against $1 produced no result (exit $rc; killed after ${LIMIT_S} s?)"
   n1=$(tcp_counters)
   line=$(jq -c --argjson a "$n0" --argjson b "$n1" '. + {tcp: ($b | with_entries(.value -= ($a[.key] // 0)))}' <<<"$line")
