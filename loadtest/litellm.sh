@@ -35,18 +35,18 @@ WARMUP_S=1; PROBE_WARMUP=20
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1; DURATION=3; shift ;;
-    --duration) DURATION=${2:-}; shift 2 ;;
-    --connections) CONNS=${2:-}; shift 2 ;;
-    --requests) REQUESTS=${2:-}; shift 2 ;;
-    --stream-concurrency) CONC=${2:-}; shift 2 ;;
-    --itl-ms) ITL_MS=${2:-}; shift 2 ;;
-    --tokens) TOKENS=${2:-}; shift 2 ;;
-    --workers) WORKERS=${2:-}; shift 2 ;;
-    --sim-workers) SIM_WORKERS=${2:-}; shift 2 ;;
-    --litellm-spec) SPEC=${2:-}; shift 2 ;;
+    --duration) DURATION=${2:-}; shift; shift || true ;;
+    --connections) CONNS=${2:-}; shift; shift || true ;;
+    --requests) REQUESTS=${2:-}; shift; shift || true ;;
+    --stream-concurrency) CONC=${2:-}; shift; shift || true ;;
+    --itl-ms) ITL_MS=${2:-}; shift; shift || true ;;
+    --tokens) TOKENS=${2:-}; shift; shift || true ;;
+    --workers) WORKERS=${2:-}; shift; shift || true ;;
+    --sim-workers) SIM_WORKERS=${2:-}; shift; shift || true ;;
+    --litellm-spec) SPEC=${2:-}; shift; shift || true ;;
     --no-install) INSTALL=0; shift ;;
-    --start-timeout) START_TIMEOUT=${2:-}; shift 2 ;;
-    --llmproxy) LLMPROXY_ARG=${2:-}; shift 2 ;;
+    --start-timeout) START_TIMEOUT=${2:-}; shift; shift || true ;;
+    --llmproxy) LLMPROXY_ARG=${2:-}; shift; shift || true ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
     -h|--help) usage; exit 0 ;;

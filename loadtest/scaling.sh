@@ -32,18 +32,18 @@ LEVELS="1 4 16"; BASE_CONNS=4; BASE_STREAMS=250; DURATION=10; ITL_MS=100; TOKENS
 WORKERS=2; SIM_WORKERS=2; SKIP_STREAMS=0; LLMPROXY_ARG=""; BUILD=1; KEEP=0; WARMUP_S=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --levels) LEVELS=${2:-}; shift 2 ;;
-    --base-conns) BASE_CONNS=${2:-}; shift 2 ;;
-    --base-streams) BASE_STREAMS=${2:-}; shift 2 ;;
-    --duration) DURATION=${2:-}; shift 2 ;;
+    --levels) LEVELS=${2:-}; shift; shift || true ;;
+    --base-conns) BASE_CONNS=${2:-}; shift; shift || true ;;
+    --base-streams) BASE_STREAMS=${2:-}; shift; shift || true ;;
+    --duration) DURATION=${2:-}; shift; shift || true ;;
     --quick) DURATION=3; BASE_STREAMS=100; shift ;;
-    --itl-ms) ITL_MS=${2:-}; shift 2 ;;
-    --tokens) TOKENS=${2:-}; shift 2 ;;
-    --ramp-ms) RAMP_MS=${2:-}; shift 2 ;;
-    --workers) WORKERS=${2:-}; shift 2 ;;
-    --sim-workers) SIM_WORKERS=${2:-}; shift 2 ;;
+    --itl-ms) ITL_MS=${2:-}; shift; shift || true ;;
+    --tokens) TOKENS=${2:-}; shift; shift || true ;;
+    --ramp-ms) RAMP_MS=${2:-}; shift; shift || true ;;
+    --workers) WORKERS=${2:-}; shift; shift || true ;;
+    --sim-workers) SIM_WORKERS=${2:-}; shift; shift || true ;;
     --skip-streams) SKIP_STREAMS=1; shift ;;
-    --llmproxy) LLMPROXY_ARG=${2:-}; shift 2 ;;
+    --llmproxy) LLMPROXY_ARG=${2:-}; shift; shift || true ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
     -h|--help) usage; exit 0 ;;

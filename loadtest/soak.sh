@@ -30,16 +30,16 @@ STREAMS=10000; RAMP_MS=3000; ITL_MS=200; TOKENS=50; WORKERS=2; SIM_WORKERS=2
 PROXY_ONLY=0; OUT=""; LLMPROXY_ARG=""; BUILD=1; KEEP=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --streams) [[ $# -ge 2 ]] || { echo "soak: --streams needs a value" >&2; exit 1; }; STREAMS=$2; shift 2 ;;
+    --streams) STREAMS=${2:-}; shift; shift || true ;;
     --quick) STREAMS=1000; shift ;;
-    --ramp-ms) RAMP_MS=${2:-}; shift 2 ;;
-    --itl-ms) ITL_MS=${2:-}; shift 2 ;;
-    --tokens) TOKENS=${2:-}; shift 2 ;;
-    --workers) WORKERS=${2:-}; shift 2 ;;
-    --sim-workers) SIM_WORKERS=${2:-}; shift 2 ;;
+    --ramp-ms) RAMP_MS=${2:-}; shift; shift || true ;;
+    --itl-ms) ITL_MS=${2:-}; shift; shift || true ;;
+    --tokens) TOKENS=${2:-}; shift; shift || true ;;
+    --workers) WORKERS=${2:-}; shift; shift || true ;;
+    --sim-workers) SIM_WORKERS=${2:-}; shift; shift || true ;;
     --proxy-only) PROXY_ONLY=1; shift ;;
-    --out) OUT=${2:-}; shift 2 ;;
-    --llmproxy) LLMPROXY_ARG=${2:-}; shift 2 ;;
+    --out) OUT=${2:-}; shift; shift || true ;;
+    --llmproxy) LLMPROXY_ARG=${2:-}; shift; shift || true ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
     -h|--help) usage; exit 0 ;;
