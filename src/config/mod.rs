@@ -72,6 +72,7 @@ pub struct Config {
     /// Never empty.
     pub backends: Vec<Backend>,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Client- and upstream-side timeouts (key `timeouts`).
@@ -120,6 +121,16 @@ pub struct LogConfig {
     /// A level ("info") or `tracing` filter directives ("info,llmproxy=debug").
     pub level: String,
     pub format: LogFormat,
+    /// One `access` line per request (target `access`, level info).
+    pub access: bool,
+}
+
+/// Prometheus exposition (key `metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Served on the client listener; starts with `/`.
+    pub path: String,
 }
 
 /// Why a config could not be loaded: every problem found, one per line, each as
@@ -269,6 +280,7 @@ struct RawConfig {
     upstream: RawUpstream,
     backends: Vec<RawBackend>,
     log: RawLog,
+    metrics: RawMetrics,
 }
 
 impl Default for RawConfig {
@@ -285,6 +297,7 @@ impl Default for RawConfig {
             upstream: RawUpstream::default(),
             backends: Vec::new(),
             log: RawLog::default(),
+            metrics: RawMetrics::default(),
         }
     }
 }
@@ -343,6 +356,7 @@ fn default_weight() -> u32 {
 struct RawLog {
     level: String,
     format: LogFormat,
+    access: bool,
 }
 
 impl Default for RawLog {
@@ -350,6 +364,23 @@ impl Default for RawLog {
         RawLog {
             level: "info".to_string(),
             format: LogFormat::Text,
+            access: true,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawMetrics {
+    enabled: bool,
+    path: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            enabled: true,
+            path: "/metrics".to_string(),
         }
     }
 }
@@ -375,6 +406,7 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         report(at, positive(value.0.as_nanos()));
     }
     report("log.level", check_log_level(&raw.log.level));
+    report("metrics.path", check_metrics_path(&raw.metrics.path));
     if raw.backends.is_empty() {
         report(
             "backends",
@@ -430,6 +462,11 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         log: LogConfig {
             level: raw.log.level,
             format: raw.log.format,
+            access: raw.log.access,
+        },
+        metrics: MetricsConfig {
+            enabled: raw.metrics.enabled,
+            path: raw.metrics.path,
         },
     })
 }
@@ -561,6 +598,19 @@ fn parse_backend_url(url: &str) -> Result<Target, String> {
         host_header: authority.to_string(),
         path_prefix: path.trim_end_matches('/').to_string(),
     })
+}
+
+/// The metrics path must not shadow the proxied API or the health check.
+fn check_metrics_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+        return Err(format!(
+            "invalid path {path:?}: expected an absolute path like \"/metrics\""
+        ));
+    }
+    if path.starts_with("/v1/") || path == "/health" {
+        return Err(format!("{path:?} is taken by the proxied API or /health"));
+    }
+    Ok(())
 }
 
 /// Catches typos like `inof`, which `tracing`'s filter syntax would silently read as a target

@@ -45,7 +45,11 @@ pub(super) const ROOT: Shape = Fields(&[
         "backends",
         List(&Fields(&[("url", Leaf), ("weight", Leaf)])),
     ),
-    ("log", Fields(&[("level", Leaf), ("format", Leaf)])),
+    (
+        "log",
+        Fields(&[("level", Leaf), ("format", Leaf), ("access", Leaf)]),
+    ),
+    ("metrics", Fields(&[("enabled", Leaf), ("path", Leaf)])),
 ]);
 
 /// Keys from the seed README or the roadmap that the gateway does not act on yet: (path, what it
@@ -63,7 +67,6 @@ pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
         "load-balancing strategies other than weighted round robin",
     ),
     ("retry", "upstream retries"),
-    ("metrics", "Prometheus metrics"),
     ("admin", "the admin API"),
     ("model_aliases", "model aliases"),
     ("backends[].models", "per-backend model lists"),
