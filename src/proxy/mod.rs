@@ -16,7 +16,7 @@ mod forward;
 mod inspect;
 mod relay;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasher, Hasher};
 use std::mem;
 use std::net::SocketAddr;
@@ -36,6 +36,8 @@ use monoio::net::TcpStream;
 use crate::config::Config;
 use crate::error::{write_error, GatewayError};
 use crate::http::{self, ChunkedDecoder, Framing, RequestError, RequestHead};
+use crate::live::{Live, Snapshot};
+use crate::metrics::{self, Registry, Rejection, UpstreamErrorKind, WorkerMetrics};
 use crate::upstream::WorkerUpstreams;
 use crate::usage::{Captured, Outcome, UsageEvent, UsageSender};
 use client_watch::{ClientWatch, WatchEnd};
@@ -53,33 +55,87 @@ const KEEP_BUF: usize = 64 * 1024;
 
 /// One worker's state shared by all of its connections (single-threaded: `Rc`, `Cell`).
 pub struct Context {
-    pub config: Arc<Config>,
-    pub upstreams: WorkerUpstreams,
     /// Present when usage reporting is enabled.
     pub usage: Option<UsageSender>,
     /// Ask streaming backends for usage on the client's behalf (`usage_hook.inject_stream_usage`).
     pub inject_stream_usage: bool,
+    live: Arc<Live>,
+    current: RefCell<Rc<Generation>>,
+    registry: Arc<Registry>,
+    worker: usize,
     shutdown: Arc<AtomicBool>,
     active: Cell<usize>,
     ids: RequestIds,
 }
 
+/// One config generation as a worker runs it. A request holds its `Rc` until it ends, so a
+/// reload swaps the config and the upstream pools for new requests only.
+pub struct Generation {
+    pub number: u64,
+    pub config: Arc<Config>,
+    pub upstreams: WorkerUpstreams,
+    /// Metrics label slot of each backend, by backend index.
+    slots: Vec<usize>,
+}
+
+impl Generation {
+    fn new(number: u64, snapshot: &Snapshot, registry: &Registry) -> Rc<Generation> {
+        let backends = snapshot.backends.clone();
+        let slots = backends
+            .list
+            .iter()
+            .map(|b| registry.backend_slot(&b.url))
+            .collect();
+        Rc::new(Generation {
+            number,
+            config: snapshot.config.clone(),
+            upstreams: WorkerUpstreams::new(backends, &snapshot.config),
+            slots,
+        })
+    }
+}
+
 impl Context {
     pub fn new(
-        config: Arc<Config>,
-        upstreams: WorkerUpstreams,
+        live: Arc<Live>,
+        registry: Arc<Registry>,
         shutdown: Arc<AtomicBool>,
         worker: usize,
     ) -> Self {
+        let (number, snapshot) = live.snapshot();
+        let current = Generation::new(number, &snapshot, &registry);
         Context {
-            config,
-            upstreams,
             usage: None,
             inject_stream_usage: true,
+            live,
+            current: RefCell::new(current),
+            registry,
+            worker,
             shutdown,
             active: Cell::new(0),
             ids: RequestIds::new(worker),
         }
+    }
+
+    /// The config generation for a new request: one atomic load, plus a lock and new upstream
+    /// pools only right after a reload.
+    pub fn current(&self) -> Rc<Generation> {
+        if self.live.generation() != self.current.borrow().number {
+            let (number, snapshot) = self.live.snapshot();
+            let next = Generation::new(number, &snapshot, &self.registry);
+            tracing::debug!(
+                worker = self.worker,
+                generation = number,
+                "worker picked up new config"
+            );
+            *self.current.borrow_mut() = next;
+        }
+        self.current.borrow().clone()
+    }
+
+    /// This worker's metrics block (written only by this thread).
+    pub fn metrics(&self) -> &WorkerMetrics {
+        self.registry.worker(self.worker)
     }
 
     /// Requests currently being handled on this worker (idle keep-alive connections excluded).
@@ -92,19 +148,22 @@ impl Context {
     }
 }
 
-/// Counts a request as in progress for the graceful-shutdown drain, on every exit path.
-struct ActiveGuard<'a>(&'a Cell<usize>);
+/// Counts a request as in progress for the graceful-shutdown drain and the in-flight gauge, on
+/// every exit path.
+struct ActiveGuard<'a>(&'a Context);
 
 impl<'a> ActiveGuard<'a> {
-    fn enter(c: &'a Cell<usize>) -> Self {
-        c.set(c.get() + 1);
-        ActiveGuard(c)
+    fn enter(ctx: &'a Context) -> Self {
+        ctx.active.set(ctx.active.get() + 1);
+        ctx.metrics().in_flight.inc();
+        ActiveGuard(ctx)
     }
 }
 
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
+        self.0.active.set(self.0.active.get() - 1);
+        self.0.metrics().in_flight.dec();
     }
 }
 
@@ -146,12 +205,17 @@ pub async fn serve_connection(ctx: Rc<Context>, stream: TcpStream, peer: SocketA
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
-                let _active = ActiveGuard::enter(&ctx.active);
+                let _active = ActiveGuard::enter(&ctx);
+                let m = ctx.metrics();
+                m.request(metrics::PATHS.len() - 1, false, None, e.status());
+                if let Some(why) = rejection(&e) {
+                    m.reject(why);
+                }
                 respond_error(&mut wr, &mut c.out, &e, b"", false).await;
                 return;
             }
         }
-        let _active = ActiveGuard::enter(&ctx.active);
+        let _active = ActiveGuard::enter(&ctx);
         let next = handle_request(&ctx, &mut rd, &mut wr, &mut c).await;
         if c.out.capacity() > KEEP_BUF {
             c.out = Vec::new();
@@ -172,14 +236,19 @@ async fn read_head(
     rd: &mut ClientReader,
     c: &mut Client,
 ) -> Result<bool, GatewayError> {
-    let max_head = ctx.config.max_header_size;
+    // Copied out so an idle keep-alive connection does not pin an old generation's pools.
+    let (max_head, header_timeout, keepalive) = {
+        let gen = ctx.current();
+        let t = &gen.config.timeouts;
+        (gen.config.max_header_size, t.client_header, t.keepalive)
+    };
     let mut deadline: Option<Instant> = None;
     loop {
         if !c.buf.is_empty() {
             if http::parse_request(&c.buf, max_head, &mut c.head)? {
                 return Ok(true);
             }
-            deadline.get_or_insert_with(|| Instant::now() + ctx.config.timeouts.client_header);
+            deadline.get_or_insert_with(|| Instant::now() + header_timeout);
         }
         let mut buf = mem::take(&mut c.buf);
         let len = buf.len();
@@ -188,7 +257,7 @@ async fn read_head(
         }
         let cap = buf.capacity();
         let wait = match deadline {
-            None => ctx.config.timeouts.keepalive,
+            None => keepalive,
             Some(d) => d.saturating_duration_since(Instant::now()),
         };
         let Ok((read, slice)) = monoio::time::timeout(wait, rd.read(buf.slice_mut(len..cap))).await
@@ -214,6 +283,7 @@ async fn handle_request(
     wr: &mut ClientWriter,
     c: &mut Client,
 ) -> Next {
+    let gen = ctx.current();
     let request_id = RequestId::for_request(c.head.header(&c.buf, b"x-request-id"), &ctx.ids);
     let keep_alive = c.head.keep_alive && !ctx.draining();
     let path = c.head.path(&c.buf);
@@ -226,40 +296,118 @@ async fn handle_request(
         } else {
             br#"{"status":"ok"}"#
         };
-        let keep = keep_alive && c.head.framing() == Framing::Empty;
-        http::write_response(&mut c.out, 200, b"application/json", &[], body, keep);
+        return write_local(wr, c, 200, b"application/json", body, keep_alive).await;
+    }
+    let metrics = &gen.config.metrics;
+    if metrics.enabled && path == metrics.path.as_bytes() && matches!(method, b"GET" | b"HEAD") {
+        let text = ctx.registry.render(&gen.upstreams.backends);
+        let body = if head_request { b"" } else { text.as_bytes() };
+        return write_local(wr, c, 200, metrics::CONTENT_TYPE, body, keep_alive).await;
+    }
+
+    let mut trace = Trace {
+        path: metrics::path_index(path),
+        started: Instant::now(),
+        body_read: None,
+        backend: None,
+        info: inspect::RequestInfo::default(),
+        status: 0,
+        rejected: None,
+        upstream_error: None,
+        outcome: None,
+        progress: Progress::default(),
+    };
+    let next = proxy_request(ctx, &gen, rd, wr, c, &request_id, keep_alive, &mut trace).await;
+    let relayed = trace.body_read.is_some();
+    account(ctx, &gen, c, &request_id, trace);
+    if relayed {
+        // The head stayed in `c.buf` for forwarding and accounting; what follows it is the
+        // next request.
         let consumed = c.head.head_len;
         c.buf.drain(..consumed);
-        return write_out(wr, &mut c.out, keep).await;
     }
+    next
+}
+
+/// Answers a request the gateway serves itself (`/health`, metrics); not accounted.
+async fn write_local(
+    wr: &mut ClientWriter,
+    c: &mut Client,
+    status: u16,
+    content_type: &[u8],
+    body: &[u8],
+    keep_alive: bool,
+) -> Next {
+    let keep = keep_alive && c.head.framing() == Framing::Empty;
+    http::write_response(&mut c.out, status, content_type, &[], body, keep);
+    let consumed = c.head.head_len;
+    c.buf.drain(..consumed);
+    write_out(wr, &mut c.out, keep).await
+}
+
+/// What happened to a proxied request, collected on every path for the account phase.
+struct Trace {
+    path: usize,
+    /// Request head parsed; the request's latency starts here.
+    started: Instant,
+    /// Request body read: the relay (TTFT, overhead) starts here.
+    body_read: Option<Instant>,
+    backend: Option<usize>,
+    info: inspect::RequestInfo,
+    /// The status the client saw (0: none, the connection was cut or the client left first).
+    status: u16,
+    rejected: Option<Rejection>,
+    upstream_error: Option<UpstreamErrorKind>,
+    outcome: Option<Outcome>,
+    progress: Progress,
+}
+/// Phases 2 to 5 for a request to be proxied; everything the account phase needs goes to `t`.
+#[allow(clippy::too_many_arguments)]
+async fn proxy_request(
+    ctx: &Context,
+    gen: &Generation,
+    rd: &mut ClientReader,
+    wr: &mut ClientWriter,
+    c: &mut Client,
+    request_id: &RequestId,
+    keep_alive: bool,
+    t: &mut Trace,
+) -> Next {
+    let path = c.head.path(&c.buf);
     if !path.starts_with(b"/v1/") {
         let err = GatewayError::NotFound {
-            method: String::from_utf8_lossy(method).into_owned(),
+            method: String::from_utf8_lossy(c.head.method.of(&c.buf)).into_owned(),
             path: String::from_utf8_lossy(path).into_owned(),
         };
         // A body we did not read would be taken for the next request.
-        return reject_unread_body(wr, c, &err, &request_id, keep_alive).await;
+        return reject_unread_body(wr, c, &err, request_id, keep_alive, t).await;
     }
 
-    let Some(backend) = ctx.upstreams.pick() else {
-        return reject_unread_body(wr, c, &GatewayError::NoBackend, &request_id, keep_alive).await;
+    let Some(backend) = gen.upstreams.pick() else {
+        let err = GatewayError::NoBackend;
+        return reject_unread_body(wr, c, &err, request_id, keep_alive, t).await;
     };
-    if let Err(e) = read_body(ctx, rd, wr, c).await {
+    t.backend = Some(backend);
+    ctx.metrics().backend_in_flight(gen.slots[backend]).inc();
+    if let Err(e) = read_body(gen, rd, wr, c).await {
+        t.note_error(&e);
         return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), false).await;
     }
     let started = Instant::now();
-    let info = inspect::inspect(&c.body).unwrap_or_default();
+    t.body_read = Some(started);
+    t.info = inspect::inspect(&c.body).unwrap_or_default();
+    let info = &t.info;
     let strip_usage = ctx.usage.is_some()
         && ctx.inject_stream_usage
         && info.stream
         && is_generation_endpoint(c.head.path(&c.buf))
-        && inspect::request_stream_usage(&mut c.body, &info);
+        && inspect::request_stream_usage(&mut c.body, info);
 
     forward::write_upstream_head(
         &mut c.out,
         &c.buf,
         &c.head,
-        ctx.upstreams.backend(backend),
+        gen.upstreams.backend(backend),
         &c.ip,
         request_id.as_bytes(),
         c.body.len() as u64,
@@ -272,20 +420,20 @@ async fn handle_request(
     let mut watch = ClientWatch::new(read, canceller);
     let ex = Exchange {
         backend,
-        head_request,
+        head_request: c.head.method.of(&c.buf) == b"HEAD",
         request_id: request_id.as_bytes(),
         client_keep_alive: keep_alive,
         strip_usage,
     };
-    let mut progress = Progress::default();
     let result = relay::exchange(
         ctx,
+        &gen.upstreams,
         &mut watch,
         wr,
         &mut c.out,
         &mut c.resp_head,
         ex,
-        &mut progress,
+        &mut t.progress,
     )
     .await;
     let client_still_there = match watch.finish().await {
@@ -301,25 +449,73 @@ async fn handle_request(
         WatchEnd::Gone => false,
     };
 
-    let done = Finished {
-        request_id: &request_id,
-        backend,
-        info: &info,
-        started,
-        result: &result,
-        progress,
-    };
-    account(ctx, c, done);
+    let rid = || String::from_utf8_lossy(request_id.as_bytes());
+    let backend_url = &gen.upstreams.backend(backend).url;
     match result {
         Ok(Relayed::Complete {
-            client_reusable, ..
-        }) if client_reusable && client_still_there => Next::KeepAlive,
-        Ok(_) => Next::Close,
-        Err(e) if client_still_there => {
-            respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await
+            status,
+            client_reusable,
+        }) => {
+            t.status = status;
+            t.outcome = Some(Outcome::Completed);
+            if client_reusable && client_still_there {
+                Next::KeepAlive
+            } else {
+                Next::Close
+            }
         }
-        Err(_) => Next::Close,
+        Ok(Relayed::Broken { status }) => {
+            tracing::warn!(request_id = %rid(), status, backend = %backend_url, "backend failed mid-response; client connection cut");
+            t.status = status;
+            t.upstream_error = Some(UpstreamErrorKind::MidResponse);
+            t.outcome = Some(Outcome::Failed);
+            Next::Close
+        }
+        Ok(Relayed::ClientGone) => {
+            tracing::debug!(request_id = %rid(), backend = %backend_url, "client left; upstream closed");
+            t.status = t.progress.status;
+            t.outcome = Some(Outcome::Cancelled);
+            Next::Close
+        }
+        Err(e) => {
+            t.note_error(&e);
+            t.outcome = Some(Outcome::Failed);
+            if client_still_there {
+                respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await
+            } else {
+                Next::Close
+            }
+        }
     }
+}
+
+impl Trace {
+    fn note_error(&mut self, e: &GatewayError) {
+        self.status = e.status();
+        self.rejected = rejection(e);
+        self.upstream_error = match e {
+            GatewayError::UpstreamConnect => Some(UpstreamErrorKind::Connect),
+            GatewayError::UpstreamConnectTimeout => Some(UpstreamErrorKind::ConnectTimeout),
+            GatewayError::UpstreamClosed => Some(UpstreamErrorKind::Closed),
+            GatewayError::UpstreamProtocol(_) => Some(UpstreamErrorKind::Protocol),
+            _ => None,
+        };
+    }
+}
+
+/// The rejection reason of an error the gateway decided on its own, if it is one.
+fn rejection(e: &GatewayError) -> Option<Rejection> {
+    Some(match e {
+        GatewayError::Request(r) => match r {
+            RequestError::Malformed(_) | RequestError::AmbiguousFraming(_) => Rejection::BadRequest,
+            RequestError::HeaderTooLarge => Rejection::HeaderSize,
+            RequestError::BodyTooLarge => Rejection::BodySize,
+            RequestError::Timeout => Rejection::Timeout,
+        },
+        GatewayError::NotFound { .. } => Rejection::NotFound,
+        GatewayError::NoBackend => Rejection::NoBackend,
+        _ => return None,
+    })
 }
 
 /// Endpoints whose streams carry token usage (and may be asked for it).
@@ -327,48 +523,74 @@ fn is_generation_endpoint(path: &[u8]) -> bool {
     path == b"/v1/chat/completions" || path == b"/v1/completions"
 }
 
-/// A relayed request, as the account phase sees it.
-struct Finished<'a> {
-    request_id: &'a RequestId,
-    backend: usize,
-    info: &'a inspect::RequestInfo,
-    started: Instant,
-    result: &'a Result<Relayed, GatewayError>,
-    progress: Progress,
-}
+/// Phase 6: what the request cost, for the metrics, the access log and the usage reporters.
+fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, t: Trace) {
+    let now = Instant::now();
+    let m = ctx.metrics();
+    let p = &t.progress;
+    let slot = t.backend.map(|b| gen.slots[b]);
+    if let Some(slot) = slot {
+        m.backend_in_flight(slot).dec();
+    }
+    m.request(t.path, t.info.stream, slot, t.status);
+    if let Some(why) = t.rejected {
+        m.reject(why);
+    }
+    if let Some(kind) = t.upstream_error {
+        m.upstream_error(kind);
+    }
+    if t.outcome == Some(Outcome::Cancelled) {
+        m.client_cancels.inc();
+    }
+    m.latency.observe(now - t.started);
+    let ttft = t.body_read.zip(p.first_byte).map(|(s, f)| f - s);
+    if let Some(ttft) = ttft {
+        m.ttft.observe(ttft);
+    }
+    if let (Some(sent), Some(done)) = (p.sent_upstream, p.upstream_done) {
+        m.upstream_latency.observe(done - sent);
+    }
+    // Gateway time on the way in (body read to upstream write) and out (upstream head to
+    // client write); connect time counts as the backend's, retries as the gateway's.
+    if let (Some(read), Some(sent), Some(head), Some(written)) = (
+        t.body_read,
+        p.sent_upstream,
+        p.upstream_head,
+        p.head_written,
+    ) {
+        m.overhead.observe((sent - read) + (written - head));
+    }
 
-/// Phase 6: what the request cost, for the usage reporters and the log.
-fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
-    let Finished {
-        request_id,
-        backend,
-        info,
-        started,
-        result,
-        progress,
-    } = done;
-    let backend_url = &ctx.upstreams.backend(backend).url;
-    let rid = String::from_utf8_lossy(request_id.as_bytes());
-    let outcome = match result {
-        Ok(Relayed::Complete { status, .. }) => {
-            tracing::debug!(request_id = %rid, status, backend = %backend_url, "relayed");
-            Outcome::Completed
-        }
-        Ok(Relayed::Broken { status }) => {
-            tracing::warn!(request_id = %rid, status, backend = %backend_url, "backend failed mid-response; client connection cut");
-            Outcome::Failed
-        }
-        Ok(Relayed::ClientGone) => {
-            tracing::debug!(request_id = %rid, backend = %backend_url, "client left; upstream closed");
-            Outcome::Cancelled
-        }
-        Err(_) => Outcome::Failed,
+    if gen.config.log.access {
+        let ms = |d: std::time::Duration| d.as_micros() as f64 / 1000.0;
+        let backend = t
+            .backend
+            .map_or("-", |b| gen.upstreams.backend(b).url.as_str());
+        tracing::info!(
+            target: "access",
+            request_id = %String::from_utf8_lossy(request_id.as_bytes()),
+            key = "-",
+            model = t.info.model(&c.body).unwrap_or("-"),
+            path = metrics::PATHS[t.path],
+            stream = t.info.stream,
+            status = t.status,
+            bytes = p.bytes,
+            ttft_ms = ttft.map_or(-1.0, ms),
+            total_ms = ms(now - t.started),
+            backend,
+            retries = 0u32,
+            "request"
+        );
+    }
+
+    let (Some(usage), Some(outcome), Some(backend)) = (&ctx.usage, t.outcome, t.backend) else {
+        return;
     };
-    let Some(usage) = &ctx.usage else { return };
     // Requests that never reached a backend cost nothing.
-    if progress.status == 0 && outcome == Outcome::Failed {
+    if p.status == 0 && outcome == Outcome::Failed {
         return;
     }
+    let Trace { info, progress, .. } = t;
     let (captured, content_events) = match progress.meter {
         Some(m) => {
             let events = m.content_events();
@@ -376,17 +598,18 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
         }
         None => (Captured::Nothing, 0),
     };
+    let started = t.body_read.unwrap_or(t.started);
     usage.send(UsageEvent {
-        request_id: rid.into_owned(),
+        request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
         started_at: SystemTime::now() - started.elapsed(),
         key: None,
         model: info.model(&c.body).map(str::to_owned),
         endpoint: String::from_utf8_lossy(c.head.path(&c.buf)).into_owned(),
         is_stream: info.stream,
-        backend_url: ctx.upstreams.backend(backend).url_shared.clone(),
+        backend_url: gen.upstreams.backend(backend).url_shared.clone(),
         status_code: progress.status,
         latency: started.elapsed(),
-        ttft: progress.first_byte.map(|t| t - started),
+        ttft,
         outcome,
         captured,
         content_events,
@@ -398,12 +621,12 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
 /// (what follows stays for the next request). Chunked bodies are decoded: the gateway always
 /// sends a known length upstream, and needs the whole body anyway to route and meter it.
 async fn read_body(
-    ctx: &Context,
+    gen: &Generation,
     rd: &mut ClientReader,
     wr: &mut ClientWriter,
     c: &mut Client,
 ) -> Result<(), GatewayError> {
-    let limit = ctx.config.max_request_body;
+    let limit = gen.config.max_request_body;
     let framing = c.head.framing();
     if let Framing::Length(n) = framing {
         if n > limit as u64 {
@@ -428,7 +651,7 @@ async fn read_body(
                 let body = mem::take(&mut c.body);
                 let len = body.len();
                 let read = rd.read(body.slice_mut(len..n));
-                let (res, slice) = monoio::time::timeout(ctx.config.timeouts.client_body, read)
+                let (res, slice) = monoio::time::timeout(gen.config.timeouts.client_body, read)
                     .await
                     .map_err(|_| RequestError::Timeout)?;
                 c.body = slice.into_inner();
@@ -439,7 +662,7 @@ async fn read_body(
             }
             c.buf.drain(head_len..head_len + in_buf);
         }
-        Framing::Chunked => read_chunked(ctx, rd, c, head_len, limit).await?,
+        Framing::Chunked => read_chunked(gen, rd, c, head_len, limit).await?,
     }
     Ok(())
 }
@@ -447,7 +670,7 @@ async fn read_body(
 /// Decodes a chunked body that starts at `c.buf[head_len..]` into `c.body`, dropping its framing
 /// from `c.buf` so that the head and any bytes after the body remain.
 async fn read_chunked(
-    ctx: &Context,
+    gen: &Generation,
     rd: &mut ClientReader,
     c: &mut Client,
     head_len: usize,
@@ -479,7 +702,7 @@ async fn read_chunked(
         }
         let (len, cap) = (buf.len(), buf.capacity());
         let (res, slice) = monoio::time::timeout(
-            ctx.config.timeouts.client_body,
+            gen.config.timeouts.client_body,
             rd.read(buf.slice_mut(len..cap)),
         )
         .await
@@ -499,7 +722,9 @@ async fn reject_unread_body(
     err: &GatewayError,
     request_id: &RequestId,
     keep_alive: bool,
+    t: &mut Trace,
 ) -> Next {
+    t.note_error(err);
     let keep = keep_alive && c.head.framing() == Framing::Empty;
     let consumed = c.head.head_len;
     c.buf.drain(..consumed);
