@@ -97,9 +97,18 @@ fn known_traffic_gives_matching_counters_and_histograms() {
         series(&text, "llmproxy_rejections_total{reason=\"not_found\"}"),
         1.0
     );
-    for reason in ["auth", "rate", "quota", "concurrency", "body_size", "no_backend"] {
+    for reason in [
+        "auth",
+        "rate",
+        "quota",
+        "concurrency",
+        "body_size",
+        "no_backend",
+    ] {
         assert!(
-            text.contains(&format!("llmproxy_rejections_total{{reason=\"{reason}\"}} 0\n")),
+            text.contains(&format!(
+                "llmproxy_rejections_total{{reason=\"{reason}\"}} 0\n"
+            )),
             "{reason}"
         );
     }
@@ -124,7 +133,9 @@ fn known_traffic_gives_matching_counters_and_histograms() {
     }
     let version = env!("CARGO_PKG_VERSION");
     assert!(
-        text.contains(&format!("llmproxy_info{{version=\"{version}\",io_driver=\"")),
+        text.contains(&format!(
+            "llmproxy_info{{version=\"{version}\",io_driver=\""
+        )),
         "{text}"
     );
     // Every sample line is `name{labels} value` or `name value`.
@@ -184,5 +195,41 @@ fn keep_alive_requests_after_a_proxied_one_are_relayed() {
         ));
         let r = c.read_response();
         assert_eq!(r.status, 200, "{}", r.text());
+    }
+}
+
+#[test]
+fn dashboards_use_only_exported_metric_names() {
+    let mock = spawn_mock(&[]);
+    let gw = gateway(&mock, "");
+    let text = get(gw.addr, "/metrics").text();
+    let exported: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let dir = env!("CARGO_MANIFEST_DIR");
+    for file in [
+        "dashboards/grafana-llmproxy.json",
+        "dashboards/prometheus.yml",
+    ] {
+        let body = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+        if file.ends_with(".json") {
+            serde_json::from_str::<Value>(&body).expect("dashboard is JSON");
+        }
+        let mut used = 0;
+        for (at, _) in body.match_indices("llmproxy_") {
+            let name: String = body[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(exported.contains(&base), "{file} uses {name}, not exported");
+            used += 1;
+        }
+        assert!(used > 0, "{file} names no metric");
     }
 }
