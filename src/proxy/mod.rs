@@ -617,8 +617,8 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
     });
 }
 
-/// Phase 3: reads the request body into `c.body`, consuming the request's bytes from `c.buf`
-/// (what follows stays for the next request). Chunked bodies are decoded: the gateway always
+/// Phase 3: reads the request body into `c.body`, removing its bytes from `c.buf` (the head stays
+/// until the request is done; what follows the body stays for the next request). Chunked bodies are decoded: the gateway always
 /// sends a known length upstream, and needs the whole body anyway to route and meter it.
 async fn read_body(
     gen: &Generation,
