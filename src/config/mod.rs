@@ -82,6 +82,7 @@ pub struct Config {
     pub model_aliases: Vec<(String, String)>,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub admin: AdminConfig,
 }
 
 /// Client- and upstream-side timeouts (key `timeouts`).
@@ -152,6 +153,25 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// Served on the client listener; starts with `/`.
     pub path: String,
+}
+
+/// The admin API (key `admin`): its own listener, off by default.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Bearer token every admin request must carry; at least 16 characters when enabled.
+    pub token: String,
+}
+
+/// Never prints the token.
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("enabled", &self.enabled)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a config could not be loaded: every problem found, one per line, each as
@@ -307,6 +327,7 @@ struct RawConfig {
     model_aliases: BTreeMap<String, String>,
     log: RawLog,
     metrics: RawMetrics,
+    admin: RawAdmin,
 }
 
 impl Default for RawConfig {
@@ -329,6 +350,7 @@ impl Default for RawConfig {
             model_aliases: BTreeMap::new(),
             log: RawLog::default(),
             metrics: RawMetrics::default(),
+            admin: RawAdmin::default(),
         }
     }
 }
@@ -419,6 +441,24 @@ struct RawMetrics {
     path: String,
 }
 
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawAdmin {
+    enabled: bool,
+    listen: String,
+    token: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            enabled: false,
+            listen: "127.0.0.1:9091".to_string(),
+            token: String::new(),
+        }
+    }
+}
+
 impl Default for RawMetrics {
     fn default() -> Self {
         RawMetrics {
@@ -450,6 +490,17 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
     }
     report("log.level", check_log_level(&raw.log.level));
     report("metrics.path", check_metrics_path(&raw.metrics.path));
+    let admin_listen = parse_listen(&raw.admin.listen);
+    report(
+        "admin.listen",
+        admin_listen.as_ref().map(|_| ()).map_err(Clone::clone),
+    );
+    if raw.admin.enabled && raw.admin.token.chars().count() < 16 {
+        report(
+            "admin.token",
+            Err("must be at least 16 characters when the admin API is enabled".into()),
+        );
+    }
     if raw.backends.is_empty() {
         report(
             "backends",
@@ -528,6 +579,11 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         metrics: MetricsConfig {
             enabled: raw.metrics.enabled,
             path: raw.metrics.path,
+        },
+        admin: AdminConfig {
+            enabled: raw.admin.enabled,
+            listen: admin_listen.ok()?,
+            token: raw.admin.token,
         },
     })
 }

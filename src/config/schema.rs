@@ -94,6 +94,10 @@ pub(super) const ROOT: Shape = Fields(&[
         Fields(&[("level", Leaf), ("format", Leaf), ("access", Leaf)]),
     ),
     ("metrics", Fields(&[("enabled", Leaf), ("path", Leaf)])),
+    (
+        "admin",
+        Fields(&[("enabled", Leaf), ("listen", Leaf), ("token", Leaf)]),
+    ),
 ]);
 
 /// Keys from the seed README or the roadmap that the gateway does not act on yet: (path, what it
@@ -104,7 +108,6 @@ pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("auth", "client authentication"),
     ("api_keys", "client API keys"),
     ("rate_limit", "rate limiting"),
-    ("admin", "the admin API"),
     ("backends[].api_key", "per-backend API keys"),
 ];
 

@@ -321,6 +321,20 @@ impl Registry {
         slots.len() - 1
     }
 
+    /// Requests in flight to the backend with this URL, summed over workers.
+    pub fn backend_in_flight(&self, url: &str) -> i64 {
+        let slot = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            match slots.iter().position(|s| &**s == url) {
+                Some(i) => i,
+                None => return 0,
+            }
+        };
+        self.workers.iter().fold(0u64, |acc, w| {
+            acc.wrapping_add(w.backend_in_flight[slot].get())
+        }) as i64
+    }
+
     pub fn set_io_driver(&self, driver: &'static str) {
         *self.io_driver.lock().unwrap_or_else(|e| e.into_inner()) = driver;
     }

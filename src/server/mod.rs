@@ -5,6 +5,7 @@
 //! Also owns process lifecycle: signals, graceful drain, exit, SIGHUP reload, and telling systemd
 //! about it ([`notify`]). It must not handle requests itself.
 
+mod admin;
 mod notify;
 
 use std::future::Future;
@@ -12,7 +13,7 @@ use std::io;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use monoio::net::{ListenerOpts, TcpListener};
@@ -46,6 +47,8 @@ struct Control {
     live: Arc<Live>,
     /// Bumped by each worker's housekeeping tick: proof of life for the systemd watchdog.
     heartbeats: Box<[AtomicU64]>,
+    /// Held for the whole of a reload, so SIGHUP and the admin API never interleave.
+    reload: Mutex<Reload>,
 }
 
 /// Runs the gateway until SIGTERM/SIGINT, then drains and returns. SIGHUP reloads the config.
@@ -58,10 +61,14 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
             backends: Backends::new(&config),
         }),
         heartbeats: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
+        reload: Mutex::new(reload),
     });
     let registry = Registry::new(config.workers);
     let shutdown = control.shutdown.clone();
-    install_signal_handler(control.clone(), reload)?;
+    install_signal_handler(control.clone())?;
+    if config.admin.enabled {
+        admin::start(control.clone(), registry.clone())?;
+    }
 
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<&'static str>>();
     let mut threads = Vec::with_capacity(config.workers);
@@ -231,7 +238,7 @@ async fn worker_main(
 }
 
 /// First SIGTERM/SIGINT starts the drain; a second one exits at once. SIGHUP reloads.
-fn install_signal_handler(control: Arc<Control>, reload: Reload) -> io::Result<()> {
+fn install_signal_handler(control: Arc<Control>) -> io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
@@ -239,7 +246,8 @@ fn install_signal_handler(control: Arc<Control>, reload: Reload) -> io::Result<(
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGHUP {
-                    reload_config(&control.live, &reload);
+                    // The outcome is logged by reload_config.
+                    let _ = reload_config(&control);
                     continue;
                 }
                 if control.shutdown.swap(true, Ordering::SeqCst) {
@@ -256,17 +264,23 @@ fn install_signal_handler(control: Arc<Control>, reload: Reload) -> io::Result<(
     Ok(())
 }
 
-/// Re-reads and validates the config file, then publishes it for new requests. A file that
-/// does not load is refused as a whole and the running config stays.
-fn reload_config(live: &Live, reload: &Reload) {
+/// Re-reads and validates the config file, then publishes it for new requests; returns the new
+/// generation. A file that does not load is refused as a whole and the running config stays.
+fn reload_config(control: &Control) -> Result<u64, String> {
+    let reload = control.reload.lock().unwrap_or_else(|e| e.into_inner());
     let Some(path) = &reload.config_path else {
-        tracing::warn!("SIGHUP ignored: the running config is built in, not read from a file");
-        return;
+        let why = "the running config is built in, not read from a file";
+        tracing::warn!("reload ignored: {why}");
+        return Err(why.into());
     };
     notify::reloading();
-    match config::load(path) {
-        Err(e) => tracing::error!("reload refused, running config kept:\n{e}"),
+    let result = match config::load(path) {
+        Err(e) => {
+            tracing::error!("reload refused, running config kept:\n{e}");
+            Err(e.to_string())
+        }
         Ok(next) => {
+            let live = &control.live;
             let (_, running) = live.snapshot();
             warn_restart_only(&running.config, &next);
             if let Err(e) = (reload.set_log_level)(&next.log.level) {
@@ -280,9 +294,11 @@ fn reload_config(live: &Live, reload: &Reload) {
                 backends,
             });
             tracing::info!(generation, backends = count, file = %path.display(), "config reloaded");
+            Ok(generation)
         }
-    }
+    };
     notify::notify("READY=1");
+    result
 }
 
 /// Settings fixed at start: a reload keeps running with the old values until a restart.
@@ -293,6 +309,8 @@ fn warn_restart_only(running: &Config, next: &Config) {
         ("io_driver", running.io_driver != next.io_driver),
         ("cpu_affinity", running.cpu_affinity != next.cpu_affinity),
         ("log.format", running.log.format != next.log.format),
+        ("admin.enabled", running.admin.enabled != next.admin.enabled),
+        ("admin.listen", running.admin.listen != next.admin.listen),
     ];
     for (key, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(
