@@ -233,3 +233,70 @@ fn dashboards_use_only_exported_metric_names() {
         assert!(used > 0, "{file} names no metric");
     }
 }
+
+#[test]
+fn cancels_cuts_and_retries_are_counted() {
+    use std::io::Read;
+    let mock = spawn_mock(&[]);
+    let gw = gateway(&mock, "");
+    // The client leaves mid-stream.
+    let mut c = Client::connect(gw.addr);
+    c.send(&raw_request(
+        "POST",
+        "/v1/chat/completions",
+        chat(true).to_string().as_bytes(),
+        &[("x-mock-itl-ms", "50"), ("x-mock-tokens", "100")],
+    ));
+    let mut buf = [0u8; 1024];
+    assert!(c.stream().read(&mut buf).unwrap() > 0);
+    drop(c);
+    // The backend dies mid-stream.
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &chat(true),
+        &[("x-mock-cut-after", "2"), ("x-mock-tokens", "10")],
+    );
+    assert_eq!(r.status, 200);
+    assert!(wait_until(std::time::Duration::from_secs(5), || {
+        metric(gw.addr, "llmproxy_client_cancels_total") == 1.0
+    }));
+    let text = get(gw.addr, "/metrics").text();
+    assert_eq!(
+        series(
+            &text,
+            "llmproxy_upstream_errors_total{kind=\"mid_response\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(series(&text, "llmproxy_in_flight_requests"), 1.0);
+
+    // A pooled connection the backend closed while idle is retried on a fresh one.
+    let port = free_port();
+    let mut fixed = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/fixed_upstream.py"
+        ))
+        .arg(port.to_string())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("python3");
+    let up: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    assert!(wait_until(std::time::Duration::from_secs(10), || {
+        std::net::TcpStream::connect(up).is_ok()
+    }));
+    let gw = spawn_gateway(&format!(
+        "listen: \"{{listen}}\"\nworkers: 1\nbackends:\n  - url: \"http://{up}\"\n"
+    ));
+    let mut c = Client::connect(gw.addr);
+    for _ in 0..3 {
+        c.send(&raw_request("POST", "/v1/fixed/idle", b"{}", &[]));
+        assert_eq!(c.read_response().status, 200);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let _ = fixed.kill();
+    let _ = fixed.wait();
+    assert_eq!(metric(gw.addr, "llmproxy_retries_total"), 2.0);
+}

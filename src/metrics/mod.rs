@@ -232,6 +232,7 @@ pub struct WorkerMetrics {
     rejections: [Counter; Rejection::ALL.len()],
     upstream_errors: [Counter; UpstreamErrorKind::ALL.len()],
     pub client_cancels: Counter,
+    pub retries: Counter,
 }
 
 const REQUEST_SLOTS: usize = PATHS.len() * 2 * BACKEND_SLOTS * STATUS_SLOTS;
@@ -254,6 +255,7 @@ impl WorkerMetrics {
             rejections: std::array::from_fn(|_| Counter::default()),
             upstream_errors: std::array::from_fn(|_| Counter::default()),
             client_cancels: Counter::default(),
+            retries: Counter::default(),
         }
     }
 

@@ -166,6 +166,14 @@ impl Registry {
             sum(&|w| w.client_cancels.get())
         );
 
+        header(
+            &mut out,
+            "llmproxy_retries_total",
+            "counter",
+            "Requests sent again on a fresh connection after a stale pooled one failed.",
+        );
+        let _ = writeln!(out, "llmproxy_retries_total {}", sum(&|w| w.retries.get()));
+
         // The usage reporter (webhook delivery, token parsing) is not on this branch yet: the
         // series exist so dashboards and alerts can be built against them.
         header(

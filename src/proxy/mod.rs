@@ -542,6 +542,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
     if t.outcome == Some(Outcome::Cancelled) {
         m.client_cancels.inc();
     }
+    m.retries.add(u64::from(p.retries));
     m.latency.observe(now - t.started);
     let ttft = t.body_read.zip(p.first_byte).map(|(s, f)| f - s);
     if let Some(ttft) = ttft {
@@ -578,7 +579,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
             ttft_ms = ttft.map_or(-1.0, ms),
             total_ms = ms(now - t.started),
             backend,
-            retries = 0u32,
+            retries = p.retries,
             "request"
         );
     }

@@ -60,6 +60,8 @@ pub struct Progress {
     pub head_written: Option<Instant>,
     /// When the last response byte was read from the backend.
     pub upstream_done: Option<Instant>,
+    /// Times the request was sent again on a fresh connection after a stale pooled one failed.
+    pub retries: u32,
 }
 
 enum HeadError {
@@ -116,6 +118,7 @@ where
         if sent.is_err() {
             if may_retry {
                 fresh_only = true;
+                progress.retries += 1;
                 continue;
             }
             return Err(GatewayError::UpstreamConnect);
@@ -123,7 +126,10 @@ where
         match read_head(&mut up, watch, ex.head_request, resp_head).await {
             None => return Ok(Relayed::ClientGone),
             Some(Ok(h)) => break (up, h),
-            Some(Err(HeadError::Closed)) if may_retry => fresh_only = true,
+            Some(Err(HeadError::Closed)) if may_retry => {
+                fresh_only = true;
+                progress.retries += 1;
+            }
             Some(Err(HeadError::Closed)) => return Err(GatewayError::UpstreamClosed),
             Some(Err(HeadError::Protocol(e))) => return Err(GatewayError::UpstreamProtocol(e)),
         }
