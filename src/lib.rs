@@ -5,12 +5,13 @@
 //! `proxy` reads, routes and relays each request; `upstream` picks backends and owns their
 //! connections; errors decided anywhere are rendered by `error`. `config` loads and validates the
 //! configuration and `live` holds its running generation (hot reload); `metrics` keeps
-//! per-worker counters for Prometheus; `mock` is the OpenAI-compatible simulator used by tests, the demo and benchmarks.
+//! per-worker counters for Prometheus; `logging` writes log lines off the workers; `mock` is the OpenAI-compatible simulator used by tests, the demo and benchmarks.
 
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod live;
+pub mod logging;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;

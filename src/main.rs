@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use llmproxy::config::{self, Config, LogFormat};
-use llmproxy::server::{Reload, SetLogLevel};
+use llmproxy::logging;
+use llmproxy::server::Reload;
 
 #[derive(Parser)]
 #[command(
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::MockLlm(opts)) => {
-            let _ = init_logging("info", LogFormat::Text);
+            let _log = logging::init("info", LogFormat::Text);
             exit(llmproxy::mock::run(opts).map_err(|e| format!("mock-llm: {e}")))
         }
         Some(Command::Check) => exit(check(cli.config.as_deref())),
@@ -76,7 +77,7 @@ fn check(path: Option<&Path>) -> Result<(), String> {
 
 fn serve(path: Option<&Path>) -> Result<(), String> {
     let cfg = load(path)?;
-    let set_log_level = init_logging(&cfg.log.level, cfg.log.format);
+    let (set_log_level, _flush) = logging::init(&cfg.log.level, cfg.log.format);
     let reload = Reload {
         config_path: path.map(Path::to_path_buf),
         set_log_level,
@@ -87,7 +88,7 @@ fn serve(path: Option<&Path>) -> Result<(), String> {
 fn demo() -> Result<(), String> {
     let cfg =
         config::parse(config::DEMO_CONFIG, config::Format::Yaml).map_err(|e| e.to_string())?;
-    let set_log_level = init_logging(&cfg.log.level, cfg.log.format);
+    let (set_log_level, _flush) = logging::init(&cfg.log.level, cfg.log.format);
     let backend = cfg.backends[0].host_header.clone();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut sim = std::process::Command::new(exe)
@@ -120,36 +121,4 @@ fn demo() -> Result<(), String> {
     let _ = sim.kill();
     let _ = sim.wait();
     result
-}
-
-/// Installs the global subscriber; returns how to change its filter later (config reload).
-/// `RUST_LOG`, when set, wins over the config at start and on reload.
-fn init_logging(level: &str, format: LogFormat) -> SetLogLevel {
-    use tracing_subscriber::{fmt, prelude::*, reload, EnvFilter, Registry};
-    let from_env = std::env::var_os("RUST_LOG").is_some();
-    let filter = if from_env {
-        EnvFilter::from_default_env()
-    } else {
-        EnvFilter::new(level)
-    };
-    let (filter, handle) = reload::Layer::<EnvFilter, Registry>::new(filter);
-    let layer = fmt::layer().with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => tracing_subscriber::registry()
-            .with(filter)
-            .with(layer.json())
-            .try_init(),
-        LogFormat::Text => tracing_subscriber::registry()
-            .with(filter)
-            .with(layer)
-            .try_init(),
-    };
-    Box::new(move |level: &str| {
-        if from_env {
-            return Ok(());
-        }
-        handle
-            .reload(EnvFilter::new(level))
-            .map_err(|e| e.to_string())
-    })
 }

@@ -21,6 +21,7 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::config::{self, Config, IoDriver};
 use crate::live::{Live, Snapshot};
+use crate::logging::SetLogLevel;
 use crate::metrics::Registry;
 use crate::proxy::{self, Context};
 use crate::upstream::Backends;
@@ -29,9 +30,6 @@ use crate::upstream::Backends;
 const URING_ENTRIES: u32 = 8192;
 /// How often an accepting worker looks at the shutdown flag and sweeps its pools.
 const TICK: Duration = Duration::from_millis(50);
-
-/// Changes the log filter of the running process.
-pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send>;
 
 /// How the running process reloads its configuration.
 pub struct Reload {
