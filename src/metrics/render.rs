@@ -34,7 +34,7 @@ impl Registry {
                 for (b, backend) in slots.iter().enumerate() {
                     for s in 0..STATUS_SLOTS {
                         let slot = super::request_slot(p, stream, b, s);
-                        let v = sum(&|w| w.requests[slot].get());
+                        let v = sum(&|w| w.requests(slot).get());
                         if v == 0 {
                             continue;
                         }
