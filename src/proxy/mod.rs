@@ -2,11 +2,16 @@
 //! through the same phases, in order and never backwards:
 //!
 //! 1. **read**: read and validate the request head ([`read_head`]);
-//! 2. **route**: `/health` is answered here, `/v1/*` is proxied, anything else is a 404;
+//! 2. **route**: `/health` and the metrics path are answered here, `/v1/*` is proxied, anything
+//!    else is a 404;
 //! 3. **body**: read the request body, bounded by `max_request_body` ([`read_body`]);
 //! 4. **pick**: choose a backend ([`crate::upstream`]);
 //! 5. **relay**: send the request and stream the response back ([`relay::exchange`]);
-//! 6. **finish**: keep the connection for the next request or close it.
+//! 6. **finish**: account for the request ([`account`]: metrics, access log, usage event), then
+//!    keep the connection for the next request or close it.
+//!
+//! Each request runs on the config [`Generation`] current when it started (hot reload swaps it
+//! between requests, never under one).
 //!
 //! Errors decided in any phase are typed ([`GatewayError`]) and written by [`respond_error`] only.
 //! This module owns per-connection buffers; it must never block the worker thread.
@@ -298,8 +303,11 @@ async fn handle_request(
         };
         return write_local(wr, c, 200, b"application/json", body, keep_alive).await;
     }
-    let metrics = &gen.config.metrics;
-    if metrics.enabled && path == metrics.path.as_bytes() && matches!(method, b"GET" | b"HEAD") {
+    let exposition = &gen.config.metrics;
+    if exposition.enabled
+        && path == exposition.path.as_bytes()
+        && matches!(method, b"GET" | b"HEAD")
+    {
         let text = ctx.registry.render(&gen.upstreams.backends);
         let body = if head_request { b"" } else { text.as_bytes() };
         return write_local(wr, c, 200, metrics::CONTENT_TYPE, body, keep_alive).await;
