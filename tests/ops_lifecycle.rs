@@ -265,3 +265,33 @@ fn access_log_is_one_json_line_per_request_without_prompt() {
     std::thread::sleep(Duration::from_millis(200));
     assert!(quiet.log.try_iter().all(|l| !l.contains("quiet-1")));
 }
+
+#[test]
+fn sighup_applies_a_new_log_level() {
+    let mock = spawn_mock(&[]);
+    let gw = Gateway::start("loglevel", &config(&[mock.addr], ""), &[]);
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &chat(false),
+        &[("X-Request-Id", "before-1")],
+    );
+    assert_eq!(r.status, 200);
+    gw.expect_log("before-1");
+
+    gw.rewrite(&config(
+        &[mock.addr],
+        "log:\n  level: \"info,access=off\"\n",
+    ));
+    gw.signal(libc::SIGHUP);
+    gw.expect_log("config reloaded");
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &chat(false),
+        &[("X-Request-Id", "after-1")],
+    );
+    assert_eq!(r.status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(gw.log.try_iter().all(|l| !l.contains("after-1")));
+}

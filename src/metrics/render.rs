@@ -52,7 +52,7 @@ impl Registry {
         histogram(
             &mut out,
             "llmproxy_latency_ms",
-            "Time from request body received to response end, in ms.",
+            "Time from request head received to response end (or error), in ms.",
             &self.workers,
             &|w| &w.latency,
         );
