@@ -39,7 +39,7 @@ pub struct Reload {
     pub set_log_level: SetLogLevel,
 }
 
-/// State the control threads (signals, watchdog) share with the workers.
+/// State the control threads (signals, watchdog, admin API) share with the workers.
 struct Control {
     shutdown: Arc<AtomicBool>,
     live: Arc<Live>,
