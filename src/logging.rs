@@ -79,18 +79,33 @@ impl<'a> MakeWriter<'a> for QueueWriter {
     }
 }
 
+/// Largest batch the log thread gathers before one `write(2)`.
+const BATCH: usize = 64 * 1024;
+
 fn write_lines(rx: Receiver<Line>, dropped: Arc<AtomicU64>) {
     let mut reported = 0;
     let mut last_report = Instant::now();
     let mut err = io::stderr();
-    for line in rx {
-        match line {
-            Line::Text(text) => {
-                let _ = err.write_all(&text);
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut flushes = Vec::new();
+    while let Ok(first) = rx.recv() {
+        // Under load, many lines wait: one write for all of them instead of one each.
+        let mut next = Some(first);
+        while let Some(line) = next {
+            match line {
+                Line::Text(text) => batch.extend_from_slice(&text),
+                Line::Flush(done) => flushes.push(done),
             }
-            Line::Flush(done) => {
-                let _ = done.send(());
-            }
+            next = if batch.len() < BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        let _ = err.write_all(&batch);
+        batch.clear();
+        for done in flushes.drain(..) {
+            let _ = done.send(());
         }
         // Drops are reported at most once a second, not once per lost line.
         let now = dropped.load(Ordering::Relaxed);
