@@ -507,6 +507,9 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             Err("at least one backend is required, e.g. `- url: \"http://127.0.0.1:8001\"`".into()),
         );
     }
+    if raw.backends.len() > 64 {
+        report("backends", Err("at most 64 backends are supported".into()));
+    }
     let mut backends = Vec::with_capacity(raw.backends.len());
     for (index, backend) in raw.backends.into_iter().enumerate() {
         if backend.weight == 0 {

@@ -119,15 +119,21 @@ pub enum UpstreamErrorKind {
     Protocol,
     /// Failed after the response had started reaching the client.
     MidResponse,
+    /// No response head in time, or silent past `timeouts.idle` / `total` mid-response.
+    Timeout,
+    /// Only retryable statuses (`retry.on_status`) on every attempt.
+    Status,
 }
 
 impl UpstreamErrorKind {
-    pub const ALL: [UpstreamErrorKind; 5] = [
+    pub const ALL: [UpstreamErrorKind; 7] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::ConnectTimeout,
         UpstreamErrorKind::Closed,
         UpstreamErrorKind::Protocol,
         UpstreamErrorKind::MidResponse,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Status,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -137,6 +143,8 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Closed => "closed",
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::MidResponse => "mid_response",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Status => "status",
         }
     }
 }
@@ -234,7 +242,6 @@ pub struct WorkerMetrics {
     pub inter_token: Histogram<12>,
     pub overhead: Histogram<12>,
     pub in_flight: Counter,
-    backend_in_flight: [Counter; BACKEND_SLOTS],
     rejections: [Counter; Rejection::ALL.len()],
     upstream_errors: [Counter; UpstreamErrorKind::ALL.len()],
     pub client_cancels: Counter,
@@ -259,7 +266,6 @@ impl WorkerMetrics {
             inter_token: Histogram::new(&INTER_TOKEN_BOUNDS_MS, 1000),
             overhead: Histogram::new(&OVERHEAD_BOUNDS_US, 1),
             in_flight: Counter::default(),
-            backend_in_flight: std::array::from_fn(|_| Counter::default()),
             rejections: std::array::from_fn(|_| Counter::default()),
             upstream_errors: std::array::from_fn(|_| Counter::default()),
             client_cancels: Counter::default(),
@@ -289,10 +295,6 @@ impl WorkerMetrics {
 
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.upstream_errors[kind as usize].inc();
-    }
-
-    pub fn backend_in_flight(&self, slot: usize) -> &Counter {
-        &self.backend_in_flight[slot]
     }
 }
 
@@ -333,20 +335,6 @@ impl Registry {
         }
         slots.push(Arc::from(url));
         slots.len() - 1
-    }
-
-    /// Requests in flight to the backend with this URL, summed over workers.
-    pub fn backend_in_flight(&self, url: &str) -> i64 {
-        let slot = {
-            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            match slots.iter().position(|s| &**s == url) {
-                Some(i) => i,
-                None => return 0,
-            }
-        };
-        self.workers.iter().fold(0u64, |acc, w| {
-            acc.wrapping_add(w.backend_in_flight[slot].get())
-        }) as i64
     }
 
     pub fn set_io_driver(&self, driver: &'static str) {

@@ -4,8 +4,7 @@
 use std::fmt::Write;
 
 use super::{
-    Histogram, Registry, Rejection, UpstreamErrorKind, WorkerMetrics, BACKEND_SLOTS, PATHS,
-    STATUSES, STATUS_SLOTS,
+    Histogram, Registry, Rejection, UpstreamErrorKind, WorkerMetrics, PATHS, STATUSES, STATUS_SLOTS,
 };
 use crate::upstream::Backends;
 
@@ -99,24 +98,24 @@ impl Registry {
         gauge_header(
             &mut out,
             "llmproxy_backend_in_flight",
-            "Requests being relayed to each backend now.",
+            "Requests being relayed to each backend now (all workers).",
         );
-        for (b, backend) in slots.iter().enumerate().skip(1).take(BACKEND_SLOTS - 1) {
-            let v = sum(&|w| w.backend_in_flight[b].get()) as i64;
+        for b in &backends.list {
             let _ = writeln!(
                 out,
-                "llmproxy_backend_in_flight{{backend=\"{}\"}} {v}",
-                escape(backend)
+                "llmproxy_backend_in_flight{{backend=\"{}\"}} {}",
+                escape(&b.url),
+                b.in_flight()
             );
         }
 
         gauge_header(
             &mut out,
             "llmproxy_backend_up",
-            "1 when the backend takes traffic (its address resolved), else 0.",
+            "1 when the backend takes traffic (resolved, healthy, not ejected), else 0.",
         );
         for b in &backends.list {
-            let up = u8::from(b.addr().is_some());
+            let up = u8::from(b.addr().is_some() && b.is_healthy() && !b.is_ejected());
             let _ = writeln!(
                 out,
                 "llmproxy_backend_up{{backend=\"{}\"}} {up}",
@@ -268,7 +267,13 @@ mod tests {
         r.worker(1).request(8, false, None, 404);
         r.worker(0).ttft.observe(Duration::from_millis(7));
         r.worker(1).ttft.observe(Duration::from_millis(400_000));
-        let text = r.render(&Backends { list: Vec::new() });
+        let config = crate::config::parse(
+            "backends: [{url: 'http://127.0.0.1:1'}]",
+            crate::config::Format::Yaml,
+        )
+        .unwrap();
+        let text = r.render(&Backends::new(&config));
+        assert!(text.contains("llmproxy_backend_up{backend=\"http://127.0.0.1:1\"} 1\n"));
         assert!(text.contains("llmproxy_requests_total{path=\"/v1/chat/completions\",stream=\"true\",backend=\"http://a:1\",status=\"200\"} 2\n"), "{text}");
         assert!(text.contains("llmproxy_requests_total{path=\"other\",stream=\"false\",backend=\"none\",status=\"404\"} 1\n"));
         assert!(text.contains("llmproxy_ttft_ms_bucket{le=\"5\"} 0\n"));

@@ -38,12 +38,13 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
+use crate::config::Affinity;
 use crate::config::Config;
 use crate::error::{write_error, GatewayError};
 use crate::http::{self, ChunkedDecoder, Framing, RequestError, RequestHead};
 use crate::live::{Live, Snapshot};
 use crate::metrics::{self, Registry, Rejection, UpstreamErrorKind, WorkerMetrics};
-use crate::upstream::WorkerUpstreams;
+use crate::upstream::{InFlight, PickError, PickRequest, WorkerUpstreams};
 use crate::usage::{Captured, Outcome, UsageEvent, UsageSender};
 use client_watch::{ClientWatch, WatchEnd};
 use relay::{Exchange, Progress, Relayed};
@@ -71,6 +72,33 @@ pub struct Context {
     shutdown: Arc<AtomicBool>,
     active: Cell<usize>,
     ids: RequestIds,
+    retry_budget: RetryBudget,
+}
+
+/// Retries allowed as a share of requests, per worker: each request deposits a fraction of a
+/// token, each retry spends one. During an outage, retries stay a bounded fraction of traffic
+/// instead of multiplying it; a small reserve allows retries right after start.
+struct RetryBudget {
+    tokens: Cell<f64>,
+}
+
+impl RetryBudget {
+    const RESERVE: f64 = 10.0;
+
+    fn deposit(&self, percent: u32) {
+        self.tokens
+            .set((self.tokens.get() + f64::from(percent) / 100.0).min(Self::RESERVE));
+    }
+
+    fn withdraw(&self) -> bool {
+        let t = self.tokens.get();
+        if t >= 1.0 {
+            self.tokens.set(t - 1.0);
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// One config generation as a worker runs it. A request holds its `Rc` until it ends, so a
@@ -84,7 +112,7 @@ pub struct Generation {
 }
 
 impl Generation {
-    fn new(number: u64, snapshot: &Snapshot, registry: &Registry) -> Rc<Generation> {
+    fn new(number: u64, snapshot: &Snapshot, registry: &Registry, worker: usize) -> Rc<Generation> {
         let backends = snapshot.backends.clone();
         let slots = backends
             .list
@@ -94,7 +122,7 @@ impl Generation {
         Rc::new(Generation {
             number,
             config: snapshot.config.clone(),
-            upstreams: WorkerUpstreams::new(backends, &snapshot.config),
+            upstreams: WorkerUpstreams::new(backends, &snapshot.config, worker),
             slots,
         })
     }
@@ -108,7 +136,7 @@ impl Context {
         worker: usize,
     ) -> Self {
         let (number, snapshot) = live.snapshot();
-        let current = Generation::new(number, &snapshot, &registry);
+        let current = Generation::new(number, &snapshot, &registry, worker);
         Context {
             usage: None,
             inject_stream_usage: true,
@@ -119,6 +147,9 @@ impl Context {
             shutdown,
             active: Cell::new(0),
             ids: RequestIds::new(worker),
+            retry_budget: RetryBudget {
+                tokens: Cell::new(RetryBudget::RESERVE),
+            },
         }
     }
 
@@ -127,7 +158,7 @@ impl Context {
     pub fn current(&self) -> Rc<Generation> {
         if self.live.generation() != self.current.borrow().number {
             let (number, snapshot) = self.live.snapshot();
-            let next = Generation::new(number, &snapshot, &self.registry);
+            let next = Generation::new(number, &snapshot, &self.registry, self.worker);
             tracing::debug!(
                 worker = self.worker,
                 generation = number,
@@ -324,6 +355,8 @@ async fn handle_request(
         upstream_error: None,
         outcome: None,
         progress: Progress::default(),
+        retries: 0,
+        in_flight: None,
     };
     let next = proxy_request(ctx, &gen, rd, wr, c, &request_id, keep_alive, &mut trace).await;
     let relayed = trace.body_read.is_some();
@@ -368,6 +401,10 @@ struct Trace {
     upstream_error: Option<UpstreamErrorKind>,
     outcome: Option<Outcome>,
     progress: Progress,
+    /// Attempts after the first, on other backends or on a fresh connection.
+    retries: u32,
+    /// Keeps the chosen backend counted in flight until the request is accounted.
+    in_flight: Option<InFlight>,
 }
 /// Phases 2 to 5 for a request to be proxied; everything the account phase needs goes to `t`.
 #[allow(clippy::too_many_arguments)]
@@ -382,68 +419,65 @@ async fn proxy_request(
     t: &mut Trace,
 ) -> Next {
     let path = c.head.path(&c.buf);
+    let method = c.head.method.of(&c.buf);
+    let head_request = method == b"HEAD";
     if !path.starts_with(b"/v1/") {
         let err = GatewayError::NotFound {
-            method: String::from_utf8_lossy(c.head.method.of(&c.buf)).into_owned(),
+            method: String::from_utf8_lossy(method).into_owned(),
             path: String::from_utf8_lossy(path).into_owned(),
         };
         // A body we did not read would be taken for the next request.
         return reject_unread_body(wr, c, &err, request_id, keep_alive, t).await;
     }
 
-    let Some(backend) = gen.upstreams.pick() else {
-        let err = GatewayError::NoBackend;
-        return reject_unread_body(wr, c, &err, request_id, keep_alive, t).await;
-    };
-    t.backend = Some(backend);
-    ctx.metrics().backend_in_flight(gen.slots[backend]).inc();
+    if path == b"/v1/models" && method == b"GET" {
+        if let Some(json) = gen.upstreams.backends.models_json() {
+            let keep = keep_alive && c.head.framing() == Framing::Empty;
+            let id: [(&[u8], &[u8]); 1] = [(b"X-Request-Id", request_id.as_bytes())];
+            http::write_response(&mut c.out, 200, b"application/json", &id, &json, keep);
+            let consumed = c.head.head_len;
+            c.buf.drain(..consumed);
+            t.status = 200;
+            return write_out(wr, &mut c.out, keep).await;
+        }
+    }
+
     if let Err(e) = read_body(gen, rd, wr, c).await {
         t.note_error(&e);
         return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), false).await;
     }
     let started = Instant::now();
     t.body_read = Some(started);
-    t.info = inspect::inspect(&c.body).unwrap_or_default();
-    let info = &t.info;
+    let mut info = inspect::inspect(&c.body).unwrap_or_default();
+    let alias = info
+        .model(&c.body)
+        .and_then(|m| gen.upstreams.backends.alias(m))
+        .map(str::to_owned);
+    if let (Some(served), Some(at)) = (alias, info.model.clone()) {
+        c.body.splice(at, served.bytes());
+        info = inspect::inspect(&c.body).unwrap_or_default();
+    }
     let strip_usage = ctx.usage.is_some()
         && ctx.inject_stream_usage
         && info.stream
         && is_generation_endpoint(c.head.path(&c.buf))
-        && inspect::request_stream_usage(&mut c.body, info);
-
-    forward::write_upstream_head(
-        &mut c.out,
-        &c.buf,
-        &c.head,
-        gen.upstreams.backend(backend),
-        &c.ip,
-        request_id.as_bytes(),
-        c.body.len() as u64,
-    );
-    c.out.extend_from_slice(&c.body);
+        && inspect::request_stream_usage(&mut c.body, &info);
+    if strip_usage {
+        info = inspect::inspect(&c.body).unwrap_or_default();
+    }
 
     let canceller = Canceller::new();
     let watch_buf = mem::take(&mut c.watch_buf);
     let read = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
     let mut watch = ClientWatch::new(read, canceller);
-    let ex = Exchange {
-        backend,
-        head_request: c.head.method.of(&c.buf) == b"HEAD",
+    let plan = Plan {
         request_id: request_id.as_bytes(),
-        client_keep_alive: keep_alive,
+        head_request,
+        keep_alive,
         strip_usage,
+        started,
     };
-    let result = relay::exchange(
-        ctx,
-        &gen.upstreams,
-        &mut watch,
-        wr,
-        &mut c.out,
-        &mut c.resp_head,
-        ex,
-        &mut t.progress,
-    )
-    .await;
+    let attempted = relay_with_retries(ctx, gen, &mut watch, wr, c, &info, &plan).await;
     let client_still_there = match watch.finish().await {
         WatchEnd::Quiet(buf) => {
             c.watch_buf = buf;
@@ -457,13 +491,27 @@ async fn proxy_request(
         WatchEnd::Gone => false,
     };
 
-    let rid = || String::from_utf8_lossy(request_id.as_bytes());
-    let backend_url = &gen.upstreams.backend(backend).url;
+    let Attempted {
+        result,
+        progress,
+        in_flight,
+        attempts,
+    } = attempted;
+    t.info = info;
+    t.backend = in_flight.as_ref().map(|f| f.index);
+    t.in_flight = in_flight;
+    t.retries = attempts - 1 + progress.retries;
+    t.progress = progress;
+    let rid = request_id.as_str();
+    let backend_url = t
+        .backend
+        .map_or("-", |b| gen.upstreams.backend(b).url.as_str());
     match result {
         Ok(Relayed::Complete {
             status,
             client_reusable,
         }) => {
+            tracing::debug!(request_id = %rid, status, backend = %backend_url, "relayed");
             t.status = status;
             t.outcome = Some(Outcome::Completed);
             if client_reusable && client_still_there {
@@ -472,15 +520,19 @@ async fn proxy_request(
                 Next::Close
             }
         }
-        Ok(Relayed::Broken { status }) => {
-            tracing::warn!(request_id = %rid(), status, backend = %backend_url, "backend failed mid-response; client connection cut");
+        Ok(Relayed::Broken { status, timed_out }) => {
+            tracing::warn!(request_id = %rid, status, timed_out, backend = %backend_url, "backend failed mid-response; client connection cut");
             t.status = status;
-            t.upstream_error = Some(UpstreamErrorKind::MidResponse);
+            t.upstream_error = Some(if timed_out {
+                UpstreamErrorKind::Timeout
+            } else {
+                UpstreamErrorKind::MidResponse
+            });
             t.outcome = Some(Outcome::Failed);
             Next::Close
         }
         Ok(Relayed::ClientGone) => {
-            tracing::debug!(request_id = %rid(), backend = %backend_url, "client left; upstream closed");
+            tracing::debug!(request_id = %rid, backend = %backend_url, "client left; upstream closed");
             t.status = t.progress.status;
             t.outcome = Some(Outcome::Cancelled);
             Next::Close
@@ -497,6 +549,157 @@ async fn proxy_request(
     }
 }
 
+/// What stays the same across the attempts of one request.
+struct Plan<'a> {
+    request_id: &'a [u8],
+    head_request: bool,
+    keep_alive: bool,
+    strip_usage: bool,
+    started: Instant,
+}
+
+/// The last attempt's outcome, and the backend it went to (still counted in flight).
+struct Attempted {
+    result: Result<Relayed, GatewayError>,
+    progress: Progress,
+    in_flight: Option<InFlight>,
+    /// Backends tried, this one included.
+    attempts: u32,
+}
+
+/// Phases 4 and 5: pick a backend, relay, and on a failure before any response byte reached the
+/// client, try another backend after a jittered backoff, within `retry.max_attempts` and the
+/// worker's retry budget.
+#[allow(clippy::too_many_arguments)]
+async fn relay_with_retries<R>(
+    ctx: &Context,
+    gen: &Generation,
+    watch: &mut ClientWatch<'_, R>,
+    wr: &mut ClientWriter,
+    c: &mut Client,
+    info: &inspect::RequestInfo,
+    plan: &Plan<'_>,
+) -> Attempted
+where
+    R: std::future::Future<Output = monoio::BufResult<usize, Vec<u8>>>,
+{
+    let model = info.model(&c.body);
+    let affinity_key = match gen.upstreams.affinity() {
+        Some(Affinity::Header(name)) => c.head.header(&c.buf, name.as_bytes()),
+        Some(Affinity::User) => info.user.clone().map(|r| &c.body[r]),
+        None => None,
+    };
+    let retry = &gen.config.retry;
+    let timeouts = &gen.config.timeouts;
+    let deadline = timeouts.total.map(|t| plan.started + t);
+    ctx.retry_budget.deposit(retry.budget_percent);
+    let mut tried = 0u64;
+    let mut attempt = 1;
+    loop {
+        let request = PickRequest {
+            model,
+            affinity_key,
+            tried,
+        };
+        let in_flight = match gen.upstreams.pick(&request) {
+            Ok(f) => f,
+            Err(e) => {
+                let err = match e {
+                    PickError::UnknownModel => GatewayError::UnknownModel {
+                        model: model.unwrap_or_default().to_owned(),
+                    },
+                    PickError::NoneAvailable => GatewayError::NoBackend,
+                };
+                return Attempted {
+                    result: Err(err),
+                    progress: Progress::default(),
+                    in_flight: None,
+                    attempts: attempt,
+                };
+            }
+        };
+        let idx = in_flight.index;
+        tried |= 1 << (idx % 64);
+        let backend = gen.upstreams.backend(idx);
+        forward::write_upstream_head(
+            &mut c.out,
+            &c.buf,
+            &c.head,
+            backend,
+            &c.ip,
+            plan.request_id,
+            c.body.len() as u64,
+        );
+        c.out.extend_from_slice(&c.body);
+        let last = attempt >= retry.max_attempts;
+        let first_byte = timeouts.first_byte.map(|t| Instant::now() + t);
+        let ex = Exchange {
+            backend: idx,
+            head_request: plan.head_request,
+            request_id: plan.request_id,
+            client_keep_alive: plan.keep_alive,
+            strip_usage: plan.strip_usage,
+            retry_status: if last { &[] } else { &retry.on_status },
+            head_deadline: first_byte.into_iter().chain(deadline).min(),
+            idle: timeouts.idle,
+            deadline,
+        };
+        let mut progress = Progress::default();
+        let result = relay::exchange(
+            ctx,
+            &gen.upstreams,
+            watch,
+            wr,
+            &mut c.out,
+            &mut c.resp_head,
+            ex,
+            &mut progress,
+        )
+        .await;
+        let backend_ok = match &result {
+            Ok(Relayed::ClientGone) => None,
+            Ok(Relayed::Complete { status, .. }) => Some(*status < 500),
+            Ok(Relayed::Broken { .. }) => Some(false),
+            Err(e) => Some(!(e.is_retryable() || matches!(e, GatewayError::UpstreamTimeout))),
+        };
+        if let Some(ok) = backend_ok {
+            backend.record(ok, &gen.upstreams.health);
+        }
+        match result {
+            Err(e) if e.is_retryable() && !last && ctx.retry_budget.withdraw() => {
+                tracing::debug!(request_id = %String::from_utf8_lossy(plan.request_id), backend = %backend.url, attempt, code = e.code(), "retrying on another backend");
+                drop(in_flight);
+                let cap = retry
+                    .max_backoff
+                    .min(retry.initial_backoff * 2u32.saturating_pow(attempt - 1));
+                let backoff = cap.mul_f64((gen.upstreams.random() % 1024) as f64 / 1024.0);
+                if watch.race(monoio::time::sleep(backoff)).await.is_none() {
+                    return Attempted {
+                        result: Ok(Relayed::ClientGone),
+                        progress,
+                        in_flight: None,
+                        attempts: attempt,
+                    };
+                }
+                attempt += 1;
+            }
+            result => {
+                return Attempted {
+                    result,
+                    progress,
+                    in_flight: Some(in_flight),
+                    attempts: attempt,
+                }
+            }
+        }
+    }
+}
+
+/// Endpoints whose streams carry token usage (and may be asked for it).
+fn is_generation_endpoint(path: &[u8]) -> bool {
+    path == b"/v1/chat/completions" || path == b"/v1/completions"
+}
+
 impl Trace {
     fn note_error(&mut self, e: &GatewayError) {
         self.status = e.status();
@@ -506,6 +709,8 @@ impl Trace {
             GatewayError::UpstreamConnectTimeout => Some(UpstreamErrorKind::ConnectTimeout),
             GatewayError::UpstreamClosed => Some(UpstreamErrorKind::Closed),
             GatewayError::UpstreamProtocol(_) => Some(UpstreamErrorKind::Protocol),
+            GatewayError::UpstreamTimeout => Some(UpstreamErrorKind::Timeout),
+            GatewayError::UpstreamStatus(_) => Some(UpstreamErrorKind::Status),
             _ => None,
         };
     }
@@ -520,15 +725,10 @@ fn rejection(e: &GatewayError) -> Option<Rejection> {
             RequestError::BodyTooLarge => Rejection::BodySize,
             RequestError::Timeout => Rejection::Timeout,
         },
-        GatewayError::NotFound { .. } => Rejection::NotFound,
+        GatewayError::NotFound { .. } | GatewayError::UnknownModel { .. } => Rejection::NotFound,
         GatewayError::NoBackend => Rejection::NoBackend,
         _ => return None,
     })
-}
-
-/// Endpoints whose streams carry token usage (and may be asked for it).
-fn is_generation_endpoint(path: &[u8]) -> bool {
-    path == b"/v1/chat/completions" || path == b"/v1/completions"
 }
 
 /// Phase 6: what the request cost, for the metrics, the access log and the usage reporters.
@@ -537,9 +737,6 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
     let m = ctx.metrics();
     let p = &t.progress;
     let slot = t.backend.map(|b| gen.slots[b]);
-    if let Some(slot) = slot {
-        m.backend_in_flight(slot).dec();
-    }
     m.request(t.path, t.info.stream, slot, t.status);
     if let Some(why) = t.rejected {
         m.reject(why);
@@ -550,7 +747,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
     if t.outcome == Some(Outcome::Cancelled) {
         m.client_cancels.inc();
     }
-    m.retries.add(u64::from(p.retries));
+    m.retries.add(u64::from(t.retries));
     m.latency.observe(now - t.started);
     let ttft = t.body_read.zip(p.first_byte).map(|(s, f)| f - s);
     if let Some(ttft) = ttft {
@@ -577,7 +774,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
             .map_or("-", |b| gen.upstreams.backend(b).url.as_str());
         tracing::info!(
             target: "access",
-            request_id = %String::from_utf8_lossy(request_id.as_bytes()),
+            request_id = request_id.as_str(),
             key = "-",
             model = t.info.model(&c.body).unwrap_or("-"),
             path = metrics::PATHS[t.path],
@@ -587,7 +784,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
             ttft_ms = ttft.map_or(-1.0, ms),
             total_ms = ms(now - t.started),
             backend,
-            retries = p.retries,
+            retries = t.retries,
             "request"
         );
     }
@@ -609,7 +806,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
     };
     let started = t.body_read.unwrap_or(t.started);
     usage.send(UsageEvent {
-        request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+        request_id: request_id.as_str().to_owned(),
         started_at: SystemTime::now() - started.elapsed(),
         key: None,
         model: info.model(&c.body).map(str::to_owned),
@@ -822,6 +1019,11 @@ impl RequestId {
 
     fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
+    }
+
+    /// Ids are printable ASCII by construction, so this never falls back.
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("-")
     }
 }
 

@@ -96,9 +96,12 @@ fn serve(mut stream: TcpStream, control: &Control, registry: &Registry) -> io::R
                     json!({
                         "url": b.url,
                         "weight": b.weight,
-                        "up": b.addr().is_some(),
+                        "up": b.addr().is_some() && b.is_healthy() && !b.is_ejected(),
+                        "resolved": b.addr().is_some(),
+                        "healthy": b.is_healthy(),
+                        "ejected": b.is_ejected(),
                         "address": b.addr().map(|a| a.to_string()),
-                        "in_flight": registry.backend_in_flight(&b.url),
+                        "in_flight": b.in_flight(),
                     })
                 })
                 .collect();

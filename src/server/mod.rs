@@ -24,7 +24,7 @@ use crate::live::{Live, Snapshot};
 use crate::logging::SetLogLevel;
 use crate::metrics::Registry;
 use crate::proxy::{self, Context};
-use crate::upstream::Backends;
+use crate::upstream::{self, Backends};
 
 /// Submission queue size per worker: enough for thousands of concurrent streams per core.
 const URING_ENTRIES: u32 = 8192;
@@ -56,7 +56,7 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
         shutdown: Arc::new(AtomicBool::new(false)),
         live: Live::new(Snapshot {
             config: config.clone(),
-            backends: Backends::new(&config),
+            backends: start_backends(&config),
         }),
         heartbeats: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
         reload: Mutex::new(reload),
@@ -235,31 +235,49 @@ async fn worker_main(
     }
 }
 
-/// First SIGTERM/SIGINT starts the drain; a second one exits at once. SIGHUP reloads.
+/// First SIGTERM/SIGINT starts the drain; another one a second or more later exits at once.
+/// (Tools like `timeout` signal the process and then its whole group: one intent, two signals.)
+/// SIGHUP reloads the config.
 fn install_signal_handler(control: Arc<Control>) -> io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
         .name("llmproxy-signals".into())
         .spawn(move || {
+            let mut first: Option<Instant> = None;
             for sig in signals.forever() {
                 if sig == SIGHUP {
                     // The outcome is logged by reload_config.
                     let _ = reload_config(&control);
                     continue;
                 }
-                if control.shutdown.swap(true, Ordering::SeqCst) {
-                    tracing::warn!(signal = sig, "second signal: exiting without draining");
-                    std::process::exit(1);
+                match first {
+                    None => {
+                        first = Some(Instant::now());
+                        control.shutdown.store(true, Ordering::SeqCst);
+                        notify::notify("STOPPING=1");
+                        tracing::info!(
+                            signal = sig,
+                            "shutting down: no new connections, draining running requests"
+                        );
+                    }
+                    Some(t) if t.elapsed() >= Duration::from_secs(1) => {
+                        tracing::warn!(signal = sig, "second signal: exiting without draining");
+                        std::process::exit(1);
+                    }
+                    Some(_) => {}
                 }
-                notify::notify("STOPPING=1");
-                tracing::info!(
-                    signal = sig,
-                    "shutting down: no new connections, draining running requests"
-                );
             }
         })?;
     Ok(())
+}
+
+/// The shared backend state of one config generation, with its checker thread (health checks,
+/// load scraping, merged model list) when the config asks for one.
+fn start_backends(config: &Config) -> Arc<Backends> {
+    let backends = Backends::new(config);
+    upstream::spawn_checker(backends.clone(), config);
+    backends
 }
 
 /// Re-reads and validates the config file, then publishes it for new requests; returns the new
@@ -285,12 +303,14 @@ fn reload_config(control: &Control) -> Result<u64, String> {
                 tracing::warn!("log level not changed: {e}");
             }
             let next = Arc::new(next);
-            let backends = Backends::new(&next);
+            let backends = start_backends(&next);
             let count = next.backends.len();
             let generation = live.publish(Snapshot {
                 config: next,
                 backends,
             });
+            // Its background threads stop; requests still running keep using it.
+            running.backends.retire();
             tracing::info!(generation, backends = count, file = %path.display(), "config reloaded");
             Ok(generation)
         }
