@@ -295,3 +295,44 @@ fn sighup_applies_a_new_log_level() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(gw.log.try_iter().all(|l| !l.contains("after-1")));
 }
+
+/// Threads of `pid` whose name starts with `prefix` (names are cut to 15 bytes by the kernel).
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+#[test]
+fn reload_replaces_the_health_checker_instead_of_adding_one() {
+    let one = spawn_mock(&[]);
+    let two = spawn_mock(&[]);
+    let checks = "health_check:\n  enabled: true\n  interval: 100ms\n";
+    let gw = Gateway::start("checker", &config(&[one.addr], checks), &[]);
+    let pid = gw.child.id();
+    assert!(wait_until(Duration::from_secs(5), || threads_named(
+        pid,
+        "llmproxy-checke"
+    ) == 1));
+    for backends in [&[one.addr, two.addr][..], &[two.addr], &[one.addr]] {
+        gw.rewrite(&config(backends, checks));
+        gw.signal(libc::SIGHUP);
+        gw.expect_log("config reloaded");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || threads_named(
+            pid,
+            "llmproxy-checke"
+        ) == 1),
+        "{} checker threads",
+        threads_named(pid, "llmproxy-checke")
+    );
+    let body = chat(false);
+    assert_eq!(
+        post_json(gw.addr, "/v1/chat/completions", &body, &[]).status,
+        200
+    );
+    assert_eq!(requests_to(gw.addr, one.addr), 1.0);
+}
