@@ -146,9 +146,16 @@ fn events_arrive_as_the_backend_sends_them() {
     }
     // The role chunk and first token come at once; each later token 300 ms after the previous.
     // Each arrives on its own, well before the stream ends: relayed as produced, not held.
-    assert!(arrivals[0] < Duration::from_millis(250), "first event after {:?}", arrivals[0]);
+    assert!(
+        arrivals[0] < Duration::from_millis(250),
+        "first event after {:?}",
+        arrivals[0]
+    );
     for pair in arrivals[1..4].windows(2) {
-        assert!(pair[1] - pair[0] >= Duration::from_millis(250), "{arrivals:?}");
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(250),
+            "{arrivals:?}"
+        );
     }
 }
 
