@@ -46,13 +46,41 @@ pub(super) const ROOT: Shape = Fields(&[
         List(&Fields(&[("url", Leaf), ("weight", Leaf)])),
     ),
     ("log", Fields(&[("level", Leaf), ("format", Leaf)])),
+    (
+        "usage_hook",
+        Fields(&[
+            ("enabled", Leaf),
+            ("inject_stream_usage", Leaf),
+            ("include_raw_key", Leaf),
+            ("spool_path", Leaf),
+            ("retention", Leaf),
+            ("channel_capacity", Leaf),
+            (
+                "reporters",
+                List(&Fields(&[
+                    ("name", Leaf),
+                    ("type", Leaf),
+                    ("enabled", Leaf),
+                    ("url", Leaf),
+                    ("timeout", Leaf),
+                    ("retry", Leaf),
+                    ("headers", Leaf),
+                    ("batch_size", Leaf),
+                    ("secret", Leaf),
+                    (
+                        "database",
+                        Fields(&[("driver", Leaf), ("dsn", Leaf), ("table", Leaf)]),
+                    ),
+                ])),
+            ),
+        ]),
+    ),
 ]);
 
 /// Keys from the seed README or the roadmap that the gateway does not act on yet: (path, what it
 /// would do). Loading them must fail rather than silently ignore, say, `auth`. When a key gets
 /// implemented, delete its line here and add it to [`ROOT`]. `[]` stands for any list index.
 pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
-    ("usage_hook", "usage reporting"),
     ("health_check", "active backend health checks"),
     ("auth", "client authentication"),
     ("api_keys", "client API keys"),

@@ -17,6 +17,7 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use crate::config::{Config, IoDriver};
 use crate::proxy::{self, Context};
 use crate::upstream::{Backends, WorkerUpstreams};
+use crate::usage::{Reporter, UsageSender};
 
 /// Submission queue size per worker: enough for thousands of concurrent streams per core.
 const URING_ENTRIES: u32 = 8192;
@@ -29,6 +30,12 @@ pub fn run(config: Config) -> io::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     install_signal_handler(shutdown.clone())?;
     let backends = Backends::new(&config);
+    // Started before the workers so that no request goes unmetered; on its own threads.
+    let reporter = if config.usage_hook.enabled {
+        Some(Reporter::start(&config.usage_hook, None)?)
+    } else {
+        None
+    };
 
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<&'static str>>();
     let mut threads = Vec::with_capacity(config.workers);
@@ -39,6 +46,7 @@ pub fn run(config: Config) -> io::Result<()> {
             backends.clone(),
             ready_tx.clone(),
         );
+        let usage = reporter.as_ref().map(Reporter::sender);
         let handle = std::thread::Builder::new()
             .name(format!("llmproxy-w{worker}"))
             .spawn(move || {
@@ -46,7 +54,7 @@ pub fn run(config: Config) -> io::Result<()> {
                     pin_to_cpu(worker);
                 }
                 let result = run_on_driver(config.io_driver, |driver| {
-                    worker_main(worker, driver, config, shutdown, backends, ready)
+                    worker_main(worker, driver, config, shutdown, backends, usage, ready)
                 });
                 if let Err(e) = result {
                     tracing::error!(worker, "worker runtime failed: {e}");
@@ -77,6 +85,10 @@ pub fn run(config: Config) -> io::Result<()> {
 
     for t in threads {
         let _ = t.join();
+    }
+    // The workers' senders are gone: what is still in the channel goes to the spool.
+    if let Some(reporter) = reporter {
+        reporter.shutdown();
     }
     tracing::info!("llmproxy stopped");
     Ok(())
@@ -121,6 +133,7 @@ async fn worker_main(
     config: Arc<Config>,
     shutdown: Arc<AtomicBool>,
     backends: Arc<Backends>,
+    usage: Option<UsageSender>,
     ready: mpsc::Sender<io::Result<&'static str>>,
 ) {
     let opts = ListenerOpts::new()
@@ -137,12 +150,10 @@ async fn worker_main(
     tracing::debug!(worker, driver, "worker listening");
     let _ = ready.send(Ok(driver));
     let upstreams = WorkerUpstreams::new(backends, &config);
-    let ctx = Rc::new(Context::new(
-        config.clone(),
-        upstreams,
-        shutdown.clone(),
-        worker,
-    ));
+    let mut ctx = Context::new(config.clone(), upstreams, shutdown.clone(), worker);
+    ctx.usage = usage;
+    ctx.inject_stream_usage = config.usage_hook.inject_stream_usage;
+    let ctx = Rc::new(ctx);
 
     let accept = async {
         loop {

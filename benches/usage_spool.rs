@@ -1,0 +1,54 @@
+//! Spool write throughput: records per second into the SQLite outbox, in the reporter's batch
+//! shape (one transaction per batch). Target: >= 50k records/s.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use llmproxy::usage::{Spool, UsageRecord};
+
+fn record(i: usize) -> UsageRecord {
+    UsageRecord {
+        request_id: format!("req-{i:016x}"),
+        timestamp: "2026-01-14T10:30:00.000Z".into(),
+        key_name: Some(format!("key-{}", i % 16)),
+        user_id: Some("user_alice".into()),
+        api_key: Some("sk-te...001".into()),
+        model: Some("meta-llama/Llama-3-8b".into()),
+        endpoint: "/v1/chat/completions".into(),
+        is_stream: true,
+        backend_url: "http://vllm:8000".into(),
+        status_code: 200,
+        latency_ms: 812,
+        ttft_ms: Some(95),
+        prompt_tokens: 15,
+        completion_tokens: 42,
+        total_tokens: 57,
+        cached_tokens: 0,
+        reasoning_tokens: 0,
+        usage_estimated: false,
+        status: "ok".into(),
+    }
+}
+
+fn spool_insert(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("llmproxy-bench-spool-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut spool = Spool::open(&dir.join("usage.db")).expect("open spool");
+    let mut group = c.benchmark_group("usage_spool");
+    group.measurement_time(Duration::from_secs(5));
+    for batch in [256usize, 4096] {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(format!("insert_batch_{batch}"), |b| {
+            b.iter_batched(
+                || (0..batch).map(record).collect::<Vec<_>>(),
+                |records| spool.insert(&records).expect("insert"),
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, spool_insert);
+criterion_main!(benches);
