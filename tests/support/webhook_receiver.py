@@ -2,7 +2,7 @@
 """Webhook receiver for the usage tests (stdlib only).
 
 Appends one JSON line per POST to --out: {"headers": {...lower-cased...}, "body": <parsed JSON>,
-"status": <status sent>}. --fail-first N answers the first N POSTs with 500 (still recorded).
+"raw": <body text as received>, "status": <status sent>}. --fail-first N answers the first N POSTs with 500 (still recorded).
 Prints "ready" on stdout once listening.
 """
 import argparse
@@ -33,6 +33,7 @@ class Handler(BaseHTTPRequestHandler):
             line = {
                 "headers": {k.lower(): v for k, v in self.headers.items()},
                 "body": json.loads(raw),
+                "raw": raw.decode(),
                 "status": status,
             }
             with open(args.out, "a") as f:
