@@ -167,14 +167,16 @@ impl Reporter {
 
     /// Call once every sender is gone (the workers have joined): the ingest thread drains the
     /// channel into the spool and exits; delivery threads then deliver what they can within
-    /// [`FINAL_DELIVERY`] and stop. What is left stays spooled for the next start.
+    /// [`FINAL_DELIVERY`]. One still inside a slow delivery after that is left behind (the
+    /// process is exiting); its rows stay spooled for the next start.
     pub fn shutdown(self) {
         drop(self.tx);
         if self.ingest.join().is_err() {
             tracing::error!("usage ingest thread panicked");
         }
-        for t in self.delivery {
-            let _ = t.join();
+        let deadline = Instant::now() + FINAL_DELIVERY + Duration::from_secs(1);
+        while Instant::now() < deadline && !self.delivery.iter().all(JoinHandle::is_finished) {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -212,6 +214,11 @@ impl Ingest {
                 }
             }
             self.spool_batch(&batch);
+            // Exact counts come from the delivery threads; this keeps the gauge current while
+            // one is stuck in a slow delivery.
+            for r in &self.stats.reporters {
+                r.backlog.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
             batch.clear();
             for nudge in &self.nudges {
                 let _ = nudge.try_send(());
