@@ -127,6 +127,10 @@ fn usage(config: Option<&Path>, args: UsageArgs) -> Result<(), String> {
         Some(By::Model) => "MODEL",
         None => "",
     };
+    if rows.is_empty() {
+        println!("no usage records spooled in the last {}", args.since);
+        return Ok(());
+    }
     println!(
         "{label:<32} {:>10} {:>14} {:>14} {:>14} {:>10}",
         "REQUESTS", "PROMPT", "COMPLETION", "TOTAL", "ESTIMATED"

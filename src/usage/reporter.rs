@@ -195,7 +195,10 @@ struct Ingest {
 impl Ingest {
     fn run(mut self) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        let mut last_prune = Instant::now() - PRUNE_EVERY;
+        // Prune soon after start (checked_sub: an Instant cannot go back before boot).
+        let mut last_prune = Instant::now()
+            .checked_sub(PRUNE_EVERY)
+            .unwrap_or_else(Instant::now);
         loop {
             let first = match self.rx.recv_timeout(PRUNE_EVERY) {
                 Ok(event) => event,
