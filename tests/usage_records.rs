@@ -161,8 +161,6 @@ fn non_stream_records_carry_cached_and_reasoning_tokens() {
         ("x-mock-cached-tokens", "5"),
         ("x-mock-reasoning-tokens", "3"),
     ];
-    // The stream first: the simulator on branch `mock` prefixes a stream that follows a
-    // non-stream response on the same keep-alive connection with the previous body.
     let mut headers = vec![("X-Request-Id", "n-3")];
     headers.extend(knobs);
     let r = post_json(gw.addr, path, &chat(true, false), &headers);

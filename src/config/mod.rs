@@ -10,9 +10,11 @@
 //! collected) -> serde into `Raw*` structs (type errors carry the key path) -> validation.
 
 mod env;
+mod routing;
 mod schema;
 mod units;
 
+pub use routing::{Affinity, HealthCheck, Retry, Routing, Strategy};
 pub use units::parse_duration;
 
 use std::collections::BTreeMap;
@@ -74,6 +76,11 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Never empty.
     pub backends: Vec<Backend>,
+    pub routing: Routing,
+    pub health_check: HealthCheck,
+    pub retry: Retry,
+    /// Public model name -> the name the backends serve (rewritten in the request body).
+    pub model_aliases: Vec<(String, String)>,
     pub log: LogConfig,
     pub usage_hook: UsageHook,
 }
@@ -154,6 +161,12 @@ pub struct Timeouts {
     pub client_body: Duration,
     /// Idle time allowed between requests on a client keep-alive connection.
     pub keepalive: Duration,
+    /// Request sent -> response head received (then 504); `None`: no limit.
+    pub first_byte: Option<Duration>,
+    /// Longest gap between two reads of a response body (then the stream is cut).
+    pub idle: Option<Duration>,
+    /// Whole exchange, first byte to last.
+    pub total: Option<Duration>,
 }
 
 /// Upstream connection pooling (key `upstream`).
@@ -181,6 +194,12 @@ pub struct Backend {
     pub host_header: String,
     /// Prepended to request paths: "" or e.g. "/openai" (never a trailing slash).
     pub path_prefix: String,
+    /// Models this backend serves; empty means any.
+    pub models: Vec<String>,
+    /// Extra headers sent with every request to this backend.
+    pub headers: Vec<(String, String)>,
+    /// Most requests in flight to this backend across all workers; `None`: unlimited.
+    pub max_in_flight: Option<u32>,
 }
 
 /// Logging (key `log`).
@@ -337,6 +356,11 @@ struct RawConfig {
     timeouts: RawTimeouts,
     upstream: RawUpstream,
     backends: Vec<RawBackend>,
+    load_balance: Option<Strategy>,
+    routing: routing::RawRouting,
+    health_check: Option<routing::RawHealthCheck>,
+    retry: routing::RawRetry,
+    model_aliases: BTreeMap<String, String>,
     log: RawLog,
     usage_hook: RawUsageHook,
 }
@@ -354,6 +378,11 @@ impl Default for RawConfig {
             timeouts: RawTimeouts::default(),
             upstream: RawUpstream::default(),
             backends: Vec::new(),
+            load_balance: None,
+            routing: routing::RawRouting::default(),
+            health_check: None,
+            retry: routing::RawRetry::default(),
+            model_aliases: BTreeMap::new(),
             log: RawLog::default(),
             usage_hook: RawUsageHook::default(),
         }
@@ -367,6 +396,9 @@ struct RawTimeouts {
     client_header: DurationValue,
     client_body: DurationValue,
     keepalive: DurationValue,
+    first_byte: Option<DurationValue>,
+    idle: Option<DurationValue>,
+    total: Option<DurationValue>,
 }
 
 impl Default for RawTimeouts {
@@ -377,6 +409,9 @@ impl Default for RawTimeouts {
             client_header: secs(10),
             client_body: secs(60),
             keepalive: secs(75),
+            first_byte: None,
+            idle: None,
+            total: None,
         }
     }
 }
@@ -403,6 +438,12 @@ struct RawBackend {
     url: String,
     #[serde(default = "default_weight")]
     weight: u32,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    max_in_flight: Option<u32>,
 }
 
 fn default_weight() -> u32 {
@@ -634,6 +675,9 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             Err("at least one backend is required, e.g. `- url: \"http://127.0.0.1:8001\"`".into()),
         );
     }
+    if raw.backends.len() > 64 {
+        report("backends", Err("at most 64 backends are supported".into()));
+    }
     let mut backends = Vec::with_capacity(raw.backends.len());
     for (index, backend) in raw.backends.into_iter().enumerate() {
         if backend.weight == 0 {
@@ -650,6 +694,9 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
                 port: target.port,
                 host_header: target.host_header,
                 path_prefix: target.path_prefix,
+                models: backend.models,
+                headers: backend.headers.into_iter().collect(),
+                max_in_flight: backend.max_in_flight.filter(|&n| n > 0),
             }),
             Err(message) => report(&format!("backends[{index}].url"), Err(message)),
         }
@@ -680,6 +727,9 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             ),
         }
     }
+    let routing = routing::routing(raw.load_balance, raw.routing, &mut report);
+    let health_check = routing::health_check(raw.health_check);
+    let retry = routing::retry(raw.retry, &mut report);
     if !issues.is_empty() {
         return None;
     }
@@ -700,12 +750,24 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             client_header: raw.timeouts.client_header.0,
             client_body: raw.timeouts.client_body.0,
             keepalive: raw.timeouts.keepalive.0,
+            // 0 means no limit, so the example file can show these keys at their defaults.
+            first_byte: raw
+                .timeouts
+                .first_byte
+                .map(|d| d.0)
+                .filter(|d| !d.is_zero()),
+            idle: raw.timeouts.idle.map(|d| d.0).filter(|d| !d.is_zero()),
+            total: raw.timeouts.total.map(|d| d.0).filter(|d| !d.is_zero()),
         },
         upstream: UpstreamConfig {
             max_idle_per_backend: raw.upstream.max_idle_per_backend,
             idle_timeout: raw.upstream.idle_timeout.0,
         },
         backends,
+        routing,
+        health_check,
+        retry,
+        model_aliases: raw.model_aliases.into_iter().collect(),
         log: LogConfig {
             level: raw.log.level,
             format: raw.log.format,
@@ -911,7 +973,7 @@ weight = 3
         match value {
             // Header names are the user's, not config keys.
             Value::Object(_) if path.ends_with(".headers") => out.push(path.to_string()),
-            Value::Object(map) => {
+            Value::Object(map) if !map.is_empty() => {
                 for (key, value) in map {
                     let at = if path.is_empty() {
                         key.clone()
@@ -920,6 +982,11 @@ weight = 3
                     };
                     tree_paths(value, &at, out);
                 }
+            }
+            // Empty containers and lists of scalars are values of one key.
+            Value::Object(map) if map.is_empty() => out.push(path.to_string()),
+            Value::Array(items) if items.iter().all(|i| !i.is_object()) => {
+                out.push(path.to_string())
             }
             Value::Array(items) => {
                 for item in items {
@@ -965,13 +1032,11 @@ weight = 3
     #[test]
     fn toml_gets_the_same_checks() {
         let toml = |text: &str| parse_with_env(text, Format::Toml, |_| None);
-        assert!(toml(&format!("{SEED_TOML}\n[health_check]\nenabled = false\n")).is_ok());
-        let error = toml(&format!(
-            "{SEED_TOML}\n[health_check]\ninterval = \"10s\"\n"
-        ));
+        assert!(toml(&format!("{SEED_TOML}\n[rate_limit]\nenabled = false\n")).is_ok());
+        let error = toml(&format!("{SEED_TOML}\n[rate_limit]\nenabled = true\n"));
         let error = error.unwrap_err().to_string();
         assert!(
-            error.starts_with("health_check: not supported yet"),
+            error.starts_with("rate_limit: not supported yet"),
             "{error}"
         );
         let error = toml("[[backends]]\nurl = \"http://b\"\nweight = \"x\"\n");
@@ -1001,6 +1066,9 @@ weight = 3
                 client_header: secs(10),
                 client_body: secs(60),
                 keepalive: secs(75),
+                first_byte: None,
+                idle: None,
+                total: None,
             }
         );
         assert_eq!(config.upstream.max_idle_per_backend, 256);
@@ -1118,16 +1186,12 @@ weight = 3
 
     #[test]
     fn unsupported_keys_name_their_path() {
-        let error =
-            yaml_err("backends: [{url: 'http://vllm:8000'}]\nhealth_check:\n  interval: 10s\n");
-        assert!(
-            error.starts_with("health_check: not supported yet"),
-            "{error}"
-        );
+        let error = yaml_err("backends: [{url: 'http://vllm:8000'}]\nauth:\n  enabled: true\n");
+        assert!(error.starts_with("auth: not supported yet"), "{error}");
 
-        let error = yaml_err("backends: [{url: 'http://b'}, {url: 'http://c', models: [a]}]");
+        let error = yaml_err("backends: [{url: 'http://b'}, {url: 'http://c', api_key: a}]");
         assert!(
-            error.starts_with("backends[1].models: not supported yet"),
+            error.starts_with("backends[1].api_key: not supported yet"),
             "{error}"
         );
     }
@@ -1167,17 +1231,8 @@ health_check:
 "#;
 
     #[test]
-    fn seed_readme_config_names_exactly_what_is_missing() {
-        let error = yaml_err(SEED_README_CONFIG);
-        let lines: Vec<_> = error.lines().collect();
-        assert_eq!(lines.len(), 1, "{error}");
-        assert!(
-            lines[0].starts_with("health_check: not supported yet"),
-            "{error}"
-        );
-        let without_health =
-            SEED_README_CONFIG.replace("health_check:\n", "health_check:\n  enabled: false\n");
-        let config = yaml(&without_health).unwrap();
+    fn seed_readme_config_loads_as_written() {
+        let config = yaml(SEED_README_CONFIG).unwrap();
         assert_seed_backends(&config);
         let hook = &config.usage_hook;
         assert!(hook.enabled && hook.inject_stream_usage && !hook.include_raw_key);

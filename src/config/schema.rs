@@ -35,6 +35,9 @@ pub(super) const ROOT: Shape = Fields(&[
             ("client_header", Leaf),
             ("client_body", Leaf),
             ("keepalive", Leaf),
+            ("first_byte", Leaf),
+            ("idle", Leaf),
+            ("total", Leaf),
         ]),
     ),
     (
@@ -43,8 +46,49 @@ pub(super) const ROOT: Shape = Fields(&[
     ),
     (
         "backends",
-        List(&Fields(&[("url", Leaf), ("weight", Leaf)])),
+        List(&Fields(&[
+            ("url", Leaf),
+            ("weight", Leaf),
+            ("models", Leaf),
+            ("headers", Leaf),
+            ("max_in_flight", Leaf),
+        ])),
     ),
+    ("load_balance", Leaf),
+    (
+        "routing",
+        Fields(&[
+            ("load_balance", Leaf),
+            ("affinity", Fields(&[("header", Leaf), ("field", Leaf)])),
+            ("least_load", Fields(&[("interval", Leaf), ("path", Leaf)])),
+        ]),
+    ),
+    (
+        "health_check",
+        Fields(&[
+            ("enabled", Leaf),
+            ("interval", Leaf),
+            ("path", Leaf),
+            ("timeout", Leaf),
+            ("expected_status", Leaf),
+            ("healthy_threshold", Leaf),
+            ("unhealthy_threshold", Leaf),
+            ("headers", Leaf),
+            ("max_failures", Leaf),
+            ("ejection_time", Leaf),
+        ]),
+    ),
+    (
+        "retry",
+        Fields(&[
+            ("max_attempts", Leaf),
+            ("initial_backoff", Leaf),
+            ("max_backoff", Leaf),
+            ("on_status", Leaf),
+            ("budget_percent", Leaf),
+        ]),
+    ),
+    ("model_aliases", Leaf),
     ("log", Fields(&[("level", Leaf), ("format", Leaf)])),
     (
         "usage_hook",
@@ -81,23 +125,12 @@ pub(super) const ROOT: Shape = Fields(&[
 /// would do). Loading them must fail rather than silently ignore, say, `auth`. When a key gets
 /// implemented, delete its line here and add it to [`ROOT`]. `[]` stands for any list index.
 pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
-    ("health_check", "active backend health checks"),
     ("auth", "client authentication"),
     ("api_keys", "client API keys"),
     ("rate_limit", "rate limiting"),
-    ("routing", "model-based routing"),
-    (
-        "load_balance",
-        "load-balancing strategies other than weighted round robin",
-    ),
-    ("retry", "upstream retries"),
     ("metrics", "Prometheus metrics"),
     ("admin", "the admin API"),
-    ("model_aliases", "model aliases"),
-    ("backends[].models", "per-backend model lists"),
     ("backends[].api_key", "per-backend API keys"),
-    ("backends[].headers", "per-backend extra headers"),
-    ("backends[].max_in_flight", "per-backend concurrency limits"),
 ];
 
 /// Checks every key of `root` against [`ROOT`], pushing one issue per problem. Removes the keys it

@@ -307,7 +307,10 @@ impl Conn {
             };
             return self.reply(200, ctype, &[], &body, keep).await;
         }
-        sh.requests.fetch_add(1, Ordering::Relaxed);
+        // Gateways poll the model list; counting it would blur how traffic was balanced.
+        if !(get && path == b"/v1/models") {
+            sh.requests.fetch_add(1, Ordering::Relaxed);
+        }
         let endpoint = match path {
             b"/v1/chat/completions" => Some(Endpoint::Chat),
             b"/v1/completions" => Some(Endpoint::Completions),
@@ -400,6 +403,8 @@ impl Conn {
 
     /// A streamed generation: head, then each SSE event as its own chunk in its own write.
     async fn stream(&mut self, g: &Generation, k: Knobs, keep: bool) -> bool {
+        // `ev` may still hold the previous response's body on a kept-alive connection.
+        self.ev.clear();
         self.out.clear();
         self.out.extend_from_slice(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\n",

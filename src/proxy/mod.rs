@@ -33,10 +33,11 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
+use crate::config::Affinity;
 use crate::config::Config;
 use crate::error::{write_error, GatewayError};
 use crate::http::{self, ChunkedDecoder, Framing, RequestError, RequestHead};
-use crate::upstream::WorkerUpstreams;
+use crate::upstream::{InFlight, PickError, PickRequest, WorkerUpstreams};
 use crate::usage::{Captured, Outcome, UsageEvent, UsageSender};
 use client_watch::{ClientWatch, WatchEnd};
 use relay::{Exchange, Progress, Relayed};
@@ -62,6 +63,33 @@ pub struct Context {
     shutdown: Arc<AtomicBool>,
     active: Cell<usize>,
     ids: RequestIds,
+    retry_budget: RetryBudget,
+}
+
+/// Retries allowed as a share of requests, per worker: each request deposits a fraction of a
+/// token, each retry spends one. During an outage, retries stay a bounded fraction of traffic
+/// instead of multiplying it; a small reserve allows retries right after start.
+struct RetryBudget {
+    tokens: Cell<f64>,
+}
+
+impl RetryBudget {
+    const RESERVE: f64 = 10.0;
+
+    fn deposit(&self, percent: u32) {
+        self.tokens
+            .set((self.tokens.get() + f64::from(percent) / 100.0).min(Self::RESERVE));
+    }
+
+    fn withdraw(&self) -> bool {
+        let t = self.tokens.get();
+        if t >= 1.0 {
+            self.tokens.set(t - 1.0);
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Context {
@@ -79,6 +107,9 @@ impl Context {
             shutdown,
             active: Cell::new(0),
             ids: RequestIds::new(worker),
+            retry_budget: RetryBudget {
+                tokens: Cell::new(RetryBudget::RESERVE),
+            },
         }
     }
 
@@ -241,53 +272,51 @@ async fn handle_request(
         return reject_unread_body(wr, c, &err, &request_id, keep_alive).await;
     }
 
-    let Some(backend) = ctx.upstreams.pick() else {
-        return reject_unread_body(wr, c, &GatewayError::NoBackend, &request_id, keep_alive).await;
-    };
+    if path == b"/v1/models" && method == b"GET" {
+        if let Some(json) = ctx.upstreams.backends.models_json() {
+            let keep = keep_alive && c.head.framing() == Framing::Empty;
+            let id: [(&[u8], &[u8]); 1] = [(b"X-Request-Id", request_id.as_bytes())];
+            http::write_response(&mut c.out, 200, b"application/json", &id, &json, keep);
+            let consumed = c.head.head_len;
+            c.buf.drain(..consumed);
+            return write_out(wr, &mut c.out, keep).await;
+        }
+    }
+
     if let Err(e) = read_body(ctx, rd, wr, c).await {
         return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), false).await;
     }
     let started = Instant::now();
-    let info = inspect::inspect(&c.body).unwrap_or_default();
+    let mut info = inspect::inspect(&c.body).unwrap_or_default();
+    let alias = info
+        .model(&c.body)
+        .and_then(|m| ctx.upstreams.backends.alias(m))
+        .map(str::to_owned);
+    if let (Some(served), Some(at)) = (alias, info.model.clone()) {
+        c.body.splice(at, served.bytes());
+        info = inspect::inspect(&c.body).unwrap_or_default();
+    }
     let strip_usage = ctx.usage.is_some()
         && ctx.inject_stream_usage
         && info.stream
         && is_generation_endpoint(c.head.path(&c.buf))
         && inspect::request_stream_usage(&mut c.body, &info);
-
-    forward::write_upstream_head(
-        &mut c.out,
-        &c.buf,
-        &c.head,
-        ctx.upstreams.backend(backend),
-        &c.ip,
-        request_id.as_bytes(),
-        c.body.len() as u64,
-    );
-    c.out.extend_from_slice(&c.body);
+    if strip_usage {
+        info = inspect::inspect(&c.body).unwrap_or_default();
+    }
 
     let canceller = Canceller::new();
     let watch_buf = mem::take(&mut c.watch_buf);
     let read = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
     let mut watch = ClientWatch::new(read, canceller);
-    let ex = Exchange {
-        backend,
-        head_request,
+    let plan = Plan {
         request_id: request_id.as_bytes(),
-        client_keep_alive: keep_alive,
+        head_request,
+        keep_alive,
         strip_usage,
+        started,
     };
-    let mut progress = Progress::default();
-    let result = relay::exchange(
-        ctx,
-        &mut watch,
-        wr,
-        &mut c.out,
-        &mut c.resp_head,
-        ex,
-        &mut progress,
-    )
-    .await;
+    let attempted = relay_with_retries(ctx, &mut watch, wr, c, &info, &plan).await;
     let client_still_there = match watch.finish().await {
         WatchEnd::Quiet(buf) => {
             c.watch_buf = buf;
@@ -301,15 +330,24 @@ async fn handle_request(
         WatchEnd::Gone => false,
     };
 
+    let Attempted {
+        result,
+        progress,
+        in_flight,
+    } = attempted;
     let done = Finished {
         request_id: &request_id,
-        backend,
+        backend: in_flight.as_ref().map(|f| f.index),
         info: &info,
         started,
         result: &result,
         progress,
     };
     account(ctx, c, done);
+    drop(in_flight);
+    // The head stayed in the buffer for the phases above; what follows it is the next request.
+    let head_len = c.head.head_len;
+    c.buf.drain(..head_len);
     match result {
         Ok(Relayed::Complete {
             client_reusable, ..
@@ -322,6 +360,144 @@ async fn handle_request(
     }
 }
 
+/// What stays the same across the attempts of one request.
+struct Plan<'a> {
+    request_id: &'a [u8],
+    head_request: bool,
+    keep_alive: bool,
+    strip_usage: bool,
+    started: Instant,
+}
+
+/// The last attempt's outcome, and the backend it went to (still counted in flight).
+struct Attempted {
+    result: Result<Relayed, GatewayError>,
+    progress: Progress,
+    in_flight: Option<InFlight>,
+}
+
+/// Phases 4 and 5: pick a backend, relay, and on a failure before any response byte reached the
+/// client, try another backend after a jittered backoff, within `retry.max_attempts` and the
+/// worker's retry budget.
+async fn relay_with_retries<R>(
+    ctx: &Context,
+    watch: &mut ClientWatch<'_, R>,
+    wr: &mut ClientWriter,
+    c: &mut Client,
+    info: &inspect::RequestInfo,
+    plan: &Plan<'_>,
+) -> Attempted
+where
+    R: std::future::Future<Output = monoio::BufResult<usize, Vec<u8>>>,
+{
+    let model = info.model(&c.body);
+    let affinity_key = match ctx.upstreams.affinity() {
+        Some(Affinity::Header(name)) => c.head.header(&c.buf, name.as_bytes()),
+        Some(Affinity::User) => info.user.clone().map(|r| &c.body[r]),
+        None => None,
+    };
+    let retry = &ctx.config.retry;
+    let timeouts = &ctx.config.timeouts;
+    let deadline = timeouts.total.map(|t| plan.started + t);
+    ctx.retry_budget.deposit(retry.budget_percent);
+    let mut tried = 0u64;
+    let mut attempt = 1;
+    loop {
+        let request = PickRequest {
+            model,
+            affinity_key,
+            tried,
+        };
+        let in_flight = match ctx.upstreams.pick(&request) {
+            Ok(f) => f,
+            Err(e) => {
+                let err = match e {
+                    PickError::UnknownModel => GatewayError::UnknownModel {
+                        model: model.unwrap_or_default().to_owned(),
+                    },
+                    PickError::NoneAvailable => GatewayError::NoBackend,
+                };
+                return Attempted {
+                    result: Err(err),
+                    progress: Progress::default(),
+                    in_flight: None,
+                };
+            }
+        };
+        let idx = in_flight.index;
+        tried |= 1 << (idx % 64);
+        let backend = ctx.upstreams.backend(idx);
+        forward::write_upstream_head(
+            &mut c.out,
+            &c.buf,
+            &c.head,
+            backend,
+            &c.ip,
+            plan.request_id,
+            c.body.len() as u64,
+        );
+        c.out.extend_from_slice(&c.body);
+        let last = attempt >= retry.max_attempts;
+        let first_byte = timeouts.first_byte.map(|t| Instant::now() + t);
+        let ex = Exchange {
+            backend: idx,
+            head_request: plan.head_request,
+            request_id: plan.request_id,
+            client_keep_alive: plan.keep_alive,
+            strip_usage: plan.strip_usage,
+            retry_status: if last { &[] } else { &retry.on_status },
+            head_deadline: first_byte.into_iter().chain(deadline).min(),
+            idle: timeouts.idle,
+            deadline,
+        };
+        let mut progress = Progress::default();
+        let result = relay::exchange(
+            ctx,
+            watch,
+            wr,
+            &mut c.out,
+            &mut c.resp_head,
+            ex,
+            &mut progress,
+        )
+        .await;
+        let backend_ok = match &result {
+            Ok(Relayed::ClientGone) => None,
+            Ok(Relayed::Complete { status, .. }) => Some(*status < 500),
+            Ok(Relayed::Broken { .. }) => Some(false),
+            Err(e) => Some(!(e.is_retryable() || matches!(e, GatewayError::UpstreamTimeout))),
+        };
+        if let Some(ok) = backend_ok {
+            backend.record(ok, &ctx.upstreams.health);
+        }
+        match result {
+            Err(e) if e.is_retryable() && !last && ctx.retry_budget.withdraw() => {
+                tracing::debug!(request_id = %String::from_utf8_lossy(plan.request_id), backend = %backend.url, attempt, code = e.code(), "retrying on another backend");
+                drop(in_flight);
+                let cap = retry
+                    .max_backoff
+                    .min(retry.initial_backoff * 2u32.saturating_pow(attempt - 1));
+                let backoff = cap.mul_f64((ctx.upstreams.random() % 1024) as f64 / 1024.0);
+                if watch.race(monoio::time::sleep(backoff)).await.is_none() {
+                    return Attempted {
+                        result: Ok(Relayed::ClientGone),
+                        progress,
+                        in_flight: None,
+                    };
+                }
+                attempt += 1;
+            }
+            result => {
+                return Attempted {
+                    result,
+                    progress,
+                    in_flight: Some(in_flight),
+                }
+            }
+        }
+    }
+}
+
 /// Endpoints whose streams carry token usage (and may be asked for it).
 fn is_generation_endpoint(path: &[u8]) -> bool {
     path == b"/v1/chat/completions" || path == b"/v1/completions"
@@ -330,7 +506,7 @@ fn is_generation_endpoint(path: &[u8]) -> bool {
 /// A relayed request, as the account phase sees it.
 struct Finished<'a> {
     request_id: &'a RequestId,
-    backend: usize,
+    backend: Option<usize>,
     info: &'a inspect::RequestInfo,
     started: Instant,
     result: &'a Result<Relayed, GatewayError>,
@@ -347,15 +523,15 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
         result,
         progress,
     } = done;
-    let backend_url = &ctx.upstreams.backend(backend).url;
-    let rid = String::from_utf8_lossy(request_id.as_bytes());
+    let backend_url: &str = backend.map_or("-", |b| &ctx.upstreams.backend(b).url);
+    let rid = request_id.as_str();
     let outcome = match result {
         Ok(Relayed::Complete { status, .. }) => {
             tracing::debug!(request_id = %rid, status, backend = %backend_url, "relayed");
             Outcome::Completed
         }
-        Ok(Relayed::Broken { status }) => {
-            tracing::warn!(request_id = %rid, status, backend = %backend_url, "backend failed mid-response; client connection cut");
+        Ok(Relayed::Broken { status, timed_out }) => {
+            tracing::warn!(request_id = %rid, status, timed_out, backend = %backend_url, "backend failed mid-response; client connection cut");
             Outcome::Failed
         }
         Ok(Relayed::ClientGone) => {
@@ -366,9 +542,10 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
     };
     let Some(usage) = &ctx.usage else { return };
     // Requests that never reached a backend cost nothing.
-    if progress.status == 0 && outcome == Outcome::Failed {
+    let Some(backend) = backend.filter(|_| progress.status != 0 || outcome != Outcome::Failed)
+    else {
         return;
-    }
+    };
     let (captured, content_events) = match progress.meter {
         Some(m) => {
             let events = m.content_events();
@@ -377,7 +554,7 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
         None => (Captured::Nothing, 0),
     };
     usage.send(UsageEvent {
-        request_id: rid.into_owned(),
+        request_id: rid.to_owned(),
         started_at: SystemTime::now() - started.elapsed(),
         key: None,
         model: info.model(&c.body).map(str::to_owned),
@@ -394,8 +571,8 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
     });
 }
 
-/// Phase 3: reads the request body into `c.body`, consuming the request's bytes from `c.buf`
-/// (what follows stays for the next request). Chunked bodies are decoded: the gateway always
+/// Phase 3: reads the request body into `c.body`, removing its bytes from `c.buf` (the head stays
+/// until the request is done; what follows the body stays for the next request). Chunked bodies are decoded: the gateway always
 /// sends a known length upstream, and needs the whole body anyway to route and meter it.
 async fn read_body(
     ctx: &Context,
@@ -588,6 +765,11 @@ impl RequestId {
 
     fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
+    }
+
+    /// Ids are printable ASCII by construction, so this never falls back.
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("-")
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::mem;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf};
@@ -27,9 +27,10 @@ pub enum Relayed {
     Complete { status: u16, client_reusable: bool },
     /// The client left; the upstream connection was closed so the backend stops generating.
     ClientGone,
-    /// The backend failed after the response started; the client connection must be cut so it
-    /// cannot mistake a partial body for a complete one.
-    Broken { status: u16 },
+    /// The backend failed (or went silent past `timeouts.idle` / `total`) after the response
+    /// started; the client connection must be cut so it cannot mistake a partial body for a
+    /// complete one.
+    Broken { status: u16, timed_out: bool },
 }
 
 /// What the caller of [`exchange`] needs to describe the request.
@@ -40,6 +41,15 @@ pub struct Exchange<'a> {
     pub client_keep_alive: bool,
     /// The gateway added `include_usage` to the request: keep the usage-only event from the client.
     pub strip_usage: bool,
+    /// Response statuses to hand back (as [`GatewayError::UpstreamStatus`]) instead of relaying,
+    /// so the caller can retry elsewhere. Empty on the last attempt.
+    pub retry_status: &'a [u16],
+    /// Latest time for the response head (`timeouts.first_byte`, `timeouts.total`).
+    pub head_deadline: Option<Instant>,
+    /// `timeouts.idle`: longest gap between body reads.
+    pub idle: Option<Duration>,
+    /// `timeouts.total`: end of the whole exchange.
+    pub deadline: Option<Instant>,
 }
 
 /// What the relay observed, filled in as it goes so every exit path can be accounted for.
@@ -97,6 +107,7 @@ where
         };
         let mut up = conn?;
         let may_retry = up.reused && !fresh_only;
+        let sent_at = Instant::now();
         let (sent, req) = up.stream.write_all(mem::take(request)).await;
         *request = req;
         if sent.is_err() {
@@ -106,7 +117,18 @@ where
             }
             return Err(GatewayError::UpstreamConnect);
         }
-        match read_head(&mut up, watch, ex.head_request, resp_head).await {
+        let head = read_head(&mut up, watch, ex.head_request, resp_head);
+        let head = match ex.head_deadline {
+            None => head.await,
+            Some(at) => match monoio::time::timeout_at(at.into(), head).await {
+                Ok(h) => h,
+                Err(_) => return Err(GatewayError::UpstreamTimeout),
+            },
+        };
+        if let Some(Ok(_)) = &head {
+            ctx.upstreams.observe_latency(ex.backend, sent_at.elapsed());
+        }
+        match head {
             None => return Ok(Relayed::ClientGone),
             Some(Ok(h)) => break (up, h),
             Some(Err(HeadError::Closed)) if may_retry => fresh_only = true,
@@ -116,6 +138,10 @@ where
     };
 
     let status = head.status;
+    if ex.retry_status.contains(&status) {
+        // Dropping `up` closes it: its unread body makes it unusable.
+        return Err(GatewayError::UpstreamStatus(status));
+    }
     progress.status = status;
     let strip =
         ex.strip_usage && head.event_stream && head.framing == Framing::Chunked && status == 200;
@@ -163,13 +189,38 @@ where
     while !tracker.is_done() {
         let mut buf = mem::take(&mut up.buf);
         buf.clear();
-        let Some((read, buf)) = watch.race(up.stream.read(buf)).await else {
+        let read = watch.race(up.stream.read(buf));
+        let limit = match (ex.idle, ex.deadline) {
+            (None, None) => None,
+            (idle, deadline) => {
+                let until_deadline = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                idle.into_iter().chain(until_deadline).min()
+            }
+        };
+        let read = match limit {
+            None => read.await,
+            Some(limit) => match monoio::time::timeout(limit, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Ok(Relayed::Broken {
+                        status,
+                        timed_out: true,
+                    })
+                }
+            },
+        };
+        let Some((read, buf)) = read else {
             return Ok(Relayed::ClientGone);
         };
         up.buf = buf;
         let n = match read {
             Ok(0) if head.framing == Framing::UntilClose => break,
-            Ok(0) | Err(_) => return Ok(Relayed::Broken { status }),
+            Ok(0) | Err(_) => {
+                return Ok(Relayed::Broken {
+                    status,
+                    timed_out: false,
+                })
+            }
             Ok(n) => n,
         };
         let sent = if strip {
@@ -178,7 +229,10 @@ where
             out.clear();
             out.resize(CHUNK_PREFIX, 0);
             let Ok(body) = tracker.advance(&up.buf[..n], |d| meter.filter(d, &mut out)) else {
-                return Ok(Relayed::Broken { status });
+                return Ok(Relayed::Broken {
+                    status,
+                    timed_out: false,
+                });
             };
             upstream_reusable &= body == n;
             if tracker.is_done() {
@@ -193,7 +247,10 @@ where
             sent
         } else {
             let Ok(body) = tracker.advance(&up.buf[..n], |d| meter.observe(d)) else {
-                return Ok(Relayed::Broken { status });
+                return Ok(Relayed::Broken {
+                    status,
+                    timed_out: false,
+                });
             };
             // Bytes past the end of the response mean the backend is out of step: never reuse it.
             upstream_reusable &= body == n;

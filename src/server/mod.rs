@@ -16,7 +16,7 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::config::{Config, IoDriver};
 use crate::proxy::{self, Context};
-use crate::upstream::{Backends, WorkerUpstreams};
+use crate::upstream::{self, Backends, WorkerUpstreams};
 use crate::usage::{Reporter, UsageSender};
 
 /// Submission queue size per worker: enough for thousands of concurrent streams per core.
@@ -30,6 +30,7 @@ pub fn run(config: Config) -> io::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     install_signal_handler(shutdown.clone())?;
     let backends = Backends::new(&config);
+    upstream::spawn_checker(backends.clone(), &config);
     // Started before the workers so that no request goes unmetered; on its own threads.
     let reporter = if config.usage_hook.enabled {
         Some(Reporter::start(&config.usage_hook, None)?)
@@ -149,7 +150,7 @@ async fn worker_main(
     };
     tracing::debug!(worker, driver, "worker listening");
     let _ = ready.send(Ok(driver));
-    let upstreams = WorkerUpstreams::new(backends, &config);
+    let upstreams = WorkerUpstreams::new(backends, &config, worker);
     let mut ctx = Context::new(config.clone(), upstreams, shutdown.clone(), worker);
     ctx.usage = usage;
     ctx.inject_stream_usage = config.usage_hook.inject_stream_usage;
@@ -200,22 +201,31 @@ async fn worker_main(
     }
 }
 
-/// First SIGTERM/SIGINT starts the drain; a second one exits at once.
+/// First SIGTERM/SIGINT starts the drain; another one a second or more later exits at once.
+/// (Tools like `timeout` signal the process and then its whole group: one intent, two signals.)
 fn install_signal_handler(shutdown: Arc<AtomicBool>) -> io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     std::thread::Builder::new()
         .name("llmproxy-signals".into())
         .spawn(move || {
+            let mut first: Option<Instant> = None;
             for sig in signals.forever() {
-                if shutdown.swap(true, Ordering::SeqCst) {
-                    tracing::warn!(signal = sig, "second signal: exiting without draining");
-                    std::process::exit(1);
+                match first {
+                    None => {
+                        first = Some(Instant::now());
+                        shutdown.store(true, Ordering::SeqCst);
+                        tracing::info!(
+                            signal = sig,
+                            "shutting down: no new connections, draining running requests"
+                        );
+                    }
+                    Some(t) if t.elapsed() >= Duration::from_secs(1) => {
+                        tracing::warn!(signal = sig, "second signal: exiting without draining");
+                        std::process::exit(1);
+                    }
+                    Some(_) => {}
                 }
-                tracing::info!(
-                    signal = sig,
-                    "shutting down: no new connections, draining running requests"
-                );
             }
         })?;
     Ok(())
