@@ -59,8 +59,10 @@ impl Spool {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(
+            // AUTOINCREMENT: ids never go back, even after pruning empties the table; a
+            // reused id at or below a cursor would never be delivered.
             "CREATE TABLE IF NOT EXISTS records (
-                 id INTEGER PRIMARY KEY,
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
                  spooled_ms INTEGER NOT NULL,
                  key_name TEXT,
                  model TEXT,
@@ -149,13 +151,15 @@ impl Spool {
         Ok(())
     }
 
-    /// Rows spooled but not yet delivered by `reporter`.
+    /// Rows spooled but not yet delivered by `reporter`. Ids are contiguous and rows after any
+    /// cursor are never pruned, so this is a subtraction, not a scan of the backlog.
     pub fn backlog(&self, reporter: &str) -> rusqlite::Result<u64> {
         let after = self.cursor(reporter)?;
-        self.conn
-            .prepare_cached("SELECT COUNT(*) FROM records WHERE id > ?1")?
-            .query_row([after], |row| row.get::<_, i64>(0))
-            .map(|n| n as u64)
+        let last: i64 = self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM records")?
+            .query_row([], |row| row.get(0))?;
+        Ok(last.saturating_sub(after).max(0) as u64)
     }
 
     /// Deletes rows older than `retention` that every one of `reporters` has delivered.
@@ -254,14 +258,26 @@ mod tests {
         assert_eq!(other.prune(&["hook"], Duration::ZERO).unwrap(), 2);
         assert_eq!(other.pending("db", 10).unwrap().len(), 1);
 
-        spool.insert(&[record("d", "k2", 5)]).unwrap();
+        spool
+            .insert(&[record("d", "k2", 5), record("e", "k1", 1)])
+            .unwrap();
         let by_key = spool.totals(0, Some(GroupBy::Key)).unwrap();
         assert_eq!(by_key[0].group, "k1");
-        assert_eq!(by_key[0].prompt_tokens, 30);
+        assert_eq!((by_key[0].requests, by_key[0].prompt_tokens), (2, 31));
         assert_eq!(by_key[1].group, "k2");
         assert_eq!(by_key[1].total_tokens, 6);
         let all = spool.totals(0, None).unwrap();
-        assert_eq!((all[0].requests, all[0].prompt_tokens), (2, 35));
+        assert_eq!((all[0].requests, all[0].prompt_tokens), (3, 36));
+
+        // Everything delivered and pruned: new rows still come after every cursor.
+        for name in ["hook", "db"] {
+            other.ack(name, 5).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(other.prune(&["hook", "db"], Duration::ZERO).unwrap(), 3);
+        spool.insert(&[record("f", "k2", 5)]).unwrap();
+        assert_eq!(spool.backlog("db").unwrap(), 1);
+        assert_eq!(spool.pending("db", 10).unwrap()[0].1.request_id, "f");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
