@@ -611,7 +611,8 @@ fn build_reporter(raw: RawReporter) -> Result<Reporter, (&'static str, String)> 
 }
 
 /// Accepts a `mysql://` URL as is and converts a Go DSN
-/// (`user:pass@tcp(host:port)/db?param=value`, as in the seed config) into one.
+/// (`user:pass@tcp(host:port)/db?param=value`, as in the seed config) into one, without the Go
+/// driver's parameters.
 fn mysql_url(dsn: &str) -> Result<String, String> {
     if dsn.starts_with("mysql://") {
         return Ok(dsn.to_string());
@@ -632,6 +633,9 @@ fn mysql_url(dsn: &str) -> Result<String, String> {
         return Err(bad());
     };
     let path = path.strip_prefix('/').unwrap_or(path);
+    // Go driver parameters (parseTime, charset, loc, ...) mean nothing to the Rust client,
+    // which would refuse them at connect time.
+    let path = path.split('?').next().unwrap_or_default();
     let addr = if addr.is_empty() {
         "127.0.0.1:3306"
     } else {
@@ -1304,7 +1308,7 @@ health_check:
         );
         assert_eq!(
             mysql_url("root@tcp(127.0.0.1:3306)/test?parseTime=true").unwrap(),
-            "mysql://root@127.0.0.1:3306/test?parseTime=true"
+            "mysql://root@127.0.0.1:3306/test"
         );
         assert_eq!(
             mysql_url("u:p@/db").unwrap(),
