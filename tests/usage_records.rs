@@ -291,3 +291,30 @@ fn missing_usage_is_estimated() {
     let _ = upstream.wait();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn oversized_body_is_metered_from_its_tail() {
+    let mock = spawn_mock(&[]);
+    let dir = temp_dir("big");
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &spool, " []"));
+    // Past the meter's 1 MiB body copy: only the tail is kept, and usage is read from it.
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &chat(false, false),
+        &[
+            ("X-Request-Id", "big-1"),
+            ("x-mock-tokens", "300000"),
+            ("x-mock-cached-tokens", "11"),
+        ],
+    );
+    assert!(r.body.len() > 1 << 20, "{}", r.body.len());
+    let record = record_for(&spool, "big-1");
+    assert_tokens(&record, &r.json()["usage"]);
+    assert_eq!(
+        (record.completion_tokens, record.cached_tokens),
+        (300_000, 11)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
