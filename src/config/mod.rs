@@ -82,6 +82,8 @@ pub struct Config {
     /// Public model name -> the name the backends serve (rewritten in the request body).
     pub model_aliases: Vec<(String, String)>,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+    pub admin: AdminConfig,
     pub usage_hook: UsageHook,
 }
 
@@ -208,6 +210,35 @@ pub struct LogConfig {
     /// A level ("info") or `tracing` filter directives ("info,llmproxy=debug").
     pub level: String,
     pub format: LogFormat,
+    /// One `access` line per request (target `access`, level info).
+    pub access: bool,
+}
+
+/// Prometheus exposition (key `metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Served on the client listener; starts with `/`.
+    pub path: String,
+}
+
+/// The admin API (key `admin`): its own listener, off by default.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Bearer token every admin request must carry; at least 16 characters when enabled.
+    pub token: String,
+}
+
+/// Never prints the token.
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("enabled", &self.enabled)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a config could not be loaded: every problem found, one per line, each as
@@ -362,6 +393,8 @@ struct RawConfig {
     retry: routing::RawRetry,
     model_aliases: BTreeMap<String, String>,
     log: RawLog,
+    metrics: RawMetrics,
+    admin: RawAdmin,
     usage_hook: RawUsageHook,
 }
 
@@ -384,6 +417,8 @@ impl Default for RawConfig {
             retry: routing::RawRetry::default(),
             model_aliases: BTreeMap::new(),
             log: RawLog::default(),
+            metrics: RawMetrics::default(),
+            admin: RawAdmin::default(),
             usage_hook: RawUsageHook::default(),
         }
     }
@@ -455,6 +490,7 @@ fn default_weight() -> u32 {
 struct RawLog {
     level: String,
     format: LogFormat,
+    access: bool,
 }
 
 impl Default for RawLog {
@@ -462,6 +498,41 @@ impl Default for RawLog {
         RawLog {
             level: "info".to_string(),
             format: LogFormat::Text,
+            access: true,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawMetrics {
+    enabled: bool,
+    path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawAdmin {
+    enabled: bool,
+    listen: String,
+    token: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            enabled: false,
+            listen: "127.0.0.1:9091".to_string(),
+            token: String::new(),
+        }
+    }
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            enabled: true,
+            path: "/metrics".to_string(),
         }
     }
 }
@@ -673,6 +744,18 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         report(at, positive(value.0.as_nanos()));
     }
     report("log.level", check_log_level(&raw.log.level));
+    report("metrics.path", check_metrics_path(&raw.metrics.path));
+    let admin_listen = parse_listen(&raw.admin.listen);
+    report(
+        "admin.listen",
+        admin_listen.as_ref().map(|_| ()).map_err(Clone::clone),
+    );
+    if raw.admin.enabled && raw.admin.token.chars().count() < 16 {
+        report(
+            "admin.token",
+            Err("must be at least 16 characters when the admin API is enabled".into()),
+        );
+    }
     if raw.backends.is_empty() {
         report(
             "backends",
@@ -775,6 +858,16 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         log: LogConfig {
             level: raw.log.level,
             format: raw.log.format,
+            access: raw.log.access,
+        },
+        metrics: MetricsConfig {
+            enabled: raw.metrics.enabled,
+            path: raw.metrics.path,
+        },
+        admin: AdminConfig {
+            enabled: raw.admin.enabled,
+            listen: admin_listen.ok()?,
+            token: raw.admin.token,
         },
         usage_hook: UsageHook {
             enabled: hook.enabled,
@@ -915,6 +1008,19 @@ fn parse_backend_url(url: &str) -> Result<Target, String> {
         host_header: authority.to_string(),
         path_prefix: path.trim_end_matches('/').to_string(),
     })
+}
+
+/// The metrics path must not shadow the proxied API or the health check.
+fn check_metrics_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+        return Err(format!(
+            "invalid path {path:?}: expected an absolute path like \"/metrics\""
+        ));
+    }
+    if path.starts_with("/v1/") || path == "/health" {
+        return Err(format!("{path:?} is taken by the proxied API or /health"));
+    }
+    Ok(())
 }
 
 /// Catches typos like `inof`, which `tracing`'s filter syntax would silently read as a target

@@ -89,7 +89,15 @@ pub(super) const ROOT: Shape = Fields(&[
         ]),
     ),
     ("model_aliases", Leaf),
-    ("log", Fields(&[("level", Leaf), ("format", Leaf)])),
+    (
+        "log",
+        Fields(&[("level", Leaf), ("format", Leaf), ("access", Leaf)]),
+    ),
+    ("metrics", Fields(&[("enabled", Leaf), ("path", Leaf)])),
+    (
+        "admin",
+        Fields(&[("enabled", Leaf), ("listen", Leaf), ("token", Leaf)]),
+    ),
     (
         "usage_hook",
         Fields(&[
@@ -128,8 +136,6 @@ pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("auth", "client authentication"),
     ("api_keys", "client API keys"),
     ("rate_limit", "rate limiting"),
-    ("metrics", "Prometheus metrics"),
-    ("admin", "the admin API"),
     ("backends[].api_key", "per-backend API keys"),
 ];
 

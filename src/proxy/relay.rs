@@ -15,7 +15,7 @@ use super::client_watch::ClientWatch;
 use super::Context;
 use crate::error::GatewayError;
 use crate::http::{self, parse_response, BodyTracker, Framing, ResponseHead, UpstreamError};
-use crate::upstream::{ConnectError, UpstreamConn};
+use crate::upstream::{ConnectError, UpstreamConn, WorkerUpstreams};
 use crate::usage::Meter;
 
 /// Largest upstream response head accepted.
@@ -53,12 +53,25 @@ pub struct Exchange<'a> {
 }
 
 /// What the relay observed, filled in as it goes so every exit path can be accounted for.
+/// The timestamps cost one vDSO clock read each (no syscall), a handful per request.
 #[derive(Default)]
 pub struct Progress {
     pub status: u16,
     /// When the first body byte reached the client (time to first token for streams).
     pub first_byte: Option<Instant>,
     pub meter: Option<Meter>,
+    /// Response bytes written to the client (head included).
+    pub bytes: u64,
+    /// When the request was handed to an upstream connection (last attempt).
+    pub sent_upstream: Option<Instant>,
+    /// When the backend's response head was complete.
+    pub upstream_head: Option<Instant>,
+    /// When the response head was handed to the client socket.
+    pub head_written: Option<Instant>,
+    /// When the last response byte was read from the backend.
+    pub upstream_done: Option<Instant>,
+    /// Times the request was sent again on a fresh connection after a stale pooled one failed.
+    pub retries: u32,
 }
 
 enum HeadError {
@@ -83,8 +96,10 @@ impl From<ConnectError> for GatewayError {
 /// answer with a proper error response. A request that fails on a reused pooled connection before
 /// any response byte is sent once more on a fresh connection: the backend most likely closed the
 /// idle connection as we wrote to it.
+#[allow(clippy::too_many_arguments)]
 pub async fn exchange<R>(
     ctx: &Context,
+    upstreams: &WorkerUpstreams,
     watch: &mut ClientWatch<'_, R>,
     client: &mut OwnedWriteHalf<TcpStream>,
     request: &mut Vec<u8>,
@@ -98,9 +113,9 @@ where
     let mut fresh_only = false;
     let (mut up, head) = loop {
         let conn = if fresh_only {
-            watch.race(ctx.upstreams.connect(ex.backend)).await
+            watch.race(upstreams.connect(ex.backend)).await
         } else {
-            watch.race(ctx.upstreams.checkout(ex.backend)).await
+            watch.race(upstreams.checkout(ex.backend)).await
         };
         let Some(conn) = conn else {
             return Ok(Relayed::ClientGone);
@@ -108,11 +123,13 @@ where
         let mut up = conn?;
         let may_retry = up.reused && !fresh_only;
         let sent_at = Instant::now();
+        progress.sent_upstream = Some(sent_at);
         let (sent, req) = up.stream.write_all(mem::take(request)).await;
         *request = req;
         if sent.is_err() {
             if may_retry {
                 fresh_only = true;
+                progress.retries += 1;
                 continue;
             }
             return Err(GatewayError::UpstreamConnect);
@@ -126,12 +143,15 @@ where
             },
         };
         if let Some(Ok(_)) = &head {
-            ctx.upstreams.observe_latency(ex.backend, sent_at.elapsed());
+            upstreams.observe_latency(ex.backend, sent_at.elapsed());
         }
         match head {
             None => return Ok(Relayed::ClientGone),
             Some(Ok(h)) => break (up, h),
-            Some(Err(HeadError::Closed)) if may_retry => fresh_only = true,
+            Some(Err(HeadError::Closed)) if may_retry => {
+                fresh_only = true;
+                progress.retries += 1;
+            }
             Some(Err(HeadError::Closed)) => return Err(GatewayError::UpstreamClosed),
             Some(Err(HeadError::Protocol(e))) => return Err(GatewayError::UpstreamProtocol(e)),
         }
@@ -143,6 +163,7 @@ where
         return Err(GatewayError::UpstreamStatus(status));
     }
     progress.status = status;
+    progress.upstream_head = Some(Instant::now());
     let strip =
         ex.strip_usage && head.event_stream && head.framing == Framing::Chunked && status == 200;
     let meter = progress.meter.insert(Meter::new(head.event_stream, strip));
@@ -177,14 +198,21 @@ where
         k
     };
     let mut upstream_reusable = head.reusable && first == initial.len();
+    let written = Instant::now();
+    progress.head_written = Some(written);
     if resp_head.len() > head_len {
-        progress.first_byte = Some(Instant::now());
+        progress.first_byte = Some(written);
     }
+    progress.bytes += resp_head.len() as u64;
     let (sent, h) = client.write_all(mem::take(resp_head)).await;
     *resp_head = h;
     if sent.is_err() {
         return Ok(Relayed::ClientGone);
     }
+    // Inter-token gaps: one clock read per relayed write of an event stream. It is a vDSO call
+    // (no syscall), small next to the write itself, and the only way to see the backend's pacing.
+    let metrics = ctx.metrics();
+    let mut last_write = progress.first_byte.filter(|_| head.event_stream);
 
     while !tracker.is_done() {
         let mut buf = mem::take(&mut up.buf);
@@ -242,6 +270,7 @@ where
                 *request = out;
                 continue;
             };
+            progress.bytes += (out.len() - start) as u64;
             let (sent, slice) = client.write_all(out.slice(start..)).await;
             *request = slice.into_inner();
             sent
@@ -254,19 +283,28 @@ where
             };
             // Bytes past the end of the response mean the backend is out of step: never reuse it.
             upstream_reusable &= body == n;
+            progress.bytes += body as u64;
             let (sent, slice) = client.write_all(mem::take(&mut up.buf).slice(..body)).await;
             up.buf = slice.into_inner();
             sent
         };
-        if progress.first_byte.is_none() {
+        if head.event_stream {
+            let now = Instant::now();
+            if let Some(prev) = last_write {
+                metrics.inter_token.observe(now - prev);
+            }
+            last_write = Some(now);
+            progress.first_byte.get_or_insert(now);
+        } else if progress.first_byte.is_none() {
             progress.first_byte = Some(Instant::now());
         }
         if sent.is_err() {
             return Ok(Relayed::ClientGone);
         }
     }
+    progress.upstream_done = Some(Instant::now());
     if upstream_reusable {
-        ctx.upstreams.checkin(ex.backend, up);
+        upstreams.checkin(ex.backend, up);
     }
     Ok(Relayed::Complete {
         status,

@@ -38,7 +38,7 @@ pub fn spawn_checker(backends: Arc<Backends>, config: &Config) {
             let (mut ok_streak, mut fail_streak) = (vec![0u32; n], vec![0u32; n]);
             let mut next_health = Instant::now();
             let mut next_models = Instant::now();
-            loop {
+            while !backends.is_retired() {
                 let now = Instant::now();
                 if health.active && now >= next_health {
                     next_health = now + health.interval;

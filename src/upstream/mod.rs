@@ -71,6 +71,12 @@ impl Backend {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Resting after consecutive failures (passive health); read by metrics and the admin API.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
     pub fn serves(&self, model: Option<&str>) -> bool {
         match model {
             Some(m) if !self.models.is_empty() => self.models.iter().any(|s| s == m),
@@ -148,6 +154,8 @@ pub struct Backends {
     pub aliases: Vec<(String, String)>,
     /// Merged `/v1/models` answer, refreshed by the checker thread; `None` until it has one.
     models_json: RwLock<Option<Arc<[u8]>>>,
+    /// Set when a reload replaced this set: its checker and resolver threads end.
+    retired: AtomicBool,
 }
 
 impl Backends {
@@ -186,6 +194,7 @@ impl Backends {
             list,
             aliases: config.model_aliases.clone(),
             models_json: RwLock::new(None),
+            retired: AtomicBool::new(false),
         });
         let unresolved: Vec<usize> = (0..backends.list.len())
             .filter(|&i| !backends.list[i].resolve())
@@ -199,7 +208,7 @@ impl Backends {
                 .name("llmproxy-resolve".into())
                 .spawn(move || {
                     let mut pending = unresolved;
-                    while !pending.is_empty() {
+                    while !pending.is_empty() && !shared.is_retired() {
                         std::thread::sleep(Duration::from_secs(2));
                         pending.retain(|&i| {
                             let ok = shared.list[i].resolve();
@@ -215,6 +224,15 @@ impl Backends {
             }
         }
         backends
+    }
+
+    /// Ends this set's background threads (a reload published a new one).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     /// The served name for a public model name, when it is an alias.
