@@ -1,4 +1,5 @@
-//! The `llmproxy` command: serve, check a config, run the simulator, or the demo.
+//! The `llmproxy` command: serve, check a config, run the simulator, the demo, or print usage
+//! totals from the spool.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -33,6 +34,27 @@ enum Command {
     MockLlm(llmproxy::mock::MockOptions),
     /// Start the simulator and the gateway together with a built-in config, and print what to try.
     Demo,
+    /// Print token totals from the usage spool (records still within `usage_hook.retention`).
+    Usage(UsageArgs),
+}
+
+#[derive(clap::Args)]
+struct UsageArgs {
+    /// Records spooled within this long ago, e.g. 24h, 30m, 7d.
+    #[arg(long, default_value = "24h")]
+    since: String,
+    /// One line per key name or per model.
+    #[arg(long, value_enum)]
+    by: Option<By>,
+    /// The spool file; default: `usage_hook.spool_path` from --config, else ./data/usage.db.
+    #[arg(long)]
+    spool: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum By {
+    Key,
+    Model,
 }
 
 fn main() -> ExitCode {
@@ -44,6 +66,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Check) => exit(check(cli.config.as_deref())),
         Some(Command::Demo) => exit(demo()),
+        Some(Command::Usage(args)) => exit(usage(cli.config.as_deref(), args)),
         Some(Command::Serve) | None => exit(serve(cli.config.as_deref())),
     }
 }
@@ -83,6 +106,69 @@ fn serve(path: Option<&Path>) -> Result<(), String> {
         set_log_level,
     };
     llmproxy::server::run(cfg, reload).map_err(|e| format!("llmproxy: {e}"))
+}
+
+fn usage(config: Option<&Path>, args: UsageArgs) -> Result<(), String> {
+    use llmproxy::usage::spool::{self, GroupBy, Spool};
+    let since = config::parse_duration(&args.since).map_err(|e| format!("--since: {e}"))?;
+    let path = match (args.spool, config) {
+        (Some(path), _) => path,
+        (None, Some(_)) => load(config)?.usage_hook.spool_path,
+        (None, None) => PathBuf::from("./data/usage.db"),
+    };
+    if !path.exists() {
+        return Err(format!("no usage spool at {}", path.display()));
+    }
+    let spool = Spool::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let since_ms = spool::now_ms() - since.as_millis() as i64;
+    let by = args.by.map(|b| match b {
+        By::Key => GroupBy::Key,
+        By::Model => GroupBy::Model,
+    });
+    let rows = spool
+        .totals(since_ms, by)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let label = match args.by {
+        Some(By::Key) => "KEY",
+        Some(By::Model) => "MODEL",
+        None => "",
+    };
+    if rows.is_empty() {
+        println!("no usage records spooled in the last {}", args.since);
+        return Ok(());
+    }
+    println!(
+        "{label:<32} {:>10} {:>14} {:>14} {:>14} {:>10}",
+        "REQUESTS", "PROMPT", "COMPLETION", "TOTAL", "ESTIMATED"
+    );
+    let mut sum = [0u64; 5];
+    for t in &rows {
+        let group = if by.is_none() {
+            "all"
+        } else {
+            t.group.as_str()
+        };
+        println!(
+            "{group:<32} {:>10} {:>14} {:>14} {:>14} {:>10}",
+            t.requests, t.prompt_tokens, t.completion_tokens, t.total_tokens, t.estimated
+        );
+        for (s, v) in sum.iter_mut().zip([
+            t.requests,
+            t.prompt_tokens,
+            t.completion_tokens,
+            t.total_tokens,
+            t.estimated,
+        ]) {
+            *s += v;
+        }
+    }
+    if by.is_some() {
+        println!(
+            "{:<32} {:>10} {:>14} {:>14} {:>14} {:>10}",
+            "TOTAL", sum[0], sum[1], sum[2], sum[3], sum[4]
+        );
+    }
+    Ok(())
 }
 
 fn demo() -> Result<(), String> {

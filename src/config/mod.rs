@@ -15,11 +15,12 @@ mod schema;
 mod units;
 
 pub use routing::{Affinity, HealthCheck, Retry, Routing, Strategy};
+pub use units::parse_duration;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -83,6 +84,72 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub admin: AdminConfig,
+    pub usage_hook: UsageHook,
+}
+
+/// Usage metering and reporting (key `usage_hook`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageHook {
+    /// Master switch: off means no metering at all, whatever the reporters say.
+    pub enabled: bool,
+    /// Ask streaming backends for usage on the client's behalf (the client never sees it).
+    pub inject_stream_usage: bool,
+    /// Report the raw client key instead of the masked `sk-te...001`.
+    pub include_raw_key: bool,
+    /// The SQLite outbox every record is written to before delivery.
+    pub spool_path: PathBuf,
+    /// Rows delivered by every reporter are deleted after this.
+    pub retention: Duration,
+    /// Bound of the worker -> reporter channel; a full channel drops (and counts) records.
+    pub channel_capacity: usize,
+    /// Enabled reporters only; disabled ones are validated and then left out.
+    pub reporters: Vec<Reporter>,
+}
+
+/// One usage reporter (items of `usage_hook.reporters`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reporter {
+    /// Unique; also the reporter's cursor name in the spool.
+    pub name: String,
+    pub kind: ReporterKind,
+    /// Records per delivery (webhook: >1 sends a JSON array; database: rows per transaction).
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReporterKind {
+    Webhook(Webhook),
+    Database(Database),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub url: String,
+    /// Whole-request timeout of one POST.
+    pub timeout: Duration,
+    /// Immediate attempts of one delivery before it waits for the backoff schedule.
+    pub retry: u32,
+    /// Extra request headers, e.g. `Authorization`.
+    pub headers: BTreeMap<String, String>,
+    /// When set, bodies are signed: `X-LLMProxy-Signature: sha256=<hex HMAC-SHA256>`.
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Database {
+    pub driver: DbDriver,
+    /// Connection string as the driver's client takes it: a file path for sqlite, a URL or
+    /// key=value string for postgres, a `mysql://` URL for mysql (Go DSNs are converted).
+    pub dsn: String,
+    pub table: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DbDriver {
+    Sqlite,
+    Postgres,
+    Mysql,
 }
 
 /// Client- and upstream-side timeouts (key `timeouts`).
@@ -328,6 +395,7 @@ struct RawConfig {
     log: RawLog,
     metrics: RawMetrics,
     admin: RawAdmin,
+    usage_hook: RawUsageHook,
 }
 
 impl Default for RawConfig {
@@ -351,6 +419,7 @@ impl Default for RawConfig {
             log: RawLog::default(),
             metrics: RawMetrics::default(),
             admin: RawAdmin::default(),
+            usage_hook: RawUsageHook::default(),
         }
     }
 }
@@ -468,6 +537,192 @@ impl Default for RawMetrics {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawUsageHook {
+    enabled: bool,
+    inject_stream_usage: bool,
+    include_raw_key: bool,
+    spool_path: PathBuf,
+    retention: DurationValue,
+    channel_capacity: usize,
+    reporters: Vec<RawReporter>,
+}
+
+impl Default for RawUsageHook {
+    fn default() -> Self {
+        RawUsageHook {
+            enabled: false,
+            inject_stream_usage: true,
+            include_raw_key: false,
+            spool_path: PathBuf::from("./data/usage.db"),
+            retention: DurationValue(Duration::from_secs(7 * 86_400)),
+            // Over 2 s of records at 100k req/s: rides out a slow spool fsync without drops.
+            channel_capacity: 262_144,
+            reporters: Vec::new(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReporter {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default = "default_true")]
+    enabled: bool,
+    url: Option<String>,
+    timeout: Option<DurationValue>,
+    retry: Option<u32>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    batch_size: Option<usize>,
+    secret: Option<String>,
+    database: Option<RawDatabase>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    driver: DbDriver,
+    dsn: String,
+    table: Option<String>,
+}
+
+/// Validates one reporter; `Err((key under the reporter, message))`.
+fn build_reporter(raw: RawReporter) -> Result<Reporter, (&'static str, String)> {
+    let only_for = |key: &'static str, present: bool, kind: &str| {
+        if present {
+            Err((key, format!("not used by a {kind} reporter")))
+        } else {
+            Ok(())
+        }
+    };
+    let kind = match raw.kind.as_str() {
+        "webhook" => {
+            only_for("database", raw.database.is_some(), "webhook")?;
+            let url = raw
+                .url
+                .ok_or(("url", "required for a webhook reporter".to_string()))?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err((
+                    "url",
+                    format!("expected an http:// or https:// URL, got {url:?}"),
+                ));
+            }
+            let timeout = raw.timeout.map_or(Duration::from_secs(5), |t| t.0);
+            if timeout.is_zero() {
+                return Err(("timeout", "must be greater than 0".into()));
+            }
+            ReporterKind::Webhook(Webhook {
+                url,
+                timeout,
+                retry: raw.retry.unwrap_or(3),
+                headers: raw.headers,
+                secret: raw.secret.filter(|s| !s.is_empty()),
+            })
+        }
+        "database" => {
+            only_for("url", raw.url.is_some(), "database")?;
+            only_for("headers", !raw.headers.is_empty(), "database")?;
+            only_for("secret", raw.secret.is_some(), "database")?;
+            let db = raw.database.ok_or((
+                "database",
+                "required for a database reporter: {driver, dsn, table}".to_string(),
+            ))?;
+            let table = db.table.unwrap_or_else(|| "usage_records".to_string());
+            let valid_table = !table.is_empty()
+                && table.len() <= 64
+                && !table.starts_with(|c: char| c.is_ascii_digit())
+                && table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_table {
+                // It is spliced into SQL: only plain identifiers.
+                return Err((
+                    "database",
+                    format!("table {table:?}: use letters, digits and `_` only"),
+                ));
+            }
+            let dsn = match db.driver {
+                DbDriver::Mysql => mysql_url(&db.dsn).map_err(|e| ("database", e))?,
+                _ => db.dsn,
+            };
+            if dsn.is_empty() {
+                return Err(("database", "dsn must not be empty".into()));
+            }
+            ReporterKind::Database(Database {
+                driver: db.driver,
+                dsn,
+                table,
+            })
+        }
+        other => {
+            return Err((
+                "type",
+                format!("unknown reporter type {other:?}; expected \"webhook\" or \"database\""),
+            ))
+        }
+    };
+    let batch_size = raw.batch_size.unwrap_or(match kind {
+        ReporterKind::Webhook(_) => 1,
+        ReporterKind::Database(_) => 500,
+    });
+    if batch_size == 0 {
+        return Err(("batch_size", "must be at least 1".into()));
+    }
+    Ok(Reporter {
+        name: raw.name,
+        kind,
+        batch_size,
+    })
+}
+
+/// Accepts a `mysql://` URL as is and converts a Go DSN
+/// (`user:pass@tcp(host:port)/db?param=value`, as in the seed config) into one, without the Go
+/// driver's parameters.
+fn mysql_url(dsn: &str) -> Result<String, String> {
+    if dsn.starts_with("mysql://") {
+        return Ok(dsn.to_string());
+    }
+    let bad = || {
+        "cannot read MySQL DSN: expected \"mysql://user:pass@host:3306/db\" or \"user:pass@tcp(host:3306)/db\""
+            .to_string()
+    };
+    let (creds, rest) = match dsn.rsplit_once('@') {
+        Some((creds, rest)) => (Some(creds), rest),
+        None => (None, dsn),
+    };
+    let (addr, path) = if let Some(after) = rest.strip_prefix("tcp(") {
+        after.split_once(')').ok_or_else(bad)?
+    } else if let Some(path) = rest.strip_prefix('/') {
+        ("127.0.0.1:3306", path)
+    } else {
+        return Err(bad());
+    };
+    let path = path.strip_prefix('/').unwrap_or(path);
+    // Go driver parameters (parseTime, charset, loc, ...) mean nothing to the Rust client,
+    // which would refuse them at connect time.
+    let path = path.split('?').next().unwrap_or_default();
+    let addr = if addr.is_empty() {
+        "127.0.0.1:3306"
+    } else {
+        addr
+    };
+    let mut url = String::from("mysql://");
+    if let Some(creds) = creds {
+        url.push_str(creds);
+        url.push('@');
+    }
+    url.push_str(addr);
+    url.push('/');
+    url.push_str(path);
+    Ok(url)
+}
+
 /// Validates `raw` and resolves what needs resolving; `None` once any issue is recorded.
 fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
     let mut report = |at: &str, result: Result<(), String>| {
@@ -533,6 +788,32 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             Err(message) => report(&format!("backends[{index}].url"), Err(message)),
         }
     }
+    let hook = raw.usage_hook;
+    if hook.channel_capacity == 0 {
+        report(
+            "usage_hook.channel_capacity",
+            Err("must be greater than 0".into()),
+        );
+    }
+    let mut reporters: Vec<Reporter> = Vec::new();
+    for (index, reporter) in hook.reporters.into_iter().enumerate() {
+        let enabled = reporter.enabled;
+        let name = reporter.name.clone();
+        if name.is_empty() || reporters.iter().any(|r| r.name == name) {
+            report(
+                &format!("usage_hook.reporters[{index}].name"),
+                Err(format!("must be unique and not empty: {name:?}")),
+            );
+        }
+        match build_reporter(reporter) {
+            Ok(r) if enabled => reporters.push(r),
+            Ok(_) => {}
+            Err((key, message)) => report(
+                &format!("usage_hook.reporters[{index}].{key}"),
+                Err(message),
+            ),
+        }
+    }
     let routing = routing::routing(raw.load_balance, raw.routing, &mut report);
     let health_check = routing::health_check(raw.health_check);
     let retry = routing::retry(raw.retry, &mut report);
@@ -587,6 +868,15 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             enabled: raw.admin.enabled,
             listen: admin_listen.ok()?,
             token: raw.admin.token,
+        },
+        usage_hook: UsageHook {
+            enabled: hook.enabled,
+            inject_stream_usage: hook.inject_stream_usage,
+            include_raw_key: hook.include_raw_key,
+            spool_path: hook.spool_path,
+            retention: hook.retention.0,
+            channel_capacity: hook.channel_capacity,
+            reporters,
         },
     })
 }
@@ -791,6 +1081,8 @@ weight = 3
     /// Key paths in a tree, list indices written `[]`, as [`schema::known_paths`] does.
     fn tree_paths(value: &Value, path: &str, out: &mut Vec<String>) {
         match value {
+            // Header names are the user's, not config keys.
+            Value::Object(_) if path.ends_with(".headers") => out.push(path.to_string()),
             Value::Object(map) if !map.is_empty() => {
                 for (key, value) in map {
                     let at = if path.is_empty() {
@@ -850,11 +1142,11 @@ weight = 3
     #[test]
     fn toml_gets_the_same_checks() {
         let toml = |text: &str| parse_with_env(text, Format::Toml, |_| None);
-        assert!(toml(&format!("{SEED_TOML}\n[usage_hook]\nenabled = false\n")).is_ok());
-        let error = toml(&format!("{SEED_TOML}\n[usage_hook]\nenabled = true\n"));
+        assert!(toml(&format!("{SEED_TOML}\n[rate_limit]\nenabled = false\n")).is_ok());
+        let error = toml(&format!("{SEED_TOML}\n[rate_limit]\nenabled = true\n"));
         let error = error.unwrap_err().to_string();
         assert!(
-            error.starts_with("usage_hook: not supported yet"),
+            error.starts_with("rate_limit: not supported yet"),
             "{error}"
         );
         let error = toml("[[backends]]\nurl = \"http://b\"\nweight = \"x\"\n");
@@ -902,6 +1194,7 @@ weight = 3
         let full_toml = parse_with_env(&example("llmproxy.toml"), Format::Toml, |_| None).unwrap();
         assert_eq!(full_yaml, full_toml);
         // "set to its default": same as a config naming only the backend.
+        // Except the example reporters, which are disabled (left out).
         assert_eq!(
             full_yaml,
             yaml("backends: [{url: 'http://127.0.0.1:8001'}]").unwrap()
@@ -915,6 +1208,8 @@ weight = 3
             let mut paths = Vec::new();
             tree_paths(&tree, "", &mut paths);
             paths.sort();
+            // Both example reporters document their shared keys.
+            paths.dedup();
             assert_eq!(paths, known);
         }
 
@@ -1001,14 +1296,8 @@ weight = 3
 
     #[test]
     fn unsupported_keys_name_their_path() {
-        let seed_usage_hook =
-            "backends: [{url: 'http://vllm:8000'}]\nusage_hook:\n  enabled: true\n  \
-                               reporters:\n    - name: billing\n      timeout: 3s\n";
-        let error = yaml_err(seed_usage_hook);
-        assert!(
-            error.starts_with("usage_hook: not supported yet"),
-            "{error}"
-        );
+        let error = yaml_err("backends: [{url: 'http://vllm:8000'}]\nauth:\n  enabled: true\n");
+        assert!(error.starts_with("auth: not supported yet"), "{error}");
 
         let error = yaml_err("backends: [{url: 'http://b'}, {url: 'http://c', api_key: a}]");
         assert!(
@@ -1052,22 +1341,87 @@ health_check:
 "#;
 
     #[test]
-    fn seed_readme_config_names_exactly_what_is_missing() {
-        let error = yaml_err(SEED_README_CONFIG);
-        // Keys come back sorted (serde_json's map), not in file order.
-        let lines: Vec<_> = error.lines().collect();
-        assert_eq!(lines.len(), 1, "{error}");
+    fn seed_readme_config_loads_as_written() {
+        let config = yaml(SEED_README_CONFIG).unwrap();
+        assert_seed_backends(&config);
+        let hook = &config.usage_hook;
+        assert!(hook.enabled && hook.inject_stream_usage && !hook.include_raw_key);
+        assert_eq!(hook.reporters.len(), 2);
+        let ReporterKind::Webhook(webhook) = &hook.reporters[0].kind else {
+            panic!("{:?}", hook.reporters[0])
+        };
+        assert_eq!(hook.reporters[0].name, "billing");
+        assert_eq!(webhook.url, "https://your-billing.com/llm-usage");
+        assert_eq!(webhook.timeout, Duration::from_secs(3));
+        let ReporterKind::Database(db) = &hook.reporters[1].kind else {
+            panic!("{:?}", hook.reporters[1])
+        };
+        assert_eq!(db.driver, DbDriver::Mysql);
+        assert_eq!(db.dsn, "mysql://user:pass@localhost:3306/llmproxy");
+        assert_eq!(db.table, "usage_records");
+    }
+
+    #[test]
+    fn usage_hook_defaults_and_checks() {
+        let hook = yaml("backends: [{url: 'http://b'}]").unwrap().usage_hook;
+        assert!(!hook.enabled && hook.inject_stream_usage && !hook.include_raw_key);
+        assert_eq!(hook.spool_path, PathBuf::from("./data/usage.db"));
+        assert_eq!(hook.retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(hook.channel_capacity, 262_144);
+
+        let config = yaml(
+            "backends: [{url: 'http://b'}]\nusage_hook:\n  enabled: true\n  retention: 2h\n  reporters:\n    \
+             - {name: a, type: webhook, url: 'http://h/x', retry: 2, batch_size: 10, secret: s, headers: {X-A: b}}\n    \
+             - {name: b, type: database, enabled: false, database: {driver: sqlite, dsn: x.db}}\n    \
+             - {name: c, type: database, database: {driver: postgres, dsn: 'host=127.0.0.1 user=postgres', table: t1}}\n",
+        )
+        .unwrap();
+        let hook = config.usage_hook;
+        assert_eq!(hook.retention, Duration::from_secs(7200));
+        let names: Vec<_> = hook.reporters.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(hook.reporters[0].batch_size, 10);
+        let ReporterKind::Webhook(w) = &hook.reporters[0].kind else {
+            panic!()
+        };
+        assert_eq!((w.retry, w.secret.as_deref()), (2, Some("s")));
+        assert_eq!(w.headers.get("X-A").map(String::as_str), Some("b"));
+
+        let error = yaml_err(
+            "backends: [{url: 'http://b'}]\nusage_hook:\n  reporters:\n    \
+             - {name: a, type: webhok}\n    - {name: a, type: database, database: {driver: mysql, dsn: 'x', table: 'a;b'}}\n    \
+             - {name: c, type: webhook}\n",
+        );
         assert!(
-            lines[0].starts_with("usage_hook: not supported yet"),
+            error.contains("usage_hook.reporters[0].type: unknown reporter type"),
             "{error}"
         );
-        let disabled = SEED_README_CONFIG
-            .replace(
-                "  enabled: true\n  reporters",
-                "  enabled: false\n  reporters",
-            )
-            .replace("health_check:\n", "health_check:\n  enabled: false\n");
-        assert_seed_backends(&yaml(&disabled).unwrap());
+        assert!(
+            error.contains("usage_hook.reporters[1].database: table"),
+            "{error}"
+        );
+        assert!(
+            error.contains("usage_hook.reporters[2].url: required"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn mysql_dsns() {
+        assert_eq!(
+            mysql_url("user:pass@tcp(localhost:3306)/llmproxy").unwrap(),
+            "mysql://user:pass@localhost:3306/llmproxy"
+        );
+        assert_eq!(
+            mysql_url("root@tcp(127.0.0.1:3306)/test?parseTime=true").unwrap(),
+            "mysql://root@127.0.0.1:3306/test"
+        );
+        assert_eq!(
+            mysql_url("u:p@/db").unwrap(),
+            "mysql://u:p@127.0.0.1:3306/db"
+        );
+        assert_eq!(mysql_url("mysql://r@h/d").unwrap(), "mysql://r@h/d");
+        assert!(mysql_url("u:p@unix(/tmp/sock)/db").is_err());
     }
 
     #[test]

@@ -98,13 +98,41 @@ pub(super) const ROOT: Shape = Fields(&[
         "admin",
         Fields(&[("enabled", Leaf), ("listen", Leaf), ("token", Leaf)]),
     ),
+    (
+        "usage_hook",
+        Fields(&[
+            ("enabled", Leaf),
+            ("inject_stream_usage", Leaf),
+            ("include_raw_key", Leaf),
+            ("spool_path", Leaf),
+            ("retention", Leaf),
+            ("channel_capacity", Leaf),
+            (
+                "reporters",
+                List(&Fields(&[
+                    ("name", Leaf),
+                    ("type", Leaf),
+                    ("enabled", Leaf),
+                    ("url", Leaf),
+                    ("timeout", Leaf),
+                    ("retry", Leaf),
+                    ("headers", Leaf),
+                    ("batch_size", Leaf),
+                    ("secret", Leaf),
+                    (
+                        "database",
+                        Fields(&[("driver", Leaf), ("dsn", Leaf), ("table", Leaf)]),
+                    ),
+                ])),
+            ),
+        ]),
+    ),
 ]);
 
 /// Keys from the seed README or the roadmap that the gateway does not act on yet: (path, what it
 /// would do). Loading them must fail rather than silently ignore, say, `auth`. When a key gets
 /// implemented, delete its line here and add it to [`ROOT`]. `[]` stands for any list index.
 pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
-    ("usage_hook", "usage reporting"),
     ("auth", "client authentication"),
     ("api_keys", "client API keys"),
     ("rate_limit", "rate limiting"),

@@ -48,12 +48,14 @@ fn duration_unit(unit: &str) -> Option<u128> {
         "s" => NANOS_PER_SEC,
         "m" => 60 * NANOS_PER_SEC,
         "h" => 3600 * NANOS_PER_SEC,
+        // Not in Go; retention periods are written in days.
+        "d" => 86_400 * NANOS_PER_SEC,
         _ => return None,
     })
 }
 
 /// Parses "3s", "500ms", "1m30s", "250us", "1.5h" or a bare number of seconds ("10", "0.5").
-pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let invalid = || {
         format!(
             "invalid duration {text:?}: expected e.g. \"30s\", \"500ms\", \"1m30s\" or a number of seconds"

@@ -25,6 +25,7 @@ use crate::logging::SetLogLevel;
 use crate::metrics::Registry;
 use crate::proxy::{self, Context};
 use crate::upstream::{self, Backends};
+use crate::usage::{Reporter, UsageSender};
 
 /// Submission queue size per worker: enough for thousands of concurrent streams per core.
 const URING_ENTRIES: u32 = 8192;
@@ -67,6 +68,12 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
     if config.admin.enabled {
         admin::start(control.clone(), registry.clone())?;
     }
+    // Started before the workers so that no request goes unmetered; on its own threads.
+    let reporter = if config.usage_hook.enabled {
+        Some(Reporter::start(&config.usage_hook, None)?)
+    } else {
+        None
+    };
 
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<&'static str>>();
     let mut threads = Vec::with_capacity(config.workers);
@@ -77,6 +84,7 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
             registry.clone(),
             ready_tx.clone(),
         );
+        let usage = reporter.as_ref().map(Reporter::sender);
         let handle = std::thread::Builder::new()
             .name(format!("llmproxy-w{worker}"))
             .spawn(move || {
@@ -84,7 +92,7 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
                     pin_to_cpu(worker);
                 }
                 let result = run_on_driver(config.io_driver, |driver| {
-                    worker_main(worker, driver, config, control, registry, ready)
+                    worker_main(worker, driver, config, control, registry, usage, ready)
                 });
                 if let Err(e) = result {
                     tracing::error!(worker, "worker runtime failed: {e}");
@@ -120,6 +128,10 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
 
     for t in threads {
         let _ = t.join();
+    }
+    // The workers' senders are gone: what is still in the channel goes to the spool.
+    if let Some(reporter) = reporter {
+        reporter.shutdown();
     }
     tracing::info!("llmproxy stopped");
     Ok(())
@@ -164,6 +176,7 @@ async fn worker_main(
     config: Arc<Config>,
     control: Arc<Control>,
     registry: Arc<Registry>,
+    usage: Option<UsageSender>,
     ready: mpsc::Sender<io::Result<&'static str>>,
 ) {
     let shutdown = &control.shutdown;
@@ -180,12 +193,10 @@ async fn worker_main(
     };
     tracing::debug!(worker, driver, "worker listening");
     let _ = ready.send(Ok(driver));
-    let ctx = Rc::new(Context::new(
-        control.live.clone(),
-        registry,
-        shutdown.clone(),
-        worker,
-    ));
+    let mut ctx = Context::new(control.live.clone(), registry, shutdown.clone(), worker);
+    ctx.usage = usage;
+    ctx.inject_stream_usage = config.usage_hook.inject_stream_usage;
+    let ctx = Rc::new(ctx);
 
     let accept = async {
         loop {
@@ -329,6 +340,8 @@ fn warn_restart_only(running: &Config, next: &Config) {
         ("log.format", running.log.format != next.log.format),
         ("admin.enabled", running.admin.enabled != next.admin.enabled),
         ("admin.listen", running.admin.listen != next.admin.listen),
+        // The reporter threads and the spool are started once.
+        ("usage_hook", running.usage_hook != next.usage_hook),
     ];
     for (key, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(

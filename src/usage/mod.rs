@@ -3,15 +3,24 @@
 //!
 //! Worker side ([`Meter`], [`UsageEvent`], [`UsageSender`]): capture bytes while relaying and hand
 //! one event per request to a bounded channel; never parse, never block, never do I/O. Everything
-//! else (parsing usage, spooling, delivery) happens on the reporter thread.
+//! else happens on the reporter's threads ([`Reporter`]): parsing usage into a [`UsageRecord`]
+//! (`record`), the SQLite outbox (`spool`), and delivery (`webhook`, `sql`).
 
 mod meter;
+mod record;
+mod reporter;
+pub mod spool;
+mod sql;
+mod webhook;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use meter::{Captured, Meter};
+pub use record::{mask_key, parse_usage, rfc3339, Tokens, UsageRecord};
+pub use reporter::{QuotaHook, Reporter, ReporterStats, UsageStats};
+pub use spool::Spool;
 
 /// How the request ended, as billed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

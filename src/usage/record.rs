@@ -1,0 +1,277 @@
+//! The billing record: turns a worker's [`UsageEvent`] into a [`UsageRecord`] (token counts parsed
+//! from the captured body or SSE event, estimated when the backend reported none; key masked;
+//! timestamp in RFC 3339 UTC). Runs on the reporter thread only; it must not do I/O.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use memchr::memmem;
+use serde::{Deserialize, Serialize};
+
+use super::{Captured, UsageEvent};
+
+/// One request's usage, as spooled and delivered. Field names are the wire names (webhook JSON,
+/// SQL columns); the seed README's webhook fields are all here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub request_id: String,
+    /// RFC 3339 UTC, millisecond precision: when the request started.
+    pub timestamp: String,
+    /// The client key's configured name.
+    pub key_name: Option<String>,
+    pub user_id: Option<String>,
+    /// Masked (`sk-te...001`) unless `include_raw_key`.
+    pub api_key: Option<String>,
+    pub model: Option<String>,
+    pub endpoint: String,
+    pub is_stream: bool,
+    pub backend_url: String,
+    pub status_code: u16,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// No usage from the backend: completion = content events, prompt = request bytes / 4.
+    pub usage_estimated: bool,
+    /// "ok" | "cancelled" | "error".
+    pub status: String,
+}
+
+/// Token counts as OpenAI-compatible servers report them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
+    pub cached: u64,
+    pub reasoning: u64,
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    total_tokens: Option<u64>,
+    prompt_tokens_details: Option<Details>,
+    completion_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    cached_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    usage: Option<RawUsage>,
+}
+
+impl From<RawUsage> for Tokens {
+    fn from(u: RawUsage) -> Self {
+        Tokens {
+            prompt: u.prompt_tokens,
+            completion: u.completion_tokens,
+            total: u
+                .total_tokens
+                .unwrap_or(u.prompt_tokens + u.completion_tokens),
+            cached: u
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+            reasoning: u
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// The usage the backend reported, if any.
+pub fn parse_usage(captured: &Captured) -> Option<Tokens> {
+    match captured {
+        Captured::Nothing => None,
+        Captured::Event(json) => serde_json::from_slice::<WithUsage>(json).ok()?.usage,
+        Captured::Body {
+            bytes,
+            truncated: false,
+        } => serde_json::from_slice::<WithUsage>(bytes).ok()?.usage,
+        Captured::Body {
+            bytes,
+            truncated: true,
+        } => usage_in_tail(bytes),
+    }
+    .map(Tokens::from)
+}
+
+/// A body whose head was cut off: parse just the value of its last `"usage"` key. The stream
+/// deserializer reads one value and ignores what follows it (the rest of the enclosing object).
+fn usage_in_tail(bytes: &[u8]) -> Option<RawUsage> {
+    let at = memmem::rfind(bytes, b"\"usage\"")?;
+    let rest = &bytes[at + 7..];
+    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    if rest[colon] != b':' {
+        return None;
+    }
+    let mut values =
+        serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<RawUsage>();
+    values.next()?.ok()
+}
+
+/// `sk-test-0001` -> `sk-te...001`. Short keys are masked entirely: revealing 8 characters of a
+/// 10-character key would reveal the key.
+pub fn mask_key(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() < 12 {
+        return "***".to_string();
+    }
+    let head: String = chars[..5].iter().collect();
+    let tail: String = chars[chars.len() - 3..].iter().collect();
+    format!("{head}...{tail}")
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+impl UsageRecord {
+    pub fn from_event(event: UsageEvent, include_raw_key: bool) -> UsageRecord {
+        let (tokens, estimated) = match parse_usage(&event.captured) {
+            Some(t) => (t, false),
+            None => {
+                let prompt = event.request_bytes / 4;
+                let completion = u64::from(event.content_events);
+                let t = Tokens {
+                    prompt,
+                    completion,
+                    total: prompt + completion,
+                    ..Tokens::default()
+                };
+                (t, true)
+            }
+        };
+        let (key_name, user_id, api_key) = match event.key {
+            Some(k) => {
+                let shown = if include_raw_key {
+                    k.api_key
+                } else {
+                    mask_key(&k.api_key)
+                };
+                (Some(k.name), k.user_id, Some(shown))
+            }
+            None => (None, None, None),
+        };
+        UsageRecord {
+            request_id: event.request_id,
+            timestamp: rfc3339(event.started_at),
+            key_name,
+            user_id,
+            api_key,
+            model: event.model,
+            endpoint: event.endpoint,
+            is_stream: event.is_stream,
+            backend_url: event.backend_url.to_string(),
+            status_code: event.status_code,
+            latency_ms: event.latency.as_millis() as u64,
+            ttft_ms: event.ttft.map(|t| t.as_millis() as u64),
+            prompt_tokens: tokens.prompt,
+            completion_tokens: tokens.completion,
+            total_tokens: tokens.total,
+            cached_tokens: tokens.cached,
+            reasoning_tokens: tokens.reasoning,
+            usage_estimated: estimated,
+            status: event.outcome.as_str().to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_768_386_600_123);
+        assert_eq!(rfc3339(t), "2026-01-14T10:30:00.123Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn masks_keys() {
+        assert_eq!(mask_key("sk-test-key-001"), "sk-te...001");
+        assert_eq!(mask_key("short"), "***");
+    }
+
+    #[test]
+    fn parses_body_event_and_truncated_tail() {
+        let body = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12,"prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":2}}}"#;
+        let full = Captured::Body {
+            bytes: body.to_vec(),
+            truncated: false,
+        };
+        let expected = Tokens {
+            prompt: 7,
+            completion: 5,
+            total: 12,
+            cached: 3,
+            reasoning: 2,
+        };
+        assert_eq!(parse_usage(&full), Some(expected));
+        let tail = Captured::Body {
+            bytes: body[20..].to_vec(),
+            truncated: true,
+        };
+        assert_eq!(parse_usage(&tail), Some(expected));
+        let event = Captured::Event(
+            br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#.to_vec(),
+        );
+        assert_eq!(
+            parse_usage(&event),
+            Some(Tokens {
+                prompt: 1,
+                completion: 2,
+                total: 3,
+                ..Tokens::default()
+            })
+        );
+        let null = Captured::Body {
+            bytes: br#"{"usage":null}"#.to_vec(),
+            truncated: false,
+        };
+        assert_eq!(parse_usage(&null), None);
+        assert_eq!(parse_usage(&Captured::Nothing), None);
+    }
+}

@@ -1,0 +1,409 @@
+//! The reporter: owns the threads behind the usage channel. Never runs on a worker core.
+//!
+//! - One ingest thread receives [`UsageEvent`]s in batches, turns them into [`UsageRecord`]s,
+//!   counts tokens, calls the quota hook, writes the batch to the spool in one transaction and
+//!   nudges the delivery threads. It also prunes the spool.
+//! - One delivery thread per reporter reads its backlog from the spool after its own cursor,
+//!   delivers, and advances the cursor. Threads, not a scheduler: the clients (ureq, postgres,
+//!   mysql, rusqlite) block, so a reporter stuck in a timeout or a long backoff must hold only
+//!   its own thread; another reporter's delivery never waits on it.
+//!
+//! Records are delivered at least once: a crash between delivery and cursor update re-sends,
+//! which the webhook's `Idempotency-Key` and the database's unique `request_id` absorb.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+
+use super::spool::Spool;
+use super::sql::SqlSink;
+use super::webhook::WebhookSink;
+use super::{UsageEvent, UsageRecord, UsageSender};
+use crate::config::{Reporter as ReporterConfig, ReporterKind, UsageHook};
+
+/// Called on the ingest thread for every record, before it is spooled (quota and token-rate
+/// accounting). Must be quick: it runs once per request.
+pub type QuotaHook = Box<dyn Fn(&UsageRecord) + Send>;
+
+/// Events taken from the channel per spool transaction, at most.
+const MAX_BATCH: usize = 4096;
+/// First wait after a failed delivery; doubles per consecutive failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// An idle delivery thread re-reads the spool this often even without a nudge (a row spooled
+/// by a previous run, a missed nudge).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// At shutdown, delivery threads keep delivering the backlog for at most this long.
+const FINAL_DELIVERY: Duration = Duration::from_secs(5);
+
+/// Counters for the metrics endpoint; all monotonic except `backlog`.
+#[derive(Debug, Default)]
+pub struct UsageStats {
+    /// Records spooled.
+    pub records: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    /// Records with estimated tokens (the backend reported none).
+    pub estimated: AtomicU64,
+    /// Events dropped because the channel was full (the counter the workers' senders share).
+    pub dropped: Arc<AtomicU64>,
+    /// Failed spool writes (each retried until it succeeds).
+    pub spool_errors: AtomicU64,
+    pub reporters: Vec<ReporterStats>,
+}
+
+/// One reporter's counters. For webhooks these are the seed's `llmproxy_webhook_success_total`
+/// and `llmproxy_webhook_failure_total`.
+#[derive(Debug)]
+pub struct ReporterStats {
+    pub name: String,
+    /// "webhook" | "database".
+    pub kind: &'static str,
+    /// Records delivered.
+    pub delivered: AtomicU64,
+    /// Failed delivery attempts (one per batch that ended in backoff).
+    pub failed: AtomicU64,
+    /// Spooled records this reporter has not delivered yet.
+    pub backlog: AtomicU64,
+}
+
+/// The running reporter. [`Reporter::shutdown`] after the workers have stopped.
+pub struct Reporter {
+    tx: Sender<UsageEvent>,
+    stats: Arc<UsageStats>,
+    ingest: JoinHandle<()>,
+    delivery: Vec<JoinHandle<()>>,
+}
+
+enum Sink {
+    Webhook(WebhookSink),
+    Sql(SqlSink),
+}
+
+impl Sink {
+    fn deliver(&mut self, records: &[UsageRecord]) -> Result<(), String> {
+        match self {
+            Sink::Webhook(w) => w.deliver(records),
+            Sink::Sql(s) => s.deliver(records),
+        }
+    }
+}
+
+impl Reporter {
+    /// Opens the spool (failing start-up if it cannot) and starts the threads.
+    pub fn start(hook: &UsageHook, quota: Option<QuotaHook>) -> io::Result<Reporter> {
+        let spool_error = |e: rusqlite::Error| {
+            io::Error::other(format!("usage spool {}: {e}", hook.spool_path.display()))
+        };
+        let spool = Spool::open(&hook.spool_path).map_err(spool_error)?;
+        let stats = Arc::new(UsageStats {
+            reporters: hook
+                .reporters
+                .iter()
+                .map(|r| ReporterStats {
+                    name: r.name.clone(),
+                    kind: match r.kind {
+                        ReporterKind::Webhook(_) => "webhook",
+                        ReporterKind::Database(_) => "database",
+                    },
+                    delivered: AtomicU64::new(0),
+                    failed: AtomicU64::new(0),
+                    backlog: AtomicU64::new(0),
+                })
+                .collect(),
+            ..UsageStats::default()
+        });
+
+        let mut nudges = Vec::new();
+        let mut delivery = Vec::new();
+        for (index, config) in hook.reporters.iter().enumerate() {
+            let spool = Spool::open(&hook.spool_path).map_err(spool_error)?;
+            // Capacity 1: a pending nudge already says "look again".
+            let (nudge_tx, nudge_rx) = crossbeam_channel::bounded(1);
+            nudges.push(nudge_tx);
+            let (config, stats) = (config.clone(), stats.clone());
+            delivery.push(
+                std::thread::Builder::new()
+                    .name(format!("llmproxy-usage-{index}"))
+                    .spawn(move || deliver_loop(config, spool, nudge_rx, stats, index))?,
+            );
+        }
+
+        let (tx, rx) = crossbeam_channel::bounded(hook.channel_capacity);
+        let ingest = Ingest {
+            rx,
+            spool,
+            nudges,
+            quota,
+            stats: stats.clone(),
+            include_raw_key: hook.include_raw_key,
+            reporters: hook.reporters.iter().map(|r| r.name.clone()).collect(),
+            retention: hook.retention,
+        };
+        let ingest = std::thread::Builder::new()
+            .name("llmproxy-usage".into())
+            .spawn(move || ingest.run())?;
+        Ok(Reporter {
+            tx,
+            stats,
+            ingest,
+            delivery,
+        })
+    }
+
+    /// A sender for one worker's [`crate::proxy::Context`].
+    pub fn sender(&self) -> UsageSender {
+        UsageSender::new(self.tx.clone(), self.stats.dropped.clone())
+    }
+
+    pub fn stats(&self) -> &Arc<UsageStats> {
+        &self.stats
+    }
+
+    /// Call once every sender is gone (the workers have joined): the ingest thread drains the
+    /// channel into the spool and exits; delivery threads then deliver what they can within
+    /// [`FINAL_DELIVERY`]. One still inside a slow delivery after that is left behind (the
+    /// process is exiting); its rows stay spooled for the next start.
+    pub fn shutdown(self) {
+        drop(self.tx);
+        if self.ingest.join().is_err() {
+            tracing::error!("usage ingest thread panicked");
+        }
+        let deadline = Instant::now() + FINAL_DELIVERY + Duration::from_secs(1);
+        while Instant::now() < deadline && !self.delivery.iter().all(JoinHandle::is_finished) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+struct Ingest {
+    rx: Receiver<UsageEvent>,
+    spool: Spool,
+    nudges: Vec<Sender<()>>,
+    quota: Option<QuotaHook>,
+    stats: Arc<UsageStats>,
+    include_raw_key: bool,
+    reporters: Vec<String>,
+    retention: Duration,
+}
+
+impl Ingest {
+    fn run(mut self) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        // Prune soon after start (checked_sub: an Instant cannot go back before boot).
+        let mut last_prune = Instant::now()
+            .checked_sub(PRUNE_EVERY)
+            .unwrap_or_else(Instant::now);
+        loop {
+            let first = match self.rx.recv_timeout(PRUNE_EVERY) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.prune(&mut last_prune);
+                    continue;
+                }
+                // Every sender is gone and the channel is empty: shutdown.
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            batch.push(self.record(first));
+            while batch.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(event) => batch.push(self.record(event)),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.spool_batch(&batch);
+            // Exact counts come from the delivery threads; this keeps the gauge current while
+            // one is stuck in a slow delivery.
+            for r in &self.stats.reporters {
+                r.backlog.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+            batch.clear();
+            for nudge in &self.nudges {
+                let _ = nudge.try_send(());
+            }
+            self.prune(&mut last_prune);
+        }
+        // Dropping the nudge senders tells the delivery threads to finish.
+    }
+
+    fn record(&self, event: UsageEvent) -> UsageRecord {
+        let record = UsageRecord::from_event(event, self.include_raw_key);
+        let s = &self.stats;
+        s.records.fetch_add(1, Ordering::Relaxed);
+        s.prompt_tokens
+            .fetch_add(record.prompt_tokens, Ordering::Relaxed);
+        s.completion_tokens
+            .fetch_add(record.completion_tokens, Ordering::Relaxed);
+        if record.usage_estimated {
+            s.estimated.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(quota) = &self.quota {
+            quota(&record);
+        }
+        record
+    }
+
+    /// Retries until the batch is written: these records exist nowhere else. Meanwhile the
+    /// channel fills and further events are dropped (and counted) rather than held in memory.
+    fn spool_batch(&mut self, batch: &[UsageRecord]) {
+        let mut logged = false;
+        while let Err(e) = self.spool.insert(batch) {
+            self.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
+            if !logged {
+                tracing::error!(
+                    records = batch.len(),
+                    "usage spool write failed, retrying: {e}"
+                );
+                logged = true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn prune(&self, last: &mut Instant) {
+        if last.elapsed() < PRUNE_EVERY {
+            return;
+        }
+        *last = Instant::now();
+        let names: Vec<&str> = self.reporters.iter().map(String::as_str).collect();
+        match self.spool.prune(&names, self.retention) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "usage spool pruned"),
+            Err(e) => tracing::warn!("usage spool prune failed: {e}"),
+        }
+    }
+}
+
+/// `FIRST_BACKOFF * 2^(failures-1)`, capped, with "equal jitter" (a random half of it) so that
+/// reporters failing together do not retry in lockstep.
+fn backoff(failures: u32, rng: &mut u64) -> Duration {
+    let full = FIRST_BACKOFF
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF);
+    // xorshift64: jitter needs no cryptographic randomness.
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    let half = full / 2;
+    half + half.mul_f64((*rng % 1_000_000) as f64 / 1_000_000.0)
+}
+
+fn deliver_loop(
+    config: ReporterConfig,
+    spool: Spool,
+    nudges: Receiver<()>,
+    stats: Arc<UsageStats>,
+    index: usize,
+) {
+    let name = config.name.as_str();
+    let batch_size = config.batch_size;
+    let mut sink = match config.kind {
+        ReporterKind::Webhook(w) => Sink::Webhook(WebhookSink::new(w, batch_size)),
+        ReporterKind::Database(d) => Sink::Sql(SqlSink::new(d)),
+    };
+    let stats = &stats.reporters[index];
+    let mut rng = (super::spool::now_ms() as u64)
+        ^ (std::process::id() as u64).rotate_left(32)
+        ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        | 1;
+    let mut failures = 0u32;
+    // Set once the ingest thread has exited: deliver what is left until then.
+    let mut final_deadline: Option<Instant> = None;
+    loop {
+        if final_deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        if let Ok(n) = spool.backlog(name) {
+            stats.backlog.store(n, Ordering::Relaxed);
+        }
+        let rows = match spool.pending(name, batch_size) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(reporter = name, "usage spool read failed: {e}");
+                Vec::new()
+            }
+        };
+        let wait = if rows.is_empty() {
+            if final_deadline.is_some() {
+                break;
+            }
+            IDLE_POLL
+        } else {
+            let records: Vec<UsageRecord> = rows.iter().map(|(_, r)| r.clone()).collect();
+            match sink.deliver(&records) {
+                Ok(()) => {
+                    let last = rows[rows.len() - 1].0;
+                    if let Err(e) = spool.ack(name, last) {
+                        // Delivered but not recorded: it will be re-sent (idempotently).
+                        tracing::error!(reporter = name, "usage cursor update failed: {e}");
+                    }
+                    stats
+                        .delivered
+                        .fetch_add(records.len() as u64, Ordering::Relaxed);
+                    if failures > 0 {
+                        tracing::info!(reporter = name, "usage delivery recovered");
+                    }
+                    failures = 0;
+                    continue;
+                }
+                Err(e) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    failures += 1;
+                    let wait = backoff(failures, &mut rng);
+                    tracing::warn!(
+                        reporter = name,
+                        records = records.len(),
+                        failures,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "usage delivery failed: {e}"
+                    );
+                    if final_deadline.is_some() {
+                        break;
+                    }
+                    wait
+                }
+            }
+        };
+        // Sleep until `wait` is over; nudges only end an idle wait, never a backoff.
+        let until = Instant::now() + wait;
+        loop {
+            match nudges.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(()) if failures == 0 => break,
+                Ok(()) => continue,
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    if final_deadline.is_none() {
+                        final_deadline = Some(Instant::now() + FINAL_DELIVERY);
+                    }
+                    // During a backoff at shutdown, give up: the rows stay spooled.
+                    if failures > 0 {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let mut rng = 0x1234_5678_9abc_def1;
+        for failures in 1..40 {
+            let full = FIRST_BACKOFF
+                .saturating_mul(1 << (failures - 1).min(16))
+                .min(MAX_BACKOFF);
+            let d = backoff(failures, &mut rng);
+            assert!(d >= full / 2 && d <= full, "{failures}: {d:?}");
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The spool: a local SQLite outbox (WAL) that every record is written to before any delivery,
+//! plus one cursor per reporter (the last row it delivered). Owns the file's schema, batch
+//! inserts, reading a reporter's backlog, pruning and the totals for `llmproxy usage`.
+//!
+//! Each thread opens its own [`Spool`] on the same file: WAL lets readers run beside the one
+//! writer, and `busy_timeout` serialises the short write transactions. It must not deliver
+//! anything itself.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::UsageRecord;
+
+/// A spooled record: its row id (the cursor position) and the record.
+pub type Row = (i64, UsageRecord);
+
+pub struct Spool {
+    conn: Connection,
+}
+
+/// Grouping for [`Spool::totals`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Key,
+    Model,
+}
+
+/// Token totals of one group (or of everything).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Totals {
+    /// Key name or model; "-" where unknown; "" for the grand total.
+    pub group: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub estimated: u64,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Spool {
+    /// Opens (creating the file, its directory and the schema if needed).
+    pub fn open(path: &Path) -> rusqlite::Result<Spool> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // A missing directory then surfaces as SQLite's "unable to open" with the path.
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        // NORMAL in WAL mode: a committed batch survives a process crash (kill -9); only an OS
+        // crash or power loss can lose the last transactions, and it costs no fsync per batch.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(
+            // AUTOINCREMENT: ids never go back, even after pruning empties the table; a
+            // reused id at or below a cursor would never be delivered.
+            "CREATE TABLE IF NOT EXISTS records (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 spooled_ms INTEGER NOT NULL,
+                 key_name TEXT,
+                 model TEXT,
+                 prompt_tokens INTEGER NOT NULL,
+                 completion_tokens INTEGER NOT NULL,
+                 total_tokens INTEGER NOT NULL,
+                 usage_estimated INTEGER NOT NULL,
+                 record TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS records_spooled ON records(spooled_ms);
+             CREATE TABLE IF NOT EXISTS cursors (
+                 reporter TEXT PRIMARY KEY,
+                 last_id INTEGER NOT NULL
+             );",
+        )?;
+        Ok(Spool { conn })
+    }
+
+    /// Writes a batch in one transaction (one commit for the whole batch is what makes
+    /// tens of thousands of records per second cheap).
+    pub fn insert(&mut self, records: &[UsageRecord]) -> rusqlite::Result<()> {
+        let now = now_ms();
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO records (spooled_ms, key_name, model, prompt_tokens,
+                     completion_tokens, total_tokens, usage_estimated, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for r in records {
+                let json = serde_json::to_string(r).expect("a record always serialises");
+                stmt.execute(params![
+                    now,
+                    r.key_name,
+                    r.model,
+                    r.prompt_tokens as i64,
+                    r.completion_tokens as i64,
+                    r.total_tokens as i64,
+                    r.usage_estimated,
+                    json,
+                ])?;
+            }
+        }
+        tx.commit()
+    }
+
+    /// The reporter's position: the last row id it delivered (0 for a new reporter).
+    pub fn cursor(&self, reporter: &str) -> rusqlite::Result<i64> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT last_id FROM cursors WHERE reporter = ?1")?
+            .query_row([reporter], |row| row.get(0))
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    /// Up to `limit` rows after the reporter's cursor, oldest first.
+    pub fn pending(&self, reporter: &str, limit: usize) -> rusqlite::Result<Vec<Row>> {
+        let after = self.cursor(reporter)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, record FROM records WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+        let rows = stmt.query_map(params![after, limit as i64], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, json) = row?;
+            match serde_json::from_str(&json) {
+                Ok(record) => out.push((id, record)),
+                // Only a hand-edited spool gets here; skipping beats blocking the reporter forever.
+                Err(e) => tracing::error!(row = id, "unreadable spool row skipped: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks every row up to `last_id` delivered for `reporter`.
+    pub fn ack(&self, reporter: &str, last_id: i64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO cursors (reporter, last_id) VALUES (?1, ?2)
+                 ON CONFLICT(reporter) DO UPDATE SET last_id = MAX(last_id, excluded.last_id)",
+            )?
+            .execute(params![reporter, last_id])?;
+        Ok(())
+    }
+
+    /// Rows spooled but not yet delivered by `reporter`. Ids are contiguous and rows after any
+    /// cursor are never pruned, so this is a subtraction, not a scan of the backlog.
+    pub fn backlog(&self, reporter: &str) -> rusqlite::Result<u64> {
+        let after = self.cursor(reporter)?;
+        let last: i64 = self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM records")?
+            .query_row([], |row| row.get(0))?;
+        Ok(last.saturating_sub(after).max(0) as u64)
+    }
+
+    /// Deletes rows older than `retention` that every one of `reporters` has delivered.
+    pub fn prune(&self, reporters: &[&str], retention: Duration) -> rusqlite::Result<usize> {
+        let mut delivered = i64::MAX;
+        for name in reporters {
+            delivered = delivered.min(self.cursor(name)?);
+        }
+        let before = now_ms() - retention.as_millis() as i64;
+        self.conn.execute(
+            "DELETE FROM records WHERE id <= ?1 AND spooled_ms < ?2",
+            params![delivered, before],
+        )
+    }
+
+    /// Totals of the records spooled at or after `since_ms`, biggest first, grand total last.
+    pub fn totals(&self, since_ms: i64, by: Option<GroupBy>) -> rusqlite::Result<Vec<Totals>> {
+        let group = match by {
+            Some(GroupBy::Key) => "COALESCE(key_name, '-')",
+            Some(GroupBy::Model) => "COALESCE(model, '-')",
+            None => "''",
+        };
+        let sql = format!(
+            "SELECT {group}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),
+                    SUM(total_tokens), SUM(usage_estimated)
+             FROM records WHERE spooled_ms >= ?1 GROUP BY 1 ORDER BY 5 DESC, 1"
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map([since_ms], |row| {
+            Ok(Totals {
+                group: row.get(0)?,
+                requests: row.get::<_, i64>(1)? as u64,
+                prompt_tokens: row.get::<_, i64>(2)? as u64,
+                completion_tokens: row.get::<_, i64>(3)? as u64,
+                total_tokens: row.get::<_, i64>(4)? as u64,
+                estimated: row.get::<_, i64>(5)? as u64,
+            })
+        })?;
+        rows.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(id: &str, key: &str, prompt: u64) -> UsageRecord {
+        UsageRecord {
+            request_id: id.into(),
+            timestamp: "2026-01-14T10:30:00.000Z".into(),
+            key_name: Some(key.into()),
+            user_id: None,
+            api_key: None,
+            model: Some("m".into()),
+            endpoint: "/v1/chat/completions".into(),
+            is_stream: true,
+            backend_url: "http://b".into(),
+            status_code: 200,
+            latency_ms: 1,
+            ttft_ms: Some(1),
+            prompt_tokens: prompt,
+            completion_tokens: 1,
+            total_tokens: prompt + 1,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            usage_estimated: false,
+            status: "ok".into(),
+        }
+    }
+
+    #[test]
+    fn cursors_backlog_prune_and_totals() {
+        let dir = std::env::temp_dir().join(format!("llmproxy-spool-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("nested/usage.db");
+        let mut spool = Spool::open(&path).unwrap();
+        spool
+            .insert(&[
+                record("a", "k1", 10),
+                record("b", "k2", 20),
+                record("c", "k1", 30),
+            ])
+            .unwrap();
+        assert_eq!(spool.backlog("hook").unwrap(), 3);
+        let rows = spool.pending("hook", 2).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].1.request_id, "b");
+        spool.ack("hook", rows[1].0).unwrap();
+        // Another connection sees the same state: this is how the delivery threads work.
+        let other = Spool::open(&path).unwrap();
+        assert_eq!(other.backlog("hook").unwrap(), 1);
+        assert_eq!(other.backlog("db").unwrap(), 3);
+        // Retention 0: rows delivered by every reporter go, the rest stays.
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(other.prune(&["hook", "db"], Duration::ZERO).unwrap(), 0);
+        assert_eq!(other.prune(&["hook"], Duration::ZERO).unwrap(), 2);
+        assert_eq!(other.pending("db", 10).unwrap().len(), 1);
+
+        spool
+            .insert(&[record("d", "k2", 5), record("e", "k1", 1)])
+            .unwrap();
+        let by_key = spool.totals(0, Some(GroupBy::Key)).unwrap();
+        assert_eq!(by_key[0].group, "k1");
+        assert_eq!((by_key[0].requests, by_key[0].prompt_tokens), (2, 31));
+        assert_eq!(by_key[1].group, "k2");
+        assert_eq!(by_key[1].total_tokens, 6);
+        let all = spool.totals(0, None).unwrap();
+        assert_eq!((all[0].requests, all[0].prompt_tokens), (3, 36));
+
+        // Everything delivered and pruned: new rows still come after every cursor.
+        for name in ["hook", "db"] {
+            other.ack(name, 5).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(other.prune(&["hook", "db"], Duration::ZERO).unwrap(), 3);
+        spool.insert(&[record("f", "k2", 5)]).unwrap();
+        assert_eq!(spool.backlog("db").unwrap(), 1);
+        assert_eq!(spool.pending("db", 10).unwrap()[0].1.request_id, "f");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Webhook receiver for the usage tests (stdlib only).
+
+Appends one JSON line per POST to --out: {"headers": {...lower-cased...}, "body": <parsed JSON>,
+"raw": <body text as received>, "status": <status sent>}. --fail-first N answers the first N POSTs with 500 (still recorded).
+Prints "ready" on stdout once listening.
+"""
+import argparse
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--port", type=int, required=True)
+parser.add_argument("--out", required=True)
+parser.add_argument("--fail-first", type=int, default=0)
+args = parser.parse_args()
+
+lock = threading.Lock()
+seen = 0
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        global seen
+        length = int(self.headers.get("Content-Length", "0"))
+        raw = self.rfile.read(length)
+        with lock:
+            seen += 1
+            status = 500 if seen <= args.fail_first else 200
+            line = {
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+                "body": json.loads(raw),
+                "raw": raw.decode(),
+                "status": status,
+            }
+            with open(args.out, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        payload = b'{"status":"ok"}' if status == 200 else b'{"error":"try later"}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *_):
+        pass
+
+
+server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+print("ready", flush=True)
+server.serve_forever()

@@ -1,0 +1,269 @@
+//! Delivery through the spool: a webhook that fails and recovers, batching, signatures, a
+//! gateway killed with SIGKILL while its reporters are down, SIGTERM draining, and the
+//! `llmproxy usage` command.
+
+mod common;
+#[path = "support/usage.rs"]
+mod usage;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{free_port, post_json, spawn_gateway, spawn_mock, wait_until};
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use usage::{gateway_yaml, spool_records, temp_dir, Receiver};
+
+fn chat(stream: bool) -> Value {
+    json!({
+        "model": "mock-model",
+        "messages": [{"role": "user", "content": "How many tokens is this?"}],
+        "stream": stream,
+    })
+}
+
+/// Accepted (2xx) deliveries per request_id, from every POST body (object or array).
+fn accepted(posts: &[Value]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for p in posts.iter().filter(|p| p["status"] == 200) {
+        let records = match &p["body"] {
+            Value::Array(items) => items.clone(),
+            one => vec![one.clone()],
+        };
+        for r in records {
+            *counts
+                .entry(r["request_id"].as_str().unwrap().to_string())
+                .or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+fn webhook_reporter(url: &str, extra: &str) -> String {
+    format!(
+        "\n    - name: hook\n      type: webhook\n      url: \"{url}\"\n      timeout: 2s\n{extra}"
+    )
+}
+
+#[test]
+fn failing_webhook_recovers_with_one_delivery_per_request() {
+    let mock = spawn_mock(&["--tokens", "5"]);
+    let dir = temp_dir("webhook");
+    let receiver = Receiver::start(free_port(), &dir.join("posts.jsonl"), 3);
+    let reporters = webhook_reporter(
+        &receiver.url(),
+        "      retry: 1\n      secret: \"s3cret\"\n      headers:\n        Authorization: \"Bearer t0k\"\n",
+    );
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &dir.join("usage.db"), &reporters));
+    let ids: Vec<String> = (0..5).map(|i| format!("w-{i}")).collect();
+    for id in &ids {
+        let r = post_json(
+            gw.addr,
+            "/v1/chat/completions",
+            &chat(true),
+            &[("X-Request-Id", id)],
+        );
+        assert_eq!(r.status, 200);
+    }
+    let done = wait_until(Duration::from_secs(20), || {
+        accepted(&receiver.posts()).len() == ids.len()
+    });
+    assert!(done, "posts: {:?}", receiver.posts());
+    // Nothing more arrives later: each accepted record stays accepted once.
+    std::thread::sleep(Duration::from_millis(1500));
+    let posts = receiver.posts();
+    let counts = accepted(&posts);
+    for id in &ids {
+        assert_eq!(counts.get(id), Some(&1), "{id}: {counts:?}");
+    }
+    assert_eq!(posts.iter().filter(|p| p["status"] == 500).count(), 3);
+
+    for p in &posts {
+        let h = &p["headers"];
+        assert_eq!(h["idempotency-key"], p["body"]["request_id"]);
+        assert_eq!(h["authorization"], "Bearer t0k");
+        assert_eq!(h["content-type"], "application/json");
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret").unwrap();
+        mac.update(p["raw"].as_str().unwrap().as_bytes());
+        let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        assert_eq!(h["x-llmproxy-signature"], expected.as_str());
+        let body = &p["body"];
+        for field in [
+            "request_id",
+            "user_id",
+            "api_key",
+            "model",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "is_stream",
+            "endpoint",
+            "timestamp",
+            "backend_url",
+            "key_name",
+            "status_code",
+            "latency_ms",
+            "ttft_ms",
+            "cached_tokens",
+            "reasoning_tokens",
+            "usage_estimated",
+            "status",
+        ] {
+            assert!(body.get(field).is_some(), "missing {field}: {body}");
+        }
+        assert_eq!(body["completion_tokens"], 5);
+        assert_eq!(body["is_stream"], true);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn batched_webhook_sends_arrays() {
+    let mock = spawn_mock(&["--tokens", "2"]);
+    let dir = temp_dir("batch");
+    let receiver = Receiver::start(free_port(), &dir.join("posts.jsonl"), 0);
+    let reporters = webhook_reporter(&receiver.url(), "      batch_size: 4\n");
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &dir.join("usage.db"), &reporters));
+    for i in 0..10 {
+        let id = format!("b-{i}");
+        post_json(
+            gw.addr,
+            "/v1/chat/completions",
+            &chat(false),
+            &[("X-Request-Id", &id)],
+        );
+    }
+    assert!(wait_until(Duration::from_secs(10), || accepted(
+        &receiver.posts()
+    )
+    .len()
+        == 10));
+    let posts = receiver.posts();
+    assert!(accepted(&posts).values().all(|&n| n == 1));
+    for p in &posts {
+        let items = p["body"].as_array().expect("a JSON array");
+        assert!(!items.is_empty() && items.len() <= 4);
+        assert_eq!(p["headers"]["idempotency-key"], items[0]["request_id"]);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn sqlite_ids(path: &Path, table: &str) -> Vec<String> {
+    let Ok(conn) = rusqlite::Connection::open(path) else {
+        return Vec::new();
+    };
+    let Ok(mut stmt) = conn.prepare(&format!("SELECT request_id FROM {table}")) else {
+        return Vec::new();
+    };
+    stmt.query_map([], |r| r.get(0))
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn records_survive_sigkill_while_the_webhook_is_down() {
+    let mock = spawn_mock(&["--tokens", "4"]);
+    let dir = temp_dir("kill");
+    let spool = dir.join("usage.db");
+    let db = dir.join("warehouse.db");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/usage");
+    let reporters = format!(
+        "{}    - name: warehouse\n      type: database\n      batch_size: 7\n      \
+         database: {{driver: sqlite, dsn: \"{}\", table: usage_kill}}\n",
+        webhook_reporter(&url, "      retry: 0\n"),
+        db.display()
+    );
+    let config = gateway_yaml(mock.addr, &spool, &reporters);
+    let ids: Vec<String> = (0..20).map(|i| format!("k-{i}")).collect();
+    {
+        let gw = spawn_gateway(&config);
+        for id in &ids {
+            let r = post_json(
+                gw.addr,
+                "/v1/chat/completions",
+                &chat(false),
+                &[("X-Request-Id", id)],
+            );
+            assert_eq!(r.status, 200);
+        }
+        assert!(wait_until(Duration::from_secs(10), || spool_records(
+            &spool
+        )
+        .len()
+            == ids.len()));
+        // Dropping the process handle sends SIGKILL.
+    }
+    let receiver = Receiver::start(port, &dir.join("posts.jsonl"), 0);
+    let _gw = spawn_gateway(&config);
+    let delivered = wait_until(Duration::from_secs(20), || {
+        accepted(&receiver.posts()).len() == ids.len()
+            && sqlite_ids(&db, "usage_kill").len() == ids.len()
+    });
+    assert!(
+        delivered,
+        "webhook: {:?}, sql: {:?}",
+        accepted(&receiver.posts()),
+        sqlite_ids(&db, "usage_kill")
+    );
+    let mut in_sql = sqlite_ids(&db, "usage_kill");
+    in_sql.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(in_sql, expected);
+    assert!(accepted(&receiver.posts()).values().all(|&n| n == 1));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn sigterm_drains_into_the_spool_and_usage_prints_totals() {
+    let mock = spawn_mock(&["--tokens", "6"]);
+    let dir = temp_dir("term");
+    let spool = dir.join("usage.db");
+    let url = format!("http://127.0.0.1:{}/usage", free_port());
+    let mut gw = spawn_gateway(&gateway_yaml(
+        mock.addr,
+        &spool,
+        &webhook_reporter(&url, "      retry: 0\n"),
+    ));
+    for i in 0..12 {
+        let model_body = chat(i % 2 == 0);
+        post_json(
+            gw.addr,
+            "/v1/chat/completions",
+            &model_body,
+            &[("X-Request-Id", &format!("t-{i}"))],
+        );
+    }
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(gw.child.id() as i32, libc::SIGTERM) };
+    let exited = wait_until(Duration::from_secs(15), || {
+        matches!(gw.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(exited, "gateway did not exit on SIGTERM");
+    let records = spool_records(&spool);
+    assert_eq!(records.len(), 12);
+    assert!(records.iter().all(|r| r.completion_tokens == 6));
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+        .args(["usage", "--since", "1h", "--by", "model", "--spool"])
+        .arg(&spool)
+        .output()
+        .expect("run llmproxy usage");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("mock-model"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let prompt: u64 = records.iter().map(|r| r.prompt_tokens).sum();
+    assert_eq!(numbers, [12, prompt, 72, prompt + 72, 0]);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,320 @@
+//! Usage records through the real gateway and simulator: exact tokens for streams (with and
+//! without the client asking for usage) and non-streams, cached and reasoning tokens, estimated
+//! and cancelled records, and client-visible bytes equal to what the backend sends directly.
+
+mod common;
+#[path = "support/usage.rs"]
+mod usage;
+
+use std::io::Read;
+use std::time::Duration;
+
+use common::{post_json, raw_request, spawn_gateway, spawn_mock, sse_events, wait_until, Client};
+use llmproxy::usage::UsageRecord;
+use serde_json::{json, Value};
+use usage::{gateway_yaml, spool_records, temp_dir};
+
+fn chat(stream: bool, include_usage: bool) -> Value {
+    let mut body = json!({
+        "model": "mock-model",
+        "messages": [{"role": "user", "content": "Tell me about metering, please"}],
+        "stream": stream,
+    });
+    if include_usage {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body
+}
+
+/// The record with this request id, once spooled.
+fn record_for(spool: &std::path::Path, request_id: &str) -> UsageRecord {
+    let mut found = None;
+    let ok = wait_until(Duration::from_secs(10), || {
+        found = spool_records(spool)
+            .into_iter()
+            .find(|r| r.request_id == request_id);
+        found.is_some()
+    });
+    assert!(ok, "no usage record for {request_id}");
+    found.unwrap()
+}
+
+/// SSE payloads with the per-response fields (id, created) removed.
+fn normalized_events(body: &[u8]) -> Vec<Value> {
+    sse_events(body)
+        .into_iter()
+        .map(|e| match serde_json::from_str::<Value>(&e) {
+            Ok(mut v) => {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("id");
+                    o.remove("created");
+                }
+                v
+            }
+            Err(_) => Value::String(e),
+        })
+        .collect()
+}
+
+fn usage_of_events(body: &[u8]) -> Value {
+    let events = normalized_events(body);
+    let last = events
+        .iter()
+        .rev()
+        .find(|e| e.get("usage").is_some_and(|u| u.is_object()))
+        .expect("a usage event");
+    last["usage"].clone()
+}
+
+fn assert_tokens(record: &UsageRecord, usage: &Value) {
+    assert_eq!(
+        record.prompt_tokens,
+        usage["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        record.completion_tokens,
+        usage["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(record.total_tokens, usage["total_tokens"].as_u64().unwrap());
+    assert!(!record.usage_estimated);
+}
+
+#[test]
+fn streams_are_metered_exactly_and_relayed_unchanged() {
+    let mock = spawn_mock(&["--tokens", "12"]);
+    let dir = temp_dir("stream");
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &spool, " []"));
+    let path = "/v1/chat/completions";
+
+    // The client did not ask for usage: the gateway asks, meters it and strips it.
+    let direct = post_json(mock.addr, path, &chat(true, false), &[]);
+    let via = post_json(
+        gw.addr,
+        path,
+        &chat(true, false),
+        &[("X-Request-Id", "s-plain")],
+    );
+    assert_eq!(via.status, 200);
+    assert_eq!(
+        normalized_events(&via.body),
+        normalized_events(&direct.body)
+    );
+    assert!(!via.text().contains("\"usage\":{"), "{}", via.text());
+    let reference = post_json(mock.addr, path, &chat(true, true), &[]);
+    let record = record_for(&spool, "s-plain");
+    assert_tokens(&record, &usage_of_events(&reference.body));
+    assert_eq!(record.completion_tokens, 12);
+    assert!(record.is_stream);
+    assert_eq!(record.status, "ok");
+    assert_eq!(record.status_code, 200);
+    assert_eq!(record.endpoint, path);
+    assert_eq!(record.model.as_deref(), Some("mock-model"));
+    assert_eq!(record.backend_url, format!("http://{}", mock.addr));
+    assert!(record.ttft_ms.is_some());
+    assert!(record.timestamp.ends_with('Z') && record.timestamp.contains('T'));
+
+    // The client asked: it gets the usage event untouched, and the record matches it.
+    let direct = post_json(mock.addr, path, &chat(true, true), &[]);
+    let via = post_json(
+        gw.addr,
+        path,
+        &chat(true, true),
+        &[("X-Request-Id", "s-usage")],
+    );
+    assert_eq!(
+        normalized_events(&via.body),
+        normalized_events(&direct.body)
+    );
+    let record = record_for(&spool, "s-usage");
+    assert_tokens(&record, &usage_of_events(&via.body));
+
+    // Completions endpoint too.
+    let body = json!({"model": "mock-model", "prompt": "Once upon a time", "stream": true});
+    let direct = post_json(mock.addr, "/v1/completions", &body, &[]);
+    let via = post_json(
+        gw.addr,
+        "/v1/completions",
+        &body,
+        &[("X-Request-Id", "s-compl")],
+    );
+    assert_eq!(
+        normalized_events(&via.body),
+        normalized_events(&direct.body)
+    );
+    let record = record_for(&spool, "s-compl");
+    assert_eq!(record.completion_tokens, 12);
+    assert!(!record.usage_estimated);
+    drop(gw);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn non_stream_records_carry_cached_and_reasoning_tokens() {
+    let mock = spawn_mock(&["--tokens", "9"]);
+    let dir = temp_dir("nonstream");
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &spool, " []"));
+    let path = "/v1/chat/completions";
+
+    let knobs = [
+        ("x-mock-cached-tokens", "5"),
+        ("x-mock-reasoning-tokens", "3"),
+    ];
+    let mut headers = vec![("X-Request-Id", "n-3")];
+    headers.extend(knobs);
+    let r = post_json(gw.addr, path, &chat(true, false), &headers);
+    assert!(!r.text().contains("cached_tokens"), "{}", r.text());
+    let record = record_for(&spool, "n-3");
+    assert_eq!((record.cached_tokens, record.reasoning_tokens), (5, 3));
+    assert_eq!(record.completion_tokens, 9);
+    let r = post_json(
+        gw.addr,
+        path,
+        &chat(false, false),
+        &[("X-Request-Id", "n-1")],
+    );
+    assert_eq!(r.status, 200);
+    let record = record_for(&spool, "n-1");
+    assert_tokens(&record, &r.json()["usage"]);
+    assert!(!record.is_stream);
+    assert_eq!((record.cached_tokens, record.reasoning_tokens), (0, 0));
+
+    let mut headers = vec![("X-Request-Id", "n-2")];
+    headers.extend(knobs);
+    let r = post_json(gw.addr, path, &chat(false, false), &headers);
+    let record = record_for(&spool, "n-2");
+    assert_tokens(&record, &r.json()["usage"]);
+    assert_eq!((record.cached_tokens, record.reasoning_tokens), (5, 3));
+
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn cancelled_stream_bills_what_was_relayed() {
+    let mock = spawn_mock(&["--tokens", "200", "--itl-ms", "50"]);
+    let dir = temp_dir("cancel");
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &spool, " []"));
+    let body = chat(true, false).to_string();
+    let mut client = Client::connect(gw.addr);
+    client.send(&raw_request(
+        "POST",
+        "/v1/chat/completions",
+        body.as_bytes(),
+        &[("X-Request-Id", "c-1")],
+    ));
+    // Read some events, then hang up.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.windows(6).filter(|w| w == b"data: ").count() < 5 {
+        let n = client.stream().read(&mut buf).expect("read stream");
+        assert!(n > 0, "stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(client);
+    let record = record_for(&spool, "c-1");
+    assert_eq!(record.status, "cancelled");
+    assert!(record.usage_estimated);
+    assert!(
+        record.completion_tokens >= 4 && record.completion_tokens < 200,
+        "{record:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// An upstream that streams three content events and never any usage, whatever it is asked.
+const NO_USAGE_UPSTREAM: &str = r#"
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers()
+        self.wfile.write(b"ok")
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for word in ["one", "two", "three"]:
+            ev = ('data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % word).encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+        ev = b"data: [DONE]\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(ev), ev))
+    def log_message(self, *a): pass
+s = HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+print("ready", flush=True)
+s.serve_forever()
+"#;
+
+#[test]
+fn missing_usage_is_estimated() {
+    use std::io::BufRead;
+    let port = common::free_port();
+    let mut upstream = std::process::Command::new("python3")
+        .args(["-c", NO_USAGE_UPSTREAM, &port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(upstream.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let dir = temp_dir("estimate");
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(([127, 0, 0, 1], port).into(), &spool, " []"));
+    let body = chat(true, false);
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &body,
+        &[("X-Request-Id", "e-1")],
+    );
+    assert_eq!(sse_events(&r.body).len(), 4);
+    let record = record_for(&spool, "e-1");
+    assert!(record.usage_estimated);
+    assert_eq!(record.completion_tokens, 3);
+    // The gateway added `stream_options` upstream; the estimate uses the body it sent.
+    let sent = body.to_string().len() as u64;
+    assert!(
+        (sent / 4..=sent / 4 + 15).contains(&record.prompt_tokens),
+        "{record:?}"
+    );
+    assert_eq!(
+        record.total_tokens,
+        record.prompt_tokens + record.completion_tokens
+    );
+    drop(gw);
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn oversized_body_is_metered_from_its_tail() {
+    let mock = spawn_mock(&[]);
+    let dir = temp_dir("big");
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &spool, " []"));
+    // Past the meter's 1 MiB body copy: only the tail is kept, and usage is read from it.
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &chat(false, false),
+        &[
+            ("X-Request-Id", "big-1"),
+            ("x-mock-tokens", "300000"),
+            ("x-mock-cached-tokens", "11"),
+        ],
+    );
+    assert!(r.body.len() > 1 << 20, "{}", r.body.len());
+    let record = record_for(&spool, "big-1");
+    assert_tokens(&record, &r.json()["usage"]);
+    assert_eq!(
+        (record.completion_tokens, record.cached_tokens),
+        (300_000, 11)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
