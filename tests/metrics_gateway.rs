@@ -50,6 +50,11 @@ fn known_traffic_gives_matching_counters_and_histograms() {
     );
     assert_eq!(r.status, 200);
 
+    // A request is counted just after its last byte is written, so the client can see the
+    // response a moment before the counters move: wait for all ten requests to be counted.
+    assert!(wait_until(std::time::Duration::from_secs(2), || {
+        metric(gw.addr, "llmproxy_requests_total") >= 10.0
+    }));
     let r = get(gw.addr, "/metrics");
     assert_eq!(r.status, 200);
     assert!(r

@@ -82,9 +82,17 @@ fn admin_api_needs_the_token_lists_backends_and_reloads() {
             200
         );
     }
-    let r = admin(admin_addr, "GET", "/admin/metrics", Some(TOKEN));
-    assert_eq!(r.status, 200);
-    let text = r.text();
+    // Requests are counted just after their last byte is written: wait until all four are.
+    let mut text = String::new();
+    let counted = wait_until(std::time::Duration::from_secs(2), || {
+        let r = admin(admin_addr, "GET", "/admin/metrics", Some(TOKEN));
+        assert_eq!(r.status, 200);
+        text = r.text();
+        [one.addr, two.addr]
+            .iter()
+            .all(|b| text.contains(&format!("backend=\"http://{b}\",status=\"200\"}} 2")))
+    });
+    assert!(counted, "{text}");
     for b in [one.addr, two.addr] {
         assert!(
             text.contains(&format!("backend=\"http://{b}\",status=\"200\"}} 2")),
