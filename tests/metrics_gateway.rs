@@ -305,3 +305,44 @@ fn cancels_cuts_and_retries_are_counted() {
     let _ = fixed.wait();
     assert_eq!(metric(gw.addr, "llmproxy_retries_total"), 2.0);
 }
+
+#[test]
+fn usage_reporter_counters_reach_metrics() {
+    let mock = spawn_mock(&["--tokens", "4"]);
+    let dir = std::env::temp_dir().join(format!("llmproxy-metrics-usage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let gw = gateway(
+        &mock,
+        &format!(
+            "usage_hook:\n  enabled: true\n  spool_path: \"{0}/spool.db\"\n  reporters:\n    - name: local\n      type: database\n      database:\n        driver: sqlite\n        dsn: \"{0}/usage.db\"\n",
+            dir.display()
+        ),
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            post_json(gw.addr, "/v1/chat/completions", &chat(false), &[]).status,
+            200
+        );
+    }
+    let delivered = wait_until(std::time::Duration::from_secs(5), || {
+        let text = get(gw.addr, "/metrics").text();
+        series(
+            &text,
+            "llmproxy_usage_delivered_total{reporter=\"local\",type=\"database\"}",
+        ) == 3.0
+    });
+    let text = get(gw.addr, "/metrics").text();
+    assert!(delivered, "{text}");
+    assert_eq!(
+        series(&text, "llmproxy_usage_tokens_total{type=\"completion\"}"),
+        12.0
+    );
+    assert_eq!(
+        series(&text, "llmproxy_usage_spool_backlog{reporter=\"local\"}"),
+        0.0
+    );
+    assert_eq!(series(&text, "llmproxy_usage_events_dropped_total"), 0.0);
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -173,31 +173,7 @@ impl Registry {
         );
         let _ = writeln!(out, "llmproxy_retries_total {}", sum(&|w| w.retries.get()));
 
-        // The usage reporter (webhook delivery, token parsing) is not on this branch yet: the
-        // series exist so dashboards and alerts can be built against them.
-        header(
-            &mut out,
-            "llmproxy_webhook_success_total",
-            "counter",
-            "Successful usage webhook deliveries.",
-        );
-        out.push_str("llmproxy_webhook_success_total 0\n");
-        header(
-            &mut out,
-            "llmproxy_webhook_failure_total",
-            "counter",
-            "Failed usage webhook deliveries.",
-        );
-        out.push_str("llmproxy_webhook_failure_total 0\n");
-        header(
-            &mut out,
-            "llmproxy_usage_tokens_total",
-            "counter",
-            "Tokens used, by type.",
-        );
-        for t in ["prompt", "completion"] {
-            let _ = writeln!(out, "llmproxy_usage_tokens_total{{type=\"{t}\"}} 0");
-        }
+        self.render_usage(&mut out);
 
         gauge_header(&mut out, "llmproxy_info", "Build and runtime information.");
         let driver = *self.io_driver.lock().unwrap_or_else(|e| e.into_inner());
@@ -207,6 +183,131 @@ impl Registry {
             self.version
         );
         out
+    }
+}
+
+impl Registry {
+    /// The seed's usage series, plus per-reporter delivery and backlog. Zero when usage
+    /// reporting is off, so dashboards and alerts always find the series.
+    fn render_usage(&self, out: &mut String) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = self.usage.get();
+        let reporters = stats.map_or(&[][..], |s| &s.reporters[..]);
+        let webhooks = |f: &dyn Fn(&crate::usage::ReporterStats) -> u64| {
+            reporters
+                .iter()
+                .filter(|r| r.kind == "webhook")
+                .map(f)
+                .sum::<u64>()
+        };
+        header(
+            out,
+            "llmproxy_webhook_success_total",
+            "counter",
+            "Usage records delivered to webhooks.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_webhook_success_total {}",
+            webhooks(&|r| r.delivered.load(Relaxed))
+        );
+        header(
+            out,
+            "llmproxy_webhook_failure_total",
+            "counter",
+            "Failed usage webhook deliveries (each retried later).",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_webhook_failure_total {}",
+            webhooks(&|r| r.failed.load(Relaxed))
+        );
+        header(
+            out,
+            "llmproxy_usage_tokens_total",
+            "counter",
+            "Tokens used, by type.",
+        );
+        for (t, v) in [
+            ("prompt", stats.map_or(0, |s| s.prompt_tokens.load(Relaxed))),
+            (
+                "completion",
+                stats.map_or(0, |s| s.completion_tokens.load(Relaxed)),
+            ),
+        ] {
+            let _ = writeln!(out, "llmproxy_usage_tokens_total{{type=\"{t}\"}} {v}");
+        }
+        header(
+            out,
+            "llmproxy_usage_records_total",
+            "counter",
+            "Usage records spooled, and how many had estimated tokens.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_usage_records_total{{estimated=\"false\"}} {}",
+            stats.map_or(0, |s| s.records.load(Relaxed)
+                - s.estimated.load(Relaxed).min(s.records.load(Relaxed)))
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_usage_records_total{{estimated=\"true\"}} {}",
+            stats.map_or(0, |s| s.estimated.load(Relaxed))
+        );
+        header(
+            out,
+            "llmproxy_usage_events_dropped_total",
+            "counter",
+            "Usage events dropped because the reporter channel was full.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_usage_events_dropped_total {}",
+            stats.map_or(0, |s| s.dropped.load(Relaxed))
+        );
+        header(
+            out,
+            "llmproxy_usage_delivered_total",
+            "counter",
+            "Usage records delivered, per reporter.",
+        );
+        for r in reporters {
+            let _ = writeln!(
+                out,
+                "llmproxy_usage_delivered_total{{reporter=\"{}\",type=\"{}\"}} {}",
+                escape(&r.name),
+                r.kind,
+                r.delivered.load(Relaxed)
+            );
+        }
+        header(
+            out,
+            "llmproxy_usage_delivery_failures_total",
+            "counter",
+            "Failed delivery attempts, per reporter.",
+        );
+        for r in reporters {
+            let _ = writeln!(
+                out,
+                "llmproxy_usage_delivery_failures_total{{reporter=\"{}\",type=\"{}\"}} {}",
+                escape(&r.name),
+                r.kind,
+                r.failed.load(Relaxed)
+            );
+        }
+        gauge_header(
+            out,
+            "llmproxy_usage_spool_backlog",
+            "Spooled usage records a reporter has not delivered yet.",
+        );
+        for r in reporters {
+            let _ = writeln!(
+                out,
+                "llmproxy_usage_spool_backlog{{reporter=\"{}\"}} {}",
+                escape(&r.name),
+                r.backlog.load(Relaxed)
+            );
+        }
     }
 }
 

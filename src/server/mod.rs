@@ -74,6 +74,9 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
     } else {
         None
     };
+    if let Some(r) = &reporter {
+        registry.attach_usage(r.stats().clone());
+    }
 
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<&'static str>>();
     let mut threads = Vec::with_capacity(config.workers);
