@@ -1,0 +1,102 @@
+//! Zero-downtime upgrade: a new gateway process starts beside the old one on the same port
+//! (`SO_REUSEPORT`), then SIGTERM drains the old one. A running stream and a request loop see no
+//! errors throughout.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+fn gateway_on(addr: SocketAddr, backend: SocketAddr, tag: &str) -> Proc {
+    let path = std::env::temp_dir().join(format!(
+        "llmproxy-upgrade-{}-{tag}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &path,
+        format!("listen: \"{addr}\"\nworkers: 2\nbackends:\n  - url: \"http://{backend}\"\n"),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc {
+        child,
+        addr,
+        config: Some(path),
+    }
+}
+
+#[test]
+fn new_process_beside_the_old_then_drain() {
+    let sim = spawn_mock(&[]);
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut old = gateway_on(addr, sim.addr, "old");
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    }));
+
+    // A long stream on the old process.
+    let mut stream = Client::connect(addr);
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string();
+    stream.send(&raw_request(
+        "POST",
+        "/v1/chat/completions",
+        body.as_bytes(),
+        &[("x-mock-itl-ms", "50"), ("x-mock-tokens", "30")],
+    ));
+
+    // A request loop, new connection each time, for the whole switchover.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let looper = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let chat = json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+                match std::panic::catch_unwind(|| {
+                    post_json(addr, "/v1/chat/completions", &chat, &[]).status
+                }) {
+                    Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let new = gateway_on(addr, sim.addr, "new");
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    assert_eq!(
+        unsafe { libc::kill(old.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let r = stream.read_response();
+    assert!(
+        r.chunks().1 && r.text().contains("[DONE]"),
+        "the running stream was cut"
+    );
+    assert!(old.child.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    looper.join().unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the upgrade ({} ok)",
+        ok.load(Ordering::Relaxed)
+    );
+    assert!(ok.load(Ordering::Relaxed) > 50);
+    // The new process serves alone now.
+    assert_eq!(get(new.addr, "/health").status, 200);
+}
