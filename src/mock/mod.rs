@@ -1,4 +1,20 @@
-//! OpenAI-compatible LLM simulator (`llmproxy mock-llm`). Placeholder, being written.
+//! OpenAI-compatible LLM simulator (`llmproxy mock-llm`): the backend for tests, the demo and
+//! load benchmarks.
+//!
+//! Owns: its listeners and worker runtimes, vLLM's wire format for chat, completions, embeddings,
+//! models, health and metrics, and the fault knobs (flags, overridden per request by `x-mock-*`
+//! headers). It must behave like vLLM on the wire and stay cheap enough to be the "direct" baseline
+//! in benchmarks, so it must not allocate per token, block a worker (delays are monoio timers), or
+//! parse HTTP itself (the codec in `crate::http` does).
+
+mod conn;
+mod metrics;
+mod openai;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Simulator options (CLI flags of `llmproxy mock-llm`).
 #[derive(clap::Args, Debug, Clone)]
@@ -6,8 +22,169 @@ pub struct MockOptions {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8001")]
     pub listen: String,
+    /// Worker threads, each with its own runtime and SO_REUSEPORT listener.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Served model name; repeat for several. Requests for other models get vLLM's 404.
+    #[arg(long = "model", value_name = "NAME", default_value = "mock-model")]
+    pub models: Vec<String>,
+    /// Delay before the first token event (header `x-mock-ttft-ms`).
+    #[arg(long, default_value_t = 0)]
+    pub ttft_ms: u64,
+    /// Delay between token events (header `x-mock-itl-ms`).
+    #[arg(long, default_value_t = 0)]
+    pub itl_ms: u64,
+    /// Tokens the model wants to generate; `max_tokens` below this caps it with finish "length"
+    /// (header `x-mock-tokens`).
+    #[arg(long, default_value_t = 16)]
+    pub tokens: u64,
+    /// Answer inference requests with this status and an OpenAI-shaped error (header `x-mock-status`).
+    #[arg(long, value_name = "CODE")]
+    pub fail_status: Option<u16>,
+    /// Only the first N inference requests (process-wide) fail, with `--fail-status` (500 if unset).
+    #[arg(long, value_name = "N")]
+    pub fail_first: Option<u64>,
+    /// Delay before the response head (header `x-mock-delay-ms`).
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u64,
+    /// Stream N content tokens then close the socket without the terminating chunk; non-streaming
+    /// responses send the head and half the body (header `x-mock-cut-after`).
+    #[arg(long, value_name = "N")]
+    pub cut_after: Option<u64>,
+    /// Accept and immediately close every connection.
+    #[arg(long)]
+    pub refuse: bool,
+    /// Length of embedding vectors.
+    #[arg(long, default_value_t = 8)]
+    pub embedding_dim: usize,
+    /// Value reported as `vllm:num_requests_waiting`.
+    #[arg(long, default_value_t = 0)]
+    pub waiting: u64,
+    /// Value reported as `vllm:kv_cache_usage_perc` and `vllm:gpu_cache_usage_perc` (0.0-1.0).
+    #[arg(long, default_value_t = 0.0)]
+    pub kv_cache_usage: f64,
 }
 
-pub fn run(_opts: MockOptions) -> std::io::Result<()> {
-    unimplemented!()
+/// State every worker reads; counters are process-wide atomics because workers share them.
+struct Shared {
+    opts: MockOptions,
+    /// Unix seconds at start, the `created` of every model.
+    started: u64,
+    /// In-flight generations per model, indexed like `opts.models`.
+    running: Vec<AtomicI64>,
+    /// Inference requests still to fail under `--fail-first`.
+    fail_left: AtomicU64,
+    ids: AtomicU64,
+    id_seed: u64,
+    connections: AtomicU64,
+    requests: AtomicU64,
+    cancelled: AtomicU64,
+    streams_completed: AtomicU64,
+}
+
+impl Shared {
+    fn new(opts: MockOptions) -> Shared {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Shared {
+            started: now.as_secs(),
+            running: opts.models.iter().map(|_| AtomicI64::new(0)).collect(),
+            fail_left: AtomicU64::new(opts.fail_first.unwrap_or(0)),
+            ids: AtomicU64::new(0),
+            id_seed: now.as_nanos() as u64 ^ u64::from(std::process::id()) << 32,
+            connections: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            streams_completed: AtomicU64::new(0),
+            opts,
+        }
+    }
+
+    /// 32 hex digits, unique per process like vLLM's `random_uuid()`.
+    fn hex_id(&self) -> [u8; 32] {
+        let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        let a = splitmix64(self.id_seed.wrapping_add(n));
+        let b = splitmix64(a ^ n);
+        let mut out = [0u8; 32];
+        for (i, byte) in a
+            .to_be_bytes()
+            .iter()
+            .chain(b.to_be_bytes().iter())
+            .enumerate()
+        {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out[2 * i] = HEX[usize::from(byte >> 4)];
+            out[2 * i + 1] = HEX[usize::from(byte & 15)];
+        }
+        out
+    }
+
+    /// The status this inference request must fail with, if any; consumes one `--fail-first` slot.
+    fn forced_failure(&self, header: Option<u16>) -> Option<u16> {
+        if let Some(s) = header {
+            return Some(s);
+        }
+        match self.opts.fail_first {
+            Some(_) => self
+                .fail_left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .ok()
+                .map(|_| self.opts.fail_status.unwrap_or(500)),
+            None => self.opts.fail_status,
+        }
+    }
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+pub fn run(opts: MockOptions) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    let mut addr: SocketAddr =
+        opts.listen.to_socket_addrs()?.next().ok_or_else(|| {
+            Error::new(ErrorKind::InvalidInput, "--listen resolves to no address")
+        })?;
+    if opts.models.is_empty() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "at least one --model is needed",
+        ));
+    }
+    let workers = opts.workers.max(1);
+    // Workers run until the process exits, so leaking gives every connection task a plain
+    // `&'static` instead of an atomic reference count per connection.
+    let shared: &'static Shared = Box::leak(Box::new(Shared::new(opts)));
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            std::process::exit(0);
+        }
+    });
+
+    // Workers bind one after another so that port 0 resolves once and the rest share that port.
+    let mut threads = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let (tx, rx) = mpsc::channel();
+        let t = std::thread::Builder::new()
+            .name(format!("mock-worker-{i}"))
+            .spawn(move || conn::worker(addr, shared, tx))?;
+        threads.push(t);
+        addr = rx
+            .recv()
+            .map_err(|_| Error::other("worker failed to start"))??;
+    }
+    eprintln!("mock-llm listening on {addr}");
+    for t in threads {
+        let _ = t.join();
+    }
+    Err(Error::other("all workers stopped"))
 }

@@ -1,0 +1,552 @@
+//! Worker runtimes and connections: accept, read requests with the `crate::http` codec, route,
+//! apply the fault knobs, and pace token events on monoio timers.
+//!
+//! Buffers live per connection and are reused across requests and events, so a streamed token
+//! costs one render into `ev`, one framing copy into `out` and one write.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+
+use super::openai::{self, ApiError, Generation, TokenKnobs};
+use super::{metrics, Shared};
+use crate::error::GatewayError;
+use crate::http::{
+    parse_request, write_response, ChunkedDecoder, Framing, RequestError, RequestHead,
+};
+
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_BODY: usize = 32 << 20;
+/// Long waits are cut into slices this long, with a check after each that the client is still there.
+const WATCH_SLICE: Duration = Duration::from_millis(20);
+const JSON: &[u8] = b"application/json";
+
+pub(super) fn worker(
+    addr: SocketAddr,
+    sh: &'static Shared,
+    ready: mpsc::Sender<std::io::Result<SocketAddr>>,
+) {
+    let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build();
+    let mut rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let opts = ListenerOpts::new().reuse_port(true).backlog(4096);
+        let listener = match TcpListener::bind_with_config(addr, &opts) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready.send(listener.local_addr());
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    sh.connections.fetch_add(1, Ordering::Relaxed);
+                    if !sh.opts.refuse {
+                        monoio::spawn(serve(stream, sh));
+                    }
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning on the error.
+                    eprintln!("mock-llm: accept: {e}");
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    });
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+/// Per-request knobs: `x-mock-*` headers over the process flags.
+#[derive(Clone, Copy)]
+struct Knobs {
+    ttft_ms: u64,
+    itl_ms: u64,
+    delay_ms: u64,
+    status: Option<u16>,
+    cut_after: Option<u64>,
+    close: bool,
+    tokens: TokenKnobs,
+}
+
+impl Knobs {
+    fn read(head: &RequestHead, buf: &[u8], sh: &Shared) -> Knobs {
+        let o = &sh.opts;
+        let mut k = Knobs {
+            ttft_ms: o.ttft_ms,
+            itl_ms: o.itl_ms,
+            delay_ms: o.delay_ms,
+            status: None,
+            cut_after: o.cut_after,
+            close: false,
+            tokens: TokenKnobs {
+                tokens: o.tokens,
+                cached_tokens: None,
+                reasoning_tokens: None,
+            },
+        };
+        for (n, v) in &head.headers {
+            let name = n.of(buf);
+            if name.len() <= 7 || !name[..7].eq_ignore_ascii_case(b"x-mock-") {
+                continue;
+            }
+            // Unparsable values are ignored: the flag's value stays in force.
+            let Some(num) = std::str::from_utf8(v.of(buf))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let key = name[7..].to_ascii_lowercase();
+            match key.as_slice() {
+                b"ttft-ms" => k.ttft_ms = num,
+                b"itl-ms" => k.itl_ms = num,
+                b"delay-ms" => k.delay_ms = num,
+                b"tokens" => k.tokens.tokens = num,
+                b"status" if (400..=599).contains(&num) => k.status = Some(num as u16),
+                b"cut-after" => k.cut_after = Some(num),
+                b"close" => k.close = num != 0,
+                b"cached-tokens" => k.tokens.cached_tokens = Some(num),
+                b"reasoning-tokens" => k.tokens.reasoning_tokens = Some(num),
+                _ => {}
+            }
+        }
+        k
+    }
+}
+
+/// Counts a generation in `vllm:num_requests_running` while it lives.
+struct Running(&'static Shared, usize);
+
+impl Running {
+    fn new(sh: &'static Shared, model: usize) -> Running {
+        sh.running[model].fetch_add(1, Ordering::Relaxed);
+        Running(sh, model)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    sh: &'static Shared,
+    /// Received bytes; the current request starts at index 0.
+    buf: Vec<u8>,
+    head: RequestHead,
+    /// Bytes of `buf` the current request occupies (head and body framing).
+    consumed: usize,
+    body: Vec<u8>,
+    /// Bytes for the next write.
+    out: Vec<u8>,
+    /// One rendered SSE event (or a whole JSON body) before framing.
+    ev: Vec<u8>,
+}
+
+async fn serve(stream: TcpStream, sh: &'static Shared) {
+    // Without it keep-alive requests stall 40 ms on Nagle + delayed ACK.
+    let _ = stream.set_nodelay(true);
+    let mut c = Conn {
+        stream,
+        sh,
+        buf: Vec::with_capacity(8192),
+        head: RequestHead::default(),
+        consumed: 0,
+        body: Vec::new(),
+        out: Vec::with_capacity(4096),
+        ev: Vec::with_capacity(1024),
+    };
+    loop {
+        match c.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let e = GatewayError::Request(e);
+                let body = ApiError::new(e.status(), e.message()).body();
+                write_response(&mut c.out, e.status(), JSON, &[], &body, false);
+                c.flush().await;
+                return;
+            }
+        }
+        if !c.respond().await {
+            return;
+        }
+        c.buf.drain(..c.consumed);
+    }
+}
+
+impl Conn {
+    /// Reads until `buf` holds one whole request; `Ok(false)` when the peer closed or failed first.
+    async fn read_request(&mut self) -> Result<bool, RequestError> {
+        loop {
+            if !self.buf.is_empty() && parse_request(&self.buf, MAX_HEAD, &mut self.head)? {
+                break;
+            }
+            if !self.fill().await {
+                return Ok(false);
+            }
+        }
+        let head_len = self.head.head_len;
+        self.body.clear();
+        match self.head.framing() {
+            Framing::Length(n) => {
+                if n > MAX_BODY as u64 {
+                    return Err(RequestError::BodyTooLarge);
+                }
+                let end = head_len + n as usize;
+                if self.buf.len() < end {
+                    self.send_continue().await;
+                }
+                while self.buf.len() < end {
+                    if !self.fill().await {
+                        return Ok(false);
+                    }
+                }
+                self.body.extend_from_slice(&self.buf[head_len..end]);
+                self.consumed = end;
+            }
+            Framing::Chunked => {
+                let mut decoder = ChunkedDecoder::default();
+                let mut pos = head_len;
+                let mut asked = false;
+                loop {
+                    let body = &mut self.body;
+                    pos += decoder
+                        .feed(&self.buf[pos..], |d| body.extend_from_slice(d))
+                        .map_err(|_| RequestError::Malformed("invalid chunked body"))?;
+                    if body.len() > MAX_BODY {
+                        return Err(RequestError::BodyTooLarge);
+                    }
+                    if decoder.is_done() {
+                        break;
+                    }
+                    if !asked {
+                        asked = true;
+                        self.send_continue().await;
+                    }
+                    if !self.fill().await {
+                        return Ok(false);
+                    }
+                }
+                self.consumed = pos;
+            }
+            Framing::Empty | Framing::UntilClose => self.consumed = head_len,
+        }
+        Ok(true)
+    }
+
+    async fn send_continue(&mut self) {
+        if self.head.expect_continue {
+            self.out.clear();
+            self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            self.flush().await;
+        }
+    }
+
+    /// Appends what the socket has to `buf`; false on end of stream or error.
+    async fn fill(&mut self) -> bool {
+        if self.buf.len() == self.buf.capacity() {
+            self.buf.reserve(self.buf.capacity().max(8192));
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let (len, cap) = (buf.len(), buf.capacity());
+        // A read fills from index 0 of what it is given, so it gets the unused tail only.
+        let (res, slice) = self.stream.read(buf.slice_mut(len..cap)).await;
+        self.buf = slice.into_inner();
+        matches!(res, Ok(n) if n > 0)
+    }
+
+    /// Writes and clears `out`; false when the peer is gone.
+    async fn flush(&mut self) -> bool {
+        let out = std::mem::take(&mut self.out);
+        let (res, mut out) = self.stream.write_all(out).await;
+        out.clear();
+        self.out = out;
+        res.is_ok()
+    }
+
+    /// Answers the parsed request; false when the connection must close afterwards.
+    async fn respond(&mut self) -> bool {
+        let sh = self.sh;
+        let (buf, head) = (&self.buf, &self.head);
+        let method = head.method.of(buf);
+        let path = head.path(buf);
+        let k = Knobs::read(head, buf, sh);
+        let keep = head.keep_alive && !k.close;
+        let get = method == b"GET";
+        if get && (path == b"/health" || path == b"/metrics") {
+            let mut body = Vec::new();
+            let ctype: &[u8] = if path == b"/metrics" {
+                metrics::render(sh, &mut body);
+                b"text/plain; version=0.0.4; charset=utf-8"
+            } else {
+                b"text/plain; charset=utf-8"
+            };
+            return self.reply(200, ctype, &[], &body, keep).await;
+        }
+        sh.requests.fetch_add(1, Ordering::Relaxed);
+        let endpoint = match path {
+            b"/v1/chat/completions" => Some(Endpoint::Chat),
+            b"/v1/completions" => Some(Endpoint::Completions),
+            b"/v1/embeddings" => Some(Endpoint::Embeddings),
+            _ => None,
+        };
+        if path.starts_with(b"/v1/debug/echo") {
+            let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            let headers: Vec<[String; 2]> = head
+                .headers
+                .iter()
+                .map(|(n, v)| [lossy(n.of(buf)), lossy(v.of(buf))])
+                .collect();
+            let body = serde_json::json!({
+                "method": lossy(method),
+                "target": lossy(head.target.of(buf)),
+                "headers": headers,
+                "body": lossy(&self.body),
+            })
+            .to_string();
+            return self
+                .reply(200, JSON, &[(b"x-mock-echo", b"1")], body.as_bytes(), keep)
+                .await;
+        }
+        match (endpoint, method) {
+            (Some(ep), b"POST") => self.inference(ep, k, keep).await,
+            (None, b"GET") if path == b"/v1/models" => {
+                let body = openai::models(sh);
+                self.reply(200, JSON, &[], &body, keep).await
+            }
+            // FastAPI's answers, as vLLM gives them.
+            _ if endpoint.is_some() || matches!(path, b"/v1/models" | b"/health" | b"/metrics") => {
+                self.reply(405, JSON, &[], br#"{"detail":"Method Not Allowed"}"#, keep)
+                    .await
+            }
+            _ => {
+                self.reply(404, JSON, &[], br#"{"detail":"Not Found"}"#, keep)
+                    .await
+            }
+        }
+    }
+
+    async fn reply(
+        &mut self,
+        status: u16,
+        ctype: &[u8],
+        extra: &[(&[u8], &[u8])],
+        body: &[u8],
+        keep: bool,
+    ) -> bool {
+        write_response(&mut self.out, status, ctype, extra, body, keep);
+        self.flush().await && keep
+    }
+
+    async fn reply_error(&mut self, e: ApiError, keep: bool) -> bool {
+        let body = e.body();
+        self.reply(e.status, JSON, &[], &body, keep).await
+    }
+
+    async fn inference(&mut self, ep: Endpoint, k: Knobs, keep: bool) -> bool {
+        let sh = self.sh;
+        if k.delay_ms > 0 && !self.wait(k.delay_ms, true).await {
+            return self.cancelled();
+        }
+        if let Some(status) = sh.forced_failure(k.status) {
+            return self
+                .reply_error(
+                    ApiError::new(status, format!("Simulated failure (status {status}).")),
+                    keep,
+                )
+                .await;
+        }
+        if ep == Endpoint::Embeddings {
+            return match openai::embeddings(sh, &self.body) {
+                Ok(body) => self.reply(200, JSON, &[], &body, keep).await,
+                Err(e) => self.reply_error(e, keep).await,
+            };
+        }
+        let g = match Generation::parse(sh, ep == Endpoint::Chat, &self.body, k.tokens) {
+            Ok(g) => g,
+            Err(e) => return self.reply_error(e, keep).await,
+        };
+        let _running = Running::new(sh, g.model);
+        if g.stream {
+            self.stream(&g, k, keep).await
+        } else {
+            self.complete(&g, k, keep).await
+        }
+    }
+
+    /// A streamed generation: head, then each SSE event as its own chunk in its own write.
+    async fn stream(&mut self, g: &Generation, k: Knobs, keep: bool) -> bool {
+        self.out.clear();
+        self.out.extend_from_slice(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\n",
+        );
+        if !keep {
+            self.out.extend_from_slice(b"Connection: close\r\n");
+        }
+        self.out.extend_from_slice(b"\r\n");
+        // The head leaves at once, as uvicorn sends it; when the first event is due now anyway it
+        // rides in the same write.
+        if k.ttft_ms > 0 && !(self.flush().await && self.wait(k.ttft_ms, false).await) {
+            return self.cancelled();
+        }
+        if g.role_event(&mut self.ev) && !self.send_event(false).await {
+            return self.cancelled();
+        }
+        for i in 0..g.steps {
+            if k.cut_after == Some(i) {
+                return self.cut().await;
+            }
+            if i > 0 && k.itl_ms > 0 && !self.wait(k.itl_ms, false).await {
+                return self.cancelled();
+            }
+            g.step_event(i, &mut self.ev);
+            if !self.send_event(false).await {
+                return self.cancelled();
+            }
+        }
+        if k.cut_after == Some(g.steps) {
+            return self.cut().await;
+        }
+        if g.steps == 0 {
+            g.empty_finish_event(&mut self.ev);
+            if !self.send_event(false).await {
+                return self.cancelled();
+            }
+        }
+        if g.usage_event(&mut self.ev) && !self.send_event(false).await {
+            return self.cancelled();
+        }
+        self.ev.extend_from_slice(b"data: [DONE]\n\n");
+        if !self.send_event(true).await {
+            return self.cancelled();
+        }
+        self.sh.streams_completed.fetch_add(1, Ordering::Relaxed);
+        keep
+    }
+
+    /// A non-streamed generation: the whole body after the simulated generation time.
+    async fn complete(&mut self, g: &Generation, k: Knobs, keep: bool) -> bool {
+        let ms = k
+            .ttft_ms
+            .saturating_add(k.itl_ms.saturating_mul(g.steps.saturating_sub(1)));
+        if ms > 0 && !self.wait(ms, true).await {
+            return self.cancelled();
+        }
+        self.ev.clear();
+        g.full_body(&mut self.ev);
+        write_response(&mut self.out, 200, JSON, &[], &self.ev, keep);
+        if k.cut_after.is_some() {
+            let unsent = self.ev.len() - self.ev.len() / 2;
+            self.out.truncate(self.out.len() - unsent);
+            return self.cut().await;
+        }
+        if !self.flush().await {
+            return self.cancelled();
+        }
+        keep
+    }
+
+    /// Frames `ev` as one chunk (plus the last chunk when `last`) and writes it with anything
+    /// pending in `out`.
+    async fn send_event(&mut self, last: bool) -> bool {
+        push_hex(&mut self.out, self.ev.len());
+        self.out.extend_from_slice(b"\r\n");
+        self.out.extend_from_slice(&self.ev);
+        self.out.extend_from_slice(b"\r\n");
+        if last {
+            self.out.extend_from_slice(b"0\r\n\r\n");
+        }
+        self.ev.clear();
+        self.flush().await
+    }
+
+    /// `--cut-after`: sends what is pending, then the caller drops the socket mid-body.
+    async fn cut(&mut self) -> bool {
+        if !self.out.is_empty() {
+            self.flush().await;
+        }
+        false
+    }
+
+    fn cancelled(&self) -> bool {
+        self.sh.cancelled.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Sleeps `ms` on the runtime's timer; false when the client has gone meanwhile.
+    ///
+    /// Waits longer than a slice peek at the socket after each slice, and `check_end` peeks once
+    /// more at the end: a non-streamed response's single write would otherwise succeed into the
+    /// kernel buffer of a closed connection and the cancel would go uncounted. Streams notice on
+    /// their next failed write. A peek consumes nothing, so pipelined requests stay queued.
+    async fn wait(&self, ms: u64, check_end: bool) -> bool {
+        let fd = self.stream.as_raw_fd();
+        let deadline = Instant::now() + Duration::from_millis(ms);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return !check_end || !peer_gone(fd);
+            }
+            let step = left.min(WATCH_SLICE);
+            monoio::time::sleep(step).await;
+            if step == WATCH_SLICE && peer_gone(fd) {
+                return false;
+            }
+        }
+    }
+}
+
+/// True when the client closed or reset the connection. HTTP clients do not half-close while
+/// waiting for a response, so end of stream means they left.
+fn peer_gone(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a local; the fd is owned by the live TcpStream.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => true,
+        n if n > 0 => false,
+        _ => !matches!(
+            std::io::Error::last_os_error().kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ),
+    }
+}
+
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(HEX[(n >> (i * 4)) & 15]);
+    }
+}

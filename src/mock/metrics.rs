@@ -1,0 +1,84 @@
+//! `/metrics` in Prometheus text format: vLLM's scheduler gauges under their vLLM names (what a
+//! gateway's load-aware routing scrapes) plus the simulator's own counters (what tests assert on).
+
+use std::sync::atomic::Ordering;
+
+use super::Shared;
+
+pub(super) fn render(sh: &Shared, out: &mut Vec<u8>) {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(1024);
+    let gauges: [(&str, &str); 4] = [
+        (
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+        ),
+        (
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+        ),
+        (
+            "vllm:gpu_cache_usage_perc",
+            "GPU KV-cache usage. 1 means 100 percent usage.",
+        ),
+        (
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+        ),
+    ];
+    for (i, (name, help)) in gauges.iter().enumerate() {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (m, model) in sh.opts.models.iter().enumerate() {
+            let label = escape_label(model);
+            let _ = match i {
+                0 => writeln!(
+                    s,
+                    "{name}{{model_name=\"{label}\"}} {}",
+                    sh.running[m].load(Ordering::Relaxed)
+                ),
+                1 => writeln!(s, "{name}{{model_name=\"{label}\"}} {}", sh.opts.waiting),
+                _ => writeln!(
+                    s,
+                    "{name}{{model_name=\"{label}\"}} {}",
+                    sh.opts.kv_cache_usage
+                ),
+            };
+        }
+    }
+    let counters = [
+        (
+            "mock_connections_total",
+            "TCP connections accepted.",
+            &sh.connections,
+        ),
+        (
+            "mock_requests_total",
+            "HTTP requests received, except GET /health and GET /metrics.",
+            &sh.requests,
+        ),
+        (
+            "mock_requests_cancelled_total",
+            "Responses the client abandoned before they ended.",
+            &sh.cancelled,
+        ),
+        (
+            "mock_streams_completed_total",
+            "Streams sent through data: [DONE].",
+            &sh.streams_completed,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(
+            s,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -1,0 +1,533 @@
+//! The simulator over real sockets: vLLM's wire format, event framing and the fault knobs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::*;
+use serde_json::{json, Value};
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn chat(stream: bool, extra: Value) -> Value {
+    let mut v = json!({
+        "model": "mock-model",
+        "messages": [{"role": "user", "content": "Hello there, mock!"}], // 18 chars -> 5 tokens
+        "stream": stream,
+    });
+    v.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    v
+}
+
+fn events_json(r: &Response) -> (Vec<Value>, Vec<String>) {
+    let events = sse_events(&r.body);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "stream ends with [DONE]"
+    );
+    let parsed = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    (parsed, events)
+}
+
+#[test]
+fn streamed_chat_has_vllm_shape_and_one_chunk_per_event() {
+    let m = spawn_mock(&[]);
+    let r = post_json(
+        m.addr,
+        CHAT,
+        &chat(true, json!({})),
+        &[("x-mock-tokens", "4")],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/event-stream; charset=utf-8")
+    );
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+
+    let (chunks, terminated) = r.chunks();
+    assert!(terminated);
+    for c in &chunks {
+        let text = std::str::from_utf8(c).unwrap();
+        assert!(
+            text.starts_with("data: ") && text.ends_with("\n\n"),
+            "{text:?}"
+        );
+        assert_eq!(
+            text.matches("data: ").count(),
+            1,
+            "one event per chunk: {text:?}"
+        );
+    }
+    assert_eq!(chunks.last().unwrap(), b"data: [DONE]\n\n");
+
+    let (events, _) = events_json(&r);
+    assert_eq!(events.len(), 5, "role + 4 tokens");
+    let id = events[0]["id"].as_str().unwrap();
+    assert!(id.starts_with("chatcmpl-"));
+    for e in &events {
+        assert_eq!(e["id"], id);
+        assert_eq!(e["object"], "chat.completion.chunk");
+        assert_eq!(e["model"], "mock-model");
+        assert!(e["created"].as_u64().unwrap() > 1_600_000_000);
+        assert!(e.get("usage").is_none(), "no usage without include_usage");
+        assert_eq!(e["choices"][0]["index"], 0);
+        assert!(e["choices"][0]["logprobs"].is_null());
+    }
+    assert_eq!(
+        events[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    let text: String = events[1..]
+        .iter()
+        .map(|e| e["choices"][0]["delta"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "hello world this is ");
+    assert!(events[3]["choices"][0]["finish_reason"].is_null());
+    let last = &events[4]["choices"][0];
+    assert_eq!(last["finish_reason"], "stop");
+    assert!(last.get("stop_reason").is_some_and(Value::is_null));
+}
+
+#[test]
+fn include_usage_adds_one_final_usage_chunk() {
+    let m = spawn_mock(&[]);
+    let body = chat(
+        true,
+        json!({"max_tokens": 3, "stream_options": {"include_usage": true}}),
+    );
+    let r = post_json(
+        m.addr,
+        CHAT,
+        &body,
+        &[
+            ("x-mock-cached-tokens", "2"),
+            ("x-mock-reasoning-tokens", "1"),
+        ],
+    );
+    let (events, _) = events_json(&r);
+    let (usage_chunk, rest) = events.split_last().unwrap();
+    assert!(rest.iter().all(|e| e.get("usage").is_none()));
+    assert_eq!(
+        rest.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(
+        usage_chunk["usage"],
+        json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+               "prompt_tokens_details": {"cached_tokens": 2},
+               "completion_tokens_details": {"reasoning_tokens": 1}})
+    );
+
+    let off = chat(true, json!({"stream_options": {"include_usage": false}}));
+    let r = post_json(m.addr, CHAT, &off, &[]);
+    assert!(!r.text().contains("usage"));
+}
+
+#[test]
+fn continuous_usage_rides_every_chunk() {
+    let m = spawn_mock(&["--tokens", "3"]);
+    let body = chat(
+        true,
+        json!({"stream_options": {"include_usage": true, "continuous_usage_stats": true}}),
+    );
+    let (events, _) = events_json(&post_json(m.addr, CHAT, &body, &[]));
+    let completions: Vec<u64> = events
+        .iter()
+        .map(|e| e["usage"]["completion_tokens"].as_u64().unwrap())
+        .collect();
+    assert_eq!(completions, [0, 1, 2, 3, 3]);
+    assert!(events.iter().all(|e| e["usage"]["prompt_tokens"] == 5));
+
+    // vLLM only honours continuous_usage_stats together with include_usage.
+    let alone = chat(
+        true,
+        json!({"stream_options": {"continuous_usage_stats": true}}),
+    );
+    assert!(!post_json(m.addr, CHAT, &alone, &[])
+        .text()
+        .contains("usage"));
+}
+
+#[test]
+fn non_stream_always_has_usage_and_finish_reason() {
+    let m = spawn_mock(&[]);
+    let r = post_json(m.addr, CHAT, &chat(false, json!({})), &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(
+        r.header("content-length").unwrap(),
+        r.body.len().to_string()
+    );
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21})
+    );
+
+    for (extra, n, finish) in [
+        (json!({"max_tokens": 5}), 5, "length"),
+        (json!({"max_completion_tokens": 2}), 2, "length"),
+        (json!({"max_tokens": 100}), 16, "stop"),
+    ] {
+        let v = post_json(m.addr, CHAT, &chat(false, extra), &[]).json();
+        assert_eq!(v["usage"]["completion_tokens"], n);
+        assert_eq!(v["choices"][0]["finish_reason"], finish);
+        let words = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .count();
+        assert_eq!(words as u64, n);
+    }
+
+    let v = post_json(
+        m.addr,
+        CHAT,
+        &chat(false, json!({})),
+        &[("x-mock-cached-tokens", "4")],
+    )
+    .json();
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 4);
+}
+
+fn weather_tools() -> Value {
+    json!({"tools": [{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"location": {"type": "string"}},
+                       "required": ["location"]}}}]})
+}
+
+#[test]
+fn tool_call_deltas_concatenate_to_json_arguments() {
+    let m = spawn_mock(&[]);
+    let (events, _) = events_json(&post_json(m.addr, CHAT, &chat(true, weather_tools()), &[]));
+    let call = &events[1]["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!(call["index"], 0);
+    assert_eq!(call["type"], "function");
+    assert!(call["id"].as_str().unwrap().starts_with("chatcmpl-tool-"));
+    assert_eq!(
+        call["function"],
+        json!({"name": "get_weather", "arguments": ""})
+    );
+    let args: String = events[2..]
+        .iter()
+        .map(|e| {
+            e["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert!(events.len() > 3, "arguments arrive in several fragments");
+    let args: Value = serde_json::from_str(&args).unwrap();
+    assert!(args["location"].is_string());
+    assert_eq!(
+        events.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    let v = post_json(m.addr, CHAT, &chat(false, weather_tools()), &[]).json();
+    let msg = &v["choices"][0]["message"];
+    assert!(msg["content"].is_null());
+    assert_eq!(msg["tool_calls"][0]["function"]["name"], "get_weather");
+    let args: Value = serde_json::from_str(
+        msg["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(args["location"].is_string());
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+
+    let mut none = weather_tools();
+    none["tool_choice"] = json!("none");
+    let v = post_json(m.addr, CHAT, &chat(false, none), &[]).json();
+    assert!(v["choices"][0]["message"]["content"].is_string());
+}
+
+#[test]
+fn text_completions_stream_and_not() {
+    let m = spawn_mock(&[]);
+    let body = json!({"model": "mock-model", "prompt": "Say hi", "max_tokens": 2, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let (events, _) = events_json(&post_json(m.addr, "/v1/completions", &body, &[]));
+    assert_eq!(events.len(), 3, "2 tokens + usage, no role chunk");
+    assert!(events[0]["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(events[0]["object"], "text_completion");
+    assert_eq!(events[0]["choices"][0]["text"], "hello ");
+    assert_eq!(events[1]["choices"][0]["finish_reason"], "length");
+    assert_eq!(events[2]["usage"]["completion_tokens"], 2);
+    assert_eq!(events[2]["usage"]["prompt_tokens"], 2);
+
+    let body = json!({"model": "mock-model", "prompt": "Say hi"});
+    let v = post_json(m.addr, "/v1/completions", &body, &[("x-mock-tokens", "3")]).json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], "hello world this ");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["total_tokens"], 5);
+}
+
+#[test]
+fn embeddings_float_and_base64_agree() {
+    let m = spawn_mock(&["--embedding-dim", "4"]);
+    let float = post_json(
+        m.addr,
+        "/v1/embeddings",
+        &json!({"model": "mock-model", "input": ["abc", "defgh"]}),
+        &[],
+    )
+    .json();
+    assert_eq!(float["object"], "list");
+    assert_eq!(float["data"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        float["usage"],
+        json!({"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0})
+    );
+    let floats: Vec<f32> = float["data"][1]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(floats.len(), 4);
+
+    let b64 = post_json(
+        m.addr,
+        "/v1/embeddings",
+        &json!({"model": "mock-model", "input": ["abc", "defgh"], "encoding_format": "base64"}),
+        &[],
+    )
+    .json();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64["data"][1]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(decoded, floats);
+
+    let single = post_json(m.addr, "/v1/embeddings", &json!({"input": "defgh"}), &[]).json();
+    assert_eq!(
+        single["data"][0]["embedding"], float["data"][1]["embedding"],
+        "deterministic"
+    );
+}
+
+#[test]
+fn models_health_and_unknown_model() {
+    let m = spawn_mock(&["--model", "a", "--model", "b"]);
+    let v = get(m.addr, "/v1/models").json();
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert_eq!(v["data"][0]["owned_by"], "vllm");
+    assert_eq!(v["data"][0]["max_model_len"], 8192);
+
+    let h = get(m.addr, "/health");
+    assert_eq!((h.status, h.body.len()), (200, 0));
+
+    let r = post_json(m.addr, CHAT, &json!({"model": "zzz", "messages": []}), &[]);
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.json(),
+        json!({"error": {"message": "The model `zzz` does not exist.", "type": "NotFoundError", "param": null, "code": 404}})
+    );
+    let r = request(m.addr, &raw_request("POST", CHAT, b"{not json", &[]));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["type"], "BadRequestError");
+}
+
+#[test]
+fn status_and_fail_first_knobs() {
+    let m = spawn_mock(&["--fail-first", "2", "--fail-status", "503"]);
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| post_json(m.addr, CHAT, &chat(false, json!({})), &[]).status)
+        .collect();
+    assert_eq!(statuses, [503, 503, 200]);
+
+    let r = post_json(
+        m.addr,
+        CHAT,
+        &chat(true, json!({})),
+        &[("x-mock-status", "429")],
+    );
+    assert_eq!(r.status, 429);
+    let e = r.json();
+    assert!(e["error"]["message"].is_string());
+    assert_eq!(e["error"]["code"], 429);
+}
+
+#[test]
+fn cut_after_ends_the_body_without_its_end() {
+    let m = spawn_mock(&[]);
+    let r = post_json(
+        m.addr,
+        CHAT,
+        &chat(true, json!({})),
+        &[("x-mock-cut-after", "2")],
+    );
+    let (chunks, terminated) = r.chunks();
+    assert!(!terminated, "no terminating chunk");
+    assert_eq!(chunks.len(), 3, "role + 2 tokens");
+
+    let r = post_json(
+        m.addr,
+        CHAT,
+        &chat(false, json!({})),
+        &[("x-mock-cut-after", "0")],
+    );
+    let announced: usize = r.header("content-length").unwrap().parse().unwrap();
+    assert_eq!(r.body.len(), announced / 2);
+
+    let refusing = spawn_refusing();
+    let mut s = TcpStream::connect(refusing.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(&raw_request("GET", "/v1/models", b"", &[]));
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(buf.is_empty());
+}
+
+/// `--refuse` never answers /health, so it cannot go through `spawn_mock`'s readiness wait.
+fn spawn_refusing() -> Proc {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+        .args(["mock-llm", "--refuse", "--listen", &addr.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = Proc {
+        child,
+        addr,
+        config: None,
+    };
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
+        addr
+    )
+    .is_ok()));
+    p
+}
+
+#[test]
+fn ttft_delays_the_first_event() {
+    let m = spawn_mock(&[]);
+    let mut c = Client::connect(m.addr);
+    let body = chat(true, json!({})).to_string();
+    let start = Instant::now();
+    c.send(&raw_request(
+        "POST",
+        CHAT,
+        body.as_bytes(),
+        &[("x-mock-ttft-ms", "300")],
+    ));
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(6).any(|w| w == b"data: ") {
+        let n = c.stream().read(&mut buf).unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(300),
+        "first event after {took:?}"
+    );
+    assert!(took < Duration::from_secs(3));
+}
+
+#[test]
+fn keep_alive_serves_several_requests_on_one_connection() {
+    let m = spawn_mock(&[]);
+    let before = metric(m.addr, "mock_connections_total");
+    let mut c = Client::connect(m.addr);
+    for stream in [true, false] {
+        let body = chat(stream, json!({})).to_string();
+        c.send(&raw_request("POST", CHAT, body.as_bytes(), &[]));
+        let r = c.read_response();
+        assert_eq!(r.status, 200);
+        assert!(r.header("connection").is_none());
+    }
+    // Chunked request body with Expect: 100-continue on the same connection.
+    c.send(b"POST /v1/debug/echo?x=1 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n");
+    c.send(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!(r.header("x-mock-echo"), Some("1"));
+    let v = r.json();
+    assert_eq!(
+        (
+            v["method"].as_str(),
+            v["target"].as_str(),
+            v["body"].as_str()
+        ),
+        (Some("POST"), Some("/v1/debug/echo?x=1"), Some("abcde"))
+    );
+    assert!(v["headers"]
+        .as_array()
+        .unwrap()
+        .contains(&json!(["Host", "t"])));
+
+    c.send(&raw_request(
+        "GET",
+        "/v1/models",
+        b"",
+        &[("x-mock-close", "1")],
+    ));
+    assert_eq!(c.read_response().header("connection"), Some("close"));
+    // This scrape's own connection plus the one above.
+    assert_eq!(metric(m.addr, "mock_connections_total") - before, 2.0);
+}
+
+#[test]
+fn client_leaving_mid_stream_is_counted_as_cancelled() {
+    let m = spawn_mock(&["--itl-ms", "50", "--tokens", "100"]);
+    let mut c = Client::connect(m.addr);
+    let body = chat(true, json!({})).to_string();
+    c.send(&raw_request("POST", CHAT, body.as_bytes(), &[]));
+    let mut buf = [0u8; 1024];
+    assert!(c.stream().read(&mut buf).unwrap() > 0);
+    assert!(wait_until(Duration::from_secs(2), || metric(
+        m.addr,
+        "vllm:num_requests_running"
+    ) == 1.0));
+    drop(c);
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        m.addr,
+        "mock_requests_cancelled_total"
+    ) == 1.0));
+    assert_eq!(metric(m.addr, "vllm:num_requests_running"), 0.0);
+    assert_eq!(metric(m.addr, "mock_streams_completed_total"), 0.0);
+
+    // A non-streamed generation notices too, while it is still "generating".
+    let mut c = Client::connect(m.addr);
+    let body = chat(false, json!({})).to_string();
+    c.send(&raw_request(
+        "POST",
+        CHAT,
+        body.as_bytes(),
+        &[("x-mock-ttft-ms", "2000")],
+    ));
+    std::thread::sleep(Duration::from_millis(100));
+    drop(c);
+    assert!(wait_until(Duration::from_secs(1), || metric(
+        m.addr,
+        "mock_requests_cancelled_total"
+    ) == 2.0));
+}
