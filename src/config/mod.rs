@@ -9,6 +9,7 @@
 //! Pipeline: env substitution on raw text -> generic tree -> [`schema`] key check (all problems
 //! collected) -> serde into `Raw*` structs (type errors carry the key path) -> validation.
 
+mod auth;
 mod env;
 mod schema;
 mod units;
@@ -21,6 +22,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+pub use auth::{
+    days_from_civil, mask, year_month, ApiKeyConfig, AuthConfig, Denial, DenialResponse, KeyStatus,
+    LimitSpec, QuotaPeriod, RateLimitConfig, Secret,
+};
 use units::{DurationValue, SizeValue};
 
 /// The built-in demo config: one local backend on 127.0.0.1:8001.
@@ -72,6 +77,11 @@ pub struct Config {
     /// Never empty.
     pub backends: Vec<Backend>,
     pub log: LogConfig,
+    /// `None` when there is no `auth` section or it says `enabled: false`.
+    pub auth: Option<AuthConfig>,
+    /// The static key list (`auth.storage: "file"`).
+    pub api_keys: Vec<ApiKeyConfig>,
+    pub rate_limit: RateLimitConfig,
 }
 
 /// Client- and upstream-side timeouts (key `timeouts`).
@@ -112,6 +122,8 @@ pub struct Backend {
     pub host_header: String,
     /// Prepended to request paths: "" or e.g. "/openai" (never a trailing slash).
     pub path_prefix: String,
+    /// The backend's own key, sent upstream as `Authorization: Bearer` (never the client's).
+    pub api_key: Option<Secret>,
 }
 
 /// Logging (key `log`).
@@ -269,6 +281,9 @@ struct RawConfig {
     upstream: RawUpstream,
     backends: Vec<RawBackend>,
     log: RawLog,
+    auth: Option<auth::RawAuth>,
+    api_keys: Vec<auth::RawApiKey>,
+    rate_limit: auth::RawRateLimit,
 }
 
 impl Default for RawConfig {
@@ -285,6 +300,9 @@ impl Default for RawConfig {
             upstream: RawUpstream::default(),
             backends: Vec::new(),
             log: RawLog::default(),
+            auth: None,
+            api_keys: Vec::new(),
+            rate_limit: auth::RawRateLimit::default(),
         }
     }
 }
@@ -332,6 +350,8 @@ struct RawBackend {
     url: String,
     #[serde(default = "default_weight")]
     weight: u32,
+    #[serde(default)]
+    api_key: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -397,10 +417,12 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
                 port: target.port,
                 host_header: target.host_header,
                 path_prefix: target.path_prefix,
+                api_key: backend.api_key.filter(|k| !k.is_empty()).map(Secret),
             }),
             Err(message) => report(&format!("backends[{index}].url"), Err(message)),
         }
     }
+    let (auth, api_keys, rate_limit) = auth::build(raw.auth, raw.api_keys, raw.rate_limit, issues);
     if !issues.is_empty() {
         return None;
     }
@@ -431,6 +453,9 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             level: raw.log.level,
             format: raw.log.format,
         },
+        auth,
+        api_keys,
+        rate_limit,
     })
 }
 
@@ -720,9 +745,14 @@ weight = 3
 
     #[test]
     fn example_files_parse_and_document_every_key() {
-        let full_yaml = yaml(&example("llmproxy.yaml")).unwrap();
-        let full_toml = parse_with_env(&example("llmproxy.toml"), Format::Toml, |_| None).unwrap();
+        let mut full_yaml = yaml(&example("llmproxy.yaml")).unwrap();
+        let mut full_toml =
+            parse_with_env(&example("llmproxy.toml"), Format::Toml, |_| None).unwrap();
         assert_eq!(full_yaml, full_toml);
+        // The sample key documents its fields; no key list is the default.
+        assert_eq!(full_yaml.api_keys.len(), 1);
+        full_yaml.api_keys.clear();
+        full_toml.api_keys.clear();
         // "set to its default": same as a config naming only the backend.
         assert_eq!(
             full_yaml,
@@ -737,6 +767,8 @@ weight = 3
             let mut paths = Vec::new();
             tree_paths(&tree, "", &mut paths);
             paths.sort();
+            // A list with two items documents its item shape twice.
+            paths.dedup();
             assert_eq!(paths, known);
         }
 
@@ -919,7 +951,7 @@ health_check:
     #[test]
     fn every_problem_is_reported_together() {
         let error = yaml(
-            "listne: 1\nauth: {enabled: true}\nlisten: 'nowhere'\nbackends:\n  \
+            "listne: 1\nauth: {enabled: false, pipeline: []}\nlisten: 'nowhere'\nbackends:\n  \
              - url: 'https://a'\n  - url: 'http://b'\n    weight: 0\n",
         )
         .unwrap_err();
@@ -927,7 +959,7 @@ health_check:
         assert_eq!(lines.len(), 5, "{lines:#?}");
         let starts = [
             "listne: unknown key",
-            "auth: not supported yet",
+            "auth.pipeline: not supported yet",
             "listen: invalid address",
         ];
         for start in starts {

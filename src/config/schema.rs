@@ -43,9 +43,68 @@ pub(super) const ROOT: Shape = Fields(&[
     ),
     (
         "backends",
-        List(&Fields(&[("url", Leaf), ("weight", Leaf)])),
+        List(&Fields(&[
+            ("url", Leaf),
+            ("weight", Leaf),
+            ("api_key", Leaf),
+        ])),
     ),
     ("log", Fields(&[("level", Leaf), ("format", Leaf)])),
+    (
+        "auth",
+        Fields(&[
+            ("enabled", Leaf),
+            ("storage", Leaf),
+            ("header_names", List(&Leaf)),
+            (
+                "status_codes",
+                Fields(&[
+                    ("missing_key", DENIAL),
+                    ("invalid_key", DENIAL),
+                    ("disabled", DENIAL),
+                    ("expired", DENIAL),
+                    ("quota_exceeded", DENIAL),
+                    ("ip_not_allowed", DENIAL),
+                    ("model_not_allowed", DENIAL),
+                ]),
+            ),
+            ("quota_path", Leaf),
+            ("quota_period", Leaf),
+        ]),
+    ),
+    (
+        "api_keys",
+        List(&Fields(&[
+            ("key", Leaf),
+            ("name", Leaf),
+            ("user_id", Leaf),
+            ("status", Leaf),
+            ("total_quota", Leaf),
+            ("allowed_ips", List(&Leaf)),
+            ("allowed_models", List(&Leaf)),
+            ("expires_at", Leaf),
+            ("rate_limit", LIMITS),
+        ])),
+    ),
+    (
+        "rate_limit",
+        Fields(&[
+            ("enabled", Leaf),
+            ("per_key", LIMITS),
+            ("global", LIMITS),
+            ("queue_timeout", Leaf),
+        ]),
+    ),
+]);
+
+/// One `auth.status_codes` entry.
+const DENIAL: Shape = Fields(&[("status", Leaf), ("message", Leaf)]);
+
+/// A `rate_limit` scope.
+const LIMITS: Shape = Fields(&[
+    ("requests_per_minute", Leaf),
+    ("tokens_per_minute", Leaf),
+    ("max_concurrent", Leaf),
 ]);
 
 /// Keys from the seed README or the roadmap that the gateway does not act on yet: (path, what it
@@ -54,9 +113,15 @@ pub(super) const ROOT: Shape = Fields(&[
 pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("usage_hook", "usage reporting"),
     ("health_check", "active backend health checks"),
-    ("auth", "client authentication"),
-    ("api_keys", "client API keys"),
-    ("rate_limit", "rate limiting"),
+    (
+        "auth.pipeline",
+        "auth provider pipelines (redis, database, webhook, lua)",
+    ),
+    ("auth.redis", "the redis auth provider"),
+    ("auth.database", "the database auth provider"),
+    ("auth.webhook", "the webhook auth provider"),
+    ("auth.lua", "the lua auth provider"),
+    ("rate_limit.storage", "rate limits shared across instances"),
     ("routing", "model-based routing"),
     (
         "load_balance",
@@ -67,7 +132,6 @@ pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("admin", "the admin API"),
     ("model_aliases", "model aliases"),
     ("backends[].models", "per-backend model lists"),
-    ("backends[].api_key", "per-backend API keys"),
     ("backends[].headers", "per-backend extra headers"),
     ("backends[].max_in_flight", "per-backend concurrency limits"),
 ];
