@@ -3,7 +3,10 @@
 //!
 //! 1. **read**: read and validate the request head ([`read_head`]);
 //! 2. **route**: `/health` is answered here, `/v1/*` is proxied, anything else is a 404;
+//!    **admit**: who is calling (key, status, IP) and may they start a request now (rates,
+//!    concurrency; the permit is held to the end of the exchange) ([`admit`]);
 //! 3. **body**: read the request body, bounded by `max_request_body` ([`read_body`]);
+//!    **authorize**: once the body names the model: model allowed, quota left;
 //! 4. **pick**: choose a backend ([`crate::upstream`]);
 //! 5. **relay**: send the request and stream the response back ([`relay::exchange`]);
 //! 6. **finish**: keep the connection for the next request or close it.
@@ -19,7 +22,7 @@ mod relay;
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hasher};
 use std::mem;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,9 +36,11 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
+use crate::auth::{Auth, KeyEntry};
 use crate::config::Config;
 use crate::error::{write_error, GatewayError};
 use crate::http::{self, ChunkedDecoder, Framing, RequestError, RequestHead};
+use crate::limits::{self, LimitSet, Permit};
 use crate::upstream::WorkerUpstreams;
 use crate::usage::{Captured, Outcome, UsageEvent, UsageSender};
 use client_watch::{ClientWatch, WatchEnd};
@@ -59,6 +64,10 @@ pub struct Context {
     pub usage: Option<UsageSender>,
     /// Ask streaming backends for usage on the client's behalf (`usage_hook.inject_stream_usage`).
     pub inject_stream_usage: bool,
+    /// Present when `auth` is enabled; shared by all workers.
+    pub auth: Option<Arc<Auth>>,
+    /// `rate_limit.global`, shared by all workers; `None` when it sets no limit.
+    pub global_limits: Option<Arc<LimitSet>>,
     shutdown: Arc<AtomicBool>,
     active: Cell<usize>,
     ids: RequestIds,
@@ -76,6 +85,8 @@ impl Context {
             upstreams,
             usage: None,
             inject_stream_usage: true,
+            auth: None,
+            global_limits: None,
             shutdown,
             active: Cell::new(0),
             ids: RequestIds::new(worker),
@@ -119,6 +130,7 @@ struct Client {
     out: Vec<u8>,
     resp_head: Vec<u8>,
     watch_buf: Vec<u8>,
+    peer: IpAddr,
     ip: String,
 }
 
@@ -139,6 +151,7 @@ pub async fn serve_connection(ctx: Rc<Context>, stream: TcpStream, peer: SocketA
         out: Vec::new(),
         resp_head: Vec::with_capacity(1024),
         watch_buf: Vec::with_capacity(WATCH_BUF),
+        peer: peer.ip().to_canonical(),
         ip: peer.ip().to_canonical().to_string(),
     };
     loop {
@@ -241,6 +254,11 @@ async fn handle_request(
         return reject_unread_body(wr, c, &err, &request_id, keep_alive).await;
     }
 
+    // Held until this function returns, whichever way: the concurrency slots go back then.
+    let admission = match admit(ctx, c).await {
+        Ok(a) => a,
+        Err(e) => return reject_unread_body(wr, c, &e, &request_id, keep_alive).await,
+    };
     let Some(backend) = ctx.upstreams.pick() else {
         return reject_unread_body(wr, c, &GatewayError::NoBackend, &request_id, keep_alive).await;
     };
@@ -249,6 +267,11 @@ async fn handle_request(
     }
     let started = Instant::now();
     let info = inspect::inspect(&c.body).unwrap_or_default();
+    if let (Some(auth), Some(key)) = (&ctx.auth, &admission.key) {
+        if let Err(e) = auth.authorize(key, info.model(&c.body)) {
+            return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await;
+        }
+    }
     let strip_usage = ctx.usage.is_some()
         && ctx.inject_stream_usage
         && info.stream
@@ -260,8 +283,11 @@ async fn handle_request(
         &c.buf,
         &c.head,
         ctx.upstreams.backend(backend),
-        &c.ip,
-        request_id.as_bytes(),
+        forward::Origin {
+            client_ip: &c.ip,
+            request_id: request_id.as_bytes(),
+            credentials: ctx.auth.as_ref().map_or(&[][..], |a| a.header_names()),
+        },
         c.body.len() as u64,
     );
     c.out.extend_from_slice(&c.body);
@@ -276,6 +302,7 @@ async fn handle_request(
         request_id: request_id.as_bytes(),
         client_keep_alive: keep_alive,
         strip_usage,
+        extra_headers: admission.headers.as_bytes(),
     };
     let mut progress = Progress::default();
     let result = relay::exchange(
@@ -302,6 +329,7 @@ async fn handle_request(
     };
 
     let done = Finished {
+        key: admission.key.as_deref(),
         request_id: &request_id,
         backend,
         info: &info,
@@ -322,6 +350,41 @@ async fn handle_request(
     }
 }
 
+/// A request let in: who it is (when auth is on) and what it holds.
+#[derive(Default)]
+struct Admission {
+    key: Option<Arc<KeyEntry>>,
+    /// Concurrency slots, given back on drop.
+    _permit: Permit,
+    /// `x-ratelimit-*` lines for the response head.
+    headers: String,
+}
+
+/// Admission, before the body is read: refusing here costs no body read. Free when auth is off
+/// and no global limit is set.
+async fn admit(ctx: &Context, c: &Client) -> Result<Admission, GatewayError> {
+    let key = match &ctx.auth {
+        Some(auth) => Some(auth.identify(auth.extract_key(&c.head, &c.buf), c.peer)?),
+        None => None,
+    };
+    let key_limits = key.as_ref().and_then(|k| k.limits.as_ref());
+    let scopes: Vec<&Arc<LimitSet>> = key_limits.into_iter().chain(&ctx.global_limits).collect();
+    if scopes.is_empty() {
+        return Ok(Admission {
+            key,
+            ..Admission::default()
+        });
+    }
+    let admitted = limits::admit(&scopes, ctx.config.rate_limit.queue_timeout)
+        .await
+        .map_err(GatewayError::RateLimited)?;
+    Ok(Admission {
+        key,
+        _permit: admitted.permit,
+        headers: admitted.headers,
+    })
+}
+
 /// Endpoints whose streams carry token usage (and may be asked for it).
 fn is_generation_endpoint(path: &[u8]) -> bool {
     path == b"/v1/chat/completions" || path == b"/v1/completions"
@@ -329,6 +392,7 @@ fn is_generation_endpoint(path: &[u8]) -> bool {
 
 /// A relayed request, as the account phase sees it.
 struct Finished<'a> {
+    key: Option<&'a KeyEntry>,
     request_id: &'a RequestId,
     backend: usize,
     info: &'a inspect::RequestInfo,
@@ -340,6 +404,7 @@ struct Finished<'a> {
 /// Phase 6: what the request cost, for the usage reporters and the log.
 fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
     let Finished {
+        key,
         request_id,
         backend,
         info,
@@ -379,7 +444,7 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
     usage.send(UsageEvent {
         request_id: rid.into_owned(),
         started_at: SystemTime::now() - started.elapsed(),
-        key: None,
+        key: key.map(|k| k.key_ref.clone()),
         model: info.model(&c.body).map(str::to_owned),
         endpoint: String::from_utf8_lossy(c.head.path(&c.buf)).into_owned(),
         is_stream: info.stream,

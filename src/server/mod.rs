@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use monoio::net::{ListenerOpts, TcpListener};
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
+use crate::auth::Auth;
 use crate::config::{Config, IoDriver};
+use crate::limits::LimitSet;
 use crate::proxy::{self, Context};
 use crate::upstream::{Backends, WorkerUpstreams};
 
@@ -29,6 +31,9 @@ pub fn run(config: Config) -> io::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     install_signal_handler(shutdown.clone())?;
     let backends = Backends::new(&config);
+    let auth = Auth::new(&config)?;
+    let global = LimitSet::new(&config.rate_limit.global);
+    let global_limits = (!global.is_empty()).then(|| Arc::new(global));
 
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<&'static str>>();
     let mut threads = Vec::with_capacity(config.workers);
@@ -39,6 +44,10 @@ pub fn run(config: Config) -> io::Result<()> {
             backends.clone(),
             ready_tx.clone(),
         );
+        let shared = Shared {
+            auth: auth.clone(),
+            global_limits: global_limits.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name(format!("llmproxy-w{worker}"))
             .spawn(move || {
@@ -46,7 +55,7 @@ pub fn run(config: Config) -> io::Result<()> {
                     pin_to_cpu(worker);
                 }
                 let result = run_on_driver(config.io_driver, |driver| {
-                    worker_main(worker, driver, config, shutdown, backends, ready)
+                    worker_main(worker, driver, config, shutdown, backends, shared, ready)
                 });
                 if let Err(e) = result {
                     tracing::error!(worker, "worker runtime failed: {e}");
@@ -115,12 +124,19 @@ where
     Ok(())
 }
 
+/// State built once and shared by every worker (auth keys, quota, global limits).
+struct Shared {
+    auth: Option<Arc<Auth>>,
+    global_limits: Option<Arc<LimitSet>>,
+}
+
 async fn worker_main(
     worker: usize,
     driver: &'static str,
     config: Arc<Config>,
     shutdown: Arc<AtomicBool>,
     backends: Arc<Backends>,
+    shared: Shared,
     ready: mpsc::Sender<io::Result<&'static str>>,
 ) {
     let opts = ListenerOpts::new()
@@ -137,12 +153,10 @@ async fn worker_main(
     tracing::debug!(worker, driver, "worker listening");
     let _ = ready.send(Ok(driver));
     let upstreams = WorkerUpstreams::new(backends, &config);
-    let ctx = Rc::new(Context::new(
-        config.clone(),
-        upstreams,
-        shutdown.clone(),
-        worker,
-    ));
+    let mut ctx = Context::new(config.clone(), upstreams, shutdown.clone(), worker);
+    ctx.auth = shared.auth;
+    ctx.global_limits = shared.global_limits;
+    let ctx = Rc::new(ctx);
 
     let accept = async {
         loop {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 pub use pool::{ConnectError, UpstreamConn};
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 
 /// One configured backend, shared by all workers.
 #[derive(Debug)]
@@ -25,6 +25,8 @@ pub struct Backend {
     pub host_header: String,
     pub path_prefix: String,
     pub weight: u32,
+    /// `Bearer <backends[].api_key>`, sent instead of any client credential.
+    pub authorization: Option<Secret>,
     host: String,
     port: u16,
     /// Resolved once at start; re-resolved off the worker cores while unresolved.
@@ -67,6 +69,10 @@ impl Backends {
                 host_header: b.host_header.clone(),
                 path_prefix: b.path_prefix.clone(),
                 weight: b.weight,
+                authorization: b
+                    .api_key
+                    .as_ref()
+                    .map(|k| Secret(format!("Bearer {}", k.0))),
                 host: b.host.clone(),
                 port: b.port,
                 addr: RwLock::new(None),
