@@ -74,7 +74,12 @@ fn opencode_scenario_refuses_missing_unknown_keys_and_foreign_ips() {
     let r = post_json(gw.addr, path, &chat(false), &[]);
     assert_error(&r, 401, "invalid_api_key");
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
-    let r = post_json(gw.addr, path, &chat(false), &[("Authorization", "Bearer sk-wrong")]);
+    let r = post_json(
+        gw.addr,
+        path,
+        &chat(false),
+        &[("Authorization", "Bearer sk-wrong")],
+    );
     assert_error(&r, 401, "invalid_api_key");
     // The right key from 127.0.0.1, outside 10.0.0.0/8.
     for header in [
@@ -93,7 +98,11 @@ fn read_status(s: &mut TcpStream) -> u16 {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).expect("read head"), 1, "closed before head");
+        assert_eq!(
+            s.read(&mut byte).expect("read head"),
+            1,
+            "closed before head"
+        );
         head.push(byte[0]);
     }
     let text = String::from_utf8_lossy(&head);
@@ -109,7 +118,11 @@ fn open_stream(gw: SocketAddr, key: &str) -> (TcpStream, u16) {
         "POST",
         "/v1/chat/completions",
         chat(true).to_string().as_bytes(),
-        &[("Authorization", &auth), ("x-mock-itl-ms", "200"), ("x-mock-tokens", "50")],
+        &[
+            ("Authorization", &auth),
+            ("x-mock-itl-ms", "200"),
+            ("x-mock-tokens", "50"),
+        ],
     );
     s.write_all(&raw).unwrap();
     let status = read_status(&mut s);
@@ -125,7 +138,12 @@ fn opencode_concurrency_cap_and_slots_come_back() {
     let streams: Vec<_> = (0..3).map(|_| open_stream(gw.addr, key)).collect();
     assert!(streams.iter().all(|(_, s)| *s == 200));
     let auth = format!("Bearer {key}");
-    let r = post_json(gw.addr, "/v1/chat/completions", &chat(true), &[("Authorization", &auth)]);
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &chat(true),
+        &[("Authorization", &auth)],
+    );
     assert_error(&r, 429, "rate_limit_exceeded");
     assert!(r.header("retry-after").is_some());
     assert_eq!(r.header("x-ratelimit-limit-requests"), Some("60"));
@@ -133,7 +151,13 @@ fn opencode_concurrency_cap_and_slots_come_back() {
     // Client cancels: the three slots come back.
     drop(streams);
     assert!(wait_until(Duration::from_secs(5), || {
-        post_json(gw.addr, "/v1/chat/completions", &chat(false), &[("Authorization", &auth)]).status
+        post_json(
+            gw.addr,
+            "/v1/chat/completions",
+            &chat(false),
+            &[("Authorization", &auth)],
+        )
+        .status
             == 200
     }));
 
@@ -162,15 +186,29 @@ fn opencode_requests_per_minute_with_openai_headers() {
     let mut c = Client::connect(gw.addr);
     let body = chat(false).to_string();
     for i in 0..60 {
-        c.send(&raw_request("POST", "/v1/chat/completions", body.as_bytes(), &[("Authorization", auth)]));
+        c.send(&raw_request(
+            "POST",
+            "/v1/chat/completions",
+            body.as_bytes(),
+            &[("Authorization", auth)],
+        ));
         let r = c.read_response();
         assert_eq!(r.status, 200, "request {i}: {}", r.text());
         assert_eq!(r.header("x-ratelimit-limit-requests"), Some("60"));
-        let remaining: u64 = r.header("x-ratelimit-remaining-requests").unwrap().parse().unwrap();
+        let remaining: u64 = r
+            .header("x-ratelimit-remaining-requests")
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(remaining <= 59 - i);
         assert!(r.header("x-ratelimit-reset-requests").is_some());
     }
-    c.send(&raw_request("POST", "/v1/chat/completions", body.as_bytes(), &[("Authorization", auth)]));
+    c.send(&raw_request(
+        "POST",
+        "/v1/chat/completions",
+        body.as_bytes(),
+        &[("Authorization", auth)],
+    ));
     let r = c.read_response();
     assert_error(&r, 429, "rate_limit_exceeded");
     assert_eq!(r.json()["error"]["type"], "requests");
@@ -204,7 +242,12 @@ api_keys:
     let send = |key: &str, body: &Value| post_json(gw.addr, path, body, &[("x-gateway-key", key)]);
     assert_eq!(send("k-ok", &chat(false)).status, 200);
     // Only the configured header counts.
-    let r = post_json(gw.addr, path, &chat(false), &[("Authorization", "Bearer k-ok")]);
+    let r = post_json(
+        gw.addr,
+        path,
+        &chat(false),
+        &[("Authorization", "Bearer k-ok")],
+    );
     assert_error(&r, 401, "invalid_api_key");
     let r = send("k-off", &chat(false));
     assert_error(&r, 402, "api_key_disabled");
@@ -218,7 +261,12 @@ api_keys:
     // The connection survives a refusal after the body was read.
     let mut c = Client::connect(gw.addr);
     for body in [&other, &chat(false)] {
-        c.send(&raw_request("POST", path, body.to_string().as_bytes(), &[("X-Gateway-Key", "k-ok")]));
+        c.send(&raw_request(
+            "POST",
+            path,
+            body.to_string().as_bytes(),
+            &[("X-Gateway-Key", "k-ok")],
+        ));
         let _ = c.read_response();
     }
 }
@@ -283,8 +331,14 @@ fn client_key_never_reaches_the_backend_and_backend_key_does() {
         assert!(!head.contains("sk-client"), "client key forwarded: {head}");
         assert!(head.contains("X-Other: kept"), "{head}");
         match backend_key {
-            Some(k) => assert!(head.contains(&format!("Authorization: Bearer {k}\r\n")), "{head}"),
-            None => assert!(!head.to_ascii_lowercase().contains("authorization"), "{head}"),
+            Some(k) => assert!(
+                head.contains(&format!("Authorization: Bearer {k}\r\n")),
+                "{head}"
+            ),
+            None => assert!(
+                !head.to_ascii_lowercase().contains("authorization"),
+                "{head}"
+            ),
         }
     }
 }

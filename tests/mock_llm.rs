@@ -531,3 +531,28 @@ fn client_leaving_mid_stream_is_counted_as_cancelled() {
         "mock_requests_cancelled_total"
     ) == 2.0));
 }
+
+#[test]
+fn stream_after_a_non_stream_response_on_one_connection_starts_clean() {
+    let sim = spawn_mock(&["--tokens", "3"]);
+    let mut c = Client::connect(sim.addr);
+    let body = |stream: bool| {
+        json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "stream": stream}).to_string()
+    };
+    c.send(&raw_request(
+        "POST",
+        "/v1/chat/completions",
+        body(false).as_bytes(),
+        &[],
+    ));
+    assert_eq!(c.read_response().status, 200);
+    c.send(&raw_request(
+        "POST",
+        "/v1/chat/completions",
+        body(true).as_bytes(),
+        &[],
+    ));
+    let events = sse_events(&c.read_response().body);
+    let first: serde_json::Value = serde_json::from_str(&events[0]).expect("first event is JSON");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+}

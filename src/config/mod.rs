@@ -11,9 +11,13 @@
 
 mod auth;
 mod env;
+mod routing;
 mod schema;
 mod units;
 
+pub use routing::{Affinity, HealthCheck, Retry, Routing, Strategy};
+
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -76,6 +80,11 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Never empty.
     pub backends: Vec<Backend>,
+    pub routing: Routing,
+    pub health_check: HealthCheck,
+    pub retry: Retry,
+    /// Public model name -> the name the backends serve (rewritten in the request body).
+    pub model_aliases: Vec<(String, String)>,
     pub log: LogConfig,
     /// `None` when there is no `auth` section or it says `enabled: false`.
     pub auth: Option<AuthConfig>,
@@ -95,6 +104,12 @@ pub struct Timeouts {
     pub client_body: Duration,
     /// Idle time allowed between requests on a client keep-alive connection.
     pub keepalive: Duration,
+    /// Request sent -> response head received (then 504); `None`: no limit.
+    pub first_byte: Option<Duration>,
+    /// Longest gap between two reads of a response body (then the stream is cut).
+    pub idle: Option<Duration>,
+    /// Whole exchange, first byte to last.
+    pub total: Option<Duration>,
 }
 
 /// Upstream connection pooling (key `upstream`).
@@ -124,6 +139,12 @@ pub struct Backend {
     pub path_prefix: String,
     /// The backend's own key, sent upstream as `Authorization: Bearer` (never the client's).
     pub api_key: Option<Secret>,
+    /// Models this backend serves; empty means any.
+    pub models: Vec<String>,
+    /// Extra headers sent with every request to this backend.
+    pub headers: Vec<(String, String)>,
+    /// Most requests in flight to this backend across all workers; `None`: unlimited.
+    pub max_in_flight: Option<u32>,
 }
 
 /// Logging (key `log`).
@@ -280,6 +301,11 @@ struct RawConfig {
     timeouts: RawTimeouts,
     upstream: RawUpstream,
     backends: Vec<RawBackend>,
+    load_balance: Option<Strategy>,
+    routing: routing::RawRouting,
+    health_check: Option<routing::RawHealthCheck>,
+    retry: routing::RawRetry,
+    model_aliases: BTreeMap<String, String>,
     log: RawLog,
     auth: Option<auth::RawAuth>,
     api_keys: Vec<auth::RawApiKey>,
@@ -299,6 +325,11 @@ impl Default for RawConfig {
             timeouts: RawTimeouts::default(),
             upstream: RawUpstream::default(),
             backends: Vec::new(),
+            load_balance: None,
+            routing: routing::RawRouting::default(),
+            health_check: None,
+            retry: routing::RawRetry::default(),
+            model_aliases: BTreeMap::new(),
             log: RawLog::default(),
             auth: None,
             api_keys: Vec::new(),
@@ -314,6 +345,9 @@ struct RawTimeouts {
     client_header: DurationValue,
     client_body: DurationValue,
     keepalive: DurationValue,
+    first_byte: Option<DurationValue>,
+    idle: Option<DurationValue>,
+    total: Option<DurationValue>,
 }
 
 impl Default for RawTimeouts {
@@ -324,6 +358,9 @@ impl Default for RawTimeouts {
             client_header: secs(10),
             client_body: secs(60),
             keepalive: secs(75),
+            first_byte: None,
+            idle: None,
+            total: None,
         }
     }
 }
@@ -352,6 +389,12 @@ struct RawBackend {
     weight: u32,
     #[serde(default)]
     api_key: Option<String>,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    max_in_flight: Option<u32>,
 }
 
 fn default_weight() -> u32 {
@@ -418,10 +461,16 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
                 host_header: target.host_header,
                 path_prefix: target.path_prefix,
                 api_key: backend.api_key.filter(|k| !k.is_empty()).map(Secret),
+                models: backend.models,
+                headers: backend.headers.into_iter().collect(),
+                max_in_flight: backend.max_in_flight.filter(|&n| n > 0),
             }),
             Err(message) => report(&format!("backends[{index}].url"), Err(message)),
         }
     }
+    let routing = routing::routing(raw.load_balance, raw.routing, &mut report);
+    let health_check = routing::health_check(raw.health_check);
+    let retry = routing::retry(raw.retry, &mut report);
     let (auth, api_keys, rate_limit) = auth::build(raw.auth, raw.api_keys, raw.rate_limit, issues);
     if !issues.is_empty() {
         return None;
@@ -443,12 +492,24 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             client_header: raw.timeouts.client_header.0,
             client_body: raw.timeouts.client_body.0,
             keepalive: raw.timeouts.keepalive.0,
+            // 0 means no limit, so the example file can show these keys at their defaults.
+            first_byte: raw
+                .timeouts
+                .first_byte
+                .map(|d| d.0)
+                .filter(|d| !d.is_zero()),
+            idle: raw.timeouts.idle.map(|d| d.0).filter(|d| !d.is_zero()),
+            total: raw.timeouts.total.map(|d| d.0).filter(|d| !d.is_zero()),
         },
         upstream: UpstreamConfig {
             max_idle_per_backend: raw.upstream.max_idle_per_backend,
             idle_timeout: raw.upstream.idle_timeout.0,
         },
         backends,
+        routing,
+        health_check,
+        retry,
+        model_aliases: raw.model_aliases.into_iter().collect(),
         log: LogConfig {
             level: raw.log.level,
             format: raw.log.format,
@@ -646,7 +707,7 @@ weight = 3
     /// Key paths in a tree, list indices written `[]`, as [`schema::known_paths`] does.
     fn tree_paths(value: &Value, path: &str, out: &mut Vec<String>) {
         match value {
-            Value::Object(map) => {
+            Value::Object(map) if !map.is_empty() => {
                 for (key, value) in map {
                     let at = if path.is_empty() {
                         key.clone()
@@ -655,6 +716,11 @@ weight = 3
                     };
                     tree_paths(value, &at, out);
                 }
+            }
+            // Empty containers and lists of scalars are values of one key.
+            Value::Object(map) if map.is_empty() => out.push(path.to_string()),
+            Value::Array(items) if items.iter().all(|i| !i.is_object()) => {
+                out.push(path.to_string())
             }
             Value::Array(items) => {
                 for item in items {
@@ -734,6 +800,9 @@ weight = 3
                 client_header: secs(10),
                 client_body: secs(60),
                 keepalive: secs(75),
+                first_byte: None,
+                idle: None,
+                total: None,
             }
         );
         assert_eq!(config.upstream.max_idle_per_backend, 256);
@@ -767,8 +836,6 @@ weight = 3
             let mut paths = Vec::new();
             tree_paths(&tree, "", &mut paths);
             paths.sort();
-            // A list with two items documents its item shape twice.
-            paths.dedup();
             assert_eq!(paths, known);
         }
 
@@ -864,9 +931,9 @@ weight = 3
             "{error}"
         );
 
-        let error = yaml_err("backends: [{url: 'http://b'}, {url: 'http://c', models: [a]}]");
+        let error = yaml_err("backends: [{url: 'http://b'}]\nauth: {pipeline: [redis]}");
         assert!(
-            error.starts_with("backends[1].models: not supported yet"),
+            error.starts_with("auth.pipeline: not supported yet"),
             "{error}"
         );
     }
@@ -910,13 +977,9 @@ health_check:
         let error = yaml_err(SEED_README_CONFIG);
         // Keys come back sorted (serde_json's map), not in file order.
         let lines: Vec<_> = error.lines().collect();
-        assert_eq!(lines.len(), 2, "{error}");
+        assert_eq!(lines.len(), 1, "{error}");
         assert!(
-            lines[0].starts_with("health_check: not supported yet"),
-            "{error}"
-        );
-        assert!(
-            lines[1].starts_with("usage_hook: not supported yet"),
+            lines[0].starts_with("usage_hook: not supported yet"),
             "{error}"
         );
         let disabled = SEED_README_CONFIG

@@ -35,6 +35,9 @@ pub(super) const ROOT: Shape = Fields(&[
             ("client_header", Leaf),
             ("client_body", Leaf),
             ("keepalive", Leaf),
+            ("first_byte", Leaf),
+            ("idle", Leaf),
+            ("total", Leaf),
         ]),
     ),
     (
@@ -47,15 +50,53 @@ pub(super) const ROOT: Shape = Fields(&[
             ("url", Leaf),
             ("weight", Leaf),
             ("api_key", Leaf),
+            ("models", Leaf),
+            ("headers", Leaf),
+            ("max_in_flight", Leaf),
         ])),
     ),
+    ("load_balance", Leaf),
+    (
+        "routing",
+        Fields(&[
+            ("load_balance", Leaf),
+            ("affinity", Fields(&[("header", Leaf), ("field", Leaf)])),
+            ("least_load", Fields(&[("interval", Leaf), ("path", Leaf)])),
+        ]),
+    ),
+    (
+        "health_check",
+        Fields(&[
+            ("enabled", Leaf),
+            ("interval", Leaf),
+            ("path", Leaf),
+            ("timeout", Leaf),
+            ("expected_status", Leaf),
+            ("healthy_threshold", Leaf),
+            ("unhealthy_threshold", Leaf),
+            ("headers", Leaf),
+            ("max_failures", Leaf),
+            ("ejection_time", Leaf),
+        ]),
+    ),
+    (
+        "retry",
+        Fields(&[
+            ("max_attempts", Leaf),
+            ("initial_backoff", Leaf),
+            ("max_backoff", Leaf),
+            ("on_status", Leaf),
+            ("budget_percent", Leaf),
+        ]),
+    ),
+    ("model_aliases", Leaf),
     ("log", Fields(&[("level", Leaf), ("format", Leaf)])),
     (
         "auth",
         Fields(&[
             ("enabled", Leaf),
             ("storage", Leaf),
-            ("header_names", List(&Leaf)),
+            ("header_names", Leaf),
             (
                 "status_codes",
                 Fields(&[
@@ -80,8 +121,8 @@ pub(super) const ROOT: Shape = Fields(&[
             ("user_id", Leaf),
             ("status", Leaf),
             ("total_quota", Leaf),
-            ("allowed_ips", List(&Leaf)),
-            ("allowed_models", List(&Leaf)),
+            ("allowed_ips", Leaf),
+            ("allowed_models", Leaf),
             ("expires_at", Leaf),
             ("rate_limit", LIMITS),
         ])),
@@ -112,7 +153,6 @@ const LIMITS: Shape = Fields(&[
 /// implemented, delete its line here and add it to [`ROOT`]. `[]` stands for any list index.
 pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("usage_hook", "usage reporting"),
-    ("health_check", "active backend health checks"),
     (
         "auth.pipeline",
         "auth provider pipelines (redis, database, webhook, lua)",
@@ -122,18 +162,8 @@ pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("auth.webhook", "the webhook auth provider"),
     ("auth.lua", "the lua auth provider"),
     ("rate_limit.storage", "rate limits shared across instances"),
-    ("routing", "model-based routing"),
-    (
-        "load_balance",
-        "load-balancing strategies other than weighted round robin",
-    ),
-    ("retry", "upstream retries"),
     ("metrics", "Prometheus metrics"),
     ("admin", "the admin API"),
-    ("model_aliases", "model aliases"),
-    ("backends[].models", "per-backend model lists"),
-    ("backends[].headers", "per-backend extra headers"),
-    ("backends[].max_in_flight", "per-backend concurrency limits"),
 ];
 
 /// Checks every key of `root` against [`ROOT`], pushing one issue per problem. Removes the keys it

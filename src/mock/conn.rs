@@ -400,6 +400,8 @@ impl Conn {
 
     /// A streamed generation: head, then each SSE event as its own chunk in its own write.
     async fn stream(&mut self, g: &Generation, k: Knobs, keep: bool) -> bool {
+        // `ev` may still hold the previous response's body on a kept-alive connection.
+        self.ev.clear();
         self.out.clear();
         self.out.extend_from_slice(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\n",

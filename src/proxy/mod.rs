@@ -338,6 +338,9 @@ async fn handle_request(
         progress,
     };
     account(ctx, c, done);
+    // The head stayed in the buffer for the phases above; what follows it is the next request.
+    let head_len = c.head.head_len;
+    c.buf.drain(..head_len);
     match result {
         Ok(Relayed::Complete {
             client_reusable, ..
@@ -459,8 +462,8 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
     });
 }
 
-/// Phase 3: reads the request body into `c.body`, consuming the request's bytes from `c.buf`
-/// (what follows stays for the next request). Chunked bodies are decoded: the gateway always
+/// Phase 3: reads the request body into `c.body`, removing its bytes from `c.buf` (the head stays
+/// until the request is done; what follows the body stays for the next request). Chunked bodies are decoded: the gateway always
 /// sends a known length upstream, and needs the whole body anyway to route and meter it.
 async fn read_body(
     ctx: &Context,

@@ -175,6 +175,16 @@ impl Client {
         }
     }
 
+    /// Continues on a connection the test has already written to by hand.
+    pub fn from_stream(stream: TcpStream) -> Client {
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .expect("set timeout");
+        Client {
+            reader: BufReader::new(stream),
+        }
+    }
+
     pub fn send(&mut self, raw: &[u8]) {
         self.reader.get_mut().write_all(raw).expect("send request");
     }

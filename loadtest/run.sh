@@ -1,0 +1,413 @@
+#!/usr/bin/env bash
+# llmproxy load test: the simulator directly, llmproxy in front of it and nginx in front of it,
+# measured side by side in one run. See loadtest/README.md.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: loadtest/run.sh [options]
+
+  --quick                3 s per wrk run and 500 probe requests (validation run)
+  --duration SECONDS     wrk duration per run (default 10)
+  --rounds R             repeat the interleaved target sequence R times (default 1)
+  --workers N            llmproxy workers = nginx worker_processes (default 1)
+  --sim-workers N        simulator workers (default 1)
+  --connections C        wrk keep-alive connections (default 64; wrk threads: 2)
+  --requests N           streaming probe requests per target and pass (default 2000; --quick: 500)
+  --stream-concurrency C second streaming pass at concurrency C, 0 = skip (default 16)
+  --itl-ms MS            simulator inter-token delay for the streaming part (default 1)
+  --tokens N             tokens per streamed response (default 8)
+  --llmproxy PATH        use this llmproxy binary instead of building one
+  --sim PATH             binary whose `mock-llm` subcommand is the simulator (default: the llmproxy binary)
+  --no-build             do not run cargo build (binaries must exist)
+  --keep                 keep the temp dir (configs, logs, raw JSON) and print its path
+  -h, --help             this text
+EOF
+}
+
+ORIG_CMD="loadtest/run.sh${*:+ $*}"
+DURATION=10; ROUNDS=1; WORKERS=1; SIM_WORKERS=1; CONNS=64; WRK_THREADS=2
+REQUESTS=""; CONC2=16; ITL_MS=1; TOKENS=8; LLMPROXY=""; SIM=""; BUILD=1; KEEP=0; QUICK=0
+WARMUP_S=1; PROBE_WARMUP=100
+
+die() { echo "run.sh: $*" >&2; exit 1; }
+need_arg() { [[ $# -ge 2 && -n "$2" ]] || die "option $1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --quick) QUICK=1; DURATION=3; shift ;;
+    --duration) need_arg "$@"; DURATION=$2; shift 2 ;;
+    --rounds) need_arg "$@"; ROUNDS=$2; shift 2 ;;
+    --workers) need_arg "$@"; WORKERS=$2; shift 2 ;;
+    --sim-workers) need_arg "$@"; SIM_WORKERS=$2; shift 2 ;;
+    --connections) need_arg "$@"; CONNS=$2; shift 2 ;;
+    --requests) need_arg "$@"; REQUESTS=$2; shift 2 ;;
+    --stream-concurrency) need_arg "$@"; CONC2=$2; shift 2 ;;
+    --itl-ms) need_arg "$@"; ITL_MS=$2; shift 2 ;;
+    --tokens) need_arg "$@"; TOKENS=$2; shift 2 ;;
+    --llmproxy) need_arg "$@"; LLMPROXY=$2; shift 2 ;;
+    --sim) need_arg "$@"; SIM=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    --keep) KEEP=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown option: $1" ;;
+  esac
+done
+if [[ -z "$REQUESTS" ]]; then
+  if [[ $QUICK == 1 ]]; then REQUESTS=500; else REQUESTS=2000; fi
+fi
+for v in DURATION ROUNDS WORKERS SIM_WORKERS CONNS REQUESTS CONC2 ITL_MS TOKENS; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer (got '${!v}')"
+done
+(( ROUNDS >= 1 && WORKERS >= 1 && SIM_WORKERS >= 1 && DURATION >= 1 && REQUESTS >= 1 )) \
+  || die "--rounds, --workers, --sim-workers, --duration and --requests must be >= 1"
+(( CONNS >= WRK_THREADS )) || die "--connections must be >= $WRK_THREADS (wrk threads)"
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LT="$ROOT/loadtest"
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+
+# ---------------------------------------------------------------- tools
+missing=()
+for t in wrk nginx curl jq awk; do command -v "$t" >/dev/null || missing+=("$t"); done
+[[ $BUILD == 0 ]] || command -v cargo >/dev/null || missing+=(cargo)
+if (( ${#missing[@]} )); then
+  die "missing tool(s): ${missing[*]} (Debian: apt-get install -y wrk nginx curl jq; cargo via rustup)"
+fi
+
+# ---------------------------------------------------------------- build
+PROBE="$TARGET_DIR/loadtest-probe/release/llmproxy-probe"
+if [[ $BUILD == 1 ]]; then
+  if [[ -z "$LLMPROXY" ]]; then
+    echo "== building llmproxy (cargo build --release)" >&2
+    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" >&2 || die "cargo build of llmproxy failed"
+  fi
+  echo "== building the probe" >&2
+  cargo build --release --quiet --manifest-path "$LT/probe/Cargo.toml" \
+    --target-dir "$TARGET_DIR/loadtest-probe" >&2 || die "cargo build of loadtest/probe failed"
+fi
+LLMPROXY=${LLMPROXY:-$TARGET_DIR/release/llmproxy}
+[[ -x "$LLMPROXY" ]] || die "llmproxy binary not found at $LLMPROXY"
+[[ -x "$PROBE" ]] || die "probe binary not found at $PROBE (run without --no-build)"
+SIM=${SIM:-$LLMPROXY}
+[[ -x "$SIM" ]] || die "simulator binary not found at $SIM"
+"$SIM" mock-llm --help 2>/dev/null | grep -q -- '--itl-ms' \
+  || die "$SIM has no working 'mock-llm' simulator (needs --ttft-ms/--itl-ms/--tokens; is branch mock merged?)"
+
+# ---------------------------------------------------------------- processes and cleanup
+WORK=$(mktemp -d /tmp/llmproxy-load.XXXXXX)
+chmod 755 "$WORK"   # nginx workers may run as another user when started by root
+declare -A PID_OF=()
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  local pids=("${PID_OF[@]}")
+  if (( ${#pids[@]} )); then
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 50); do
+      local alive=0
+      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+      (( alive )) || break
+      sleep 0.1
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+    wait 2>/dev/null || true
+  fi
+  if [[ $KEEP == 1 ]]; then echo "run.sh: kept $WORK" >&2; else rm -rf "$WORK"; fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start NAME CMD... : runs CMD in the background, output to $WORK/NAME.log
+start() {
+  local name=$1; shift
+  "$@" >"$WORK/$name.log" 2>&1 &
+  PID_OF[$name]=$!
+}
+
+# stop NAME... : TERM (then KILL) the named processes and reap them
+stop() {
+  local name p
+  for name in "$@"; do
+    p=${PID_OF[$name]:-}
+    [[ -n "$p" ]] || continue
+    kill -TERM "$p" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+    unset "PID_OF[$name]"
+  done
+}
+
+await_port() { # NAME PORT
+  if ! "$PROBE" wait "127.0.0.1:$2" 10000 2>/dev/null; then
+    echo "---- $WORK/$1.log" >&2; tail -n 20 "$WORK/$1.log" >&2 || true
+    die "$1 did not start listening on 127.0.0.1:$2"
+  fi
+  kill -0 "${PID_OF[$1]}" 2>/dev/null || die "$1 exited at start-up (see $WORK/$1.log)"
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+# VmRSS of a process plus its direct children (nginx master + workers; shared pages count twice)
+rss_tree_kib() {
+  local total kids c
+  total=$(rss_kib "$1")
+  kids=$(ps -o pid= --ppid "$1" || true)
+  for c in $kids; do total=$(( total + $(rss_kib "$c" || echo 0) )); done
+  echo "$total"
+}
+
+write_proxy_conf() { # FILE LISTEN_PORT BACKEND_PORT WORKERS
+  cat >"$1" <<EOF
+listen: "127.0.0.1:$2"
+workers: $4
+backends:
+  - url: "http://127.0.0.1:$3"
+EOF
+}
+
+write_nginx_conf() { # DIR LISTEN_PORT BACKEND_PORT WORKERS
+  local d=$1
+  mkdir -p "$d"; chmod 755 "$d"
+  cat >"$d/nginx.conf" <<EOF
+worker_processes $4;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $d/client_body;
+    proxy_temp_path $d/proxy;
+    fastcgi_temp_path $d/fastcgi;
+    uwsgi_temp_path $d/uwsgi;
+    scgi_temp_path $d/scgi;
+    keepalive_requests 1000000;
+    upstream sim {
+        server 127.0.0.1:$3;
+        keepalive 256;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$2 reuseport;
+        location / {
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+}
+
+start_nginx() { # NAME DIR
+  start "$1" nginx -p "$2" -c "$2/nginx.conf" -e "$2/error.log" -g 'daemon off;'
+}
+
+BODY_NS='{"model":"mock-model","messages":[{"role":"user","content":"Hello"}],"stream":false,"max_tokens":1}'
+BODY_S="{\"model\":\"mock-model\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"stream\":true,\"max_tokens\":$TOKENS}"
+
+# Two requests on one keep-alive connection: both must be 200 with the expected content.
+smoke() { # LABEL PORT stream|plain
+  local out body=$BODY_NS want='"choices"' url="http://127.0.0.1:$2/v1/chat/completions"
+  if [[ $3 == stream ]]; then body=$BODY_S; want='data: [DONE]'; fi
+  local req=(-H 'Content-Type: application/json' -d "$body" -w '\nSMOKE %{http_code} %{num_connects}\n' "$url")
+  out=$(curl -sS -N --max-time 10 "${req[@]}" --next "${req[@]}" 2>&1) || die "smoke test of $1 failed: $out"
+  local codes; codes=$(awk '/^SMOKE / {printf "%s ", $2}' <<<"$out")
+  if [[ "$codes" != "200 200 " ]] || (( $(grep -cF -- "$want" <<<"$out") < 2 )); then
+    die "smoke test of $1 ($3): expected two 200 responses with '$want' on one connection, got status ${codes:-none}:"$'\n'"$out"
+  fi
+  if [[ $(awk '/^SMOKE / {c = $3} END {print c}' <<<"$out") != 0 ]]; then
+    echo "run.sh: warning: $1 did not keep the connection alive between two requests" >&2
+  fi
+}
+
+# Brings up simulator + llmproxy + nginx for one part. Sets PORT_direct/PORT_llmproxy/PORT_nginx.
+phase_up() { # TAG GATEWAY_WORKERS SIM_ARGS...
+  local tag=$1 gw=$2; shift 2
+  local ports; ports=$("$PROBE" free-ports 3)
+  read -r PORT_direct PORT_llmproxy PORT_nginx <<<"$ports"
+  start "sim-$tag" "$SIM" mock-llm --listen "127.0.0.1:$PORT_direct" --workers "$SIM_WORKERS" "$@"
+  await_port "sim-$tag" "$PORT_direct"
+  curl -fsS --max-time 5 "http://127.0.0.1:$PORT_direct/health" >/dev/null \
+    || die "simulator GET /health failed (see $WORK/sim-$tag.log)"
+  write_proxy_conf "$WORK/llmproxy-$tag.yaml" "$PORT_llmproxy" "$PORT_direct" "$gw"
+  start "llmproxy-$tag" "$LLMPROXY" serve --config "$WORK/llmproxy-$tag.yaml"
+  write_nginx_conf "$WORK/nginx-$tag" "$PORT_nginx" "$PORT_direct" "$gw"
+  start_nginx "nginx-$tag" "$WORK/nginx-$tag"
+  await_port "llmproxy-$tag" "$PORT_llmproxy"
+  await_port "nginx-$tag" "$PORT_nginx"
+}
+
+phase_down() { stop "nginx-$1" "llmproxy-$1" "sim-$1"; }
+
+TARGETS=(direct llmproxy nginx)
+# Target order for round R (1-based): rotated so that no target is always first or last.
+order() { local r=$(( ($1 - 1) % 3 )); echo "${TARGETS[@]:$r} ${TARGETS[@]:0:$r}"; }
+port_of() { local v="PORT_$1"; echo "${!v}"; }
+
+RESULTS="$WORK/results.jsonl"
+: >"$RESULTS"
+
+log() { echo "== $*" >&2; }
+
+# ---------------------------------------------------------------- idle memory
+log "idle memory: llmproxy and nginx with 2 workers each, after start, before any load"
+phase_up mem 2 --ttft-ms 0 --itl-ms 0
+sleep 1
+RSS_PROXY2=$(rss_kib "${PID_OF[llmproxy-mem]}")
+RSS_NGINX2=$(rss_tree_kib "${PID_OF[nginx-mem]}")
+phase_down mem
+jq -nc --argjson p "$RSS_PROXY2" --argjson n "$RSS_NGINX2" \
+  '{part:"rss", llmproxy_kib:$p, nginx_kib:$n}' >>"$RESULTS"
+
+# ---------------------------------------------------------------- (a) non-streaming, wrk
+log "(a) non-streaming: wrk -c $CONNS -t $WRK_THREADS -d ${DURATION}s, $ROUNDS round(s)"
+phase_up a "$WORKERS" --ttft-ms 0 --itl-ms 0 --tokens "$TOKENS"
+for t in "${TARGETS[@]}"; do smoke "$t" "$(port_of "$t")" plain; done
+for r in $(seq "$ROUNDS"); do
+  for t in $(order "$r"); do
+    url="http://127.0.0.1:$(port_of "$t")/"
+    wrk -c "$CONNS" -t "$WRK_THREADS" -d "${WARMUP_S}s" -s "$LT/post.lua" "$url" >/dev/null 2>&1 || true
+    log "  round $r: $t"
+    wrk -c "$CONNS" -t "$WRK_THREADS" -d "${DURATION}s" --latency -s "$LT/post.lua" "$url" \
+      >"$WORK/wrk-$t-$r.txt" 2>&1 || { cat "$WORK/wrk-$t-$r.txt" >&2; die "wrk failed against $t"; }
+    line=$(sed -n 's/^JSON //p' "$WORK/wrk-$t-$r.txt")
+    [[ -n "$line" ]] || { cat "$WORK/wrk-$t-$r.txt" >&2; die "no summary from wrk against $t"; }
+    jq -c --arg t "$t" --argjson r "$r" '. + {part:"wrk", target:$t, round:$r}' <<<"$line" >>"$RESULTS"
+  done
+done
+RSS_PROXY_AFTER=$(rss_kib "${PID_OF[llmproxy-a]}")
+phase_down a
+
+# ---------------------------------------------------------------- (b) streaming, probe
+log "(b) streaming: $REQUESTS sequential requests per target (sim --ttft-ms 0 --itl-ms $ITL_MS --tokens $TOKENS)"
+phase_up b "$WORKERS" --ttft-ms 0 --itl-ms "$ITL_MS" --tokens "$TOKENS"
+for t in "${TARGETS[@]}"; do smoke "$t" "$(port_of "$t")" stream; done
+PASSES=(1); (( CONC2 > 1 )) && PASSES+=("$CONC2")
+for c in "${PASSES[@]}"; do
+  for r in $(seq "$ROUNDS"); do
+    for t in $(order "$r"); do
+      log "  concurrency $c, round $r: $t"
+      line=$("$PROBE" stream --addr "127.0.0.1:$(port_of "$t")" --requests "$REQUESTS" \
+               --concurrency "$c" --warmup "$PROBE_WARMUP" --max-tokens "$TOKENS" --label "$t") \
+        || die "probe failed against $t: $line"
+      jq -c --arg t "$t" --argjson r "$r" --argjson c "$c" \
+        '. + {part:"stream", target:$t, round:$r, conc:$c}' <<<"$line" >>"$RESULTS"
+    done
+  done
+done
+phase_down b
+
+# ---------------------------------------------------------------- report
+NPROC=$(nproc)
+KERNEL=$(uname -r)
+CPU=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+NGINX_V=$(nginx -v 2>&1 | sed 's/^nginx version: //')
+WRK_V=$({ wrk -v 2>&1 || true; } | head -n1 | awk '{print $2}')
+REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo " (dirty)" || true)
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+
+REPORT=$(jq -rs \
+  --arg cmd "$ORIG_CMD" --arg nproc "$NPROC" --arg kernel "$KERNEL" --arg cpu "$CPU" \
+  --arg nginxv "$NGINX_V" --arg wrkv "$WRK_V" --arg rev "$REV$DIRTY" --arg load "$LOAD" \
+  --arg date "$(date -u '+%Y-%m-%d %H:%M:%S UTC')" \
+  --argjson workers "$WORKERS" --argjson simw "$SIM_WORKERS" --argjson dur "$DURATION" \
+  --argjson rounds "$ROUNDS" --argjson conns "$CONNS" --argjson thr "$WRK_THREADS" \
+  --argjson reqs "$REQUESTS" --argjson itl "$ITL_MS" --argjson tokens "$TOKENS" \
+  --argjson rssafter "$RSS_PROXY_AFTER" --argjson wu "$WARMUP_S" --argjson pw "$PROBE_WARMUP" '
+  def median: sort | if length == 0 then null
+      elif length % 2 == 1 then .[length/2|floor] else (.[length/2-1] + .[length/2]) / 2 end;
+  def r0: if . == null then "–" else (. * 1 | round | tostring) end;
+  def r2: if . == null then "–" else ((. * 100 | round) / 100 | tostring) end;
+  def signed: if . == null then "–" elif . >= 0 then "+" + (round | tostring) else (round | tostring) end;
+  def mib: (. / 1024 * 10 | round) / 10 | tostring;
+  . as $all
+  | ["direct","llmproxy","nginx"] as $T
+  | [ $T[] as $t | [$all[] | select(.part=="wrk" and .target==$t)] as $rs
+      | {t:$t, rps:([$rs[].rps]|median), p50:([$rs[].p50_us]|median), p99:([$rs[].p99_us]|median),
+         err:([$rs[] | .err_connect+.err_read+.err_write+.err_status+.err_timeout] | add // 0)} ] as $W
+  | ($W[0]) as $wd
+  | ([$all[] | select(.part=="stream") | .conc] | unique) as $concs
+  | ($all[] | select(.part=="rss")) as $rss
+  | def wrow($w): "| \($w.t) | \($w.rps|r0) | \($w.p50|r0) | \($w.p99|r0) | "
+        + (if $w.t=="direct" then "– | – | " else "\(($w.p50-$wd.p50)|signed) | \(($w.p99-$wd.p99)|signed) | " end)
+        + "\($w.err) |";
+    def srows($c):
+      [ $T[] as $t | [$all[] | select(.part=="stream" and .conc==$c and .target==$t)] as $rs
+        | {t:$t, p50:([$rs[].ttft_us.p50]|median), p99:([$rs[].ttft_us.p99]|median),
+           gap:([$rs[].gap_us_mean]|median), ev:([$rs[].events_per_request]|median),
+           n:([$rs[].requests]|add), err:([$rs[].errors]|add)} ] as $S
+      | $S[0] as $sd
+      | ($S[] | "| \(.t) | \(.p50|r0) | \(.p99|r0) | "
+          + (if .t=="direct" then "– | – | " else "\((.p50-$sd.p50)|signed) | \((.p99-$sd.p99)|signed) | " end)
+          + "\(.gap|r0) | " + (if .t=="direct" then "– | " else "\((.gap-$sd.gap)|signed) | " end)
+          + "\(.ev|r2) | \(.n) | \(.err) |");
+  [ "# llmproxy load test",
+    "",
+    "- Command: `\($cmd)`",
+    "- Date: \($date); llmproxy commit \($rev)",
+    "- Machine: nproc \($nproc), kernel \($kernel), CPU \($cpu); load average before report \($load)",
+    "- Tools: nginx \($nginxv), wrk \($wrkv)",
+    "- Workers: llmproxy \($workers), nginx worker_processes \($workers), simulator \($simw); nothing pinned; load generators share the same cores",
+    "- Every figure is the median over \($rounds) round(s); targets run interleaved, order rotated per round",
+    "",
+    ( [ $all[] | select(.part=="wrk") | .err_connect+.err_read+.err_write+.err_status+.err_timeout ]
+      + [ $all[] | select(.part=="stream") | .errors ] | add // 0 ) as $errs
+    | if $errs > 0 then "**WARNING: \($errs) failed requests (see the errors columns and the run logs); the figures of an affected target are not valid.**\n" else empty end,
+    "## (a) Non-streaming chat completion (`stream:false`, `max_tokens:1`)",
+    "",
+    "wrk -c \($conns) -t \($thr) -d \($dur)s --latency -s loadtest/post.lua (after a \($wu) s unmeasured warm-up per target and round); simulator --ttft-ms 0 --itl-ms 0. Latencies in µs.",
+    "",
+    "| target | req/s | p50 | p99 | added p50 vs direct | added p99 vs direct | errors |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+    ($W[] | wrow(.)),
+    "",
+    "- llmproxy / nginx throughput: **\(($W[1].rps / $W[2].rps)|r2)**",
+    "- llmproxy / direct throughput: \(($W[1].rps / $W[0].rps)|r2); nginx / direct: \(($W[2].rps / $W[0].rps)|r2)",
+    "",
+    ( $concs[] as $c |
+      "## (b) Streaming, concurrency \($c): time to first `data:` event",
+      "",
+      "loadtest/probe: \($reqs) requests per target (after \($pw) unmeasured), \($c) keep-alive connection(s), sequential requests on each; simulator --ttft-ms 0 --itl-ms \($itl) --tokens \($tokens), `max_tokens:\($tokens)`. TTFT = request write to first byte of the first `data:` event; gap = mean time between `data:` events (excluding `[DONE]`). µs.",
+      "",
+      "| target | TTFT p50 | TTFT p99 | added p50 | added p99 | mean gap | added gap | events/req | requests | errors |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      srows($c),
+      "" ),
+    "## Memory",
+    "",
+    "| process | VmRSS |",
+    "|---|---:|",
+    "| llmproxy, 2 workers, idle after start | \($rss.llmproxy_kib|mib) MiB |",
+    "| nginx, 2 worker_processes, idle after start (master + workers summed) | \($rss.nginx_kib|mib) MiB |",
+    "| llmproxy, \($workers) worker(s), after part (a) | \($rssafter|mib) MiB |",
+    "",
+    "## Raw runs",
+    "",
+    "For stream rows p50/p99 are TTFT and req/s is requests over the probe wall time.",
+    "",
+    "| part | round | target | conc | req/s | p50 | p99 | gap | errors |",
+    "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ( $all[] | select(.part=="wrk")
+      | "| wrk | \(.round) | \(.target) | \($conns) | \(.rps|r0) | \(.p50_us) | \(.p99_us) | – | \(.err_connect+.err_read+.err_write+.err_status+.err_timeout) |" ),
+    ( $all[] | select(.part=="stream")
+      | "| stream | \(.round) | \(.target) | \(.conc) | \(.requests / .wall_s|r0) | \(.ttft_us.p50|r0) | \(.ttft_us.p99|r0) | \(.gap_us_mean|r0) | \(.errors) |" )
+  ] | .[]' "$RESULTS")
+
+mkdir -p "$LT/results"
+printf '%s\n' "$REPORT" >"$LT/results/latest.md"
+cp "$RESULTS" "$LT/results/latest.jsonl"
+echo
+printf '%s\n' "$REPORT"
+echo
+echo "(written to loadtest/results/latest.md; raw JSON lines in loadtest/results/latest.jsonl)" >&2
+ERRORS=$(jq -s '[.[] | select(.part=="wrk") | .err_connect+.err_read+.err_write+.err_status+.err_timeout]
+                + [.[] | select(.part=="stream") | .errors] | add // 0' "$RESULTS")
+if (( ERRORS > 0 )); then
+  echo "run.sh: $ERRORS requests failed during the measurements; see the errors columns" >&2
+  exit 3
+fi
