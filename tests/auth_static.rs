@@ -260,14 +260,29 @@ api_keys:
     assert_error(&send("k-ok", &other), 403, "model_not_allowed");
     // The connection survives a refusal after the body was read.
     let mut c = Client::connect(gw.addr);
-    for body in [&other, &chat(false)] {
+    for (body, status) in [
+        (&other, 403),
+        (&chat(false), 200),
+        (&other, 403),
+        (&chat(false), 200),
+    ] {
         c.send(&raw_request(
             "POST",
             path,
             body.to_string().as_bytes(),
             &[("X-Gateway-Key", "k-ok")],
         ));
-        let _ = c.read_response();
+        assert_eq!(c.read_response().status, status);
+    }
+    // Refused before the body (unknown key): the body is still consumed, the connection kept.
+    for (key, status) in [("nope", 401), ("k-ok", 200), ("k-off", 402), ("k-ok", 200)] {
+        c.send(&raw_request(
+            "POST",
+            path,
+            chat(false).to_string().as_bytes(),
+            &[("X-Gateway-Key", key)],
+        ));
+        assert_eq!(c.read_response().status, status);
     }
 }
 

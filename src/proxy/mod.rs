@@ -257,7 +257,16 @@ async fn handle_request(
     // Held until this function returns, whichever way: the concurrency slots go back then.
     let admission = match admit(ctx, c).await {
         Ok(a) => a,
-        Err(e) => return reject_unread_body(wr, c, &e, &request_id, keep_alive).await,
+        // The body is read anyway: closing on unread bytes resets the connection, and the
+        // client may lose the 401/429 with it; refused clients also retry on the same connection.
+        Err(e) => {
+            if let Err(read) = read_body(ctx, rd, wr, c).await {
+                return respond_error(wr, &mut c.out, &read, request_id.as_bytes(), false).await;
+            }
+            let head_len = c.head.head_len;
+            c.buf.drain(..head_len);
+            return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await;
+        }
     };
     let Some(backend) = ctx.upstreams.pick() else {
         return reject_unread_body(wr, c, &GatewayError::NoBackend, &request_id, keep_alive).await;
@@ -269,6 +278,8 @@ async fn handle_request(
     let info = inspect::inspect(&c.body).unwrap_or_default();
     if let (Some(auth), Some(key)) = (&ctx.auth, &admission.key) {
         if let Err(e) = auth.authorize(key, info.model(&c.body)) {
+            let head_len = c.head.head_len;
+            c.buf.drain(..head_len);
             return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await;
         }
     }
