@@ -30,6 +30,8 @@ pub enum GatewayError {
         status: u16,
         message: String,
     },
+    /// An auth provider could not answer and nothing usable was cached: not the client's fault.
+    AuthUnavailable,
     /// A rate or concurrency limit (`rate_limit`) refused the request.
     RateLimited(Limited),
 }
@@ -57,6 +59,7 @@ impl GatewayError {
             | GatewayError::UpstreamProtocol(_) => 502,
             GatewayError::Denied { status, .. } => *status,
             GatewayError::RateLimited(_) => 429,
+            GatewayError::AuthUnavailable => 503,
         }
     }
 
@@ -106,6 +109,7 @@ impl GatewayError {
                 Denial::ModelNotAllowed => "model_not_allowed",
             },
             GatewayError::RateLimited(_) => "rate_limit_exceeded",
+            GatewayError::AuthUnavailable => "auth_unavailable",
         }
     }
 
@@ -135,6 +139,9 @@ impl GatewayError {
                 Cow::Owned(format!("The backend sent an invalid response ({e:?})."))
             }
             GatewayError::Denied { message, .. } => Cow::Owned(message.clone()),
+            GatewayError::AuthUnavailable => {
+                "The API key could not be checked right now; please retry.".into()
+            }
             GatewayError::RateLimited(l) => Cow::Owned(format!(
                 "Rate limit reached ({}). Please try again in {}ms.",
                 match l.kind {

@@ -5,25 +5,32 @@
 //! It must not block a worker: keys are in memory, and quota consumption is persisted by its own
 //! thread ([`quota`]). It must not render responses (that is `error`) nor count rates (`limits`).
 
+mod cache;
+mod providers;
 mod quota;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crossbeam_channel::{Receiver, Sender};
 use ipnet::IpNet;
 
-use crate::config::{ApiKeyConfig, Config, Denial, DenialResponse, KeyStatus, LimitSpec};
+use crate::config::{
+    ApiKeyConfig, AuthConfig, Config, Denial, DenialResponse, KeyStatus, LimitSpec, PipelineMode,
+    ProviderConfig,
+};
 use crate::error::GatewayError;
 use crate::http::RequestHead;
 use crate::limits::LimitSet;
 use crate::usage::KeyRef;
-use quota::{period_of, QuotaStore};
+use cache::{Cache, Found, Job};
+use quota::{period_of, QuotaStore, Saved};
 
-/// One known key and its live state, shared by all workers.
+/// One known key as its provider described it, plus its live state.
 #[derive(Debug)]
 pub struct KeyEntry {
     pub key_ref: KeyRef,
@@ -32,54 +39,94 @@ pub struct KeyEntry {
     allowed_models: Vec<String>,
     expires_at: Option<u64>,
     total_quota: Option<u64>,
-    /// This key's own limits (`rate_limit.per_key` with the key's overrides); `None`: unlimited.
+    pub live: Arc<KeyLive>,
+}
+
+/// What outlives cache refreshes of a key: its limits and its quota consumption.
+#[derive(Debug)]
+pub struct KeyLive {
+    /// `rate_limit.per_key` with the key's overrides; `None`: unlimited.
     pub limits: Option<Arc<LimitSet>>,
     /// Tokens consumed in the quota period `period`.
     used: AtomicU64,
     period: AtomicU64,
+    name: String,
+}
+
+/// What the look-up threads share with the workers.
+struct Shared {
+    config: AuthConfig,
+    per_key: LimitSpec,
+    static_keys: HashMap<String, Arc<KeyEntry>>,
+    /// Live state by raw key, for static and provider keys alike.
+    registry: Mutex<HashMap<String, Arc<KeyLive>>>,
+    saved: Saved,
+    cache: Cache,
 }
 
 /// The shared auth state: built once at start, read by every worker.
 pub struct Auth {
+    shared: Arc<Shared>,
     header_names: Vec<Vec<u8>>,
-    keys: HashMap<String, Arc<KeyEntry>>,
-    responses: Vec<DenialResponse>,
-    quota_period: Option<crate::config::QuotaPeriod>,
+    /// Only the static list: answered on the worker, no cache, no threads.
+    static_only: bool,
+    /// Dropped before the quota store, so the look-up threads end first.
+    jobs: Option<Sender<Job>>,
     store: QuotaStore,
 }
 
+/// The request facts providers may decide on.
+pub struct Caller<'a> {
+    pub ip: IpAddr,
+    pub ip_text: &'a str,
+    pub method: &'a [u8],
+    pub path: &'a [u8],
+}
+
 impl Auth {
-    /// `None` when auth is off. Opens the quota database and restores consumption from it.
+    /// `None` when auth is off. Opens the quota database and restores consumption from it; starts
+    /// the look-up threads when the pipeline has providers besides the static list.
     pub fn new(config: &Config) -> io::Result<Option<Arc<Auth>>> {
         let Some(auth) = &config.auth else {
             return Ok(None);
         };
-        let now = unix_now();
-        let period = period_of(auth.quota_period, now);
         let (store, saved) = QuotaStore::open(&auth.quota_path)?;
-        let keys = config
+        let mut shared = Shared {
+            config: auth.clone(),
+            per_key: config.rate_limit.per_key,
+            static_keys: HashMap::new(),
+            registry: Mutex::new(HashMap::new()),
+            saved,
+            cache: Cache::new(auth.cache.clone()),
+        };
+        shared.static_keys = config
             .api_keys
             .iter()
-            .map(|k| {
-                let used = saved
-                    .get(&quota::key_id(&k.key))
-                    .filter(|(p, _)| *p == period)
-                    .map_or(0, |(_, used)| *used);
-                (
-                    k.key.clone(),
-                    Arc::new(entry(k, &config.rate_limit.per_key, used, period)),
-                )
-            })
+            .map(|k| (k.key.clone(), shared.entry(k)))
             .collect();
+        let shared = Arc::new(shared);
+        let static_only = auth.pipeline.iter().all(|p| *p == ProviderConfig::Static);
+        let jobs = if static_only {
+            None
+        } else {
+            let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+            for i in 0..auth.lookup_threads {
+                let (shared, rx) = (shared.clone(), rx.clone());
+                std::thread::Builder::new()
+                    .name(format!("llmproxy-auth{i}"))
+                    .spawn(move || lookup_loop(&shared, &rx))?;
+            }
+            Some(tx)
+        };
         Ok(Some(Arc::new(Auth {
+            shared,
             header_names: auth
                 .header_names
                 .iter()
                 .map(|h| h.as_bytes().to_vec())
                 .collect(),
-            keys,
-            responses: auth.responses.clone(),
-            quota_period: auth.quota_period,
+            static_only,
+            jobs,
             store,
         })))
     }
@@ -109,13 +156,48 @@ impl Auth {
         None
     }
 
-    /// Admission: is this a known key, usable now, from this address?
-    pub fn identify(&self, key: Option<&[u8]>, ip: IpAddr) -> Result<Arc<KeyEntry>, GatewayError> {
+    /// Admission: is this a known key, usable now, from this address? Static keys are answered
+    /// at once; provider keys from the cache or, on a miss, from a look-up thread.
+    pub async fn identify(
+        &self,
+        key: Option<&[u8]>,
+        caller: &Caller<'_>,
+    ) -> Result<Arc<KeyEntry>, GatewayError> {
         let key = key.ok_or_else(|| self.deny(Denial::MissingKey))?;
-        let entry = std::str::from_utf8(key)
-            .ok()
-            .and_then(|k| self.keys.get(k))
-            .ok_or_else(|| self.deny(Denial::InvalidKey))?;
+        let key = std::str::from_utf8(key).map_err(|_| self.deny(Denial::InvalidKey))?;
+        if self.static_only {
+            let entry = self
+                .shared
+                .static_keys
+                .get(key)
+                .ok_or_else(|| self.deny(Denial::InvalidKey))?;
+            self.check(entry, caller.ip)?;
+            return Ok(Arc::clone(entry));
+        }
+        let jobs = self
+            .jobs
+            .as_ref()
+            .expect("look-up threads run unless static_only");
+        let job = Job {
+            key: key.to_string(),
+            ip: caller.ip_text.to_string(),
+            method: String::from_utf8_lossy(caller.method).into_owned(),
+            path: String::from_utf8_lossy(caller.path).into_owned(),
+        };
+        let found = self
+            .shared
+            .cache
+            .resolve(jobs, job)
+            .await
+            .ok_or(GatewayError::AuthUnavailable)?;
+        let first = found.first().ok_or_else(|| self.deny(Denial::InvalidKey))?;
+        for entry in found.iter() {
+            self.check(entry, caller.ip)?;
+        }
+        Ok(Arc::clone(first))
+    }
+
+    fn check(&self, entry: &KeyEntry, ip: IpAddr) -> Result<(), GatewayError> {
         match entry.status {
             KeyStatus::Active => {}
             KeyStatus::Disabled => return Err(self.deny(Denial::Disabled)),
@@ -128,7 +210,7 @@ impl Auth {
         if !entry.allowed_ips.is_empty() && !entry.allowed_ips.iter().any(|n| n.contains(&ip)) {
             return Err(self.deny(Denial::IpNotAllowed));
         }
-        Ok(Arc::clone(entry))
+        Ok(())
     }
 
     /// After the body was inspected: may this key use `model`, and has it quota left?
@@ -149,48 +231,36 @@ impl Auth {
     /// Tokens a key consumed, from its usage record: accrues to its quota (persisted) and its
     /// token rate. Called off the worker cores (the usage reporter thread).
     pub fn charge_tokens(&self, api_key: &str, tokens: u64) {
-        let Some(entry) = self.keys.get(api_key) else {
-            return;
-        };
-        if let Some(limits) = &entry.limits {
+        let live = self
+            .shared
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(api_key)
+            .cloned();
+        let Some(live) = live else { return };
+        if let Some(limits) = &live.limits {
             limits.charge_tokens(tokens);
         }
-        let period = period_of(self.quota_period, unix_now());
-        self.roll_period(entry, period);
-        let used = entry.used.fetch_add(tokens, Ordering::AcqRel) + tokens;
-        self.store.save(
-            quota::key_id(api_key),
-            entry.key_ref.name.clone(),
-            period,
-            used,
-        );
+        let period = period_of(self.shared.config.quota_period, unix_now());
+        roll_period(&live, period);
+        let used = live.used.fetch_add(tokens, Ordering::AcqRel) + tokens;
+        self.store
+            .save(quota::key_id(api_key), live.name.clone(), period, used);
     }
 
     /// Tokens consumed by `entry` in the current quota period.
     pub fn used(&self, entry: &KeyEntry) -> u64 {
-        let period = period_of(self.quota_period, unix_now());
-        if entry.period.load(Ordering::Acquire) == period {
-            entry.used.load(Ordering::Acquire)
+        let period = period_of(self.shared.config.quota_period, unix_now());
+        if entry.live.period.load(Ordering::Acquire) == period {
+            entry.live.used.load(Ordering::Acquire)
         } else {
             0
         }
     }
 
-    /// Starts a new quota period at zero once the calendar moved on; the CAS elects one resetter.
-    fn roll_period(&self, entry: &KeyEntry, period: u64) {
-        let seen = entry.period.load(Ordering::Acquire);
-        if seen != period
-            && entry
-                .period
-                .compare_exchange(seen, period, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            entry.used.store(0, Ordering::Release);
-        }
-    }
-
     fn deny(&self, denial: Denial) -> GatewayError {
-        let r = &self.responses[denial as usize];
+        let r: &DenialResponse = &self.shared.config.responses[denial as usize];
         GatewayError::Denied {
             denial,
             status: r.status,
@@ -199,22 +269,103 @@ impl Auth {
     }
 }
 
-fn entry(k: &ApiKeyConfig, per_key: &LimitSpec, used: u64, period: u64) -> KeyEntry {
-    let spec = k.rate_limit.or(*per_key);
-    KeyEntry {
-        key_ref: KeyRef {
-            name: k.name.clone(),
-            user_id: k.user_id.clone(),
-            api_key: k.key.clone(),
-        },
-        status: k.status,
-        allowed_ips: k.allowed_ips.clone(),
-        allowed_models: k.allowed_models.clone(),
-        expires_at: k.expires_at,
-        total_quota: k.total_quota,
-        limits: (!spec.is_empty()).then(|| Arc::new(LimitSet::new(&spec))),
-        used: AtomicU64::new(used),
-        period: AtomicU64::new(period),
+impl Drop for Auth {
+    fn drop(&mut self) {
+        // Closing the job channel ends the look-up threads; the quota store flushes after.
+        self.jobs.take();
+    }
+}
+
+/// Starts a new quota period at zero once the calendar moved on; the CAS elects one resetter.
+fn roll_period(live: &KeyLive, period: u64) {
+    let seen = live.period.load(Ordering::Acquire);
+    if seen != period
+        && live
+            .period
+            .compare_exchange(seen, period, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    {
+        live.used.store(0, Ordering::Release);
+    }
+}
+
+impl Shared {
+    /// An entry for `k`, sharing the live state of earlier entries for the same key.
+    fn entry(&self, k: &ApiKeyConfig) -> Arc<KeyEntry> {
+        let live = self
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(k.key.clone())
+            .or_insert_with(|| {
+                let spec = k.rate_limit.or(self.per_key);
+                let period = period_of(self.config.quota_period, unix_now());
+                let used = self
+                    .saved
+                    .get(&quota::key_id(&k.key))
+                    .filter(|(p, _)| *p == period)
+                    .map_or(0, |(_, used)| *used);
+                Arc::new(KeyLive {
+                    limits: (!spec.is_empty()).then(|| Arc::new(LimitSet::new(&spec))),
+                    used: AtomicU64::new(used),
+                    period: AtomicU64::new(period),
+                    name: k.name.clone(),
+                })
+            })
+            .clone();
+        Arc::new(KeyEntry {
+            key_ref: KeyRef {
+                name: k.name.clone(),
+                user_id: k.user_id.clone(),
+                api_key: k.key.clone(),
+            },
+            status: k.status,
+            allowed_ips: k.allowed_ips.clone(),
+            allowed_models: k.allowed_models.clone(),
+            expires_at: k.expires_at,
+            total_quota: k.total_quota,
+            live,
+        })
+    }
+
+    /// Runs the pipeline for one key on a look-up thread.
+    fn run_pipeline(&self, conns: &mut providers::Conns, job: &Job) -> Result<Found, String> {
+        let req = providers::Request {
+            api_key: &job.key,
+            ip: &job.ip,
+            method: &job.method,
+            path: &job.path,
+        };
+        let mut found = Vec::new();
+        let mut failure = None;
+        for (i, provider) in self.config.pipeline.iter().enumerate() {
+            let record = match provider {
+                ProviderConfig::Static => Ok(self.static_keys.get(&job.key).cloned()),
+                _ => providers::lookup(i, provider, conns, &req)
+                    .map(|r| r.map(|cfg| self.entry(&cfg))),
+            };
+            match (record, self.config.mode) {
+                (Ok(Some(e)), PipelineMode::FirstMatch) => return Ok(Arc::from(vec![e])),
+                (Ok(Some(e)), PipelineMode::All) => found.push(e),
+                (Ok(None), PipelineMode::FirstMatch) => {}
+                (Ok(None), PipelineMode::All) => return Ok(Arc::from(Vec::new())),
+                (Err(e), PipelineMode::FirstMatch) => failure = Some(e.0),
+                (Err(e), PipelineMode::All) => return Err(e.0),
+            }
+        }
+        // No provider knew the key; if one could not answer, the key may be valid.
+        match failure {
+            Some(e) if found.is_empty() => Err(e),
+            _ => Ok(Arc::from(found)),
+        }
+    }
+}
+
+fn lookup_loop(shared: &Shared, jobs: &Receiver<Job>) {
+    let mut conns = providers::Conns::default();
+    for job in jobs {
+        let result = shared.run_pipeline(&mut conns, &job);
+        shared.cache.complete(&job.key, result);
     }
 }
 
@@ -228,6 +379,19 @@ fn unix_now() -> u64 {
 mod tests {
     use super::*;
     use crate::config::{parse, Format};
+
+    fn identify(a: &Auth, key: Option<&[u8]>, ip: IpAddr) -> Result<Arc<KeyEntry>, GatewayError> {
+        let caller = Caller {
+            ip,
+            ip_text: "",
+            method: b"POST",
+            path: b"/v1/x",
+        };
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .unwrap();
+        rt.block_on(a.identify(key, &caller))
+    }
 
     fn auth(yaml: &str, db: &std::path::Path) -> Arc<Auth> {
         let text = format!(
@@ -274,31 +438,31 @@ mod tests {
         );
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
-            code(a.identify(None, ip("10.1.1.1")).unwrap_err()),
+            code(identify(&a, None, ip("10.1.1.1")).unwrap_err()),
             (401, "invalid_api_key")
         );
         assert_eq!(
-            code(a.identify(Some(b"nope"), ip("10.1.1.1")).unwrap_err()),
+            code(identify(&a, Some(b"nope"), ip("10.1.1.1")).unwrap_err()),
             (401, "invalid_api_key")
         );
         assert_eq!(
-            code(a.identify(Some(b"off"), ip("10.1.1.1")).unwrap_err()).0,
+            code(identify(&a, Some(b"off"), ip("10.1.1.1")).unwrap_err()).0,
             403
         );
         assert_eq!(
-            code(a.identify(Some(b"old"), ip("10.1.1.1")).unwrap_err()).0,
+            code(identify(&a, Some(b"old"), ip("10.1.1.1")).unwrap_err()).0,
             401
         );
         assert_eq!(
-            code(a.identify(Some(b"gone"), ip("10.1.1.1")).unwrap_err()).0,
+            code(identify(&a, Some(b"gone"), ip("10.1.1.1")).unwrap_err()).0,
             401
         );
         assert_eq!(
-            code(a.identify(Some(b"ok"), ip("127.0.0.1")).unwrap_err()).0,
+            code(identify(&a, Some(b"ok"), ip("127.0.0.1")).unwrap_err()).0,
             403
         );
-        let e = a.identify(Some(b"ok"), ip("::1")).unwrap();
-        let e2 = a.identify(Some(b"ok"), ip("10.9.9.9")).unwrap();
+        let e = identify(&a, Some(b"ok"), ip("::1")).unwrap();
+        let e2 = identify(&a, Some(b"ok"), ip("10.9.9.9")).unwrap();
         assert!(Arc::ptr_eq(&e, &e2));
         assert_eq!(code(a.authorize(&e, Some("m2")).unwrap_err()).0, 403);
         assert_eq!(code(a.authorize(&e, None).unwrap_err()).0, 403);
@@ -322,9 +486,7 @@ mod tests {
             a.charge_tokens("k", 20);
         }
         let a = auth("api_keys: [{key: k, total_quota: 50}]", &db);
-        let e = a
-            .identify(Some(b"k"), "127.0.0.1".parse().unwrap())
-            .unwrap();
+        let e = identify(&a, Some(b"k"), "127.0.0.1".parse().unwrap()).unwrap();
         assert_eq!(a.used(&e), 50);
         assert_eq!(
             a.authorize(&e, None).unwrap_err().code(),

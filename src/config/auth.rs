@@ -22,6 +22,63 @@ pub struct AuthConfig {
     /// SQLite file holding per-key quota consumption across restarts.
     pub quota_path: PathBuf,
     pub quota_period: Option<QuotaPeriod>,
+    pub mode: PipelineMode,
+    /// Providers asked in order; `[Static]` when `auth.pipeline` is not set.
+    pub pipeline: Vec<ProviderConfig>,
+    pub cache: CacheConfig,
+    /// Threads that run provider look-ups (never the workers).
+    pub lookup_threads: usize,
+}
+
+/// `auth.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelineMode {
+    /// The first provider that knows the key decides.
+    FirstMatch,
+    /// Every provider must know the key and let the request in.
+    All,
+}
+
+/// `auth.cache`: how long provider answers are reused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+    /// How long past its TTL an answer may still be used while the provider fails.
+    pub stale_if_error: Duration,
+}
+
+/// One `auth.pipeline` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderConfig {
+    /// The top-level `api_keys` list.
+    Static,
+    Redis {
+        url: Secret,
+        /// `{api_key}` is replaced by the client's key.
+        key_pattern: String,
+    },
+    Database {
+        driver: DbDriver,
+        dsn: Secret,
+        /// Built from `table` and `columns` with the driver's placeholder.
+        query: String,
+        /// Record fields, in the query's column order.
+        columns: Vec<String>,
+    },
+    Webhook {
+        url: String,
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DbDriver {
+    Sqlite,
+    Postgres,
+    Mysql,
 }
 
 /// Why a key is refused; each has a configurable status and message (`auth.status_codes`).
@@ -226,7 +283,70 @@ pub(super) struct RawAuth {
     status_codes: std::collections::BTreeMap<String, RawDenialResponse>,
     quota_path: String,
     quota_period: Option<QuotaPeriod>,
+    mode: PipelineMode,
+    pipeline: Option<Vec<RawProvider>>,
+    cache: RawCache,
+    lookup_threads: usize,
 }
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawCache {
+    ttl: DurationValue,
+    negative_ttl: DurationValue,
+    stale_if_error: DurationValue,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache {
+            ttl: DurationValue(Duration::from_secs(60)),
+            negative_ttl: DurationValue(Duration::from_secs(10)),
+            stale_if_error: DurationValue(Duration::from_secs(300)),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProvider {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    key_pattern: Option<String>,
+    #[serde(default)]
+    driver: Option<DbDriver>,
+    #[serde(default)]
+    dsn: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
+    #[serde(default)]
+    columns: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    timeout: Option<DurationValue>,
+}
+
+/// Record fields a database row may carry, with their default column names.
+const RECORD_FIELDS: [&str; 10] = [
+    "name",
+    "user_id",
+    "status",
+    "total_quota",
+    "allowed_ips",
+    "allowed_models",
+    "expires_at",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "max_concurrent",
+];
+/// Selected unless `columns` maps them to "" (the rest only when mapped).
+const DEFAULT_COLUMNS: usize = 7;
 
 impl Default for RawAuth {
     fn default() -> Self {
@@ -238,6 +358,10 @@ impl Default for RawAuth {
             status_codes: Default::default(),
             quota_path: "./data/quota.db".to_string(),
             quota_period: None,
+            mode: PipelineMode::FirstMatch,
+            pipeline: None,
+            cache: RawCache::default(),
+            lookup_threads: 4,
         }
     }
 }
@@ -335,7 +459,10 @@ pub(super) fn build(
             rate_limit: raw.rate_limit,
         });
     }
-    if auth.is_some() && api_keys.is_empty() {
+    let uses_static = auth
+        .as_ref()
+        .is_some_and(|a| a.pipeline.contains(&ProviderConfig::Static));
+    if uses_static && api_keys.is_empty() {
         issues.push(Issue::new(
             "api_keys",
             "auth is enabled with storage \"file\" but no api_keys are configured",
@@ -356,7 +483,7 @@ pub(super) fn build(
 }
 
 fn build_auth(raw: RawAuth, issues: &mut Vec<Issue>) -> AuthConfig {
-    if raw.storage != "file" {
+    if raw.storage != "file" && raw.pipeline.is_none() {
         issues.push(Issue::new(
             "auth.storage",
             format!(
@@ -404,6 +531,135 @@ fn build_auth(raw: RawAuth, issues: &mut Vec<Issue>) -> AuthConfig {
         responses,
         quota_path: PathBuf::from(raw.quota_path),
         quota_period: raw.quota_period,
+        mode: raw.mode,
+        pipeline: match raw.pipeline {
+            None => vec![ProviderConfig::Static],
+            Some(items) => items
+                .into_iter()
+                .enumerate()
+                .filter(|(_, p)| p.enabled != Some(false))
+                .filter_map(|(i, p)| build_provider(p, &format!("auth.pipeline[{i}]"), issues))
+                .collect(),
+        },
+        cache: CacheConfig {
+            ttl: raw.cache.ttl.0,
+            negative_ttl: raw.cache.negative_ttl.0,
+            stale_if_error: raw.cache.stale_if_error.0,
+        },
+        lookup_threads: raw.lookup_threads.max(1),
+    }
+}
+
+fn build_provider(p: RawProvider, at: &str, issues: &mut Vec<Issue>) -> Option<ProviderConfig> {
+    let _ = p.name;
+    let mut need = |value: Option<String>, key: &str| {
+        if value.is_none() {
+            issues.push(Issue::new(
+                &format!("{at}.{key}"),
+                format!("required for type {:?}", p.kind),
+            ));
+        }
+        value
+    };
+    match p.kind.as_str() {
+        "static" | "file" => Some(ProviderConfig::Static),
+        "redis" => Some(ProviderConfig::Redis {
+            url: Secret(need(p.url, "url")?),
+            key_pattern: p
+                .key_pattern
+                .unwrap_or_else(|| "llmproxy:key:{api_key}".to_string()),
+        }),
+        "webhook" => Some(ProviderConfig::Webhook {
+            url: need(p.url, "url")?,
+            timeout: p.timeout.map_or(Duration::from_secs(3), |d| d.0),
+        }),
+        "database" => {
+            let dsn = need(p.dsn, "dsn")?;
+            let Some(driver) = p.driver else {
+                issues.push(Issue::new(
+                    &format!("{at}.driver"),
+                    "required: sqlite, postgres or mysql",
+                ));
+                return None;
+            };
+            let table = p.table.unwrap_or_else(|| "api_keys".to_string());
+            let mut columns = p.columns;
+            let key_column = columns
+                .remove("key")
+                .unwrap_or_else(|| "api_key".to_string());
+            for field in columns.keys() {
+                if !RECORD_FIELDS.contains(&field.as_str()) {
+                    issues.push(Issue::new(
+                        &format!("{at}.columns.{field}"),
+                        format!(
+                            "unknown field; expected key or one of {}",
+                            RECORD_FIELDS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            let mut fields = Vec::new();
+            let mut select = Vec::new();
+            for (i, field) in RECORD_FIELDS.iter().enumerate() {
+                let column = match columns.get(*field) {
+                    Some(c) if c.is_empty() => continue,
+                    Some(c) => c.clone(),
+                    None if i < DEFAULT_COLUMNS => field.to_string(),
+                    None => continue,
+                };
+                fields.push(field.to_string());
+                select.push(match driver {
+                    DbDriver::Sqlite => format!("CAST({column} AS TEXT)"),
+                    DbDriver::Postgres => format!("{column}::text"),
+                    DbDriver::Mysql => format!("CAST({column} AS CHAR)"),
+                });
+            }
+            // Names go into SQL text: only plain identifiers, never anything quoted or spaced.
+            for name in std::iter::once(&table)
+                .chain(std::iter::once(&key_column))
+                .chain(columns.values())
+            {
+                if !name.is_empty()
+                    && !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+                {
+                    issues.push(Issue::new(
+                        at,
+                        format!("{name:?} is not a plain SQL identifier"),
+                    ));
+                    return None;
+                }
+            }
+            let placeholder = if driver == DbDriver::Postgres {
+                "$1"
+            } else {
+                "?"
+            };
+            Some(ProviderConfig::Database {
+                driver,
+                dsn: Secret(dsn),
+                query: format!(
+                    "SELECT {} FROM {table} WHERE {key_column} = {placeholder}",
+                    select.join(", ")
+                ),
+                columns: fields,
+            })
+        }
+        "lua" => {
+            issues.push(Issue::new(
+                &format!("{at}.type"),
+                "lua providers are not supported yet",
+            ));
+            None
+        }
+        other => {
+            issues.push(Issue::new(
+                &format!("{at}.type"),
+                format!("unknown provider {other:?}; expected static, redis, database or webhook"),
+            ));
+            None
+        }
     }
 }
 

@@ -111,6 +111,31 @@ pub(super) const ROOT: Shape = Fields(&[
             ),
             ("quota_path", Leaf),
             ("quota_period", Leaf),
+            ("mode", Leaf),
+            (
+                "pipeline",
+                List(&Fields(&[
+                    ("type", Leaf),
+                    ("name", Leaf),
+                    ("enabled", Leaf),
+                    ("url", Leaf),
+                    ("key_pattern", Leaf),
+                    ("driver", Leaf),
+                    ("dsn", Leaf),
+                    ("table", Leaf),
+                    ("columns", Leaf),
+                    ("timeout", Leaf),
+                ])),
+            ),
+            (
+                "cache",
+                Fields(&[
+                    ("ttl", Leaf),
+                    ("negative_ttl", Leaf),
+                    ("stale_if_error", Leaf),
+                ]),
+            ),
+            ("lookup_threads", Leaf),
         ]),
     ),
     (
@@ -153,14 +178,6 @@ const LIMITS: Shape = Fields(&[
 /// implemented, delete its line here and add it to [`ROOT`]. `[]` stands for any list index.
 pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("usage_hook", "usage reporting"),
-    (
-        "auth.pipeline",
-        "auth provider pipelines (redis, database, webhook, lua)",
-    ),
-    ("auth.redis", "the redis auth provider"),
-    ("auth.database", "the database auth provider"),
-    ("auth.webhook", "the webhook auth provider"),
-    ("auth.lua", "the lua auth provider"),
     ("rate_limit.storage", "rate limits shared across instances"),
     ("metrics", "Prometheus metrics"),
     ("admin", "the admin API"),

@@ -378,10 +378,21 @@ struct Admission {
 /// and no global limit is set.
 async fn admit(ctx: &Context, c: &Client) -> Result<Admission, GatewayError> {
     let key = match &ctx.auth {
-        Some(auth) => Some(auth.identify(auth.extract_key(&c.head, &c.buf), c.peer)?),
+        Some(auth) => {
+            let caller = crate::auth::Caller {
+                ip: c.peer,
+                ip_text: &c.ip,
+                method: c.head.method.of(&c.buf),
+                path: c.head.path(&c.buf),
+            };
+            Some(
+                auth.identify(auth.extract_key(&c.head, &c.buf), &caller)
+                    .await?,
+            )
+        }
         None => None,
     };
-    let key_limits = key.as_ref().and_then(|k| k.limits.as_ref());
+    let key_limits = key.as_ref().and_then(|k| k.live.limits.as_ref());
     let scopes: Vec<&Arc<LimitSet>> = key_limits.into_iter().chain(&ctx.global_limits).collect();
     if scopes.is_empty() {
         return Ok(Admission {
