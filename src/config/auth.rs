@@ -732,14 +732,21 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
         let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
         rest = &frac[digits..];
     }
+    // "Z", or ±HH:MM, ±HHMM, ±HH (PostgreSQL's `timestamptz::text` writes "+00").
     let offset = match rest {
         "Z" | "z" => 0,
-        _ if rest.len() == 6
-            && (rest.starts_with('+') || rest.starts_with('-'))
-            && &rest[3..4] == ":" =>
-        {
+        _ if rest.starts_with('+') || rest.starts_with('-') => {
             let sign = if rest.starts_with('-') { -1 } else { 1 };
-            sign * (rest[1..3].parse::<i64>().ok()? * 3600 + rest[4..6].parse::<i64>().ok()? * 60)
+            let digits: String = rest[1..].chars().filter(|c| *c != ':').collect();
+            if !matches!(digits.len(), 2 | 4) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let h: i64 = digits[..2].parse().ok()?;
+            let m: i64 = digits
+                .get(2..)
+                .filter(|m| !m.is_empty())
+                .map_or(Some(0), |m| m.parse().ok())?;
+            sign * (h * 3600 + m * 60)
         }
         _ => return None,
     };
@@ -783,6 +790,11 @@ mod tests {
             Some(1768386600)
         );
         assert_eq!(parse_rfc3339("2026-01-14"), Some(1768348800));
+        assert_eq!(
+            parse_rfc3339("2026-01-14 10:30:00.123+00"),
+            Some(1768386600)
+        );
+        assert_eq!(parse_rfc3339("2026-01-14T11:30:00+0100"), Some(1768386600));
         assert_eq!(parse_rfc3339("2026-13-14"), None);
         assert_eq!(parse_time(&serde_json::json!(17)), Some(17));
         assert_eq!(parse_time(&serde_json::json!("17")), Some(17));
