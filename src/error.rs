@@ -32,6 +32,8 @@ pub enum GatewayError {
     },
     /// An auth provider could not answer and nothing usable was cached: not the client's fault.
     AuthUnavailable,
+    /// The Lua policy failed (error, instruction budget, memory cap): refused, server's fault.
+    PolicyFailed,
     /// A rate or concurrency limit (`rate_limit`) refused the request.
     RateLimited(Limited),
 }
@@ -60,6 +62,7 @@ impl GatewayError {
             GatewayError::Denied { status, .. } => *status,
             GatewayError::RateLimited(_) => 429,
             GatewayError::AuthUnavailable => 503,
+            GatewayError::PolicyFailed => 500,
         }
     }
 
@@ -107,9 +110,11 @@ impl GatewayError {
                 Denial::QuotaExceeded => "insufficient_quota",
                 Denial::IpNotAllowed => "ip_not_allowed",
                 Denial::ModelNotAllowed => "model_not_allowed",
+                Denial::Policy => "access_denied",
             },
             GatewayError::RateLimited(_) => "rate_limit_exceeded",
             GatewayError::AuthUnavailable => "auth_unavailable",
+            GatewayError::PolicyFailed => "auth_policy_error",
         }
     }
 
@@ -139,6 +144,9 @@ impl GatewayError {
                 Cow::Owned(format!("The backend sent an invalid response ({e:?})."))
             }
             GatewayError::Denied { message, .. } => Cow::Owned(message.clone()),
+            GatewayError::PolicyFailed => {
+                "The gateway's access policy failed on this request.".into()
+            }
             GatewayError::AuthUnavailable => {
                 "The API key could not be checked right now; please retry.".into()
             }

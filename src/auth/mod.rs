@@ -6,6 +6,7 @@
 //! thread ([`quota`]). It must not render responses (that is `error`) nor count rates (`limits`).
 
 mod cache;
+mod lua;
 mod providers;
 mod quota;
 
@@ -28,6 +29,7 @@ use crate::http::RequestHead;
 use crate::limits::LimitSet;
 use crate::usage::KeyRef;
 use cache::{Cache, Found, Job};
+pub use lua::{LuaPolicy, LuaRequest, Verdict};
 use quota::{period_of, QuotaStore, Saved};
 
 /// One known key as its provider described it, plus its live state.
@@ -62,6 +64,8 @@ struct Shared {
     registry: Mutex<HashMap<String, Arc<KeyLive>>>,
     saved: Saved,
     cache: Cache,
+    /// The Lua stage with its script text resolved.
+    lua: Option<crate::config::LuaConfig>,
 }
 
 /// The shared auth state: built once at start, read by every worker.
@@ -91,6 +95,20 @@ impl Auth {
             return Ok(None);
         };
         let (store, saved) = QuotaStore::open(&auth.quota_path)?;
+        let lua = match &auth.lua {
+            None => None,
+            Some(l) => {
+                let mut l = l.clone();
+                if let Some(file) = &l.file {
+                    l.source = std::fs::read_to_string(file).map_err(|e| {
+                        io::Error::new(e.kind(), format!("lua script {}: {e}", file.display()))
+                    })?;
+                }
+                // Compiled once here so a broken script stops the start, not a request.
+                LuaPolicy::new(&l).map_err(|e| io::Error::other(format!("lua script: {e}")))?;
+                Some(l)
+            }
+        };
         let mut shared = Shared {
             config: auth.clone(),
             per_key: config.rate_limit.per_key,
@@ -98,6 +116,7 @@ impl Auth {
             registry: Mutex::new(HashMap::new()),
             saved,
             cache: Cache::new(auth.cache.clone()),
+            lua,
         };
         shared.static_keys = config
             .api_keys
@@ -129,6 +148,11 @@ impl Auth {
             jobs,
             store,
         })))
+    }
+
+    /// This worker's Lua policy state, when the pipeline has a lua stage.
+    pub fn lua_policy(&self) -> Option<Result<LuaPolicy, String>> {
+        self.shared.lua.as_ref().map(LuaPolicy::new)
     }
 
     /// Header names whose values are client credentials, lowercased: never sent upstream.

@@ -28,6 +28,19 @@ pub struct AuthConfig {
     pub cache: CacheConfig,
     /// Threads that run provider look-ups (never the workers).
     pub lookup_threads: usize,
+    /// A `type: lua` pipeline entry: runs after the key is known, on each worker.
+    pub lua: Option<LuaConfig>,
+}
+
+/// The Lua policy stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuaConfig {
+    /// Inline script; empty when `file` names it (read at start, not here).
+    pub source: String,
+    pub file: Option<PathBuf>,
+    pub max_instructions: u64,
+    /// Bytes.
+    pub max_memory: usize,
 }
 
 /// `auth.mode`.
@@ -91,10 +104,12 @@ pub enum Denial {
     QuotaExceeded,
     IpNotAllowed,
     ModelNotAllowed,
+    /// The Lua policy said no (its own status and message win).
+    Policy,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 7] = [
+    pub const ALL: [Denial; 8] = [
         Denial::MissingKey,
         Denial::InvalidKey,
         Denial::Disabled,
@@ -102,6 +117,7 @@ impl Denial {
         Denial::QuotaExceeded,
         Denial::IpNotAllowed,
         Denial::ModelNotAllowed,
+        Denial::Policy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -113,6 +129,7 @@ impl Denial {
             Denial::QuotaExceeded => "quota_exceeded",
             Denial::IpNotAllowed => "ip_not_allowed",
             Denial::ModelNotAllowed => "model_not_allowed",
+            Denial::Policy => "policy",
         }
     }
 
@@ -128,6 +145,7 @@ impl Denial {
             Denial::QuotaExceeded => (429, "You exceeded your current quota for this API key."),
             Denial::IpNotAllowed => (403, "This API key may not be used from your IP address."),
             Denial::ModelNotAllowed => (403, "This API key may not use the requested model."),
+            Denial::Policy => (403, "Request denied by policy."),
         };
         DenialResponse {
             status,
@@ -307,13 +325,11 @@ impl Default for RawCache {
     }
 }
 
+/// Unknown keys are already reported by the schema check; `name` only labels the entry.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawProvider {
     #[serde(rename = "type")]
     kind: String,
-    #[serde(default)]
-    name: Option<String>,
     #[serde(default)]
     enabled: Option<bool>,
     #[serde(default)]
@@ -330,6 +346,14 @@ pub(super) struct RawProvider {
     columns: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     timeout: Option<DurationValue>,
+    #[serde(default)]
+    script: Option<String>,
+    #[serde(default)]
+    file: Option<String>,
+    #[serde(default)]
+    max_instructions: Option<u64>,
+    #[serde(default)]
+    max_memory: Option<super::units::SizeValue>,
 }
 
 /// Record fields a database row may carry, with their default column names.
@@ -522,6 +546,34 @@ fn build_auth(raw: RawAuth, issues: &mut Vec<Issue>) -> AuthConfig {
             responses[i].message = message;
         }
     }
+    let mut lua = None;
+    let pipeline = match raw.pipeline {
+        None => vec![ProviderConfig::Static],
+        Some(items) => {
+            let mut providers = Vec::new();
+            for (i, p) in items.into_iter().enumerate() {
+                let at = format!("auth.pipeline[{i}]");
+                if p.enabled == Some(false) {
+                    continue;
+                }
+                if p.kind == "lua" {
+                    if lua.is_some() {
+                        issues.push(Issue::new(&at, "only one lua stage is supported"));
+                    }
+                    lua = build_lua(p, &at, issues);
+                } else if let Some(provider) = build_provider(p, &at, issues) {
+                    providers.push(provider);
+                }
+            }
+            if providers.is_empty() {
+                issues.push(Issue::new(
+                    "auth.pipeline",
+                    "needs at least one key provider (static, redis, database or webhook)",
+                ));
+            }
+            providers
+        }
+    };
     AuthConfig {
         header_names: raw
             .header_names
@@ -532,15 +584,8 @@ fn build_auth(raw: RawAuth, issues: &mut Vec<Issue>) -> AuthConfig {
         quota_path: PathBuf::from(raw.quota_path),
         quota_period: raw.quota_period,
         mode: raw.mode,
-        pipeline: match raw.pipeline {
-            None => vec![ProviderConfig::Static],
-            Some(items) => items
-                .into_iter()
-                .enumerate()
-                .filter(|(_, p)| p.enabled != Some(false))
-                .filter_map(|(i, p)| build_provider(p, &format!("auth.pipeline[{i}]"), issues))
-                .collect(),
-        },
+        pipeline,
+        lua,
         cache: CacheConfig {
             ttl: raw.cache.ttl.0,
             negative_ttl: raw.cache.negative_ttl.0,
@@ -551,7 +596,6 @@ fn build_auth(raw: RawAuth, issues: &mut Vec<Issue>) -> AuthConfig {
 }
 
 fn build_provider(p: RawProvider, at: &str, issues: &mut Vec<Issue>) -> Option<ProviderConfig> {
-    let _ = p.name;
     let mut need = |value: Option<String>, key: &str| {
         if value.is_none() {
             issues.push(Issue::new(
@@ -661,6 +705,26 @@ fn build_provider(p: RawProvider, at: &str, issues: &mut Vec<Issue>) -> Option<P
             None
         }
     }
+}
+
+fn build_lua(p: RawProvider, at: &str, issues: &mut Vec<Issue>) -> Option<LuaConfig> {
+    let (source, file) = match (p.script, p.file) {
+        (Some(s), None) => (s, None),
+        (None, Some(f)) => (String::new(), Some(PathBuf::from(f))),
+        _ => {
+            issues.push(Issue::new(
+                at,
+                "a lua stage needs exactly one of `script` or `file`",
+            ));
+            return None;
+        }
+    };
+    Some(LuaConfig {
+        source,
+        file,
+        max_instructions: p.max_instructions.unwrap_or(1_000_000).max(1),
+        max_memory: p.max_memory.map_or(16 << 20, |m| m.0).max(64 << 10),
+    })
 }
 
 fn check_spec(spec: &LimitSpec, at: &str, issues: &mut Vec<Issue>) {

@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 
 pub use auth::{
     days_from_civil, mask, parse_net, parse_time, year_month, ApiKeyConfig, AuthConfig,
-    CacheConfig, DbDriver, Denial, DenialResponse, KeyStatus, LimitSpec, PipelineMode,
+    CacheConfig, DbDriver, Denial, DenialResponse, KeyStatus, LimitSpec, LuaConfig, PipelineMode,
     ProviderConfig, QuotaPeriod, RateLimitConfig, Secret,
 };
 use units::{DurationValue, SizeValue};

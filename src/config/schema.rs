@@ -107,6 +107,7 @@ pub(super) const ROOT: Shape = Fields(&[
                     ("quota_exceeded", DENIAL),
                     ("ip_not_allowed", DENIAL),
                     ("model_not_allowed", DENIAL),
+                    ("policy", DENIAL),
                 ]),
             ),
             ("quota_path", Leaf),
@@ -125,6 +126,10 @@ pub(super) const ROOT: Shape = Fields(&[
                     ("table", Leaf),
                     ("columns", Leaf),
                     ("timeout", Leaf),
+                    ("script", Leaf),
+                    ("file", Leaf),
+                    ("max_instructions", Leaf),
+                    ("max_memory", Leaf),
                 ])),
             ),
             (

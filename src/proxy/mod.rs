@@ -66,6 +66,8 @@ pub struct Context {
     pub inject_stream_usage: bool,
     /// Present when `auth` is enabled; shared by all workers.
     pub auth: Option<Arc<Auth>>,
+    /// This worker's Lua policy state (a Lua state is not `Send`).
+    pub lua: Option<crate::auth::LuaPolicy>,
     /// `rate_limit.global`, shared by all workers; `None` when it sets no limit.
     pub global_limits: Option<Arc<LimitSet>>,
     shutdown: Arc<AtomicBool>,
@@ -86,6 +88,7 @@ impl Context {
             usage: None,
             inject_stream_usage: true,
             auth: None,
+            lua: None,
             global_limits: None,
             shutdown,
             active: Cell::new(0),
@@ -277,7 +280,10 @@ async fn handle_request(
     let started = Instant::now();
     let info = inspect::inspect(&c.body).unwrap_or_default();
     if let (Some(auth), Some(key)) = (&ctx.auth, &admission.key) {
-        if let Err(e) = auth.authorize(key, info.model(&c.body)) {
+        let decided = auth
+            .authorize(key, info.model(&c.body))
+            .and_then(|()| run_policy(ctx, c, key, info.model(&c.body)));
+        if let Err(e) = decided {
             let head_len = c.head.head_len;
             c.buf.drain(..head_len);
             return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await;
@@ -408,6 +414,46 @@ async fn admit(ctx: &Context, c: &Client) -> Result<Admission, GatewayError> {
         _permit: admitted.permit,
         headers: admitted.headers,
     })
+}
+
+/// The Lua stage of `authorize`, when configured.
+fn run_policy(
+    ctx: &Context,
+    c: &Client,
+    key: &KeyEntry,
+    model: Option<&str>,
+) -> Result<(), GatewayError> {
+    let Some(policy) = &ctx.lua else {
+        return Ok(());
+    };
+    fn text(b: &[u8]) -> &str {
+        std::str::from_utf8(b).unwrap_or("")
+    }
+    let req = crate::auth::LuaRequest {
+        api_key: &key.key_ref.api_key,
+        ip: &c.ip,
+        method: text(c.head.method.of(&c.buf)),
+        path: text(c.head.path(&c.buf)),
+        headers: c
+            .head
+            .headers
+            .iter()
+            .map(|(n, v)| (text(n.of(&c.buf)), text(v.of(&c.buf))))
+            .collect(),
+        model,
+    };
+    match policy.decide(&req, key) {
+        Ok(crate::auth::Verdict::Allow) => Ok(()),
+        Ok(crate::auth::Verdict::Deny { status, message }) => Err(GatewayError::Denied {
+            denial: crate::config::Denial::Policy,
+            status,
+            message,
+        }),
+        Err(e) => {
+            tracing::warn!(key = %key.key_ref.name, "lua policy failed: {e}");
+            Err(GatewayError::PolicyFailed)
+        }
+    }
 }
 
 /// Endpoints whose streams carry token usage (and may be asked for it).

@@ -150,11 +150,24 @@ async fn worker_main(
             return;
         }
     };
+    let lua = match shared
+        .auth
+        .as_ref()
+        .and_then(|a| a.lua_policy())
+        .transpose()
+    {
+        Ok(lua) => lua,
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::other(format!("lua policy: {e}"))));
+            return;
+        }
+    };
     tracing::debug!(worker, driver, "worker listening");
     let _ = ready.send(Ok(driver));
     let upstreams = WorkerUpstreams::new(backends, &config);
     let mut ctx = Context::new(config.clone(), upstreams, shutdown.clone(), worker);
     ctx.auth = shared.auth;
+    ctx.lua = lua;
     ctx.global_limits = shared.global_limits;
     let ctx = Rc::new(ctx);
 
