@@ -118,3 +118,48 @@ fn queueing_waits_for_a_slot_until_the_deadline() {
         t.elapsed()
     );
 }
+
+/// Two gateway processes sharing Redis (`rate_limit.storage: redis`) admit exactly the limit
+/// between them.
+#[test]
+fn two_instances_sharing_redis_admit_exactly_the_limit() {
+    let mock = spawn_mock(&["--workers", "2"]);
+    let prefix = format!("llmproxy-test-{}-{}:", std::process::id(), free_port());
+    let config = format!(
+        "listen: \"{{listen}}\"\nworkers: 2\nbackends: [{{url: \"http://{}\"}}]\n\
+         rate_limit:\n  global: {{requests_per_minute: 50}}\n  storage: redis\n  \
+         redis: {{url: \"redis://127.0.0.1:6379/\", prefix: \"{prefix}\"}}\n",
+        mock.addr
+    );
+    let gateways = [spawn_gateway(&config), spawn_gateway(&config)];
+    let ok = AtomicU32::new(0);
+    let body = json!({"model": "mock-model", "messages": []}).to_string();
+    let raw = raw_request("POST", "/v1/chat/completions", body.as_bytes(), &[]);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for i in 0..20 {
+            let (gw, ok, raw) = (gateways[i % 2].addr, &ok, &raw);
+            s.spawn(move || {
+                let mut c = Client::connect(gw);
+                for _ in 0..15 {
+                    c.send(raw);
+                    let r = c.read_response();
+                    match r.status {
+                        200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        429 => assert!(r.header("retry-after").is_some()),
+                        other => panic!("unexpected {other}: {}", r.text()),
+                    }
+                }
+            });
+        }
+    });
+    let ok = ok.load(Ordering::Relaxed);
+    let refill = (started.elapsed().as_millis() / 1200) as u32;
+    assert!(
+        (50..=50 + refill).contains(&ok),
+        "admitted {ok} (allowed 50..={})",
+        50 + refill
+    );
+}

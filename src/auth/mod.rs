@@ -330,7 +330,12 @@ impl Shared {
                     .filter(|(p, _)| *p == period)
                     .map_or(0, |(_, used)| *used);
                 Arc::new(KeyLive {
-                    limits: (!spec.is_empty()).then(|| Arc::new(LimitSet::new(&spec))),
+                    limits: (!spec.is_empty()).then(|| {
+                        Arc::new(LimitSet::new(
+                            &spec,
+                            format!("key:{}", quota::key_id(&k.key)),
+                        ))
+                    }),
                     used: AtomicU64::new(used),
                     period: AtomicU64::new(period),
                     name: k.name.clone(),

@@ -290,6 +290,16 @@ pub struct RateLimitConfig {
     pub global: LimitSpec,
     /// Wait up to this long for a slot or a request token instead of answering 429 at once.
     pub queue_timeout: Option<Duration>,
+    /// `storage: redis`: request rates shared by every instance using this Redis.
+    pub redis: Option<SharedLimits>,
+}
+
+/// `rate_limit.redis`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedLimits {
+    pub url: Secret,
+    /// Prepended to every Redis key, so several deployments can share one Redis.
+    pub prefix: String,
 }
 
 #[derive(Deserialize)]
@@ -423,9 +433,27 @@ pub(super) struct RawApiKey {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawRateLimit {
     enabled: Option<bool>,
+    storage: Option<String>,
+    redis: RawSharedLimits,
     per_key: LimitSpec,
     global: LimitSpec,
     queue_timeout: Option<DurationValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawSharedLimits {
+    url: String,
+    prefix: String,
+}
+
+impl Default for RawSharedLimits {
+    fn default() -> Self {
+        RawSharedLimits {
+            url: "redis://127.0.0.1:6379/".to_string(),
+            prefix: "llmproxy:rl:".to_string(),
+        }
+    }
 }
 
 /// Validates the three sections together: keys without `auth` would never be checked.
@@ -497,10 +525,25 @@ pub(super) fn build(
     } else {
         check_spec(&rate.per_key, "rate_limit.per_key", issues);
         check_spec(&rate.global, "rate_limit.global", issues);
+        let redis = match rate.storage.as_deref() {
+            None | Some("memory") => None,
+            Some("redis") => Some(SharedLimits {
+                url: Secret(rate.redis.url),
+                prefix: rate.redis.prefix,
+            }),
+            Some(other) => {
+                issues.push(Issue::new(
+                    "rate_limit.storage",
+                    format!("{other:?}: expected memory or redis"),
+                ));
+                None
+            }
+        };
         RateLimitConfig {
             per_key: rate.per_key,
             global: rate.global,
             queue_timeout: rate.queue_timeout.map(|d| d.0),
+            redis,
         }
     };
     (auth, api_keys, rate)

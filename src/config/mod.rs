@@ -29,7 +29,7 @@ use serde_json::{Map, Value};
 pub use auth::{
     days_from_civil, mask, parse_net, parse_time, year_month, ApiKeyConfig, AuthConfig,
     CacheConfig, DbDriver, Denial, DenialResponse, KeyStatus, LimitSpec, LuaConfig, PipelineMode,
-    ProviderConfig, QuotaPeriod, RateLimitConfig, Secret,
+    ProviderConfig, QuotaPeriod, RateLimitConfig, Secret, SharedLimits,
 };
 use units::{DurationValue, SizeValue};
 
@@ -934,11 +934,8 @@ weight = 3
             "{error}"
         );
 
-        let error = yaml_err("backends: [{url: 'http://b'}]\nrate_limit: {storage: redis}");
-        assert!(
-            error.starts_with("rate_limit.storage: not supported yet"),
-            "{error}"
-        );
+        let error = yaml_err("backends: [{url: 'http://b'}]\nmetrics: {path: /m}");
+        assert!(error.starts_with("metrics: not supported yet"), "{error}");
     }
 
     /// The seed README's "Configuration" block, verbatim.
@@ -1017,7 +1014,7 @@ health_check:
     #[test]
     fn every_problem_is_reported_together() {
         let error = yaml(
-            "listne: 1\nrate_limit: {storage: redis}\nlisten: 'nowhere'\nbackends:\n  \
+            "listne: 1\nadmin: {enabled: true}\nlisten: 'nowhere'\nbackends:\n  \
              - url: 'https://a'\n  - url: 'http://b'\n    weight: 0\n",
         )
         .unwrap_err();
@@ -1025,7 +1022,7 @@ health_check:
         assert_eq!(lines.len(), 5, "{lines:#?}");
         let starts = [
             "listne: unknown key",
-            "rate_limit.storage: not supported yet",
+            "admin: not supported yet",
             "listen: invalid address",
         ];
         for start in starts {

@@ -164,6 +164,8 @@ pub(super) const ROOT: Shape = Fields(&[
             ("per_key", LIMITS),
             ("global", LIMITS),
             ("queue_timeout", Leaf),
+            ("storage", Leaf),
+            ("redis", Fields(&[("url", Leaf), ("prefix", Leaf)])),
         ]),
     ),
 ]);
@@ -183,7 +185,6 @@ const LIMITS: Shape = Fields(&[
 /// implemented, delete its line here and add it to [`ROOT`]. `[]` stands for any list index.
 pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("usage_hook", "usage reporting"),
-    ("rate_limit.storage", "rate limits shared across instances"),
     ("metrics", "Prometheus metrics"),
     ("admin", "the admin API"),
 ];

@@ -17,6 +17,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::config::LimitSpec;
+pub use shared::RedisRates;
+use shared::Remote;
+
+mod shared;
 
 const MINUTE_NS: u64 = 60_000_000_000;
 
@@ -194,14 +198,17 @@ impl Future for SlotFreed<'_> {
 /// The limits of one scope.
 #[derive(Debug)]
 pub struct LimitSet {
+    /// Names the scope in shared storage ("global", "key:<hash>").
+    pub id: String,
     pub requests: Option<Rate>,
     pub tokens: Option<Rate>,
     pub slots: Option<Slots>,
 }
 
 impl LimitSet {
-    pub fn new(spec: &LimitSpec) -> LimitSet {
+    pub fn new(spec: &LimitSpec, id: String) -> LimitSet {
         LimitSet {
+            id,
             requests: spec.requests_per_minute.map(Rate::per_minute),
             tokens: spec.tokens_per_minute.map(Rate::per_minute),
             slots: spec.max_concurrent.map(Slots::new),
@@ -261,14 +268,16 @@ pub struct Admitted {
 }
 
 /// Admits a request against `scopes` (most specific first: the key, then global). Checks cost
-/// nothing when refused: slots are given back and request units refunded.
+/// nothing when refused: slots are given back and request units refunded. With `shared`, request
+/// rates are taken from Redis (all instances together) instead of this process's counters.
 pub async fn admit(
     scopes: &[&Arc<LimitSet>],
     queue_timeout: Option<Duration>,
+    shared: Option<&RedisRates>,
 ) -> Result<Admitted, Limited> {
     let deadline = queue_timeout.map(|t| Instant::now() + t);
     loop {
-        let refused = match try_admit(scopes) {
+        let refused = match try_admit(scopes, shared).await {
             Ok(admitted) => return Ok(admitted),
             Err(refused) => refused,
         };
@@ -297,19 +306,57 @@ struct Refused {
     full_slots: Option<Arc<LimitSet>>,
 }
 
-fn try_admit(scopes: &[&Arc<LimitSet>]) -> Result<Admitted, Refused> {
-    let now = now_ns();
-    let refuse = |kind, retry_after, full_slots: Option<Arc<LimitSet>>| Refused {
+fn refuse(
+    scopes: &[&Arc<LimitSet>],
+    kind: LimitKind,
+    retry_after: Duration,
+    full_slots: Option<Arc<LimitSet>>,
+) -> Refused {
+    Refused {
         limited: Limited {
             kind,
             retry_after,
-            headers: headers(scopes, now),
+            headers: headers(scopes, now_ns(), None),
         },
         full_slots,
+    }
+}
+
+async fn try_admit(
+    scopes: &[&Arc<LimitSet>],
+    shared: Option<&RedisRates>,
+) -> Result<Admitted, Refused> {
+    let permit = take_capacity(scopes)?;
+    let remote_scopes: Vec<(&str, u64)> = scopes
+        .iter()
+        .filter_map(|s| Some((s.id.as_str(), s.requests.as_ref()?.limit)))
+        .collect();
+    let remote = match shared {
+        Some(r) if !remote_scopes.is_empty() => r.take(&remote_scopes).await,
+        _ => Remote::Unavailable,
     };
+    let now = now_ns();
+    let requests = match remote {
+        Remote::Taken(state) => Some(state),
+        // `permit` drops with the refusal and gives its slots back.
+        Remote::Refused(wait) => return Err(refuse(scopes, LimitKind::Requests, wait, None)),
+        Remote::Unavailable => {
+            take_requests(scopes, now)?;
+            None
+        }
+    };
+    Ok(Admitted {
+        permit,
+        headers: headers(scopes, now, requests),
+    })
+}
+
+/// Token-rate room and concurrency slots.
+fn take_capacity(scopes: &[&Arc<LimitSet>]) -> Result<Permit, Refused> {
+    let now = now_ns();
     for set in scopes {
         if let Some(Err(wait)) = set.tokens.as_ref().map(|t| t.check(now)) {
-            return Err(refuse(LimitKind::Tokens, wait, None));
+            return Err(refuse(scopes, LimitKind::Tokens, wait, None));
         }
     }
     let mut permit = Permit::default();
@@ -318,6 +365,7 @@ fn try_admit(scopes: &[&Arc<LimitSet>]) -> Result<Admitted, Refused> {
             if !s.try_acquire() {
                 // `permit` drops here and gives back the slots already taken.
                 return Err(refuse(
+                    scopes,
                     LimitKind::Concurrency,
                     Duration::from_secs(1),
                     Some(Arc::clone(set)),
@@ -326,6 +374,11 @@ fn try_admit(scopes: &[&Arc<LimitSet>]) -> Result<Admitted, Refused> {
             permit.held.push(Arc::clone(set));
         }
     }
+    Ok(permit)
+}
+
+/// One request from each scope's local rate, or from none.
+fn take_requests(scopes: &[&Arc<LimitSet>], now: u64) -> Result<(), Refused> {
     for (i, set) in scopes.iter().enumerate() {
         if let Some(Err(wait)) = set.requests.as_ref().map(|r| r.try_take(now, 1)) {
             for earlier in &scopes[..i] {
@@ -333,23 +386,26 @@ fn try_admit(scopes: &[&Arc<LimitSet>]) -> Result<Admitted, Refused> {
                     r.refund(1);
                 }
             }
-            return Err(refuse(LimitKind::Requests, wait, None));
+            return Err(refuse(scopes, LimitKind::Requests, wait, None));
         }
     }
-    Ok(Admitted {
-        permit,
-        headers: headers(scopes, now),
-    })
+    Ok(())
 }
 
-/// OpenAI's rate-limit headers, for the first scope that has each rate.
-fn headers(scopes: &[&Arc<LimitSet>], now: u64) -> String {
+/// OpenAI's rate-limit headers, for the first scope that has each rate; `requests` is the
+/// shared (Redis) state when that decided.
+fn headers(scopes: &[&Arc<LimitSet>], now: u64, requests: Option<RateState>) -> String {
     let mut out = String::new();
-    let requests = scopes.iter().find_map(|s| s.requests.as_ref());
-    let tokens = scopes.iter().find_map(|s| s.tokens.as_ref());
-    for (what, rate) in [("requests", requests), ("tokens", tokens)] {
-        if let Some(r) = rate {
-            let st = r.peek(now);
+    let requests = requests.or_else(|| {
+        scopes
+            .iter()
+            .find_map(|s| s.requests.as_ref().map(|r| r.peek(now)))
+    });
+    let tokens = scopes
+        .iter()
+        .find_map(|s| s.tokens.as_ref().map(|r| r.peek(now)));
+    for (what, state) in [("requests", requests), ("tokens", tokens)] {
+        if let Some(st) = state {
             let _ = write!(
                 out,
                 "x-ratelimit-limit-{what}: {}\r\nx-ratelimit-remaining-{what}: {}\r\nx-ratelimit-reset-{what}: {}\r\n",
@@ -383,12 +439,22 @@ fn format_reset(d: Duration) -> String {
 mod tests {
     use super::*;
 
+    fn run<F: Future>(f: F) -> F::Output {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
     fn set(rpm: Option<u64>, tpm: Option<u64>, conc: Option<u32>) -> Arc<LimitSet> {
-        Arc::new(LimitSet::new(&LimitSpec {
-            requests_per_minute: rpm,
-            tokens_per_minute: tpm,
-            max_concurrent: conc,
-        }))
+        Arc::new(LimitSet::new(
+            &LimitSpec {
+                requests_per_minute: rpm,
+                tokens_per_minute: tpm,
+                max_concurrent: conc,
+            },
+            "test".into(),
+        ))
     }
 
     #[test]
@@ -439,12 +505,14 @@ mod tests {
     fn refusals_give_back_what_they_took() {
         let key = set(Some(10), None, Some(1));
         let global = set(Some(1), None, None);
-        let a = try_admit(&[&key, &global]).map_err(|_| ()).unwrap();
-        let b = try_admit(&[&key, &global]).err().unwrap();
+        let a = run(try_admit(&[&key, &global], None))
+            .map_err(|_| ())
+            .unwrap();
+        let b = run(try_admit(&[&key, &global], None)).err().unwrap();
         assert_eq!(b.limited.kind, LimitKind::Concurrency);
         drop(a);
         assert_eq!(key.slots.as_ref().unwrap().in_use(), 0);
-        let c = try_admit(&[&key, &global]).err().unwrap();
+        let c = run(try_admit(&[&key, &global], None)).err().unwrap();
         assert_eq!(c.limited.kind, LimitKind::Requests);
         assert_eq!(key.slots.as_ref().unwrap().in_use(), 0);
         // The key's request unit was refunded: 9 of 10 left after the one admitted.
@@ -454,7 +522,7 @@ mod tests {
     #[test]
     fn header_format() {
         let key = set(Some(60), Some(1000), None);
-        let a = try_admit(&[&key]).map_err(|_| ()).unwrap();
+        let a = run(try_admit(&[&key], None)).map_err(|_| ()).unwrap();
         assert!(a.headers.contains("x-ratelimit-limit-requests: 60\r\n"));
         assert!(a.headers.contains("x-ratelimit-remaining-requests: 59\r\n"));
         assert!(a.headers.contains("x-ratelimit-reset-requests: 1s\r\n"));

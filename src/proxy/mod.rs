@@ -68,6 +68,8 @@ pub struct Context {
     pub auth: Option<Arc<Auth>>,
     /// This worker's Lua policy state (a Lua state is not `Send`).
     pub lua: Option<crate::auth::LuaPolicy>,
+    /// Request rates kept in Redis (`rate_limit.storage: redis`), shared by all instances.
+    pub shared_rates: Option<Arc<crate::limits::RedisRates>>,
     /// `rate_limit.global`, shared by all workers; `None` when it sets no limit.
     pub global_limits: Option<Arc<LimitSet>>,
     shutdown: Arc<AtomicBool>,
@@ -89,6 +91,7 @@ impl Context {
             inject_stream_usage: true,
             auth: None,
             lua: None,
+            shared_rates: None,
             global_limits: None,
             shutdown,
             active: Cell::new(0),
@@ -406,7 +409,8 @@ async fn admit(ctx: &Context, c: &Client) -> Result<Admission, GatewayError> {
             ..Admission::default()
         });
     }
-    let admitted = limits::admit(&scopes, ctx.config.rate_limit.queue_timeout)
+    let queue = ctx.config.rate_limit.queue_timeout;
+    let admitted = limits::admit(&scopes, queue, ctx.shared_rates.as_deref())
         .await
         .map_err(GatewayError::RateLimited)?;
     Ok(Admission {

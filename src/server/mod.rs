@@ -16,7 +16,7 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::auth::Auth;
 use crate::config::{Config, IoDriver};
-use crate::limits::LimitSet;
+use crate::limits::{LimitSet, RedisRates};
 use crate::proxy::{self, Context};
 use crate::upstream::{Backends, WorkerUpstreams};
 
@@ -32,8 +32,12 @@ pub fn run(config: Config) -> io::Result<()> {
     install_signal_handler(shutdown.clone())?;
     let backends = Backends::new(&config);
     let auth = Auth::new(&config)?;
-    let global = LimitSet::new(&config.rate_limit.global);
+    let global = LimitSet::new(&config.rate_limit.global, "global".into());
     let global_limits = (!global.is_empty()).then(|| Arc::new(global));
+    let shared_rates = match &config.rate_limit.redis {
+        Some(r) => Some(Arc::new(RedisRates::start(&r.url.0, &r.prefix, 4)?)),
+        None => None,
+    };
 
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<&'static str>>();
     let mut threads = Vec::with_capacity(config.workers);
@@ -47,6 +51,7 @@ pub fn run(config: Config) -> io::Result<()> {
         let shared = Shared {
             auth: auth.clone(),
             global_limits: global_limits.clone(),
+            shared_rates: shared_rates.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("llmproxy-w{worker}"))
@@ -128,6 +133,7 @@ where
 struct Shared {
     auth: Option<Arc<Auth>>,
     global_limits: Option<Arc<LimitSet>>,
+    shared_rates: Option<Arc<RedisRates>>,
 }
 
 async fn worker_main(
@@ -169,6 +175,7 @@ async fn worker_main(
     ctx.auth = shared.auth;
     ctx.lua = lua;
     ctx.global_limits = shared.global_limits;
+    ctx.shared_rates = shared.shared_rates;
     let ctx = Rc::new(ctx);
 
     let accept = async {
