@@ -24,6 +24,8 @@ pub type Found = Arc<[Arc<KeyEntry>]>;
 
 /// How soon a failed look-up is tried again.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
+/// A look-up pending this long is presumed hung and started again.
+const STALLED: Duration = Duration::from_secs(3);
 /// Above this many cached keys, expired ones are dropped (bounds memory under random keys).
 const MAX_ENTRIES: usize = 100_000;
 
@@ -43,6 +45,7 @@ enum Slot {
     Pending {
         waiters: Vec<Waker>,
         stale: Option<(Found, Instant)>,
+        started: Instant,
     },
     Failed {
         until: Instant,
@@ -81,7 +84,7 @@ impl Cache {
         let now = Instant::now();
         let mut map = self.lock();
         let (waiters, stale) = match map.remove(key) {
-            Some(Slot::Pending { waiters, stale }) => (waiters, stale),
+            Some(Slot::Pending { waiters, stale, .. }) => (waiters, stale),
             _ => (Vec::new(), None),
         };
         let slot = match result {
@@ -154,12 +157,17 @@ impl Future for Resolve<'_> {
                 value, fresh_until, ..
             }) if now < *fresh_until => return Poll::Ready(Some(value.clone())),
             Some(Slot::Failed { until }) if now < *until => return Poll::Ready(None),
-            Some(Slot::Pending { waiters, .. }) => {
+            // A look-up stuck past STALLED (a hung connection) is started again by a new
+            // request; the old thread's answer, if it ever comes, still completes the slot.
+            Some(Slot::Pending {
+                waiters, started, ..
+            }) if this.job.is_none() || now.duration_since(*started) < STALLED => {
                 if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
                     waiters.push(cx.waker().clone());
                 }
                 return Poll::Pending;
             }
+            Some(Slot::Pending { stale, .. }) => stale.take(),
             Some(Slot::Ready {
                 value, stale_until, ..
             }) if now < *stale_until => Some((value.clone(), *stale_until)),
@@ -171,11 +179,19 @@ impl Future for Resolve<'_> {
             // rather than loop.
             return Poll::Ready(stale.map(|(v, _)| v));
         };
+        let mut waiters = vec![cx.waker().clone()];
+        if let Some(Slot::Pending {
+            waiters: earlier, ..
+        }) = map.remove(&job.key)
+        {
+            waiters.extend(earlier);
+        }
         map.insert(
             job.key.clone(),
             Slot::Pending {
-                waiters: vec![cx.waker().clone()],
+                waiters,
                 stale,
+                started: now,
             },
         );
         this.key = job.key.clone();

@@ -32,6 +32,9 @@ use cache::{Cache, Found, Job};
 pub use lua::{LuaPolicy, LuaRequest, Verdict};
 use quota::{period_of, QuotaStore, Saved};
 
+/// Longest a request waits for a provider look-up before it is answered 503.
+const LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One known key as its provider described it, plus its live state.
 #[derive(Debug)]
 pub struct KeyEntry {
@@ -208,11 +211,11 @@ impl Auth {
             method: String::from_utf8_lossy(caller.method).into_owned(),
             path: String::from_utf8_lossy(caller.path).into_owned(),
         };
-        let found = self
-            .shared
-            .cache
-            .resolve(jobs, job)
+        // A provider that hangs must not hold the request (or its connection) forever.
+        let found = monoio::time::timeout(LOOKUP_WAIT, self.shared.cache.resolve(jobs, job))
             .await
+            .ok()
+            .flatten()
             .ok_or(GatewayError::AuthUnavailable)?;
         let first = found.first().ok_or_else(|| self.deny(Denial::InvalidKey))?;
         for entry in found.iter() {
@@ -393,7 +396,14 @@ impl Shared {
 fn lookup_loop(shared: &Shared, jobs: &Receiver<Job>) {
     let mut conns = providers::Conns::default();
     for job in jobs {
-        let result = shared.run_pipeline(&mut conns, &job);
+        // A panicking driver must still complete the slot, or its waiters would wait forever.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            shared.run_pipeline(&mut conns, &job)
+        }))
+        .unwrap_or_else(|_| {
+            conns = providers::Conns::default();
+            Err("provider look-up panicked".to_string())
+        });
         shared.cache.complete(&job.key, result);
     }
 }

@@ -9,6 +9,9 @@ use serde_json::Value;
 
 use crate::config::{ApiKeyConfig, DbDriver, KeyStatus, LimitSpec, ProviderConfig};
 
+/// Connect (and for MySQL, read/write) timeout of database connections.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A failed look-up (the provider is down or answered nonsense): never "unknown key".
 #[derive(Debug)]
 pub struct ProviderError(pub String);
@@ -137,10 +140,18 @@ fn sql_lookup(
         slot.insert(match driver {
             DbDriver::Sqlite => Conn::Sqlite(rusqlite::Connection::open(dsn).map_err(err)?),
             DbDriver::Postgres => {
-                Conn::Postgres(postgres::Client::connect(dsn, postgres::NoTls).map_err(err)?)
+                let mut config: postgres::Config = dsn.parse().map_err(err)?;
+                if config.get_connect_timeout().is_none() {
+                    config.connect_timeout(CONNECT_TIMEOUT);
+                }
+                Conn::Postgres(config.connect(postgres::NoTls).map_err(err)?)
             }
             DbDriver::Mysql => {
                 let opts = mysql::Opts::from_url(dsn).map_err(err)?;
+                let opts = mysql::OptsBuilder::from_opts(opts)
+                    .tcp_connect_timeout(Some(CONNECT_TIMEOUT))
+                    .read_timeout(Some(CONNECT_TIMEOUT))
+                    .write_timeout(Some(CONNECT_TIMEOUT));
                 Conn::Mysql(mysql::Conn::new(opts).map_err(err)?)
             }
         });
