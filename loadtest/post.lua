@@ -4,6 +4,9 @@
 wrk.method = "POST"
 wrk.path = "/v1/chat/completions"
 wrk.headers["Content-Type"] = "application/json"
+-- LOADTEST_AUTH=TOKEN adds "Authorization: Bearer TOKEN" (loadtest/litellm.sh: LiteLLM's master key).
+local auth = os.getenv("LOADTEST_AUTH")
+if auth and auth ~= "" then wrk.headers["Authorization"] = "Bearer " .. auth end
 wrk.body = '{"model":"mock-model","messages":[{"role":"user","content":"Hello"}],"stream":false,"max_tokens":1}'
 
 function done(summary, latency, requests)

@@ -17,10 +17,19 @@ pub enum GatewayError {
         method: String,
         path: String,
     },
-    /// No backend has an address to send to.
+    /// No backend can take the request now (unresolved, unhealthy, ejected or full).
     NoBackend,
+    /// No backend serves the requested model.
+    UnknownModel {
+        model: String,
+    },
     UpstreamConnect,
     UpstreamConnectTimeout,
+    /// No response head within `timeouts.first_byte` / `timeouts.total`.
+    UpstreamTimeout,
+    /// A retryable status (`retry.on_status`) the relay handed back instead of relaying; only
+    /// reaches the client if every attempt got one.
+    UpstreamStatus(u16),
     /// The backend closed or reset before sending a response head.
     UpstreamClosed,
     UpstreamProtocol(UpstreamError),
@@ -53,9 +62,10 @@ impl GatewayError {
                 RequestError::BodyTooLarge => 413,
                 RequestError::Timeout => 408,
             },
-            GatewayError::NotFound { .. } => 404,
+            GatewayError::NotFound { .. } | GatewayError::UnknownModel { .. } => 404,
             GatewayError::NoBackend => 503,
-            GatewayError::UpstreamConnectTimeout => 504,
+            GatewayError::UpstreamConnectTimeout | GatewayError::UpstreamTimeout => 504,
+            GatewayError::UpstreamStatus(s) => *s,
             GatewayError::UpstreamConnect
             | GatewayError::UpstreamClosed
             | GatewayError::UpstreamProtocol(_) => 502,
@@ -99,8 +109,11 @@ impl GatewayError {
             },
             GatewayError::NotFound { .. } => "unknown_url",
             GatewayError::NoBackend => "no_healthy_backend",
+            GatewayError::UnknownModel { .. } => "model_not_found",
             GatewayError::UpstreamConnect => "upstream_connect_failed",
-            GatewayError::UpstreamConnectTimeout => "upstream_timeout",
+            GatewayError::UpstreamConnectTimeout => "upstream_connect_timeout",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::UpstreamStatus(_) => "upstream_error",
             GatewayError::UpstreamClosed => "upstream_closed",
             GatewayError::UpstreamProtocol(_) => "bad_upstream_response",
             // The codes OpenAI's SDKs and clients classify.
@@ -135,6 +148,13 @@ impl GatewayError {
                 Cow::Owned(format!("Invalid URL ({method} {path})"))
             }
             GatewayError::NoBackend => "No healthy backend is available.".into(),
+            GatewayError::UnknownModel { model } => {
+                Cow::Owned(format!("The model `{model}` does not exist."))
+            }
+            GatewayError::UpstreamTimeout => "The backend did not respond in time.".into(),
+            GatewayError::UpstreamStatus(s) => {
+                Cow::Owned(format!("The backend answered {s} on every attempt."))
+            }
             GatewayError::UpstreamConnect => "Could not connect to the backend.".into(),
             GatewayError::UpstreamConnectTimeout => "Timed out connecting to the backend.".into(),
             GatewayError::UpstreamClosed => {
@@ -160,6 +180,19 @@ impl GatewayError {
                 l.retry_after.as_millis().max(1)
             )),
         }
+    }
+
+    /// Worth another attempt on another backend: nothing reached the client and the backend
+    /// failed rather than judged the request.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::UpstreamConnect
+                | GatewayError::UpstreamConnectTimeout
+                | GatewayError::UpstreamClosed
+                | GatewayError::UpstreamProtocol(_)
+                | GatewayError::UpstreamStatus(_)
+        )
     }
 
     /// Errors about the request's framing leave the connection unusable: the rest of the bytes

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use llmproxy::config::{self, Config, LogFormat};
+use llmproxy::logging;
+use llmproxy::server::Reload;
 
 #[derive(Parser)]
 #[command(
@@ -37,7 +39,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::MockLlm(opts)) => {
-            init_logging("info", LogFormat::Text);
+            let _log = logging::init("info", LogFormat::Text);
             exit(llmproxy::mock::run(opts).map_err(|e| format!("mock-llm: {e}")))
         }
         Some(Command::Check) => exit(check(cli.config.as_deref())),
@@ -75,14 +77,18 @@ fn check(path: Option<&Path>) -> Result<(), String> {
 
 fn serve(path: Option<&Path>) -> Result<(), String> {
     let cfg = load(path)?;
-    init_logging(&cfg.log.level, cfg.log.format);
-    llmproxy::server::run(cfg).map_err(|e| format!("llmproxy: {e}"))
+    let (set_log_level, _flush) = logging::init(&cfg.log.level, cfg.log.format);
+    let reload = Reload {
+        config_path: path.map(Path::to_path_buf),
+        set_log_level,
+    };
+    llmproxy::server::run(cfg, reload).map_err(|e| format!("llmproxy: {e}"))
 }
 
 fn demo() -> Result<(), String> {
     let cfg =
         config::parse(config::DEMO_CONFIG, config::Format::Yaml).map_err(|e| e.to_string())?;
-    init_logging(&cfg.log.level, cfg.log.format);
+    let (set_log_level, _flush) = logging::init(&cfg.log.level, cfg.log.format);
     let backend = cfg.backends[0].host_header.clone();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut sim = std::process::Command::new(exe)
@@ -107,20 +113,12 @@ fn demo() -> Result<(), String> {
          python3 -c \"from openai import OpenAI; c=OpenAI(base_url='{base}/v1', api_key='demo'); \
          print(c.chat.completions.create(model='mock-model', messages=[{{'role':'user','content':'Hello'}}]).choices[0].message.content)\"\n"
     );
-    let result = llmproxy::server::run(cfg).map_err(|e| format!("llmproxy: {e}"));
+    let reload = Reload {
+        config_path: None,
+        set_log_level,
+    };
+    let result = llmproxy::server::run(cfg, reload).map_err(|e| format!("llmproxy: {e}"));
     let _ = sim.kill();
     let _ = sim.wait();
     result
-}
-
-fn init_logging(level: &str, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
 }

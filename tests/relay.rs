@@ -144,16 +144,19 @@ fn events_arrive_as_the_backend_sends_them() {
             arrivals.push(start.elapsed());
         }
     }
-    // The role chunk and first token come at once; each later token 300 ms after the previous:
-    // relayed as produced, not held to the end.
+    // The role chunk and first token come at once; each later token 300 ms after the previous.
+    // Each arrives on its own, well before the stream ends: relayed as produced, not held.
     assert!(
-        arrivals[0] < Duration::from_millis(150),
+        arrivals[0] < Duration::from_millis(250),
         "first event after {:?}",
         arrivals[0]
     );
-    assert!(arrivals[2] >= Duration::from_millis(280), "{arrivals:?}");
-    assert!(arrivals[2] < Duration::from_millis(500), "{arrivals:?}");
-    assert!(arrivals[3] >= Duration::from_millis(580), "{arrivals:?}");
+    for pair in arrivals[1..4].windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(250),
+            "{arrivals:?}"
+        );
+    }
 }
 
 #[test]

@@ -92,6 +92,8 @@ pub struct Config {
     /// The static key list (`auth.storage: "file"`).
     pub api_keys: Vec<ApiKeyConfig>,
     pub rate_limit: RateLimitConfig,
+    pub metrics: MetricsConfig,
+    pub admin: AdminConfig,
 }
 
 /// Client- and upstream-side timeouts (key `timeouts`).
@@ -154,6 +156,35 @@ pub struct LogConfig {
     /// A level ("info") or `tracing` filter directives ("info,llmproxy=debug").
     pub level: String,
     pub format: LogFormat,
+    /// One `access` line per request (target `access`, level info).
+    pub access: bool,
+}
+
+/// Prometheus exposition (key `metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Served on the client listener; starts with `/`.
+    pub path: String,
+}
+
+/// The admin API (key `admin`): its own listener, off by default.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Bearer token every admin request must carry; at least 16 characters when enabled.
+    pub token: String,
+}
+
+/// Never prints the token.
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("enabled", &self.enabled)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a config could not be loaded: every problem found, one per line, each as
@@ -311,6 +342,8 @@ struct RawConfig {
     auth: Option<auth::RawAuth>,
     api_keys: Vec<auth::RawApiKey>,
     rate_limit: auth::RawRateLimit,
+    metrics: RawMetrics,
+    admin: RawAdmin,
 }
 
 impl Default for RawConfig {
@@ -335,6 +368,8 @@ impl Default for RawConfig {
             auth: None,
             api_keys: Vec::new(),
             rate_limit: auth::RawRateLimit::default(),
+            metrics: RawMetrics::default(),
+            admin: RawAdmin::default(),
         }
     }
 }
@@ -407,6 +442,7 @@ fn default_weight() -> u32 {
 struct RawLog {
     level: String,
     format: LogFormat,
+    access: bool,
 }
 
 impl Default for RawLog {
@@ -414,6 +450,41 @@ impl Default for RawLog {
         RawLog {
             level: "info".to_string(),
             format: LogFormat::Text,
+            access: true,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawMetrics {
+    enabled: bool,
+    path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawAdmin {
+    enabled: bool,
+    listen: String,
+    token: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            enabled: false,
+            listen: "127.0.0.1:9091".to_string(),
+            token: String::new(),
+        }
+    }
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            enabled: true,
+            path: "/metrics".to_string(),
         }
     }
 }
@@ -439,11 +510,26 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         report(at, positive(value.0.as_nanos()));
     }
     report("log.level", check_log_level(&raw.log.level));
+    report("metrics.path", check_metrics_path(&raw.metrics.path));
+    let admin_listen = parse_listen(&raw.admin.listen);
+    report(
+        "admin.listen",
+        admin_listen.as_ref().map(|_| ()).map_err(Clone::clone),
+    );
+    if raw.admin.enabled && raw.admin.token.chars().count() < 16 {
+        report(
+            "admin.token",
+            Err("must be at least 16 characters when the admin API is enabled".into()),
+        );
+    }
     if raw.backends.is_empty() {
         report(
             "backends",
             Err("at least one backend is required, e.g. `- url: \"http://127.0.0.1:8001\"`".into()),
         );
+    }
+    if raw.backends.len() > 64 {
+        report("backends", Err("at most 64 backends are supported".into()));
     }
     let mut backends = Vec::with_capacity(raw.backends.len());
     for (index, backend) in raw.backends.into_iter().enumerate() {
@@ -514,6 +600,16 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         log: LogConfig {
             level: raw.log.level,
             format: raw.log.format,
+            access: raw.log.access,
+        },
+        metrics: MetricsConfig {
+            enabled: raw.metrics.enabled,
+            path: raw.metrics.path,
+        },
+        admin: AdminConfig {
+            enabled: raw.admin.enabled,
+            listen: admin_listen.ok()?,
+            token: raw.admin.token,
         },
         auth,
         api_keys,
@@ -648,6 +744,19 @@ fn parse_backend_url(url: &str) -> Result<Target, String> {
         host_header: authority.to_string(),
         path_prefix: path.trim_end_matches('/').to_string(),
     })
+}
+
+/// The metrics path must not shadow the proxied API or the health check.
+fn check_metrics_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+        return Err(format!(
+            "invalid path {path:?}: expected an absolute path like \"/metrics\""
+        ));
+    }
+    if path.starts_with("/v1/") || path == "/health" {
+        return Err(format!("{path:?} is taken by the proxied API or /health"));
+    }
+    Ok(())
 }
 
 /// Catches typos like `inof`, which `tracing`'s filter syntax would silently read as a target
@@ -934,8 +1043,11 @@ weight = 3
             "{error}"
         );
 
-        let error = yaml_err("backends: [{url: 'http://b'}]\nmetrics: {path: /m}");
-        assert!(error.starts_with("metrics: not supported yet"), "{error}");
+        let error = yaml_err("backends: [{url: 'http://b'}]\nusage_hook: {enabled: true}");
+        assert!(
+            error.starts_with("usage_hook: not supported yet"),
+            "{error}"
+        );
     }
 
     /// The seed README's "Configuration" block, verbatim.
@@ -1014,7 +1126,7 @@ health_check:
     #[test]
     fn every_problem_is_reported_together() {
         let error = yaml(
-            "listne: 1\nadmin: {enabled: true}\nlisten: 'nowhere'\nbackends:\n  \
+            "listne: 1\nusage_hook: {enabled: true}\nlisten: 'nowhere'\nbackends:\n  \
              - url: 'https://a'\n  - url: 'http://b'\n    weight: 0\n",
         )
         .unwrap_err();
@@ -1022,7 +1134,7 @@ health_check:
         assert_eq!(lines.len(), 5, "{lines:#?}");
         let starts = [
             "listne: unknown key",
-            "admin: not supported yet",
+            "usage_hook: not supported yet",
             "listen: invalid address",
         ];
         for start in starts {

@@ -90,7 +90,15 @@ pub(super) const ROOT: Shape = Fields(&[
         ]),
     ),
     ("model_aliases", Leaf),
-    ("log", Fields(&[("level", Leaf), ("format", Leaf)])),
+    (
+        "log",
+        Fields(&[("level", Leaf), ("format", Leaf), ("access", Leaf)]),
+    ),
+    ("metrics", Fields(&[("enabled", Leaf), ("path", Leaf)])),
+    (
+        "admin",
+        Fields(&[("enabled", Leaf), ("listen", Leaf), ("token", Leaf)]),
+    ),
     (
         "auth",
         Fields(&[
@@ -183,11 +191,7 @@ const LIMITS: Shape = Fields(&[
 /// Keys from the seed README or the roadmap that the gateway does not act on yet: (path, what it
 /// would do). Loading them must fail rather than silently ignore, say, `auth`. When a key gets
 /// implemented, delete its line here and add it to [`ROOT`]. `[]` stands for any list index.
-pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
-    ("usage_hook", "usage reporting"),
-    ("metrics", "Prometheus metrics"),
-    ("admin", "the admin API"),
-];
+pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[("usage_hook", "usage reporting")];
 
 /// Checks every key of `root` against [`ROOT`], pushing one issue per problem. Removes the keys it
 /// reported or accepted without meaning (`null`, disabled unsupported blocks) so typed

@@ -307,7 +307,10 @@ impl Conn {
             };
             return self.reply(200, ctype, &[], &body, keep).await;
         }
-        sh.requests.fetch_add(1, Ordering::Relaxed);
+        // Gateways poll the model list; counting it would blur how traffic was balanced.
+        if !(get && path == b"/v1/models") {
+            sh.requests.fetch_add(1, Ordering::Relaxed);
+        }
         let endpoint = match path {
             b"/v1/chat/completions" => Some(Endpoint::Chat),
             b"/v1/completions" => Some(Endpoint::Completions),

@@ -53,7 +53,7 @@ pub(super) fn render(sh: &Shared, out: &mut Vec<u8>) {
         ),
         (
             "mock_requests_total",
-            "HTTP requests received, except GET /health and GET /metrics.",
+            "HTTP requests received, except GET /health, /metrics and /v1/models.",
             &sh.requests,
         ),
         (

@@ -83,6 +83,7 @@ pub fn write_upstream_head(
         }
         push_header(out, name, v.of(buf));
     }
+    out.extend_from_slice(&backend.extra_headers);
     if body_len > 0
         || !matches!(
             head.method.of(buf),

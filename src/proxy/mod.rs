@@ -2,14 +2,18 @@
 //! through the same phases, in order and never backwards:
 //!
 //! 1. **read**: read and validate the request head ([`read_head`]);
-//! 2. **route**: `/health` is answered here, `/v1/*` is proxied, anything else is a 404;
-//!    **admit**: who is calling (key, status, IP) and may they start a request now (rates,
-//!    concurrency; the permit is held to the end of the exchange) ([`admit`]);
+//! 2. **route**: `/health` and the metrics path are answered here, `/v1/*` is proxied, anything
+//!    else is a 404; **admit**: who is calling (key, status, IP) and may they start a request
+//!    now (rates, concurrency; the permit is held to the end of the exchange) ([`admit`]);
 //! 3. **body**: read the request body, bounded by `max_request_body` ([`read_body`]);
-//!    **authorize**: once the body names the model: model allowed, quota left;
+//!    **authorize**: once the body names the model: model allowed, quota left, Lua policy;
 //! 4. **pick**: choose a backend ([`crate::upstream`]);
 //! 5. **relay**: send the request and stream the response back ([`relay::exchange`]);
-//! 6. **finish**: keep the connection for the next request or close it.
+//! 6. **finish**: account for the request ([`account`]: metrics, access log, usage event), then
+//!    keep the connection for the next request or close it.
+//!
+//! Each request runs on the config [`Generation`] current when it started (hot reload swaps it
+//! between requests, never under one).
 //!
 //! Errors decided in any phase are typed ([`GatewayError`]) and written by [`respond_error`] only.
 //! This module owns per-connection buffers; it must never block the worker thread.
@@ -19,7 +23,7 @@ mod forward;
 mod inspect;
 mod relay;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasher, Hasher};
 use std::mem;
 use std::net::{IpAddr, SocketAddr};
@@ -37,11 +41,14 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use crate::auth::{Auth, KeyEntry};
+use crate::config::Affinity;
 use crate::config::Config;
 use crate::error::{write_error, GatewayError};
 use crate::http::{self, ChunkedDecoder, Framing, RequestError, RequestHead};
 use crate::limits::{self, LimitSet, Permit};
-use crate::upstream::WorkerUpstreams;
+use crate::live::{Live, Snapshot};
+use crate::metrics::{self, Registry, Rejection, UpstreamErrorKind, WorkerMetrics};
+use crate::upstream::{InFlight, PickError, PickRequest, WorkerUpstreams};
 use crate::usage::{Captured, Outcome, UsageEvent, UsageSender};
 use client_watch::{ClientWatch, WatchEnd};
 use relay::{Exchange, Progress, Relayed};
@@ -58,13 +65,11 @@ const KEEP_BUF: usize = 64 * 1024;
 
 /// One worker's state shared by all of its connections (single-threaded: `Rc`, `Cell`).
 pub struct Context {
-    pub config: Arc<Config>,
-    pub upstreams: WorkerUpstreams,
     /// Present when usage reporting is enabled.
     pub usage: Option<UsageSender>,
     /// Ask streaming backends for usage on the client's behalf (`usage_hook.inject_stream_usage`).
     pub inject_stream_usage: bool,
-    /// Present when `auth` is enabled; shared by all workers.
+    /// Present when `auth` is enabled; shared by all workers. Built at start (not reloaded).
     pub auth: Option<Arc<Auth>>,
     /// This worker's Lua policy state (a Lua state is not `Send`).
     pub lua: Option<crate::auth::LuaPolicy>,
@@ -72,31 +77,117 @@ pub struct Context {
     pub shared_rates: Option<Arc<crate::limits::RedisRates>>,
     /// `rate_limit.global`, shared by all workers; `None` when it sets no limit.
     pub global_limits: Option<Arc<LimitSet>>,
+    live: Arc<Live>,
+    current: RefCell<Rc<Generation>>,
+    registry: Arc<Registry>,
+    worker: usize,
     shutdown: Arc<AtomicBool>,
     active: Cell<usize>,
     ids: RequestIds,
+    retry_budget: RetryBudget,
+}
+
+/// Retries allowed as a share of requests, per worker: each request deposits a fraction of a
+/// token, each retry spends one. During an outage, retries stay a bounded fraction of traffic
+/// instead of multiplying it; a small reserve allows retries right after start.
+struct RetryBudget {
+    tokens: Cell<f64>,
+}
+
+impl RetryBudget {
+    const RESERVE: f64 = 10.0;
+
+    fn deposit(&self, percent: u32) {
+        self.tokens
+            .set((self.tokens.get() + f64::from(percent) / 100.0).min(Self::RESERVE));
+    }
+
+    fn withdraw(&self) -> bool {
+        let t = self.tokens.get();
+        if t >= 1.0 {
+            self.tokens.set(t - 1.0);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One config generation as a worker runs it. A request holds its `Rc` until it ends, so a
+/// reload swaps the config and the upstream pools for new requests only.
+pub struct Generation {
+    pub number: u64,
+    pub config: Arc<Config>,
+    pub upstreams: WorkerUpstreams,
+    /// Metrics label slot of each backend, by backend index.
+    slots: Vec<usize>,
+}
+
+impl Generation {
+    fn new(number: u64, snapshot: &Snapshot, registry: &Registry, worker: usize) -> Rc<Generation> {
+        let backends = snapshot.backends.clone();
+        let slots = backends
+            .list
+            .iter()
+            .map(|b| registry.backend_slot(&b.url))
+            .collect();
+        Rc::new(Generation {
+            number,
+            config: snapshot.config.clone(),
+            upstreams: WorkerUpstreams::new(backends, &snapshot.config, worker),
+            slots,
+        })
+    }
 }
 
 impl Context {
     pub fn new(
-        config: Arc<Config>,
-        upstreams: WorkerUpstreams,
+        live: Arc<Live>,
+        registry: Arc<Registry>,
         shutdown: Arc<AtomicBool>,
         worker: usize,
     ) -> Self {
+        let (number, snapshot) = live.snapshot();
+        let current = Generation::new(number, &snapshot, &registry, worker);
         Context {
-            config,
-            upstreams,
             usage: None,
             inject_stream_usage: true,
             auth: None,
             lua: None,
             shared_rates: None,
             global_limits: None,
+            live,
+            current: RefCell::new(current),
+            registry,
+            worker,
             shutdown,
             active: Cell::new(0),
             ids: RequestIds::new(worker),
+            retry_budget: RetryBudget {
+                tokens: Cell::new(RetryBudget::RESERVE),
+            },
         }
+    }
+
+    /// The config generation for a new request: one atomic load, plus a lock and new upstream
+    /// pools only right after a reload.
+    pub fn current(&self) -> Rc<Generation> {
+        if self.live.generation() != self.current.borrow().number {
+            let (number, snapshot) = self.live.snapshot();
+            let next = Generation::new(number, &snapshot, &self.registry, self.worker);
+            tracing::debug!(
+                worker = self.worker,
+                generation = number,
+                "worker picked up new config"
+            );
+            *self.current.borrow_mut() = next;
+        }
+        self.current.borrow().clone()
+    }
+
+    /// This worker's metrics block (written only by this thread).
+    pub fn metrics(&self) -> &WorkerMetrics {
+        self.registry.worker(self.worker)
     }
 
     /// Requests currently being handled on this worker (idle keep-alive connections excluded).
@@ -109,19 +200,22 @@ impl Context {
     }
 }
 
-/// Counts a request as in progress for the graceful-shutdown drain, on every exit path.
-struct ActiveGuard<'a>(&'a Cell<usize>);
+/// Counts a request as in progress for the graceful-shutdown drain and the in-flight gauge, on
+/// every exit path.
+struct ActiveGuard<'a>(&'a Context);
 
 impl<'a> ActiveGuard<'a> {
-    fn enter(c: &'a Cell<usize>) -> Self {
-        c.set(c.get() + 1);
-        ActiveGuard(c)
+    fn enter(ctx: &'a Context) -> Self {
+        ctx.active.set(ctx.active.get() + 1);
+        ctx.metrics().in_flight.inc();
+        ActiveGuard(ctx)
     }
 }
 
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
+        self.0.active.set(self.0.active.get() - 1);
+        self.0.metrics().in_flight.dec();
     }
 }
 
@@ -165,12 +259,17 @@ pub async fn serve_connection(ctx: Rc<Context>, stream: TcpStream, peer: SocketA
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
-                let _active = ActiveGuard::enter(&ctx.active);
+                let _active = ActiveGuard::enter(&ctx);
+                let m = ctx.metrics();
+                m.request(metrics::PATHS.len() - 1, false, None, e.status());
+                if let Some(why) = rejection(&e) {
+                    m.reject(why);
+                }
                 respond_error(&mut wr, &mut c.out, &e, b"", false).await;
                 return;
             }
         }
-        let _active = ActiveGuard::enter(&ctx.active);
+        let _active = ActiveGuard::enter(&ctx);
         let next = handle_request(&ctx, &mut rd, &mut wr, &mut c).await;
         if c.out.capacity() > KEEP_BUF {
             c.out = Vec::new();
@@ -191,14 +290,19 @@ async fn read_head(
     rd: &mut ClientReader,
     c: &mut Client,
 ) -> Result<bool, GatewayError> {
-    let max_head = ctx.config.max_header_size;
+    // Copied out so an idle keep-alive connection does not pin an old generation's pools.
+    let (max_head, header_timeout, keepalive) = {
+        let gen = ctx.current();
+        let t = &gen.config.timeouts;
+        (gen.config.max_header_size, t.client_header, t.keepalive)
+    };
     let mut deadline: Option<Instant> = None;
     loop {
         if !c.buf.is_empty() {
             if http::parse_request(&c.buf, max_head, &mut c.head)? {
                 return Ok(true);
             }
-            deadline.get_or_insert_with(|| Instant::now() + ctx.config.timeouts.client_header);
+            deadline.get_or_insert_with(|| Instant::now() + header_timeout);
         }
         let mut buf = mem::take(&mut c.buf);
         let len = buf.len();
@@ -207,7 +311,7 @@ async fn read_head(
         }
         let cap = buf.capacity();
         let wait = match deadline {
-            None => ctx.config.timeouts.keepalive,
+            None => keepalive,
             Some(d) => d.saturating_duration_since(Instant::now()),
         };
         let Ok((read, slice)) = monoio::time::timeout(wait, rd.read(buf.slice_mut(len..cap))).await
@@ -233,6 +337,7 @@ async fn handle_request(
     wr: &mut ClientWriter,
     c: &mut Client,
 ) -> Next {
+    let gen = ctx.current();
     let request_id = RequestId::for_request(c.head.header(&c.buf, b"x-request-id"), &ctx.ids);
     let keep_alive = c.head.keep_alive && !ctx.draining();
     let path = c.head.path(&c.buf);
@@ -245,96 +350,183 @@ async fn handle_request(
         } else {
             br#"{"status":"ok"}"#
         };
-        let keep = keep_alive && c.head.framing() == Framing::Empty;
-        http::write_response(&mut c.out, 200, b"application/json", &[], body, keep);
+        return write_local(wr, c, 200, b"application/json", body, keep_alive).await;
+    }
+    let exposition = &gen.config.metrics;
+    if exposition.enabled
+        && path == exposition.path.as_bytes()
+        && matches!(method, b"GET" | b"HEAD")
+    {
+        let text = ctx.registry.render(&gen.upstreams.backends);
+        let body = if head_request { b"" } else { text.as_bytes() };
+        return write_local(wr, c, 200, metrics::CONTENT_TYPE, body, keep_alive).await;
+    }
+
+    let mut trace = Trace {
+        path: metrics::path_index(path),
+        started: Instant::now(),
+        body_read: None,
+        backend: None,
+        info: inspect::RequestInfo::default(),
+        status: 0,
+        rejected: None,
+        upstream_error: None,
+        outcome: None,
+        progress: Progress::default(),
+        retries: 0,
+        in_flight: None,
+        key: None,
+    };
+    let next = proxy_request(ctx, &gen, rd, wr, c, &request_id, keep_alive, &mut trace).await;
+    let relayed = trace.body_read.is_some();
+    account(ctx, &gen, c, &request_id, trace);
+    if relayed {
+        // The head stayed in `c.buf` for forwarding and accounting; what follows it is the
+        // next request.
         let consumed = c.head.head_len;
         c.buf.drain(..consumed);
-        return write_out(wr, &mut c.out, keep).await;
     }
+    next
+}
+
+/// Answers a request the gateway serves itself (`/health`, metrics); not accounted.
+async fn write_local(
+    wr: &mut ClientWriter,
+    c: &mut Client,
+    status: u16,
+    content_type: &[u8],
+    body: &[u8],
+    keep_alive: bool,
+) -> Next {
+    let keep = keep_alive && c.head.framing() == Framing::Empty;
+    http::write_response(&mut c.out, status, content_type, &[], body, keep);
+    let consumed = c.head.head_len;
+    c.buf.drain(..consumed);
+    write_out(wr, &mut c.out, keep).await
+}
+
+/// What happened to a proxied request, collected on every path for the account phase.
+struct Trace {
+    path: usize,
+    /// Request head parsed; the request's latency starts here.
+    started: Instant,
+    /// Request body read: the relay (TTFT, overhead) starts here.
+    body_read: Option<Instant>,
+    backend: Option<usize>,
+    info: inspect::RequestInfo,
+    /// The status the client saw (0: none, the connection was cut or the client left first).
+    status: u16,
+    rejected: Option<Rejection>,
+    upstream_error: Option<UpstreamErrorKind>,
+    outcome: Option<Outcome>,
+    progress: Progress,
+    /// Attempts after the first, on other backends or on a fresh connection.
+    retries: u32,
+    /// Keeps the chosen backend counted in flight until the request is accounted.
+    in_flight: Option<InFlight>,
+    /// The authenticated key, for the usage event and the access log.
+    key: Option<Arc<KeyEntry>>,
+}
+/// Phases 2 to 5 for a request to be proxied; everything the account phase needs goes to `t`.
+#[allow(clippy::too_many_arguments)]
+async fn proxy_request(
+    ctx: &Context,
+    gen: &Generation,
+    rd: &mut ClientReader,
+    wr: &mut ClientWriter,
+    c: &mut Client,
+    request_id: &RequestId,
+    keep_alive: bool,
+    t: &mut Trace,
+) -> Next {
+    let path = c.head.path(&c.buf);
+    let method = c.head.method.of(&c.buf);
+    let head_request = method == b"HEAD";
     if !path.starts_with(b"/v1/") {
         let err = GatewayError::NotFound {
             method: String::from_utf8_lossy(method).into_owned(),
             path: String::from_utf8_lossy(path).into_owned(),
         };
         // A body we did not read would be taken for the next request.
-        return reject_unread_body(wr, c, &err, &request_id, keep_alive).await;
+        return reject_unread_body(wr, c, &err, request_id, keep_alive, t).await;
     }
 
     // Held until this function returns, whichever way: the concurrency slots go back then.
-    let admission = match admit(ctx, c).await {
+    let admission = match admit(ctx, gen, c).await {
         Ok(a) => a,
         // The body is read anyway: closing on unread bytes resets the connection, and the
         // client may lose the 401/429 with it; refused clients also retry on the same connection.
         Err(e) => {
-            if let Err(read) = read_body(ctx, rd, wr, c).await {
+            t.note_error(&e);
+            if let Err(read) = read_body(gen, rd, wr, c).await {
                 return respond_error(wr, &mut c.out, &read, request_id.as_bytes(), false).await;
             }
-            let head_len = c.head.head_len;
-            c.buf.drain(..head_len);
+            let consumed = c.head.head_len;
+            c.buf.drain(..consumed);
             return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await;
         }
     };
-    let Some(backend) = ctx.upstreams.pick() else {
-        return reject_unread_body(wr, c, &GatewayError::NoBackend, &request_id, keep_alive).await;
-    };
-    if let Err(e) = read_body(ctx, rd, wr, c).await {
+    t.key = admission.key.clone();
+
+    if path == b"/v1/models" && method == b"GET" {
+        if let Some(json) = gen.upstreams.backends.models_json() {
+            let keep = keep_alive && c.head.framing() == Framing::Empty;
+            let id: [(&[u8], &[u8]); 1] = [(b"X-Request-Id", request_id.as_bytes())];
+            http::write_response(&mut c.out, 200, b"application/json", &id, &json, keep);
+            let consumed = c.head.head_len;
+            c.buf.drain(..consumed);
+            t.status = 200;
+            return write_out(wr, &mut c.out, keep).await;
+        }
+    }
+
+    if let Err(e) = read_body(gen, rd, wr, c).await {
+        t.note_error(&e);
         return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), false).await;
     }
     let started = Instant::now();
-    let info = inspect::inspect(&c.body).unwrap_or_default();
+    t.body_read = Some(started);
+    let mut info = inspect::inspect(&c.body).unwrap_or_default();
+    // Decided on the model the client asked for, before any alias rewrite.
     if let (Some(auth), Some(key)) = (&ctx.auth, &admission.key) {
         let decided = auth
             .authorize(key, info.model(&c.body))
             .and_then(|()| run_policy(ctx, c, key, info.model(&c.body)));
         if let Err(e) = decided {
-            let head_len = c.head.head_len;
-            c.buf.drain(..head_len);
+            t.note_error(&e);
             return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await;
         }
+    }
+    let alias = info
+        .model(&c.body)
+        .and_then(|m| gen.upstreams.backends.alias(m))
+        .map(str::to_owned);
+    if let (Some(served), Some(at)) = (alias, info.model.clone()) {
+        c.body.splice(at, served.bytes());
+        info = inspect::inspect(&c.body).unwrap_or_default();
     }
     let strip_usage = ctx.usage.is_some()
         && ctx.inject_stream_usage
         && info.stream
         && is_generation_endpoint(c.head.path(&c.buf))
         && inspect::request_stream_usage(&mut c.body, &info);
-
-    forward::write_upstream_head(
-        &mut c.out,
-        &c.buf,
-        &c.head,
-        ctx.upstreams.backend(backend),
-        forward::Origin {
-            client_ip: &c.ip,
-            request_id: request_id.as_bytes(),
-            credentials: ctx.auth.as_ref().map_or(&[][..], |a| a.header_names()),
-        },
-        c.body.len() as u64,
-    );
-    c.out.extend_from_slice(&c.body);
+    if strip_usage {
+        info = inspect::inspect(&c.body).unwrap_or_default();
+    }
 
     let canceller = Canceller::new();
     let watch_buf = mem::take(&mut c.watch_buf);
     let read = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
     let mut watch = ClientWatch::new(read, canceller);
-    let ex = Exchange {
-        backend,
-        head_request,
+    let plan = Plan {
         request_id: request_id.as_bytes(),
-        client_keep_alive: keep_alive,
+        head_request,
+        keep_alive,
         strip_usage,
+        started,
         extra_headers: admission.headers.as_bytes(),
     };
-    let mut progress = Progress::default();
-    let result = relay::exchange(
-        ctx,
-        &mut watch,
-        wr,
-        &mut c.out,
-        &mut c.resp_head,
-        ex,
-        &mut progress,
-    )
-    .await;
+    let attempted = relay_with_retries(ctx, gen, &mut watch, wr, c, &info, &plan).await;
     let client_still_there = match watch.finish().await {
         WatchEnd::Quiet(buf) => {
             c.watch_buf = buf;
@@ -348,28 +540,213 @@ async fn handle_request(
         WatchEnd::Gone => false,
     };
 
-    let done = Finished {
-        key: admission.key.as_deref(),
-        request_id: &request_id,
-        backend,
-        info: &info,
-        started,
-        result: &result,
+    let Attempted {
+        result,
         progress,
-    };
-    account(ctx, c, done);
-    // The head stayed in the buffer for the phases above; what follows it is the next request.
-    let head_len = c.head.head_len;
-    c.buf.drain(..head_len);
+        in_flight,
+        attempts,
+    } = attempted;
+    t.info = info;
+    t.backend = in_flight.as_ref().map(|f| f.index);
+    t.in_flight = in_flight;
+    t.retries = attempts - 1 + progress.retries;
+    t.progress = progress;
+    let rid = request_id.as_str();
+    let backend_url = t
+        .backend
+        .map_or("-", |b| gen.upstreams.backend(b).url.as_str());
     match result {
         Ok(Relayed::Complete {
-            client_reusable, ..
-        }) if client_reusable && client_still_there => Next::KeepAlive,
-        Ok(_) => Next::Close,
-        Err(e) if client_still_there => {
-            respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await
+            status,
+            client_reusable,
+        }) => {
+            tracing::debug!(request_id = %rid, status, backend = %backend_url, "relayed");
+            t.status = status;
+            t.outcome = Some(Outcome::Completed);
+            if client_reusable && client_still_there {
+                Next::KeepAlive
+            } else {
+                Next::Close
+            }
         }
-        Err(_) => Next::Close,
+        Ok(Relayed::Broken { status, timed_out }) => {
+            tracing::warn!(request_id = %rid, status, timed_out, backend = %backend_url, "backend failed mid-response; client connection cut");
+            t.status = status;
+            t.upstream_error = Some(if timed_out {
+                UpstreamErrorKind::Timeout
+            } else {
+                UpstreamErrorKind::MidResponse
+            });
+            t.outcome = Some(Outcome::Failed);
+            Next::Close
+        }
+        Ok(Relayed::ClientGone) => {
+            tracing::debug!(request_id = %rid, backend = %backend_url, "client left; upstream closed");
+            t.status = t.progress.status;
+            t.outcome = Some(Outcome::Cancelled);
+            Next::Close
+        }
+        Err(e) => {
+            t.note_error(&e);
+            t.outcome = Some(Outcome::Failed);
+            if client_still_there {
+                respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await
+            } else {
+                Next::Close
+            }
+        }
+    }
+}
+
+/// What stays the same across the attempts of one request.
+struct Plan<'a> {
+    request_id: &'a [u8],
+    head_request: bool,
+    keep_alive: bool,
+    strip_usage: bool,
+    started: Instant,
+    /// `x-ratelimit-*` lines for the client's response head.
+    extra_headers: &'a [u8],
+}
+
+/// The last attempt's outcome, and the backend it went to (still counted in flight).
+struct Attempted {
+    result: Result<Relayed, GatewayError>,
+    progress: Progress,
+    in_flight: Option<InFlight>,
+    /// Backends tried, this one included.
+    attempts: u32,
+}
+
+/// Phases 4 and 5: pick a backend, relay, and on a failure before any response byte reached the
+/// client, try another backend after a jittered backoff, within `retry.max_attempts` and the
+/// worker's retry budget.
+#[allow(clippy::too_many_arguments)]
+async fn relay_with_retries<R>(
+    ctx: &Context,
+    gen: &Generation,
+    watch: &mut ClientWatch<'_, R>,
+    wr: &mut ClientWriter,
+    c: &mut Client,
+    info: &inspect::RequestInfo,
+    plan: &Plan<'_>,
+) -> Attempted
+where
+    R: std::future::Future<Output = monoio::BufResult<usize, Vec<u8>>>,
+{
+    let model = info.model(&c.body);
+    let affinity_key = match gen.upstreams.affinity() {
+        Some(Affinity::Header(name)) => c.head.header(&c.buf, name.as_bytes()),
+        Some(Affinity::User) => info.user.clone().map(|r| &c.body[r]),
+        None => None,
+    };
+    let retry = &gen.config.retry;
+    let timeouts = &gen.config.timeouts;
+    let deadline = timeouts.total.map(|t| plan.started + t);
+    ctx.retry_budget.deposit(retry.budget_percent);
+    let mut tried = 0u64;
+    let mut attempt = 1;
+    loop {
+        let request = PickRequest {
+            model,
+            affinity_key,
+            tried,
+        };
+        let in_flight = match gen.upstreams.pick(&request) {
+            Ok(f) => f,
+            Err(e) => {
+                let err = match e {
+                    PickError::UnknownModel => GatewayError::UnknownModel {
+                        model: model.unwrap_or_default().to_owned(),
+                    },
+                    PickError::NoneAvailable => GatewayError::NoBackend,
+                };
+                return Attempted {
+                    result: Err(err),
+                    progress: Progress::default(),
+                    in_flight: None,
+                    attempts: attempt,
+                };
+            }
+        };
+        let idx = in_flight.index;
+        tried |= 1 << (idx % 64);
+        let backend = gen.upstreams.backend(idx);
+        forward::write_upstream_head(
+            &mut c.out,
+            &c.buf,
+            &c.head,
+            backend,
+            forward::Origin {
+                client_ip: &c.ip,
+                request_id: plan.request_id,
+                credentials: ctx.auth.as_ref().map_or(&[][..], |a| a.header_names()),
+            },
+            c.body.len() as u64,
+        );
+        c.out.extend_from_slice(&c.body);
+        let last = attempt >= retry.max_attempts;
+        let first_byte = timeouts.first_byte.map(|t| Instant::now() + t);
+        let ex = Exchange {
+            backend: idx,
+            head_request: plan.head_request,
+            request_id: plan.request_id,
+            client_keep_alive: plan.keep_alive,
+            strip_usage: plan.strip_usage,
+            extra_headers: plan.extra_headers,
+            retry_status: if last { &[] } else { &retry.on_status },
+            head_deadline: first_byte.into_iter().chain(deadline).min(),
+            idle: timeouts.idle,
+            deadline,
+        };
+        let mut progress = Progress::default();
+        let result = relay::exchange(
+            ctx,
+            &gen.upstreams,
+            watch,
+            wr,
+            &mut c.out,
+            &mut c.resp_head,
+            ex,
+            &mut progress,
+        )
+        .await;
+        let backend_ok = match &result {
+            Ok(Relayed::ClientGone) => None,
+            Ok(Relayed::Complete { status, .. }) => Some(*status < 500),
+            Ok(Relayed::Broken { .. }) => Some(false),
+            Err(e) => Some(!(e.is_retryable() || matches!(e, GatewayError::UpstreamTimeout))),
+        };
+        if let Some(ok) = backend_ok {
+            backend.record(ok, &gen.upstreams.health);
+        }
+        match result {
+            Err(e) if e.is_retryable() && !last && ctx.retry_budget.withdraw() => {
+                tracing::debug!(request_id = %String::from_utf8_lossy(plan.request_id), backend = %backend.url, attempt, code = e.code(), "retrying on another backend");
+                drop(in_flight);
+                let cap = retry
+                    .max_backoff
+                    .min(retry.initial_backoff * 2u32.saturating_pow(attempt - 1));
+                let backoff = cap.mul_f64((gen.upstreams.random() % 1024) as f64 / 1024.0);
+                if watch.race(monoio::time::sleep(backoff)).await.is_none() {
+                    return Attempted {
+                        result: Ok(Relayed::ClientGone),
+                        progress,
+                        in_flight: None,
+                        attempts: attempt,
+                    };
+                }
+                attempt += 1;
+            }
+            result => {
+                return Attempted {
+                    result,
+                    progress,
+                    in_flight: Some(in_flight),
+                    attempts: attempt,
+                }
+            }
+        }
     }
 }
 
@@ -383,9 +760,9 @@ struct Admission {
     headers: String,
 }
 
-/// Admission, before the body is read: refusing here costs no body read. Free when auth is off
-/// and no global limit is set.
-async fn admit(ctx: &Context, c: &Client) -> Result<Admission, GatewayError> {
+/// Admission, before the body is read: refusing here costs no upstream work. Free when auth is
+/// off and no global limit is set.
+async fn admit(ctx: &Context, gen: &Generation, c: &Client) -> Result<Admission, GatewayError> {
     let key = match &ctx.auth {
         Some(auth) => {
             let caller = crate::auth::Caller {
@@ -409,7 +786,7 @@ async fn admit(ctx: &Context, c: &Client) -> Result<Admission, GatewayError> {
             ..Admission::default()
         });
     }
-    let queue = ctx.config.rate_limit.queue_timeout;
+    let queue = gen.config.rate_limit.queue_timeout;
     let admitted = limits::admit(&scopes, queue, ctx.shared_rates.as_deref())
         .await
         .map_err(GatewayError::RateLimited)?;
@@ -465,50 +842,114 @@ fn is_generation_endpoint(path: &[u8]) -> bool {
     path == b"/v1/chat/completions" || path == b"/v1/completions"
 }
 
-/// A relayed request, as the account phase sees it.
-struct Finished<'a> {
-    key: Option<&'a KeyEntry>,
-    request_id: &'a RequestId,
-    backend: usize,
-    info: &'a inspect::RequestInfo,
-    started: Instant,
-    result: &'a Result<Relayed, GatewayError>,
-    progress: Progress,
+impl Trace {
+    fn note_error(&mut self, e: &GatewayError) {
+        self.status = e.status();
+        self.rejected = rejection(e);
+        self.upstream_error = match e {
+            GatewayError::UpstreamConnect => Some(UpstreamErrorKind::Connect),
+            GatewayError::UpstreamConnectTimeout => Some(UpstreamErrorKind::ConnectTimeout),
+            GatewayError::UpstreamClosed => Some(UpstreamErrorKind::Closed),
+            GatewayError::UpstreamProtocol(_) => Some(UpstreamErrorKind::Protocol),
+            GatewayError::UpstreamTimeout => Some(UpstreamErrorKind::Timeout),
+            GatewayError::UpstreamStatus(_) => Some(UpstreamErrorKind::Status),
+            _ => None,
+        };
+    }
 }
 
-/// Phase 6: what the request cost, for the usage reporters and the log.
-fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
-    let Finished {
-        key,
-        request_id,
-        backend,
-        info,
-        started,
-        result,
-        progress,
-    } = done;
-    let backend_url = &ctx.upstreams.backend(backend).url;
-    let rid = String::from_utf8_lossy(request_id.as_bytes());
-    let outcome = match result {
-        Ok(Relayed::Complete { status, .. }) => {
-            tracing::debug!(request_id = %rid, status, backend = %backend_url, "relayed");
-            Outcome::Completed
-        }
-        Ok(Relayed::Broken { status }) => {
-            tracing::warn!(request_id = %rid, status, backend = %backend_url, "backend failed mid-response; client connection cut");
-            Outcome::Failed
-        }
-        Ok(Relayed::ClientGone) => {
-            tracing::debug!(request_id = %rid, backend = %backend_url, "client left; upstream closed");
-            Outcome::Cancelled
-        }
-        Err(_) => Outcome::Failed,
+/// The rejection reason of an error the gateway decided on its own, if it is one.
+fn rejection(e: &GatewayError) -> Option<Rejection> {
+    Some(match e {
+        GatewayError::Request(r) => match r {
+            RequestError::Malformed(_) | RequestError::AmbiguousFraming(_) => Rejection::BadRequest,
+            RequestError::HeaderTooLarge => Rejection::HeaderSize,
+            RequestError::BodyTooLarge => Rejection::BodySize,
+            RequestError::Timeout => Rejection::Timeout,
+        },
+        GatewayError::NotFound { .. } | GatewayError::UnknownModel { .. } => Rejection::NotFound,
+        GatewayError::NoBackend => Rejection::NoBackend,
+        GatewayError::Denied {
+            denial: crate::config::Denial::QuotaExceeded,
+            ..
+        } => Rejection::Quota,
+        GatewayError::Denied { .. }
+        | GatewayError::AuthUnavailable
+        | GatewayError::PolicyFailed => Rejection::Auth,
+        GatewayError::RateLimited(l) => match l.kind {
+            limits::LimitKind::Concurrency => Rejection::Concurrency,
+            limits::LimitKind::Requests | limits::LimitKind::Tokens => Rejection::Rate,
+        },
+        _ => return None,
+    })
+}
+
+/// Phase 6: what the request cost, for the metrics, the access log and the usage reporters.
+fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, t: Trace) {
+    let now = Instant::now();
+    let m = ctx.metrics();
+    let p = &t.progress;
+    let slot = t.backend.map(|b| gen.slots[b]);
+    m.request(t.path, t.info.stream, slot, t.status);
+    if let Some(why) = t.rejected {
+        m.reject(why);
+    }
+    if let Some(kind) = t.upstream_error {
+        m.upstream_error(kind);
+    }
+    if t.outcome == Some(Outcome::Cancelled) {
+        m.client_cancels.inc();
+    }
+    m.retries.add(u64::from(t.retries));
+    m.latency.observe(now - t.started);
+    let ttft = t.body_read.zip(p.first_byte).map(|(s, f)| f - s);
+    if let Some(ttft) = ttft {
+        m.ttft.observe(ttft);
+    }
+    if let (Some(sent), Some(done)) = (p.sent_upstream, p.upstream_done) {
+        m.upstream_latency.observe(done - sent);
+    }
+    // Gateway time on the way in (body read to upstream write) and out (upstream head to
+    // client write); connect time counts as the backend's, retries as the gateway's.
+    if let (Some(read), Some(sent), Some(head), Some(written)) = (
+        t.body_read,
+        p.sent_upstream,
+        p.upstream_head,
+        p.head_written,
+    ) {
+        m.overhead.observe((sent - read) + (written - head));
+    }
+
+    if gen.config.log.access {
+        let ms = |d: std::time::Duration| d.as_micros() as f64 / 1000.0;
+        let backend = t
+            .backend
+            .map_or("-", |b| gen.upstreams.backend(b).url.as_str());
+        tracing::info!(
+            target: "access",
+            request_id = request_id.as_str(),
+            key = t.key.as_ref().map_or("-", |k| k.key_ref.name.as_str()),
+            model = t.info.model(&c.body).unwrap_or("-"),
+            path = metrics::PATHS[t.path],
+            stream = t.info.stream,
+            status = t.status,
+            bytes = p.bytes,
+            ttft_ms = ttft.map_or(-1.0, ms),
+            total_ms = ms(now - t.started),
+            backend,
+            retries = t.retries,
+            "request"
+        );
+    }
+
+    let (Some(usage), Some(outcome), Some(backend)) = (&ctx.usage, t.outcome, t.backend) else {
+        return;
     };
-    let Some(usage) = &ctx.usage else { return };
     // Requests that never reached a backend cost nothing.
-    if progress.status == 0 && outcome == Outcome::Failed {
+    if p.status == 0 && outcome == Outcome::Failed {
         return;
     }
+    let Trace { info, progress, .. } = t;
     let (captured, content_events) = match progress.meter {
         Some(m) => {
             let events = m.content_events();
@@ -516,17 +957,18 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
         }
         None => (Captured::Nothing, 0),
     };
+    let started = t.body_read.unwrap_or(t.started);
     usage.send(UsageEvent {
-        request_id: rid.into_owned(),
+        request_id: request_id.as_str().to_owned(),
         started_at: SystemTime::now() - started.elapsed(),
-        key: key.map(|k| k.key_ref.clone()),
+        key: t.key.as_ref().map(|k| k.key_ref.clone()),
         model: info.model(&c.body).map(str::to_owned),
         endpoint: String::from_utf8_lossy(c.head.path(&c.buf)).into_owned(),
         is_stream: info.stream,
-        backend_url: ctx.upstreams.backend(backend).url_shared.clone(),
+        backend_url: gen.upstreams.backend(backend).url_shared.clone(),
         status_code: progress.status,
         latency: started.elapsed(),
-        ttft: progress.first_byte.map(|t| t - started),
+        ttft,
         outcome,
         captured,
         content_events,
@@ -538,12 +980,12 @@ fn account(ctx: &Context, c: &Client, done: Finished<'_>) {
 /// until the request is done; what follows the body stays for the next request). Chunked bodies are decoded: the gateway always
 /// sends a known length upstream, and needs the whole body anyway to route and meter it.
 async fn read_body(
-    ctx: &Context,
+    gen: &Generation,
     rd: &mut ClientReader,
     wr: &mut ClientWriter,
     c: &mut Client,
 ) -> Result<(), GatewayError> {
-    let limit = ctx.config.max_request_body;
+    let limit = gen.config.max_request_body;
     let framing = c.head.framing();
     if let Framing::Length(n) = framing {
         if n > limit as u64 {
@@ -568,7 +1010,7 @@ async fn read_body(
                 let body = mem::take(&mut c.body);
                 let len = body.len();
                 let read = rd.read(body.slice_mut(len..n));
-                let (res, slice) = monoio::time::timeout(ctx.config.timeouts.client_body, read)
+                let (res, slice) = monoio::time::timeout(gen.config.timeouts.client_body, read)
                     .await
                     .map_err(|_| RequestError::Timeout)?;
                 c.body = slice.into_inner();
@@ -579,7 +1021,7 @@ async fn read_body(
             }
             c.buf.drain(head_len..head_len + in_buf);
         }
-        Framing::Chunked => read_chunked(ctx, rd, c, head_len, limit).await?,
+        Framing::Chunked => read_chunked(gen, rd, c, head_len, limit).await?,
     }
     Ok(())
 }
@@ -587,7 +1029,7 @@ async fn read_body(
 /// Decodes a chunked body that starts at `c.buf[head_len..]` into `c.body`, dropping its framing
 /// from `c.buf` so that the head and any bytes after the body remain.
 async fn read_chunked(
-    ctx: &Context,
+    gen: &Generation,
     rd: &mut ClientReader,
     c: &mut Client,
     head_len: usize,
@@ -619,7 +1061,7 @@ async fn read_chunked(
         }
         let (len, cap) = (buf.len(), buf.capacity());
         let (res, slice) = monoio::time::timeout(
-            ctx.config.timeouts.client_body,
+            gen.config.timeouts.client_body,
             rd.read(buf.slice_mut(len..cap)),
         )
         .await
@@ -639,7 +1081,9 @@ async fn reject_unread_body(
     err: &GatewayError,
     request_id: &RequestId,
     keep_alive: bool,
+    t: &mut Trace,
 ) -> Next {
+    t.note_error(err);
     let keep = keep_alive && c.head.framing() == Framing::Empty;
     let consumed = c.head.head_len;
     c.buf.drain(..consumed);
@@ -728,6 +1172,11 @@ impl RequestId {
 
     fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
+    }
+
+    /// Ids are printable ASCII by construction, so this never falls back.
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("-")
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::mem;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf};
@@ -15,7 +15,7 @@ use super::client_watch::ClientWatch;
 use super::Context;
 use crate::error::GatewayError;
 use crate::http::{self, parse_response, BodyTracker, Framing, ResponseHead, UpstreamError};
-use crate::upstream::{ConnectError, UpstreamConn};
+use crate::upstream::{ConnectError, UpstreamConn, WorkerUpstreams};
 use crate::usage::Meter;
 
 /// Largest upstream response head accepted.
@@ -27,9 +27,10 @@ pub enum Relayed {
     Complete { status: u16, client_reusable: bool },
     /// The client left; the upstream connection was closed so the backend stops generating.
     ClientGone,
-    /// The backend failed after the response started; the client connection must be cut so it
-    /// cannot mistake a partial body for a complete one.
-    Broken { status: u16 },
+    /// The backend failed (or went silent past `timeouts.idle` / `total`) after the response
+    /// started; the client connection must be cut so it cannot mistake a partial body for a
+    /// complete one.
+    Broken { status: u16, timed_out: bool },
 }
 
 /// What the caller of [`exchange`] needs to describe the request.
@@ -42,15 +43,37 @@ pub struct Exchange<'a> {
     pub strip_usage: bool,
     /// Complete header lines added to the client's response head (`x-ratelimit-*`).
     pub extra_headers: &'a [u8],
+    /// Response statuses to hand back (as [`GatewayError::UpstreamStatus`]) instead of relaying,
+    /// so the caller can retry elsewhere. Empty on the last attempt.
+    pub retry_status: &'a [u16],
+    /// Latest time for the response head (`timeouts.first_byte`, `timeouts.total`).
+    pub head_deadline: Option<Instant>,
+    /// `timeouts.idle`: longest gap between body reads.
+    pub idle: Option<Duration>,
+    /// `timeouts.total`: end of the whole exchange.
+    pub deadline: Option<Instant>,
 }
 
 /// What the relay observed, filled in as it goes so every exit path can be accounted for.
+/// The timestamps cost one vDSO clock read each (no syscall), a handful per request.
 #[derive(Default)]
 pub struct Progress {
     pub status: u16,
     /// When the first body byte reached the client (time to first token for streams).
     pub first_byte: Option<Instant>,
     pub meter: Option<Meter>,
+    /// Response bytes written to the client (head included).
+    pub bytes: u64,
+    /// When the request was handed to an upstream connection (last attempt).
+    pub sent_upstream: Option<Instant>,
+    /// When the backend's response head was complete.
+    pub upstream_head: Option<Instant>,
+    /// When the response head was handed to the client socket.
+    pub head_written: Option<Instant>,
+    /// When the last response byte was read from the backend.
+    pub upstream_done: Option<Instant>,
+    /// Times the request was sent again on a fresh connection after a stale pooled one failed.
+    pub retries: u32,
 }
 
 enum HeadError {
@@ -75,8 +98,10 @@ impl From<ConnectError> for GatewayError {
 /// answer with a proper error response. A request that fails on a reused pooled connection before
 /// any response byte is sent once more on a fresh connection: the backend most likely closed the
 /// idle connection as we wrote to it.
+#[allow(clippy::too_many_arguments)]
 pub async fn exchange<R>(
     ctx: &Context,
+    upstreams: &WorkerUpstreams,
     watch: &mut ClientWatch<'_, R>,
     client: &mut OwnedWriteHalf<TcpStream>,
     request: &mut Vec<u8>,
@@ -90,35 +115,57 @@ where
     let mut fresh_only = false;
     let (mut up, head) = loop {
         let conn = if fresh_only {
-            watch.race(ctx.upstreams.connect(ex.backend)).await
+            watch.race(upstreams.connect(ex.backend)).await
         } else {
-            watch.race(ctx.upstreams.checkout(ex.backend)).await
+            watch.race(upstreams.checkout(ex.backend)).await
         };
         let Some(conn) = conn else {
             return Ok(Relayed::ClientGone);
         };
         let mut up = conn?;
         let may_retry = up.reused && !fresh_only;
+        let sent_at = Instant::now();
+        progress.sent_upstream = Some(sent_at);
         let (sent, req) = up.stream.write_all(mem::take(request)).await;
         *request = req;
         if sent.is_err() {
             if may_retry {
                 fresh_only = true;
+                progress.retries += 1;
                 continue;
             }
             return Err(GatewayError::UpstreamConnect);
         }
-        match read_head(&mut up, watch, ex.head_request, resp_head).await {
+        let head = read_head(&mut up, watch, ex.head_request, resp_head);
+        let head = match ex.head_deadline {
+            None => head.await,
+            Some(at) => match monoio::time::timeout_at(at.into(), head).await {
+                Ok(h) => h,
+                Err(_) => return Err(GatewayError::UpstreamTimeout),
+            },
+        };
+        if let Some(Ok(_)) = &head {
+            upstreams.observe_latency(ex.backend, sent_at.elapsed());
+        }
+        match head {
             None => return Ok(Relayed::ClientGone),
             Some(Ok(h)) => break (up, h),
-            Some(Err(HeadError::Closed)) if may_retry => fresh_only = true,
+            Some(Err(HeadError::Closed)) if may_retry => {
+                fresh_only = true;
+                progress.retries += 1;
+            }
             Some(Err(HeadError::Closed)) => return Err(GatewayError::UpstreamClosed),
             Some(Err(HeadError::Protocol(e))) => return Err(GatewayError::UpstreamProtocol(e)),
         }
     };
 
     let status = head.status;
+    if ex.retry_status.contains(&status) {
+        // Dropping `up` closes it: its unread body makes it unusable.
+        return Err(GatewayError::UpstreamStatus(status));
+    }
     progress.status = status;
+    progress.upstream_head = Some(Instant::now());
     let strip =
         ex.strip_usage && head.event_stream && head.framing == Framing::Chunked && status == 200;
     let meter = progress.meter.insert(Meter::new(head.event_stream, strip));
@@ -154,25 +201,57 @@ where
         k
     };
     let mut upstream_reusable = head.reusable && first == initial.len();
+    let written = Instant::now();
+    progress.head_written = Some(written);
     if resp_head.len() > head_len {
-        progress.first_byte = Some(Instant::now());
+        progress.first_byte = Some(written);
     }
+    progress.bytes += resp_head.len() as u64;
     let (sent, h) = client.write_all(mem::take(resp_head)).await;
     *resp_head = h;
     if sent.is_err() {
         return Ok(Relayed::ClientGone);
     }
+    // Inter-token gaps: one clock read per relayed write of an event stream. It is a vDSO call
+    // (no syscall), small next to the write itself, and the only way to see the backend's pacing.
+    let metrics = ctx.metrics();
+    let mut last_write = progress.first_byte.filter(|_| head.event_stream);
 
     while !tracker.is_done() {
         let mut buf = mem::take(&mut up.buf);
         buf.clear();
-        let Some((read, buf)) = watch.race(up.stream.read(buf)).await else {
+        let read = watch.race(up.stream.read(buf));
+        let limit = match (ex.idle, ex.deadline) {
+            (None, None) => None,
+            (idle, deadline) => {
+                let until_deadline = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                idle.into_iter().chain(until_deadline).min()
+            }
+        };
+        let read = match limit {
+            None => read.await,
+            Some(limit) => match monoio::time::timeout(limit, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Ok(Relayed::Broken {
+                        status,
+                        timed_out: true,
+                    })
+                }
+            },
+        };
+        let Some((read, buf)) = read else {
             return Ok(Relayed::ClientGone);
         };
         up.buf = buf;
         let n = match read {
             Ok(0) if head.framing == Framing::UntilClose => break,
-            Ok(0) | Err(_) => return Ok(Relayed::Broken { status }),
+            Ok(0) | Err(_) => {
+                return Ok(Relayed::Broken {
+                    status,
+                    timed_out: false,
+                })
+            }
             Ok(n) => n,
         };
         let sent = if strip {
@@ -181,7 +260,10 @@ where
             out.clear();
             out.resize(CHUNK_PREFIX, 0);
             let Ok(body) = tracker.advance(&up.buf[..n], |d| meter.filter(d, &mut out)) else {
-                return Ok(Relayed::Broken { status });
+                return Ok(Relayed::Broken {
+                    status,
+                    timed_out: false,
+                });
             };
             upstream_reusable &= body == n;
             if tracker.is_done() {
@@ -191,28 +273,41 @@ where
                 *request = out;
                 continue;
             };
+            progress.bytes += (out.len() - start) as u64;
             let (sent, slice) = client.write_all(out.slice(start..)).await;
             *request = slice.into_inner();
             sent
         } else {
             let Ok(body) = tracker.advance(&up.buf[..n], |d| meter.observe(d)) else {
-                return Ok(Relayed::Broken { status });
+                return Ok(Relayed::Broken {
+                    status,
+                    timed_out: false,
+                });
             };
             // Bytes past the end of the response mean the backend is out of step: never reuse it.
             upstream_reusable &= body == n;
+            progress.bytes += body as u64;
             let (sent, slice) = client.write_all(mem::take(&mut up.buf).slice(..body)).await;
             up.buf = slice.into_inner();
             sent
         };
-        if progress.first_byte.is_none() {
+        if head.event_stream {
+            let now = Instant::now();
+            if let Some(prev) = last_write {
+                metrics.inter_token.observe(now - prev);
+            }
+            last_write = Some(now);
+            progress.first_byte.get_or_insert(now);
+        } else if progress.first_byte.is_none() {
             progress.first_byte = Some(Instant::now());
         }
         if sent.is_err() {
             return Ok(Relayed::ClientGone);
         }
     }
+    progress.upstream_done = Some(Instant::now());
     if upstream_reusable {
-        ctx.upstreams.checkin(ex.backend, up);
+        upstreams.checkin(ex.backend, up);
     }
     Ok(Relayed::Complete {
         status,

@@ -2,35 +2,69 @@
 //! io_uring is refused), its own `SO_REUSEPORT` listener and its own [`proxy::Context`]. The kernel
 //! spreads connections across the listeners; workers share nothing mutable on the request path.
 //!
-//! Also owns process lifecycle: signals, graceful drain, exit. It must not handle requests itself.
+//! Also owns process lifecycle: signals, graceful drain, exit, SIGHUP reload, and telling systemd
+//! about it ([`notify`]). It must not handle requests itself.
+
+mod admin;
+mod notify;
 
 use std::future::Future;
 use std::io;
+use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use monoio::net::{ListenerOpts, TcpListener};
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::auth::Auth;
-use crate::config::{Config, IoDriver};
+use crate::config::{self, Config, IoDriver};
 use crate::limits::{LimitSet, RedisRates};
+use crate::live::{Live, Snapshot};
+use crate::logging::SetLogLevel;
+use crate::metrics::Registry;
 use crate::proxy::{self, Context};
-use crate::upstream::{Backends, WorkerUpstreams};
+use crate::upstream::{self, Backends};
 
 /// Submission queue size per worker: enough for thousands of concurrent streams per core.
 const URING_ENTRIES: u32 = 8192;
 /// How often an accepting worker looks at the shutdown flag and sweeps its pools.
 const TICK: Duration = Duration::from_millis(50);
 
-/// Runs the gateway until SIGTERM/SIGINT, then drains and returns.
-pub fn run(config: Config) -> io::Result<()> {
+/// How the running process reloads its configuration.
+pub struct Reload {
+    /// The file SIGHUP re-reads; `None` (a built-in config) makes SIGHUP only log.
+    pub config_path: Option<PathBuf>,
+    /// Applies a new `log.level`; the caller owns the log subscriber.
+    pub set_log_level: SetLogLevel,
+}
+
+/// State the control threads (signals, watchdog, admin API) share with the workers.
+struct Control {
+    shutdown: Arc<AtomicBool>,
+    live: Arc<Live>,
+    /// Bumped by each worker's housekeeping tick: proof of life for the systemd watchdog.
+    heartbeats: Box<[AtomicU64]>,
+    /// Held for the whole of a reload, so SIGHUP and the admin API never interleave.
+    reload: Mutex<Reload>,
+}
+
+/// Runs the gateway until SIGTERM/SIGINT, then drains and returns. SIGHUP reloads the config.
+pub fn run(config: Config, reload: Reload) -> io::Result<()> {
     let config = Arc::new(config);
-    let shutdown = Arc::new(AtomicBool::new(false));
-    install_signal_handler(shutdown.clone())?;
-    let backends = Backends::new(&config);
+    let control = Arc::new(Control {
+        shutdown: Arc::new(AtomicBool::new(false)),
+        live: Live::new(Snapshot {
+            config: config.clone(),
+            backends: start_backends(&config),
+        }),
+        heartbeats: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
+        reload: Mutex::new(reload),
+    });
+    let registry = Registry::new(config.workers);
+    // Built once from the start-up config; a reload does not change keys or limits.
     let auth = Auth::new(&config)?;
     let global = LimitSet::new(&config.rate_limit.global, "global".into());
     let global_limits = (!global.is_empty()).then(|| Arc::new(global));
@@ -38,14 +72,19 @@ pub fn run(config: Config) -> io::Result<()> {
         Some(r) => Some(Arc::new(RedisRates::start(&r.url.0, &r.prefix, 4)?)),
         None => None,
     };
+    let shutdown = control.shutdown.clone();
+    install_signal_handler(control.clone())?;
+    if config.admin.enabled {
+        admin::start(control.clone(), registry.clone())?;
+    }
 
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<&'static str>>();
     let mut threads = Vec::with_capacity(config.workers);
     for worker in 0..config.workers {
-        let (config, shutdown, backends, ready) = (
+        let (config, control, registry, ready) = (
             config.clone(),
-            shutdown.clone(),
-            backends.clone(),
+            control.clone(),
+            registry.clone(),
             ready_tx.clone(),
         );
         let shared = Shared {
@@ -60,7 +99,7 @@ pub fn run(config: Config) -> io::Result<()> {
                     pin_to_cpu(worker);
                 }
                 let result = run_on_driver(config.io_driver, |driver| {
-                    worker_main(worker, driver, config, shutdown, backends, shared, ready)
+                    worker_main(worker, driver, config, control, registry, shared, ready)
                 });
                 if let Err(e) = result {
                     tracing::error!(worker, "worker runtime failed: {e}");
@@ -87,7 +126,12 @@ pub fn run(config: Config) -> io::Result<()> {
             Err(_) => return Err(io::Error::other("a worker exited during start-up")),
         }
     }
+    registry.set_io_driver(driver);
     tracing::info!(listen = %config.listen, workers = config.workers, io_driver = driver, backends = config.backends.len(), "llmproxy ready");
+    notify::notify("READY=1");
+    if let Some(interval) = notify::watchdog_interval() {
+        start_watchdog(control, interval)?;
+    }
 
     for t in threads {
         let _ = t.join();
@@ -140,11 +184,12 @@ async fn worker_main(
     worker: usize,
     driver: &'static str,
     config: Arc<Config>,
-    shutdown: Arc<AtomicBool>,
-    backends: Arc<Backends>,
+    control: Arc<Control>,
+    registry: Arc<Registry>,
     shared: Shared,
     ready: mpsc::Sender<io::Result<&'static str>>,
 ) {
+    let shutdown = &control.shutdown;
     let opts = ListenerOpts::new()
         .reuse_port(true)
         .reuse_addr(true)
@@ -170,8 +215,7 @@ async fn worker_main(
     };
     tracing::debug!(worker, driver, "worker listening");
     let _ = ready.send(Ok(driver));
-    let upstreams = WorkerUpstreams::new(backends, &config);
-    let mut ctx = Context::new(config.clone(), upstreams, shutdown.clone(), worker);
+    let mut ctx = Context::new(control.live.clone(), registry, shutdown.clone(), worker);
     ctx.auth = shared.auth;
     ctx.lua = lua;
     ctx.global_limits = shared.global_limits;
@@ -197,8 +241,11 @@ async fn worker_main(
         while !shutdown.load(Ordering::Relaxed) {
             monoio::time::sleep(TICK).await;
             ticks = ticks.wrapping_add(1);
+            control.heartbeats[worker].store(u64::from(ticks), Ordering::Relaxed);
+            // Also picks up a reload on an idle worker, releasing the old generation's pools.
+            let gen = ctx.current();
             if ticks % 20 == 0 {
-                ctx.upstreams.sweep_idle();
+                gen.upstreams.sweep_idle();
             }
         }
     };
@@ -210,7 +257,7 @@ async fn worker_main(
 
     // Drain: running requests and streams finish; idle keep-alive connections close when the
     // runtime drops them.
-    let deadline = Instant::now() + config.shutdown_timeout;
+    let deadline = Instant::now() + ctx.current().config.shutdown_timeout;
     while ctx.active_requests() > 0 && Instant::now() < deadline {
         monoio::time::sleep(proxy::DRAIN_POLL).await;
     }
@@ -223,22 +270,134 @@ async fn worker_main(
     }
 }
 
-/// First SIGTERM/SIGINT starts the drain; a second one exits at once.
-fn install_signal_handler(shutdown: Arc<AtomicBool>) -> io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+/// First SIGTERM/SIGINT starts the drain; another one a second or more later exits at once.
+/// (Tools like `timeout` signal the process and then its whole group: one intent, two signals.)
+/// SIGHUP reloads the config.
+fn install_signal_handler(control: Arc<Control>) -> io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
         .name("llmproxy-signals".into())
         .spawn(move || {
+            let mut first: Option<Instant> = None;
             for sig in signals.forever() {
-                if shutdown.swap(true, Ordering::SeqCst) {
-                    tracing::warn!(signal = sig, "second signal: exiting without draining");
-                    std::process::exit(1);
+                if sig == SIGHUP {
+                    // The outcome is logged by reload_config.
+                    let _ = reload_config(&control);
+                    continue;
                 }
-                tracing::info!(
-                    signal = sig,
-                    "shutting down: no new connections, draining running requests"
-                );
+                match first {
+                    None => {
+                        first = Some(Instant::now());
+                        control.shutdown.store(true, Ordering::SeqCst);
+                        notify::notify("STOPPING=1");
+                        tracing::info!(
+                            signal = sig,
+                            "shutting down: no new connections, draining running requests"
+                        );
+                    }
+                    Some(t) if t.elapsed() >= Duration::from_secs(1) => {
+                        tracing::warn!(signal = sig, "second signal: exiting without draining");
+                        std::process::exit(1);
+                    }
+                    Some(_) => {}
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// The shared backend state of one config generation, with its checker thread (health checks,
+/// load scraping, merged model list) when the config asks for one.
+fn start_backends(config: &Config) -> Arc<Backends> {
+    let backends = Backends::new(config);
+    upstream::spawn_checker(backends.clone(), config);
+    backends
+}
+
+/// Re-reads and validates the config file, then publishes it for new requests; returns the new
+/// generation. A file that does not load is refused as a whole and the running config stays.
+fn reload_config(control: &Control) -> Result<u64, String> {
+    let reload = control.reload.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(path) = &reload.config_path else {
+        let why = "the running config is built in, not read from a file";
+        tracing::warn!("reload ignored: {why}");
+        return Err(why.into());
+    };
+    notify::reloading();
+    let result = match config::load(path) {
+        Err(e) => {
+            tracing::error!("reload refused, running config kept:\n{e}");
+            Err(e.to_string())
+        }
+        Ok(next) => {
+            let live = &control.live;
+            let (_, running) = live.snapshot();
+            warn_restart_only(&running.config, &next);
+            if let Err(e) = (reload.set_log_level)(&next.log.level) {
+                tracing::warn!("log level not changed: {e}");
+            }
+            let next = Arc::new(next);
+            let backends = start_backends(&next);
+            let count = next.backends.len();
+            let generation = live.publish(Snapshot {
+                config: next,
+                backends,
+            });
+            // Its background threads stop; requests still running keep using it.
+            running.backends.retire();
+            tracing::info!(generation, backends = count, file = %path.display(), "config reloaded");
+            Ok(generation)
+        }
+    };
+    notify::notify("READY=1");
+    result
+}
+
+/// Settings fixed at start: a reload keeps running with the old values until a restart.
+fn warn_restart_only(running: &Config, next: &Config) {
+    let changed = [
+        ("listen", running.listen != next.listen),
+        ("workers", running.workers != next.workers),
+        ("io_driver", running.io_driver != next.io_driver),
+        ("cpu_affinity", running.cpu_affinity != next.cpu_affinity),
+        ("log.format", running.log.format != next.log.format),
+        ("admin.enabled", running.admin.enabled != next.admin.enabled),
+        ("admin.listen", running.admin.listen != next.admin.listen),
+    ];
+    for (key, _) in changed.iter().filter(|(_, c)| *c) {
+        tracing::warn!(
+            key,
+            "changed in the file but takes effect only after a restart"
+        );
+    }
+}
+
+/// Pings systemd's watchdog at half its interval while every worker's tick keeps advancing; a
+/// stuck worker stops the pings so systemd restarts the service. Draining always pings.
+fn start_watchdog(control: Arc<Control>, interval: Duration) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("llmproxy-watchdog".into())
+        .spawn(move || {
+            let read = |c: &Control| -> Vec<u64> {
+                c.heartbeats
+                    .iter()
+                    .map(|h| h.load(Ordering::Relaxed))
+                    .collect()
+            };
+            let mut last = read(&control);
+            loop {
+                std::thread::sleep(interval / 2);
+                let now = read(&control);
+                let alive = now.iter().zip(&last).all(|(n, l)| n != l);
+                if alive || control.shutdown.load(Ordering::Relaxed) {
+                    notify::notify("WATCHDOG=1");
+                } else {
+                    tracing::error!(
+                        "a worker stopped ticking; withholding the systemd watchdog ping"
+                    );
+                }
+                last = now;
             }
         })?;
     Ok(())

@@ -1,20 +1,33 @@
-//! Upstream: the backends, their addresses, and each worker's keep-alive connections to them.
+//! Upstream: the backends, their health and load, the choice of one per request, and each
+//! worker's keep-alive connections to them.
 //!
-//! [`Backends`] is shared by every worker (read-mostly, behind an `Arc`); [`WorkerUpstreams`] is
-//! one worker's private view: its balancer state and its connection pools, touched only by that
-//! worker's thread, so nothing here takes a lock on the request path. This module picks and
-//! connects; it never parses HTTP or decides what a client sees.
+//! [`Backends`] is shared by every worker (atomics only: health, passive ejection, requests in
+//! flight across workers, scraped load). [`WorkerUpstreams`] is one worker's private view: its
+//! balancer state (round-robin position, latency estimates) and its connection pools, touched only
+//! by that worker's thread. Health checks and load scraping run on one background thread per
+//! process ([`checker`]), never on a worker. This module picks and connects; it never parses
+//! client HTTP or decides what a client sees.
 
+mod balance;
+mod checker;
 mod pool;
 
-use std::cell::{Cell, RefCell};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
+pub use balance::{InFlight, PickError, PickRequest, WorkerUpstreams};
+pub use checker::spawn_checker;
 pub use pool::{ConnectError, UpstreamConn};
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, HealthCheck, Secret};
+
+/// Milliseconds since the process started: a clock every thread can compare through atomics.
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
 
 /// One configured backend, shared by all workers.
 #[derive(Debug)]
@@ -25,17 +38,102 @@ pub struct Backend {
     pub host_header: String,
     pub path_prefix: String,
     pub weight: u32,
+    /// Models served; empty means any.
+    pub models: Vec<String>,
+    /// `backends[].headers`, preformatted as header lines for the upstream request.
+    pub extra_headers: Vec<u8>,
+    pub max_in_flight: Option<u32>,
     /// `Bearer <backends[].api_key>`, sent instead of any client credential.
     pub authorization: Option<Secret>,
     host: String,
     port: u16,
     /// Resolved once at start; re-resolved off the worker cores while unresolved.
     addr: RwLock<Option<SocketAddr>>,
+    /// Verdict of the active health check (true until a check says otherwise).
+    healthy: AtomicBool,
+    /// Passive ejection: consecutive failed requests, and until when the backend rests.
+    failures: AtomicU32,
+    ejected_until: AtomicU64,
+    /// Requests in flight to this backend from all workers.
+    in_flight: AtomicU32,
+    /// `least_load` score from the backend's metrics (f64 bits); lower is less loaded.
+    load: AtomicU64,
 }
 
 impl Backend {
     pub fn addr(&self) -> Option<SocketAddr> {
         *self.addr.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Resting after consecutive failures (passive health); read by metrics and the admin API.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
+    pub fn serves(&self, model: Option<&str>) -> bool {
+        match model {
+            Some(m) if !self.models.is_empty() => self.models.iter().any(|s| s == m),
+            _ => true,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.max_in_flight
+            .is_some_and(|max| self.in_flight() >= max)
+    }
+
+    fn load_score(&self) -> f64 {
+        f64::from_bits(self.load.load(Ordering::Relaxed))
+    }
+
+    /// Whether a request may go here now. After an ejection has rested, exactly one caller wins
+    /// the trial request (half-open); the others see the backend as ejected for another period.
+    fn admits(&self, ejection: Duration) -> bool {
+        if self.addr().is_none() || !self.is_healthy() || self.full() {
+            return false;
+        }
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let now = now_ms();
+        now >= until
+            && self
+                .ejected_until
+                .compare_exchange(
+                    until,
+                    now + ejection.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Passive health: the outcome of one request.
+    pub fn record(&self, ok: bool, policy: &HealthCheck) {
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            if self.ejected_until.swap(0, Ordering::Relaxed) != 0 {
+                tracing::info!(backend = %self.url, "backend recovered; taking traffic again");
+            }
+            return;
+        }
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if policy.max_failures > 0 && failures >= policy.max_failures {
+            let until = now_ms() + policy.ejection_time.as_millis() as u64;
+            if self.ejected_until.swap(until, Ordering::Relaxed) == 0 {
+                tracing::warn!(backend = %self.url, failures, "backend ejected after consecutive failures");
+            }
+        }
     }
 
     fn resolve(&self) -> bool {
@@ -50,10 +148,16 @@ impl Backend {
     }
 }
 
-/// All backends of the running config.
+/// All backends of the running config, plus what the checker thread learns about them.
 #[derive(Debug)]
 pub struct Backends {
     pub list: Vec<Backend>,
+    /// Public model name -> served name.
+    pub aliases: Vec<(String, String)>,
+    /// Merged `/v1/models` answer, refreshed by the checker thread; `None` until it has one.
+    models_json: RwLock<Option<Arc<[u8]>>>,
+    /// Set when a reload replaced this set: its checker and resolver threads end.
+    retired: AtomicBool,
 }
 
 impl Backends {
@@ -63,22 +167,41 @@ impl Backends {
         let list = config
             .backends
             .iter()
-            .map(|b| Backend {
-                url: b.url.clone(),
-                url_shared: Arc::from(b.url.as_str()),
-                host_header: b.host_header.clone(),
-                path_prefix: b.path_prefix.clone(),
-                weight: b.weight,
-                authorization: b
-                    .api_key
-                    .as_ref()
-                    .map(|k| Secret(format!("Bearer {}", k.0))),
-                host: b.host.clone(),
-                port: b.port,
-                addr: RwLock::new(None),
+            .map(|b| {
+                let mut extra_headers = Vec::new();
+                for (n, v) in &b.headers {
+                    crate::http::push_header(&mut extra_headers, n.as_bytes(), v.as_bytes());
+                }
+                Backend {
+                    url: b.url.clone(),
+                    url_shared: Arc::from(b.url.as_str()),
+                    host_header: b.host_header.clone(),
+                    path_prefix: b.path_prefix.clone(),
+                    weight: b.weight,
+                    models: b.models.clone(),
+                    extra_headers,
+                    authorization: b
+                        .api_key
+                        .as_ref()
+                        .map(|k| Secret(format!("Bearer {}", k.0))),
+                    max_in_flight: b.max_in_flight,
+                    host: b.host.clone(),
+                    port: b.port,
+                    addr: RwLock::new(None),
+                    healthy: AtomicBool::new(true),
+                    failures: AtomicU32::new(0),
+                    ejected_until: AtomicU64::new(0),
+                    in_flight: AtomicU32::new(0),
+                    load: AtomicU64::new(0f64.to_bits()),
+                }
             })
             .collect();
-        let backends = Arc::new(Backends { list });
+        let backends = Arc::new(Backends {
+            list,
+            aliases: config.model_aliases.clone(),
+            models_json: RwLock::new(None),
+            retired: AtomicBool::new(false),
+        });
         let unresolved: Vec<usize> = (0..backends.list.len())
             .filter(|&i| !backends.list[i].resolve())
             .collect();
@@ -91,7 +214,7 @@ impl Backends {
                 .name("llmproxy-resolve".into())
                 .spawn(move || {
                     let mut pending = unresolved;
-                    while !pending.is_empty() {
+                    while !pending.is_empty() && !shared.is_retired() {
                         std::thread::sleep(Duration::from_secs(2));
                         pending.retain(|&i| {
                             let ok = shared.list[i].resolve();
@@ -108,86 +231,38 @@ impl Backends {
         }
         backends
     }
-}
 
-/// One worker's balancer and pools.
-pub struct WorkerUpstreams {
-    pub backends: Arc<Backends>,
-    /// Smooth weighted round-robin state (nginx's algorithm): one running weight per backend.
-    current: RefCell<Vec<i64>>,
-    pools: Vec<pool::Pool>,
-    connect_timeout: Duration,
-    rr_fallback: Cell<usize>,
-}
-
-impl WorkerUpstreams {
-    pub fn new(backends: Arc<Backends>, config: &Config) -> Self {
-        let n = backends.list.len();
-        WorkerUpstreams {
-            current: RefCell::new(vec![0; n]),
-            pools: (0..n)
-                .map(|_| {
-                    pool::Pool::new(
-                        config.upstream.max_idle_per_backend,
-                        config.upstream.idle_timeout,
-                    )
-                })
-                .collect(),
-            backends,
-            connect_timeout: config.timeouts.connect,
-            rr_fallback: Cell::new(0),
-        }
+    /// Ends this set's background threads (a reload published a new one).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 
-    /// Picks the next backend by smooth weighted round-robin among those with an address.
-    pub fn pick(&self) -> Option<usize> {
-        let mut current = self.current.borrow_mut();
-        let mut total = 0i64;
-        let mut best: Option<usize> = None;
-        for (i, b) in self.backends.list.iter().enumerate() {
-            if b.addr().is_none() {
-                continue;
-            }
-            let w = i64::from(b.weight);
-            current[i] += w;
-            total += w;
-            if best.is_none_or(|j| current[i] > current[j]) {
-                best = Some(i);
-            }
-        }
-        let chosen = best?;
-        current[chosen] -= total;
-        self.rr_fallback.set(chosen);
-        Some(chosen)
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
-    pub fn backend(&self, idx: usize) -> &Backend {
-        &self.backends.list[idx]
+    /// The served name for a public model name, when it is an alias.
+    pub fn alias(&self, model: &str) -> Option<&str> {
+        self.aliases
+            .iter()
+            .find(|(public, _)| public == model)
+            .map(|(_, served)| served.as_str())
     }
 
-    /// A pooled connection when one is fresh, else a new one.
-    pub async fn checkout(&self, idx: usize) -> Result<UpstreamConn, ConnectError> {
-        if let Some(conn) = self.pools[idx].take() {
-            return Ok(conn);
-        }
-        self.connect(idx).await
+    /// Whether some backend could serve `model` (ignoring health): otherwise it is unknown.
+    pub fn knows_model(&self, model: &str) -> bool {
+        self.list.iter().any(|b| b.serves(Some(model)))
     }
 
-    /// Always a new connection (the retry after a stale pooled one failed).
-    pub async fn connect(&self, idx: usize) -> Result<UpstreamConn, ConnectError> {
-        let addr = self.backend(idx).addr().ok_or(ConnectError::Unresolved)?;
-        UpstreamConn::connect(addr, self.connect_timeout).await
+    /// The gateway's own `/v1/models` answer, once the checker has merged the backends' lists.
+    pub fn models_json(&self) -> Option<Arc<[u8]>> {
+        self.models_json
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    /// Returns a connection whose response ended cleanly to its pool.
-    pub fn checkin(&self, idx: usize, conn: UpstreamConn) {
-        self.pools[idx].put(conn);
-    }
-
-    /// Drops pooled connections the backend has probably closed by now.
-    pub fn sweep_idle(&self) {
-        for p in &self.pools {
-            p.sweep();
-        }
+    fn set_models_json(&self, json: Vec<u8>) {
+        *self.models_json.write().unwrap_or_else(|e| e.into_inner()) = Some(json.into());
     }
 }

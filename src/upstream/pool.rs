@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
 
-/// Read buffer per upstream connection: one SSE event or a small JSON body fits in one read.
-const READ_BUF: usize = 16 * 1024;
+/// Read buffer per upstream connection: an SSE event (a few hundred bytes) or a small JSON body
+/// fits in one read; kept small because every open stream holds one.
+const READ_BUF: usize = 8 * 1024;
 
 #[derive(Debug)]
 pub enum ConnectError {

@@ -1,6 +1,7 @@
 //! Streaming latency probe for loadtest/run.sh (std only, no dependencies).
 //!
-//! `probe stream --addr HOST:PORT [--requests N] [--concurrency C] [--warmup W] [--max-tokens T] [--label L]`
+//! `probe stream --addr HOST:PORT [--requests N] [--concurrency C] [--warmup W] [--max-tokens T] [--label L]
+//!               [--auth TOKEN]` (TOKEN is sent as `Authorization: Bearer TOKEN`)
 //!
 //! Each of C threads opens one keep-alive connection (TCP_NODELAY) and sends its share of N
 //! sequential streaming chat requests. Per request it measures, with a monotonic clock:
@@ -11,6 +12,15 @@
 //!
 //! Prints one JSON line: TTFT p50/p90/p99/mean/max, mean inter-event gap, all in microseconds.
 //!
+//! `probe soak --addr HOST:PORT --streams N [--ramp-ms R] [--tokens T] [--check words|count]
+//!            [--rss-pid PID] [--rss-interval-ms MS] [--timeout-ms MS] [--label L]`
+//!
+//! Opens N concurrent streaming chat requests (one connection and one thread with a 64 KiB stack
+//! each), started evenly over R ms, so that all N are open at once when a stream lasts longer than
+//! R. Verifies every stream (status 200, T content events, each the simulator's word for its
+//! position with `--check words`, `data: [DONE]` last), records TTFT per stream, and samples
+//! VmRSS of PID every MS while it runs. Prints one JSON line (see `soak`).
+//!
 //! `probe free-ports N`      prints N distinct currently free TCP ports on 127.0.0.1.
 //! `probe wait HOST:PORT MS` waits until HOST:PORT accepts a TCP connection (exit 1 on timeout).
 
@@ -19,10 +29,14 @@ use std::net::{TcpListener, TcpStream};
 use std::process::exit;
 use std::time::{Duration, Instant};
 
+mod soak;
+
 fn usage() -> ! {
     eprintln!(
         "usage: probe stream --addr HOST:PORT [--requests N] [--concurrency C] [--warmup W] \
-         [--max-tokens T] [--label L]\n       probe free-ports N\n       probe wait HOST:PORT TIMEOUT_MS"
+         [--max-tokens T] [--label L] [--auth TOKEN]\n       probe soak --addr HOST:PORT --streams N [--ramp-ms R] [--tokens T] \
+         [--check words|count] [--rss-pid PID] [--rss-interval-ms MS] [--timeout-ms MS] [--label L] [--auth TOKEN]\n       \
+         probe free-ports N\n       probe wait HOST:PORT TIMEOUT_MS"
     );
     exit(2)
 }
@@ -38,6 +52,7 @@ fn main() {
             wait(addr, ms)
         }
         Some("stream") => stream(&args[1..]),
+        Some("soak") => soak::soak(&args[1..]),
         _ => usage(),
     }
 }
@@ -74,6 +89,7 @@ struct Opts {
     warmup: usize,
     max_tokens: u32,
     label: String,
+    auth: String,
 }
 
 fn parse_opts(args: &[String]) -> Opts {
@@ -84,6 +100,7 @@ fn parse_opts(args: &[String]) -> Opts {
         warmup: 100,
         max_tokens: 8,
         label: String::new(),
+        auth: String::new(),
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -96,6 +113,7 @@ fn parse_opts(args: &[String]) -> Opts {
             "--warmup" => o.warmup = num(),
             "--max-tokens" => o.max_tokens = num() as u32,
             "--label" => o.label = v.clone(),
+            "--auth" => o.auth = v.clone(),
             _ => usage(),
         }
     }
@@ -128,9 +146,10 @@ fn stream(args: &[String]) {
         o.max_tokens
     );
     let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{}\
          Accept: text/event-stream\r\nContent-Length: {}\r\n\r\n{}",
         o.addr,
+        if o.auth.is_empty() { String::new() } else { format!("Authorization: Bearer {}\r\n", o.auth) },
         body.len(),
         body
     )

@@ -1,0 +1,287 @@
+//! The Prometheus text exposition format (version 0.0.4), written by hand: merging a few fixed
+//! arrays needs no client library, and the output is easy to test byte for byte.
+
+use std::fmt::Write;
+
+use super::{
+    Histogram, Registry, Rejection, UpstreamErrorKind, WorkerMetrics, PATHS, STATUSES, STATUS_SLOTS,
+};
+use crate::upstream::Backends;
+
+pub const CONTENT_TYPE: &[u8] = b"text/plain; version=0.0.4; charset=utf-8";
+
+impl Registry {
+    /// Renders every metric, merging all workers' blocks. `backends` is the scraping worker's
+    /// current backend set, for the health gauge.
+    pub fn render(&self, backends: &Backends) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sum = |f: &dyn Fn(&WorkerMetrics) -> u64| {
+            self.workers
+                .iter()
+                .fold(0u64, |acc, w| acc.wrapping_add(f(w)))
+        };
+
+        header(
+            &mut out,
+            "llmproxy_requests_total",
+            "counter",
+            "Requests answered, by endpoint, streaming, backend and status.",
+        );
+        for (p, path) in PATHS.iter().enumerate() {
+            for stream in [false, true] {
+                for (b, backend) in slots.iter().enumerate() {
+                    for s in 0..STATUS_SLOTS {
+                        let slot = super::request_slot(p, stream, b, s);
+                        let v = sum(&|w| w.requests(slot).get());
+                        if v == 0 {
+                            continue;
+                        }
+                        let _ = writeln!(
+                            out,
+                            "llmproxy_requests_total{{path=\"{path}\",stream=\"{stream}\",backend=\"{}\",status=\"{}\"}} {v}",
+                            escape(backend),
+                            status_label(s)
+                        );
+                    }
+                }
+            }
+        }
+
+        histogram(
+            &mut out,
+            "llmproxy_latency_ms",
+            "Time from request head received to response end (or error), in ms.",
+            &self.workers,
+            &|w| &w.latency,
+        );
+        histogram(
+            &mut out,
+            "llmproxy_ttft_ms",
+            "Time from request body received to the first response body byte sent, in ms.",
+            &self.workers,
+            &|w| &w.ttft,
+        );
+        histogram(
+            &mut out,
+            "llmproxy_upstream_latency_ms",
+            "Time from request sent upstream to response end read from the backend, in ms.",
+            &self.workers,
+            &|w| &w.upstream_latency,
+        );
+        histogram(
+            &mut out,
+            "llmproxy_inter_token_ms",
+            "Time between consecutive body writes of an event stream, in ms.",
+            &self.workers,
+            &|w| &w.inter_token,
+        );
+        histogram(
+            &mut out,
+            "llmproxy_gateway_overhead_us",
+            "Time spent in the gateway, not waiting on client or backend, in us (approximate).",
+            &self.workers,
+            &|w| &w.overhead,
+        );
+
+        gauge_header(
+            &mut out,
+            "llmproxy_in_flight_requests",
+            "Requests being handled now.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_in_flight_requests {}",
+            sum(&|w| w.in_flight.get()) as i64
+        );
+
+        gauge_header(
+            &mut out,
+            "llmproxy_backend_in_flight",
+            "Requests being relayed to each backend now (all workers).",
+        );
+        for b in &backends.list {
+            let _ = writeln!(
+                out,
+                "llmproxy_backend_in_flight{{backend=\"{}\"}} {}",
+                escape(&b.url),
+                b.in_flight()
+            );
+        }
+
+        gauge_header(
+            &mut out,
+            "llmproxy_backend_up",
+            "1 when the backend takes traffic (resolved, healthy, not ejected), else 0.",
+        );
+        for b in &backends.list {
+            let up = u8::from(b.addr().is_some() && b.is_healthy() && !b.is_ejected());
+            let _ = writeln!(
+                out,
+                "llmproxy_backend_up{{backend=\"{}\"}} {up}",
+                escape(&b.url)
+            );
+        }
+
+        header(
+            &mut out,
+            "llmproxy_rejections_total",
+            "counter",
+            "Requests the gateway answered itself, by reason.",
+        );
+        for r in Rejection::ALL {
+            let v = sum(&|w| w.rejections[r as usize].get());
+            let _ = writeln!(
+                out,
+                "llmproxy_rejections_total{{reason=\"{}\"}} {v}",
+                r.as_str()
+            );
+        }
+
+        header(
+            &mut out,
+            "llmproxy_upstream_errors_total",
+            "counter",
+            "Failed exchanges with a backend, by kind.",
+        );
+        for k in UpstreamErrorKind::ALL {
+            let v = sum(&|w| w.upstream_errors[k as usize].get());
+            let _ = writeln!(
+                out,
+                "llmproxy_upstream_errors_total{{kind=\"{}\"}} {v}",
+                k.as_str()
+            );
+        }
+
+        header(
+            &mut out,
+            "llmproxy_client_cancels_total",
+            "counter",
+            "Requests whose client left before the response ended.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_client_cancels_total {}",
+            sum(&|w| w.client_cancels.get())
+        );
+
+        header(
+            &mut out,
+            "llmproxy_retries_total",
+            "counter",
+            "Requests sent again on a fresh connection after a stale pooled one failed.",
+        );
+        let _ = writeln!(out, "llmproxy_retries_total {}", sum(&|w| w.retries.get()));
+
+        // The usage reporter (webhook delivery, token parsing) is not on this branch yet: the
+        // series exist so dashboards and alerts can be built against them.
+        header(
+            &mut out,
+            "llmproxy_webhook_success_total",
+            "counter",
+            "Successful usage webhook deliveries.",
+        );
+        out.push_str("llmproxy_webhook_success_total 0\n");
+        header(
+            &mut out,
+            "llmproxy_webhook_failure_total",
+            "counter",
+            "Failed usage webhook deliveries.",
+        );
+        out.push_str("llmproxy_webhook_failure_total 0\n");
+        header(
+            &mut out,
+            "llmproxy_usage_tokens_total",
+            "counter",
+            "Tokens used, by type.",
+        );
+        for t in ["prompt", "completion"] {
+            let _ = writeln!(out, "llmproxy_usage_tokens_total{{type=\"{t}\"}} 0");
+        }
+
+        gauge_header(&mut out, "llmproxy_info", "Build and runtime information.");
+        let driver = *self.io_driver.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(
+            out,
+            "llmproxy_info{{version=\"{}\",io_driver=\"{driver}\"}} 1",
+            self.version
+        );
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn gauge_header(out: &mut String, name: &str, help: &str) {
+    header(out, name, "gauge", help);
+}
+
+fn histogram<const N: usize>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    workers: &[WorkerMetrics],
+    f: &dyn Fn(&WorkerMetrics) -> &Histogram<N>,
+) {
+    header(out, name, "histogram", help);
+    let first = f(&workers[0]);
+    let mut cumulative = 0u64;
+    for (i, bound) in first.bounds.iter().enumerate() {
+        cumulative += workers.iter().map(|w| f(w).buckets[i].get()).sum::<u64>();
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    cumulative += workers.iter().map(|w| f(w).inf.get()).sum::<u64>();
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let sum_us: u64 = workers.iter().map(|w| f(w).sum_us.get()).sum();
+    let _ = writeln!(out, "{name}_sum {}", sum_us as f64 / first.unit_us as f64);
+    let _ = writeln!(out, "{name}_count {cumulative}");
+}
+
+fn status_label(slot: usize) -> String {
+    match STATUSES.get(slot) {
+        Some(code) => code.to_string(),
+        None => format!("{}xx", slot - STATUSES.len() + 1),
+    }
+}
+
+/// Label values are backend URLs from the config: escape what the format requires.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn renders_merged_counters_and_cumulative_buckets() {
+        let r = Registry::new(2);
+        let a = r.backend_slot("http://a:1");
+        r.worker(0).request(0, true, Some(a), 200);
+        r.worker(1).request(0, true, Some(a), 200);
+        r.worker(1).request(8, false, None, 404);
+        r.worker(0).ttft.observe(Duration::from_millis(7));
+        r.worker(1).ttft.observe(Duration::from_millis(400_000));
+        let config = crate::config::parse(
+            "backends: [{url: 'http://127.0.0.1:1'}]",
+            crate::config::Format::Yaml,
+        )
+        .unwrap();
+        let text = r.render(&Backends::new(&config));
+        assert!(text.contains("llmproxy_backend_up{backend=\"http://127.0.0.1:1\"} 1\n"));
+        assert!(text.contains("llmproxy_requests_total{path=\"/v1/chat/completions\",stream=\"true\",backend=\"http://a:1\",status=\"200\"} 2\n"), "{text}");
+        assert!(text.contains("llmproxy_requests_total{path=\"other\",stream=\"false\",backend=\"none\",status=\"404\"} 1\n"));
+        assert!(text.contains("llmproxy_ttft_ms_bucket{le=\"5\"} 0\n"));
+        assert!(text.contains("llmproxy_ttft_ms_bucket{le=\"10\"} 1\n"));
+        assert!(text.contains("llmproxy_ttft_ms_bucket{le=\"300000\"} 1\n"));
+        assert!(text.contains("llmproxy_ttft_ms_bucket{le=\"+Inf\"} 2\n"));
+        assert!(text.contains("llmproxy_ttft_ms_count 2\n"));
+        assert!(text.contains("llmproxy_ttft_ms_sum 400007\n"));
+        assert!(text.contains("llmproxy_info{version=\""));
+    }
+}

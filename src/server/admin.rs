@@ -1,0 +1,183 @@
+//! The admin API: its own listener (`admin.listen`), off by default, every request authenticated
+//! with `Authorization: Bearer <admin.token>` compared in constant time.
+//!
+//! `GET /admin/backends` (the running backends, whether they take traffic, requests in flight),
+//! `POST /admin/reload` (the same reload as SIGHUP, answering with its result), `GET /admin/metrics`
+//! (the Prometheus text, for setups that keep it off the client listener).
+//!
+//! Runs on one plain thread with blocking sockets, one request per connection: it is for
+//! operators, must never run on or slow down a worker, and needs no throughput.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::Control;
+use crate::metrics::Registry;
+
+/// Largest admin request head (there is no body to read).
+const MAX_REQUEST: usize = 16 * 1024;
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds the admin listener and serves it on a new thread.
+pub fn start(control: Arc<Control>, registry: Arc<Registry>) -> io::Result<()> {
+    let addr = control.live.snapshot().1.config.admin.listen;
+    let listener = TcpListener::bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("admin.listen {addr}: {e}")))?;
+    tracing::info!(listen = %addr, "admin API listening");
+    std::thread::Builder::new()
+        .name("llmproxy-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        if let Err(e) = serve(stream, &control, &registry) {
+                            tracing::debug!("admin connection: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("admin accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn serve(mut stream: TcpStream, control: &Control, registry: &Registry) -> io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let (method, path, auth) = loop {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let auth = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+                    .map(|h| h.value.to_vec());
+                break (
+                    req.method.unwrap_or_default().to_string(),
+                    req.path.unwrap_or_default().to_string(),
+                    auth,
+                );
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST => {}
+            _ => return respond(&mut stream, 400, &error("invalid request")),
+        }
+    };
+
+    let (_, snapshot) = control.live.snapshot();
+    let token = snapshot.config.admin.token.as_bytes();
+    let presented = auth.as_deref().and_then(|v| v.strip_prefix(b"Bearer "));
+    if !presented.is_some_and(|p| constant_time_eq(p, token)) {
+        return respond(&mut stream, 401, &error("missing or wrong admin token"));
+    }
+
+    match (method.as_str(), path.as_str()) {
+        ("GET", "/admin/backends") => {
+            let backends: Vec<_> = snapshot
+                .backends
+                .list
+                .iter()
+                .map(|b| {
+                    json!({
+                        "url": b.url,
+                        "weight": b.weight,
+                        "up": b.addr().is_some() && b.is_healthy() && !b.is_ejected(),
+                        "resolved": b.addr().is_some(),
+                        "healthy": b.is_healthy(),
+                        "ejected": b.is_ejected(),
+                        "address": b.addr().map(|a| a.to_string()),
+                        "in_flight": b.in_flight(),
+                    })
+                })
+                .collect();
+            let (generation, _) = control.live.snapshot();
+            let body = json!({"generation": generation, "backends": backends});
+            respond(&mut stream, 200, &body.to_string())
+        }
+        ("POST", "/admin/reload") => match super::reload_config(control) {
+            Ok(generation) => {
+                let body = json!({"status": "reloaded", "generation": generation});
+                respond(&mut stream, 200, &body.to_string())
+            }
+            Err(e) => respond(&mut stream, 422, &error(&e)),
+        },
+        ("GET", "/admin/metrics") => {
+            let text = registry.render(&snapshot.backends);
+            respond_with(&mut stream, 200, "text/plain; version=0.0.4", &text)
+        }
+        _ => respond(&mut stream, 404, &error("unknown admin endpoint")),
+    }
+}
+
+fn error(message: &str) -> String {
+    json!({"error": {"message": message, "type": "admin_error"}}).to_string()
+}
+
+fn respond(stream: &mut TcpStream, status: u16, body: &str) -> io::Result<()> {
+    respond_with(stream, status, "application/json", body)
+}
+
+fn respond_with(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        _ => "Unprocessable Entity",
+    };
+    let auth = if status == 401 {
+        "WWW-Authenticate: Bearer\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())
+}
+
+/// Compares without an early exit, so timing does not reveal how much of the token matched.
+/// The length is not secret (it is in the config's validation rules anyway).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() || b.is_empty() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // Keeps the optimizer from turning the fold back into an early-exit comparison.
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"0123456789abcdeX", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"0123456789abcde", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"", b""));
+    }
+}

@@ -1,0 +1,291 @@
+//! Choosing a backend for one request, on one worker: model routing, affinity, then the
+//! configured strategy over the backends that can take the request now.
+
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::pool::{self, ConnectError, UpstreamConn};
+use super::{Backend, Backends};
+use crate::config::{Affinity, Config, HealthCheck, Strategy};
+
+/// Latency estimates decay with this time constant when a backend gets no traffic, so a backend
+/// that was slow once is probed again rather than starved forever.
+const LATENCY_DECAY: Duration = Duration::from_secs(10);
+
+/// What the balancer needs to know about a request.
+#[derive(Default)]
+pub struct PickRequest<'a> {
+    pub model: Option<&'a str>,
+    pub affinity_key: Option<&'a [u8]>,
+    /// Backends already tried by this request (bit i = backend i); avoided while others exist.
+    pub tried: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickError {
+    /// No backend serves this model at all.
+    UnknownModel,
+    /// Backends serve it, but none can take a request now (unhealthy, ejected or full).
+    NoneAvailable,
+}
+
+/// A request counted in flight on a backend, across workers, until dropped.
+pub struct InFlight {
+    backends: Arc<Backends>,
+    pub index: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backends.list[self.index]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One worker's balancer and pools.
+pub struct WorkerUpstreams {
+    pub backends: Arc<Backends>,
+    strategy: Strategy,
+    affinity: Option<Affinity>,
+    pub health: HealthCheck,
+    pools: Vec<pool::Pool>,
+    connect_timeout: Duration,
+    /// Smooth weighted round-robin state (nginx's algorithm): one running weight per backend.
+    current: RefCell<Vec<i64>>,
+    next: Cell<usize>,
+    /// Peak-EWMA time to first byte in microseconds, and when it was last updated.
+    latency: RefCell<Vec<(f64, Instant)>>,
+    rng: Cell<u64>,
+}
+
+impl WorkerUpstreams {
+    pub fn new(backends: Arc<Backends>, config: &Config, worker: usize) -> Self {
+        let n = backends.list.len();
+        WorkerUpstreams {
+            strategy: config.routing.strategy,
+            affinity: config.routing.affinity.clone(),
+            health: config.health_check.clone(),
+            pools: (0..n)
+                .map(|_| {
+                    pool::Pool::new(
+                        config.upstream.max_idle_per_backend,
+                        config.upstream.idle_timeout,
+                    )
+                })
+                .collect(),
+            connect_timeout: config.timeouts.connect,
+            current: RefCell::new(vec![0; n]),
+            next: Cell::new(worker % n.max(1)),
+            latency: RefCell::new(vec![(0.0, Instant::now()); n]),
+            rng: Cell::new(
+                0x9e37_79b9_7f4a_7c15 ^ (worker as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+            ),
+            backends,
+        }
+    }
+
+    pub fn affinity(&self) -> Option<&Affinity> {
+        self.affinity.as_ref()
+    }
+
+    pub fn backend(&self, idx: usize) -> &Backend {
+        &self.backends.list[idx]
+    }
+
+    /// Picks a backend and counts the request in flight on it.
+    pub fn pick(&self, req: &PickRequest<'_>) -> Result<InFlight, PickError> {
+        let list = &self.backends.list;
+        if let Some(model) = req.model {
+            if !self.backends.knows_model(model) {
+                return Err(PickError::UnknownModel);
+            }
+        }
+        let ejection = self.health.ejection_time;
+        let eligible = |i: usize, b: &Backend| {
+            b.serves(req.model) && req.tried & (1 << (i % 64)) == 0 && b.admits(ejection)
+        };
+        let mut candidates: u64 = 0;
+        for (i, b) in list.iter().enumerate().take(64) {
+            if eligible(i, b) {
+                candidates |= 1 << i;
+            }
+        }
+        if candidates == 0 && req.tried != 0 {
+            // Every other backend is out: trying one of the same ones again beats failing.
+            for (i, b) in list.iter().enumerate().take(64) {
+                if b.serves(req.model) && b.admits(ejection) {
+                    candidates |= 1 << i;
+                }
+            }
+        }
+        if candidates == 0 {
+            return Err(PickError::NoneAvailable);
+        }
+        let chosen = req
+            .affinity_key
+            .and_then(|key| self.by_affinity(key, candidates))
+            .unwrap_or_else(|| self.by_strategy(candidates));
+        list[chosen].in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(InFlight {
+            backends: self.backends.clone(),
+            index: chosen,
+        })
+    }
+
+    /// Rendezvous hashing: the same key maps to the same backend while it stays a candidate, and
+    /// only the keys of a backend that leaves move. Yields when that backend is already busier
+    /// than the others on average (twice their mean in flight, plus slack).
+    fn by_affinity(&self, key: &[u8], candidates: u64) -> Option<usize> {
+        let list = &self.backends.list;
+        let chosen = (0..list.len())
+            .filter(|&i| candidates & (1 << i) != 0)
+            .max_by_key(|&i| hash(key, i as u64))?;
+        let (sum, n) = (0..list.len())
+            .filter(|&i| candidates & (1 << i) != 0)
+            .fold((0u32, 0u32), |(s, n), i| (s + list[i].in_flight(), n + 1));
+        let mean = sum / n.max(1);
+        (list[chosen].in_flight() <= 2 * mean + 2).then_some(chosen)
+    }
+
+    fn by_strategy(&self, candidates: u64) -> usize {
+        let list = &self.backends.list;
+        let ids = || (0..list.len()).filter(move |&i| candidates & (1 << i) != 0);
+        match self.strategy {
+            Strategy::RoundRobin => self.round_robin(candidates),
+            Strategy::Weighted => {
+                let mut current = self.current.borrow_mut();
+                let mut total = 0i64;
+                let mut best = usize::MAX;
+                for i in ids() {
+                    current[i] += i64::from(list[i].weight);
+                    total += i64::from(list[i].weight);
+                    if best == usize::MAX || current[i] > current[best] {
+                        best = i;
+                    }
+                }
+                current[best] -= total;
+                best
+            }
+            Strategy::LeastConnections => {
+                self.least_by(candidates, |i| f64::from(list[i].in_flight()))
+            }
+            Strategy::LeastLoad => {
+                // The scrape is up to an interval old: the gateway's own in-flight count keeps a
+                // burst from landing on one backend between scrapes.
+                self.least_by(candidates, |i| {
+                    list[i].load_score() + f64::from(list[i].in_flight())
+                })
+            }
+            Strategy::Latency => {
+                // Power of two choices: two distinct candidates, the cheaper wins.
+                let n = u64::from(candidates.count_ones());
+                let nth = |k: u64| ids().nth(k as usize).unwrap_or(0);
+                let first = self.random() % n;
+                let a = nth(first);
+                let b = nth((first + 1 + self.random() % n.saturating_sub(1).max(1)) % n);
+                let cost = |i: usize| self.latency_us(i) * f64::from(list[i].in_flight() + 1);
+                if cost(b) < cost(a) {
+                    b
+                } else {
+                    a
+                }
+            }
+        }
+    }
+
+    fn round_robin(&self, candidates: u64) -> usize {
+        let n = self.backends.list.len();
+        let start = self.next.get();
+        let chosen = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| candidates & (1 << i) != 0)
+            .unwrap_or(0);
+        self.next.set(chosen + 1);
+        chosen
+    }
+
+    /// Lowest score wins; ties rotate so equal backends share the traffic.
+    fn least_by(&self, candidates: u64, score: impl Fn(usize) -> f64) -> usize {
+        let n = self.backends.list.len();
+        let start = self.next.get();
+        let mut best = usize::MAX;
+        for i in (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|&i| candidates & (1 << i) != 0)
+        {
+            if best == usize::MAX || score(i) < score(best) {
+                best = i;
+            }
+        }
+        self.next.set(best + 1);
+        best
+    }
+
+    /// The decayed peak-EWMA time to first byte of backend `i`.
+    fn latency_us(&self, i: usize) -> f64 {
+        let (ewma, at) = self.latency.borrow()[i];
+        ewma * (-at.elapsed().as_secs_f64() / LATENCY_DECAY.as_secs_f64()).exp()
+    }
+
+    /// Records a time to first byte: a slower sample takes over at once (peak), a faster one
+    /// pulls the estimate down gradually.
+    pub fn observe_latency(&self, i: usize, ttfb: Duration) {
+        let sample = ttfb.as_secs_f64() * 1e6;
+        let decayed = self.latency_us(i);
+        let ewma = if sample > decayed {
+            sample
+        } else {
+            decayed * 0.7 + sample * 0.3
+        };
+        self.latency.borrow_mut()[i] = (ewma, Instant::now());
+    }
+
+    pub fn random(&self) -> u64 {
+        // xorshift64*: plenty for picking two backends.
+        let mut x = self.rng.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A pooled connection when one is fresh, else a new one.
+    pub async fn checkout(&self, idx: usize) -> Result<UpstreamConn, ConnectError> {
+        if let Some(conn) = self.pools[idx].take() {
+            return Ok(conn);
+        }
+        self.connect(idx).await
+    }
+
+    /// Always a new connection (the retry after a stale pooled one failed).
+    pub async fn connect(&self, idx: usize) -> Result<UpstreamConn, ConnectError> {
+        let addr = self.backend(idx).addr().ok_or(ConnectError::Unresolved)?;
+        UpstreamConn::connect(addr, self.connect_timeout).await
+    }
+
+    /// Returns a connection whose response ended cleanly to its pool.
+    pub fn checkin(&self, idx: usize, conn: UpstreamConn) {
+        self.pools[idx].put(conn);
+    }
+
+    /// Drops pooled connections the backend has probably closed by now.
+    pub fn sweep_idle(&self) {
+        for p in &self.pools {
+            p.sweep();
+        }
+    }
+}
+
+/// FNV-1a of the key, mixed with the backend index.
+fn hash(key: &[u8], backend: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ backend.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^ (h >> 29)
+}

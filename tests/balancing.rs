@@ -1,0 +1,352 @@
+//! The backend pool with several simulator processes: strategies, health, retries, timeouts and
+//! model routing.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+}
+
+/// Starts a gateway and waits until its checker has fetched the backends' model lists once, so
+/// request counts taken afterwards see only the test's traffic.
+fn gateway(backends: &[(SocketAddr, &str)], extra: &str) -> Proc {
+    let gw = gateway_now(backends, extra);
+    std::thread::sleep(Duration::from_millis(300));
+    gw
+}
+
+fn gateway_now(backends: &[(SocketAddr, &str)], extra: &str) -> Proc {
+    let mut yaml = "listen: \"{listen}\"\nworkers: 2\nbackends:\n".to_string();
+    for (addr, more) in backends {
+        yaml.push_str(&format!("  - url: \"http://{addr}\"\n"));
+        for line in more.lines() {
+            yaml.push_str(&format!("    {line}\n"));
+        }
+    }
+    yaml.push_str(extra);
+    spawn_gateway(&yaml)
+}
+
+/// Requests a simulator answered (model-list polls excluded).
+fn served(sim: &Proc) -> f64 {
+    metric(sim.addr, "mock_requests_total")
+}
+
+fn send(gw: &Proc, n: usize) {
+    for _ in 0..n {
+        let r = post_json(gw.addr, "/v1/chat/completions", &chat("mock-model"), &[]);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+}
+
+#[test]
+fn weighted_shares_follow_weights() {
+    let (a, b) = (spawn_mock(&[]), spawn_mock(&[]));
+    let gw = gateway(
+        &[(a.addr, "weight: 3"), (b.addr, "weight: 1")],
+        "load_balance: weighted\n",
+    );
+    send(&gw, 200);
+    let (na, nb) = (served(&a), served(&b));
+    assert_eq!(na + nb, 200.0);
+    // Smooth WRR per worker: exact 3:1 within each worker's sequence.
+    assert!((140.0..=160.0).contains(&na), "a={na} b={nb}");
+}
+
+#[test]
+fn seed_routing_key_selects_round_robin() {
+    let (a, b) = (spawn_mock(&[]), spawn_mock(&[]));
+    let gw = gateway(
+        &[(a.addr, "weight: 5"), (b.addr, "weight: 1")],
+        "routing:\n  load_balance: round_robin\n",
+    );
+    send(&gw, 100);
+    assert!(
+        (40.0..=60.0).contains(&served(&a)),
+        "round robin ignores weights"
+    );
+}
+
+#[test]
+fn least_connections_prefers_the_idle_backend() {
+    let (a, b) = (spawn_mock(&[]), spawn_mock(&[]));
+    let gw = gateway(
+        &[(a.addr, ""), (b.addr, "")],
+        "workers: 1\nload_balance: least_connections\n"
+            .replace("workers: 1\n", "")
+            .as_str(),
+    );
+    // A long stream occupies one backend ...
+    let mut long = Client::connect(gw.addr);
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string();
+    long.send(&raw_request(
+        "POST",
+        "/v1/chat/completions",
+        body.as_bytes(),
+        &[("x-mock-itl-ms", "100"), ("x-mock-tokens", "30")],
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    let (a0, b0) = (served(&a), served(&b));
+    // ... so short requests all go to the other.
+    send(&gw, 10);
+    let (da, db) = (served(&a) - a0, served(&b) - b0);
+    assert!(
+        (da, db) == (10.0, 0.0) || (da, db) == (0.0, 10.0),
+        "a+{da} b+{db}"
+    );
+    let busy_is_a = a0 == 1.0;
+    assert_eq!(busy_is_a, db == 10.0);
+}
+
+#[test]
+fn latency_strategy_moves_traffic_off_a_slow_backend() {
+    let slow = spawn_mock(&["--delay-ms", "200"]);
+    let fast = spawn_mock(&[]);
+    let gw = gateway(
+        &[(slow.addr, ""), (fast.addr, "")],
+        "load_balance: latency\n",
+    );
+    send(&gw, 60);
+    assert!(
+        served(&slow) <= 8.0,
+        "slow backend got {} of 60",
+        served(&slow)
+    );
+}
+
+#[test]
+fn least_load_follows_backend_metrics() {
+    let queued = spawn_mock(&["--waiting", "12", "--kv-cache-usage", "0.9"]);
+    let idle = spawn_mock(&[]);
+    let gw = gateway(
+        &[(queued.addr, ""), (idle.addr, "")],
+        "load_balance: least_load\nrouting:\n  least_load:\n    interval: 100ms\n",
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    send(&gw, 30);
+    assert_eq!(served(&queued), 0.0, "the queued backend got traffic");
+}
+
+#[test]
+fn affinity_keeps_a_user_on_one_backend() {
+    let (a, b) = (spawn_mock(&[]), spawn_mock(&[]));
+    let gw = gateway(
+        &[(a.addr, ""), (b.addr, "")],
+        "routing:\n  affinity:\n    field: user\n",
+    );
+    for _ in 0..20 {
+        let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "user": "alice"});
+        assert_eq!(
+            post_json(gw.addr, "/v1/chat/completions", &body, &[]).status,
+            200
+        );
+    }
+    let (na, nb) = (served(&a), served(&b));
+    assert!(na == 20.0 || nb == 20.0, "a={na} b={nb}");
+}
+
+/// A backend process on a fixed port that can be stopped and started again.
+fn mock_on(port: u16) -> Proc {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+        .args(["mock-llm", "--listen", &addr.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = Proc {
+        child,
+        addr,
+        config: None,
+    };
+    assert!(wait_until(Duration::from_secs(5), || TcpStream::connect(
+        addr
+    )
+    .is_ok()));
+    p
+}
+
+#[test]
+fn dead_backend_leaves_rotation_and_comes_back() {
+    let port = free_port();
+    let a = mock_on(port);
+    let b = spawn_mock(&[]);
+    let gw = gateway(
+        &[(a.addr, ""), (b.addr, "")],
+        "health_check:\n  interval: 200ms\n  timeout: 200ms\n  unhealthy_threshold: 1\n",
+    );
+    send(&gw, 10);
+    assert!(served(&a) > 0.0);
+    drop(a);
+    std::thread::sleep(Duration::from_millis(450));
+    // Every request succeeds: the dead one is out of rotation (or retried elsewhere).
+    let b0 = served(&b);
+    send(&gw, 10);
+    assert_eq!(served(&b) - b0, 10.0);
+    let a = mock_on(port);
+    std::thread::sleep(Duration::from_millis(450));
+    send(&gw, 10);
+    assert!(served(&a) > 0.0, "the restarted backend takes no traffic");
+}
+
+#[test]
+fn every_backend_down_is_503_at_once() {
+    let dead: Vec<SocketAddr> = (0..2)
+        .map(|_| ([127, 0, 0, 1], free_port()).into())
+        .collect();
+    let gw = gateway(
+        &[(dead[0], ""), (dead[1], "")],
+        "health_check:\n  interval: 100ms\n  timeout: 100ms\n  unhealthy_threshold: 1\n",
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let start = Instant::now();
+    let r = post_json(gw.addr, "/v1/chat/completions", &chat("mock-model"), &[]);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["code"], "no_healthy_backend");
+    assert!(start.elapsed() < Duration::from_secs(1));
+}
+
+#[test]
+fn retries_go_to_another_backend_on_503_and_refused_connections() {
+    let failing = spawn_mock(&["--fail-status", "503"]);
+    let good = spawn_mock(&[]);
+    let gw = gateway(
+        &[(failing.addr, ""), (good.addr, "")],
+        "retry:\n  max_attempts: 2\n  initial_backoff: 10ms\n",
+    );
+    send(&gw, 20);
+    assert!(
+        served(&failing) > 0.0,
+        "the failing backend was never tried"
+    );
+    assert_eq!(served(&good), 20.0);
+
+    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let good = spawn_mock(&[]);
+    let gw = gateway(&[(dead, ""), (good.addr, "")], "");
+    send(&gw, 20);
+
+    // A single backend failing once: the retry (same backend, after a backoff) succeeds.
+    let once = spawn_mock(&["--fail-first", "1", "--fail-status", "503"]);
+    let gw = gateway(&[(once.addr, "")], "retry:\n  initial_backoff: 50ms\n");
+    send(&gw, 1);
+    assert_eq!(served(&once), 2.0);
+}
+
+#[test]
+fn no_retry_after_the_first_byte() {
+    let sim = spawn_mock(&[]);
+    let other = spawn_mock(&[]);
+    let gw = gateway(
+        &[(sim.addr, ""), (other.addr, "")],
+        "load_balance: round_robin\n",
+    );
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock-cut-after", "2")],
+    );
+    assert!(!r.chunks().1, "cut stream must stay cut");
+    assert_eq!(
+        served(&sim) + served(&other),
+        1.0,
+        "a started response was retried"
+    );
+}
+
+#[test]
+fn timeouts_give_their_status() {
+    let sim = spawn_mock(&[]);
+    let gw = gateway(
+        &[(sim.addr, "")],
+        "retry:\n  max_attempts: 1\ntimeouts:\n  first_byte: 200ms\n  idle: 300ms\n",
+    );
+    let start = Instant::now();
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &chat("mock-model"),
+        &[("x-mock-delay-ms", "1000")],
+    );
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+    assert!(start.elapsed() < Duration::from_millis(800));
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock-itl-ms", "600"), ("x-mock-tokens", "3")],
+    );
+    assert_eq!(r.status, 200);
+    assert!(!r.chunks().1, "an idle-timed-out stream must be cut");
+
+    let gw = gateway(&[(sim.addr, "")], "timeouts:\n  total: 400ms\n");
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &body,
+        &[("x-mock-itl-ms", "100"), ("x-mock-tokens", "20")],
+    );
+    assert!(!r.chunks().1, "a stream past timeouts.total must be cut");
+
+    // Connect timeout: a listener whose accept queue is full drops further SYNs.
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    full.listen(0).unwrap();
+    let addr = full.local_addr().unwrap().as_socket().unwrap();
+    let _fill: Vec<_> = (0..3)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok())
+        .collect();
+    let gw = gateway(
+        &[(addr, "")],
+        "retry:\n  max_attempts: 1\ntimeouts:\n  connect: 200ms\n",
+    );
+    let start = Instant::now();
+    let r = post_json(gw.addr, "/v1/chat/completions", &chat("mock-model"), &[]);
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_connect_timeout");
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn models_route_to_their_backends() {
+    let a = spawn_mock(&["--model", "alpha"]);
+    let b = spawn_mock(&["--model", "beta"]);
+    let gw = gateway(
+        &[(a.addr, "models: [alpha]"), (b.addr, "models: [beta]")],
+        "model_aliases:\n  public-alpha: alpha\n",
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            post_json(gw.addr, "/v1/chat/completions", &chat("alpha"), &[]).status,
+            200
+        );
+        assert_eq!(
+            post_json(gw.addr, "/v1/chat/completions", &chat("beta"), &[]).status,
+            200
+        );
+    }
+    let r = post_json(gw.addr, "/v1/chat/completions", &chat("public-alpha"), &[]);
+    assert_eq!(r.status, 200, "alias not rewritten: {}", r.text());
+    assert_eq!(served(&a), 6.0);
+    assert_eq!(served(&b), 5.0);
+    let r = post_json(gw.addr, "/v1/chat/completions", &chat("gamma"), &[]);
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+    let ids: Vec<String> = get(gw.addr, "/v1/models").json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["alpha", "beta", "public-alpha"]);
+}
