@@ -909,6 +909,50 @@ mod tests {
         assert_eq!(year_month(days_from_civil(2026, 12, 31)), (2026, 12));
     }
 
+    /// The seed README's OpenCode scenario, verbatim.
+    #[test]
+    fn opencode_scenario_loads_as_written() {
+        let text = r#"
+backends:
+  - url: "http://vllm-coder:8000"
+    weight: 10
+
+auth:
+  enabled: true
+  storage: "file"
+  header_names: ["Authorization", "X-API-Key"]
+
+api_keys:
+  - key: "sk-llmproxy-dev-001"
+    name: "Dev Team"
+    total_quota: 1000000
+    allowed_ips: ["10.0.0.0/8"]
+
+rate_limit:
+  per_key:
+    requests_per_minute: 60
+    max_concurrent: 3
+"#;
+        let c = crate::config::parse(text, crate::config::Format::Yaml).unwrap();
+        let auth = c.auth.as_ref().unwrap();
+        assert_eq!(auth.header_names, ["authorization", "x-api-key"]);
+        assert_eq!(auth.pipeline, [ProviderConfig::Static]);
+        let key = &c.api_keys[0];
+        assert_eq!(
+            (key.name.as_str(), key.total_quota),
+            ("Dev Team", Some(1_000_000))
+        );
+        assert_eq!(key.allowed_ips, [parse_net("10.0.0.0/8").unwrap()]);
+        assert_eq!(key.status, KeyStatus::Active);
+        assert_eq!(c.rate_limit.per_key.requests_per_minute, Some(60));
+        assert_eq!(c.rate_limit.per_key.max_concurrent, Some(3));
+        assert_eq!(c.rate_limit.per_key.tokens_per_minute, None);
+        assert!(
+            !format!("{c:?}").contains("sk-llmproxy-dev-001"),
+            "key in Debug output"
+        );
+    }
+
     #[test]
     fn statuses_and_nets() {
         assert_eq!(KeyStatus::parse("Disabled"), Some(KeyStatus::Disabled));
