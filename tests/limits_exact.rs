@@ -163,3 +163,21 @@ fn two_instances_sharing_redis_admit_exactly_the_limit() {
         50 + refill
     );
 }
+
+/// With Redis unreachable, each instance keeps limiting on its own counters.
+#[test]
+fn shared_rates_fall_back_to_local_limits_when_redis_is_down() {
+    let mock = spawn_mock(&[]);
+    let gw = spawn_gateway(&format!(
+        "listen: \"{{listen}}\"\nbackends: [{{url: \"http://{}\"}}]\n\
+         rate_limit:\n  global: {{requests_per_minute: 3}}\n  storage: redis\n  \
+         redis: {{url: \"redis://127.0.0.1:{}/\"}}\n",
+        mock.addr,
+        free_port()
+    ));
+    let body = json!({"model": "mock-model", "messages": []});
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| post_json(gw.addr, "/v1/chat/completions", &body, &[]).status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 429]);
+}

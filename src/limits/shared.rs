@@ -115,13 +115,26 @@ impl Future for TakeFuture {
 fn serve(client: &redis::Client, jobs: &Receiver<Job>) {
     let script = redis::Script::new(SCRIPT);
     let mut conn: Option<redis::Connection> = None;
+    // Logged once per outage per thread, not once per request.
+    let mut down = false;
     for job in jobs {
-        let answer = run(client, &mut conn, &script, &job.scopes);
-        let answer = answer.unwrap_or_else(|e| {
-            conn = None;
-            tracing::warn!("redis rate limit unavailable, using local limits: {e}");
-            Remote::Unavailable
-        });
+        let answer = match run(client, &mut conn, &script, &job.scopes) {
+            Ok(a) => {
+                if down {
+                    tracing::info!("redis rate limit available again");
+                }
+                down = false;
+                a
+            }
+            Err(e) => {
+                conn = None;
+                if !down {
+                    tracing::warn!("redis rate limit unavailable, using local limits: {e}");
+                }
+                down = true;
+                Remote::Unavailable
+            }
+        };
         let waker = {
             let mut state = job.reply.state.lock().unwrap_or_else(|e| e.into_inner());
             state.0 = Some(answer);
