@@ -30,6 +30,8 @@ const STALLED: Duration = Duration::from_secs(3);
 const MAX_ENTRIES: usize = 100_000;
 
 pub struct Job {
+    /// Where the answer is cached: the key, plus the client IP when a provider decides per IP.
+    pub slot: String,
     pub key: String,
     pub ip: String,
     pub method: String,
@@ -79,7 +81,7 @@ impl Cache {
         }
     }
 
-    /// Called by a look-up thread with the pipeline's answer (or its failure).
+    /// Called by a look-up thread with the pipeline's answer (or its failure) for `key` (a slot).
     pub fn complete(&self, key: &str, result: Result<Found, String>) {
         let now = Instant::now();
         let mut map = self.lock();
@@ -149,7 +151,7 @@ impl Future for Resolve<'_> {
         let key = this
             .job
             .as_ref()
-            .map_or(this.key.as_str(), |j| j.key.as_str());
+            .map_or(this.key.as_str(), |j| j.slot.as_str());
         let now = Instant::now();
         let mut map = this.cache.lock();
         let stale = match map.get_mut(key) {
@@ -182,23 +184,23 @@ impl Future for Resolve<'_> {
         let mut waiters = vec![cx.waker().clone()];
         if let Some(Slot::Pending {
             waiters: earlier, ..
-        }) = map.remove(&job.key)
+        }) = map.remove(&job.slot)
         {
             waiters.extend(earlier);
         }
         map.insert(
-            job.key.clone(),
+            job.slot.clone(),
             Slot::Pending {
                 waiters,
                 stale,
                 started: now,
             },
         );
-        this.key = job.key.clone();
+        this.key = job.slot.clone();
         drop(map);
         if let Err(e) = this.jobs.send(job) {
             this.cache
-                .complete(&e.0.key, Err("look-up threads are gone".into()));
+                .complete(&e.0.slot, Err("look-up threads are gone".into()));
         }
         Poll::Pending
     }

@@ -77,6 +77,8 @@ pub struct Auth {
     header_names: Vec<Vec<u8>>,
     /// Only the static list: answered on the worker, no cache, no threads.
     static_only: bool,
+    /// The pipeline has a webhook: cache answers per (key, client IP).
+    per_ip: bool,
     /// Dropped before the quota store, so the look-up threads end first.
     jobs: Option<Sender<Job>>,
     store: QuotaStore,
@@ -148,6 +150,10 @@ impl Auth {
                 .map(|h| h.as_bytes().to_vec())
                 .collect(),
             static_only,
+            per_ip: auth
+                .pipeline
+                .iter()
+                .any(|p| matches!(p, ProviderConfig::Webhook { .. })),
             jobs,
             store,
         })))
@@ -206,6 +212,12 @@ impl Auth {
             .as_ref()
             .expect("look-up threads run unless static_only");
         let job = Job {
+            // A webhook may decide on the address too, so its answers are cached per address.
+            slot: if self.per_ip {
+                format!("{key}\0{}", caller.ip_text)
+            } else {
+                key.to_string()
+            },
             key: key.to_string(),
             ip: caller.ip_text.to_string(),
             method: String::from_utf8_lossy(caller.method).into_owned(),
@@ -404,7 +416,7 @@ fn lookup_loop(shared: &Shared, jobs: &Receiver<Job>) {
             conns = providers::Conns::default();
             Err("provider look-up panicked".to_string())
         });
-        shared.cache.complete(&job.key, result);
+        shared.cache.complete(&job.slot, result);
     }
 }
 
