@@ -181,3 +181,40 @@ fn shared_rates_fall_back_to_local_limits_when_redis_is_down() {
         .collect();
     assert_eq!(statuses, [200, 200, 200, 429]);
 }
+
+/// Concurrency shared through Redis leases: slots held on one instance count on the other, and
+/// come back when the streams end.
+#[test]
+fn two_instances_share_concurrency_slots_through_redis() {
+    let mock = spawn_mock(&[]);
+    let prefix = format!("llmproxy-test-{}-{}:", std::process::id(), free_port());
+    let config = format!(
+        "listen: \"{{listen}}\"\nbackends: [{{url: \"http://{}\"}}]\n\
+         rate_limit:\n  global: {{max_concurrent: 2}}\n  storage: redis\n  \
+         redis: {{url: \"redis://127.0.0.1:6379/\", prefix: \"{prefix}\"}}\n",
+        mock.addr
+    );
+    let (a, b) = (spawn_gateway(&config), spawn_gateway(&config));
+    let slow = json!({"model": "mock-model", "messages": []}).to_string();
+    let hold = |gw: std::net::SocketAddr| {
+        let mut s = TcpStream::connect(gw).unwrap();
+        s.write_all(&raw_request(
+            "POST",
+            "/v1/chat/completions",
+            slow.as_bytes(),
+            &[("x-mock-delay-ms", "1500")],
+        ))
+        .unwrap();
+        s
+    };
+    let held = [hold(a.addr), hold(a.addr)];
+    std::thread::sleep(Duration::from_millis(300));
+    let body = json!({"model": "mock-model", "messages": []});
+    let r = post_json(b.addr, "/v1/chat/completions", &body, &[]);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    drop(held);
+    assert!(wait_until(Duration::from_secs(5), || {
+        post_json(b.addr, "/v1/chat/completions", &body, &[]).status == 200
+    }));
+}

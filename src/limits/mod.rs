@@ -17,8 +17,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::config::LimitSpec;
-pub use shared::RedisRates;
 use shared::Remote;
+pub use shared::{Lease, RedisRates};
 
 mod shared;
 
@@ -228,9 +228,11 @@ impl LimitSet {
 }
 
 /// Concurrency slots held by one request; returned on drop, whatever ended the request.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Permit {
     held: Vec<Arc<LimitSet>>,
+    /// The same slots in Redis, when they are shared across instances.
+    lease: Option<Lease>,
 }
 
 impl Drop for Permit {
@@ -261,7 +263,6 @@ pub struct Limited {
 }
 
 /// An admitted request: hold `permit` for the whole exchange, send `headers` with the response.
-#[derive(Debug)]
 pub struct Admitted {
     pub permit: Permit,
     pub headers: String,
@@ -273,7 +274,7 @@ pub struct Admitted {
 pub async fn admit(
     scopes: &[&Arc<LimitSet>],
     queue_timeout: Option<Duration>,
-    shared: Option<&RedisRates>,
+    shared: Option<&Arc<RedisRates>>,
 ) -> Result<Admitted, Limited> {
     let deadline = queue_timeout.map(|t| Instant::now() + t);
     loop {
@@ -324,9 +325,28 @@ fn refuse(
 
 async fn try_admit(
     scopes: &[&Arc<LimitSet>],
-    shared: Option<&RedisRates>,
+    shared: Option<&Arc<RedisRates>>,
 ) -> Result<Admitted, Refused> {
-    let permit = take_capacity(scopes)?;
+    let mut permit = take_capacity(scopes)?;
+    let slot_scopes: Vec<(&str, u32)> = scopes
+        .iter()
+        .filter_map(|s| Some((s.id.as_str(), s.slots.as_ref()?.max)))
+        .collect();
+    if let Some(r) = shared.filter(|_| !slot_scopes.is_empty()) {
+        // Unavailable Redis leaves the local slots as the only cap.
+        match r.acquire(&slot_scopes).await {
+            Ok(lease) => permit.lease = lease,
+            // Another instance holds the slots: retried (queueing) every 100 ms.
+            Err(()) => {
+                return Err(refuse(
+                    scopes,
+                    LimitKind::Concurrency,
+                    Duration::from_millis(100),
+                    None,
+                ))
+            }
+        }
+    }
     let remote_scopes: Vec<(&str, u64)> = scopes
         .iter()
         .filter_map(|s| Some((s.id.as_str(), s.requests.as_ref()?.limit)))

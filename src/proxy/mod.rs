@@ -787,7 +787,7 @@ async fn admit(ctx: &Context, gen: &Generation, c: &Client) -> Result<Admission,
         });
     }
     let queue = gen.config.rate_limit.queue_timeout;
-    let admitted = limits::admit(&scopes, queue, ctx.shared_rates.as_deref())
+    let admitted = limits::admit(&scopes, queue, ctx.shared_rates.as_ref())
         .await
         .map_err(GatewayError::RateLimited)?;
     Ok(Admission {
