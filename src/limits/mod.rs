@@ -6,6 +6,9 @@
 //! whose [`Permit`] gives the slot back on drop, on every exit path. Nothing here blocks: a
 //! request that waits (`rate_limit.queue_timeout`) awaits a timer or a slot-free wake-up.
 //!
+//! With `rate_limit.storage: redis`, request rates and concurrency are also shared by every
+//! instance ([`shared`]); token rates stay per process.
+//!
 //! It must not know about keys, HTTP or configuration files beyond [`LimitSpec`].
 
 use std::fmt::Write as _;
