@@ -5,7 +5,9 @@
 
 use std::borrow::Cow;
 
+use crate::config::Denial;
 use crate::http::{self, RequestError, UpstreamError};
+use crate::limits::{LimitKind, Limited};
 
 #[derive(Debug)]
 pub enum GatewayError {
@@ -31,6 +33,18 @@ pub enum GatewayError {
     /// The backend closed or reset before sending a response head.
     UpstreamClosed,
     UpstreamProtocol(UpstreamError),
+    /// The client's key is missing, unknown or may not make this request (`auth.status_codes`).
+    Denied {
+        denial: Denial,
+        status: u16,
+        message: String,
+    },
+    /// An auth provider could not answer and nothing usable was cached: not the client's fault.
+    AuthUnavailable,
+    /// The Lua policy failed (error, instruction budget, memory cap): refused, server's fault.
+    PolicyFailed,
+    /// A rate or concurrency limit (`rate_limit`) refused the request.
+    RateLimited(Limited),
 }
 
 impl From<RequestError> for GatewayError {
@@ -55,11 +69,28 @@ impl GatewayError {
             GatewayError::UpstreamConnect
             | GatewayError::UpstreamClosed
             | GatewayError::UpstreamProtocol(_) => 502,
+            GatewayError::Denied { status, .. } => *status,
+            GatewayError::RateLimited(_) => 429,
+            GatewayError::AuthUnavailable => 503,
+            GatewayError::PolicyFailed => 500,
         }
     }
 
-    /// OpenAI's `type` field: client mistakes vs. server-side failures.
+    /// OpenAI's `type` field: client mistakes vs. server-side failures; limits use OpenAI's own.
     pub fn kind(&self) -> &'static str {
+        match self {
+            GatewayError::Denied {
+                denial: Denial::QuotaExceeded,
+                ..
+            } => return "insufficient_quota",
+            GatewayError::RateLimited(l) => {
+                return match l.kind {
+                    LimitKind::Tokens => "tokens",
+                    LimitKind::Requests | LimitKind::Concurrency => "requests",
+                }
+            }
+            _ => {}
+        }
         if self.status() < 500 {
             "invalid_request_error"
         } else {
@@ -85,6 +116,18 @@ impl GatewayError {
             GatewayError::UpstreamStatus(_) => "upstream_error",
             GatewayError::UpstreamClosed => "upstream_closed",
             GatewayError::UpstreamProtocol(_) => "bad_upstream_response",
+            // The codes OpenAI's SDKs and clients classify.
+            GatewayError::Denied { denial, .. } => match denial {
+                Denial::MissingKey | Denial::InvalidKey | Denial::Expired => "invalid_api_key",
+                Denial::Disabled => "api_key_disabled",
+                Denial::QuotaExceeded => "insufficient_quota",
+                Denial::IpNotAllowed => "ip_not_allowed",
+                Denial::ModelNotAllowed => "model_not_allowed",
+                Denial::Policy => "access_denied",
+            },
+            GatewayError::RateLimited(_) => "rate_limit_exceeded",
+            GatewayError::AuthUnavailable => "auth_unavailable",
+            GatewayError::PolicyFailed => "auth_policy_error",
         }
     }
 
@@ -120,6 +163,22 @@ impl GatewayError {
             GatewayError::UpstreamProtocol(e) => {
                 Cow::Owned(format!("The backend sent an invalid response ({e:?})."))
             }
+            GatewayError::Denied { message, .. } => Cow::Owned(message.clone()),
+            GatewayError::PolicyFailed => {
+                "The gateway's access policy failed on this request.".into()
+            }
+            GatewayError::AuthUnavailable => {
+                "The API key could not be checked right now; please retry.".into()
+            }
+            GatewayError::RateLimited(l) => Cow::Owned(format!(
+                "Rate limit reached ({}). Please try again in {}ms.",
+                match l.kind {
+                    LimitKind::Requests => "requests per minute",
+                    LimitKind::Tokens => "tokens per minute",
+                    LimitKind::Concurrency => "concurrent requests",
+                },
+                l.retry_after.as_millis().max(1)
+            )),
         }
     }
 
@@ -155,17 +214,27 @@ pub fn write_error(out: &mut Vec<u8>, err: &GatewayError, request_id: &[u8], kee
     })
     .to_string();
     let keep_alive = keep_alive && !err.closes_connection();
-    let mut headers: [(&[u8], &[u8]); 1] = [(b"X-Request-Id", request_id)];
-    let extra: &[(&[u8], &[u8])] = if request_id.is_empty() {
-        &[]
-    } else {
-        &mut headers[..]
-    };
+    let mut extra: Vec<(&[u8], &[u8])> = Vec::new();
+    if !request_id.is_empty() {
+        extra.push((b"X-Request-Id", request_id));
+    }
+    let retry_after;
+    if let GatewayError::RateLimited(l) = err {
+        // Whole seconds, rounded up: a client that waits exactly this long gets in.
+        retry_after = l.retry_after.as_millis().div_ceil(1000).max(1).to_string();
+        extra.push((b"Retry-After", retry_after.as_bytes()));
+        extra.extend(
+            l.headers
+                .split("\r\n")
+                .filter_map(|line| line.split_once(": "))
+                .map(|(n, v)| (n.as_bytes(), v.as_bytes())),
+        );
+    }
     http::write_response(
         out,
         err.status(),
         b"application/json",
-        extra,
+        &extra,
         body.as_bytes(),
         keep_alive,
     );

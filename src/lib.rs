@@ -3,13 +3,16 @@
 //! A request moves through named phases, each owned by one module, and data flows one way:
 //! `server` (runtimes, listeners, lifecycle) accepts connections; `http` parses the wire format;
 //! `proxy` reads, routes and relays each request; `upstream` picks backends and owns their
-//! connections; errors decided anywhere are rendered by `error`. `config` loads and validates the
+//! connections; errors decided anywhere are rendered by `error`. `auth` decides who is calling
+//! and may they (keys, providers, quota); `limits` counts rates and concurrency. `config` loads and validates the
 //! configuration and `live` holds its running generation (hot reload); `metrics` keeps
 //! per-worker counters for Prometheus; `logging` writes log lines off the workers; `mock` is the OpenAI-compatible simulator used by tests, the demo and benchmarks.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod limits;
 pub mod live;
 pub mod logging;
 pub mod metrics;

@@ -9,6 +9,7 @@
 //! Pipeline: env substitution on raw text -> generic tree -> [`schema`] key check (all problems
 //! collected) -> serde into `Raw*` structs (type errors carry the key path) -> validation.
 
+mod auth;
 mod env;
 mod routing;
 mod schema;
@@ -26,6 +27,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+pub use auth::{
+    days_from_civil, mask, parse_net, parse_time, year_month, ApiKeyConfig, AuthConfig,
+    CacheConfig, DbDriver, Denial, DenialResponse, KeyStatus, LimitSpec, LuaConfig, PipelineMode,
+    ProviderConfig, QuotaPeriod, RateLimitConfig, Secret, SharedLimits,
+};
 use units::{DurationValue, SizeValue};
 
 /// The built-in demo config: one local backend on 127.0.0.1:8001.
@@ -82,6 +88,11 @@ pub struct Config {
     /// Public model name -> the name the backends serve (rewritten in the request body).
     pub model_aliases: Vec<(String, String)>,
     pub log: LogConfig,
+    /// `None` when there is no `auth` section or it says `enabled: false`.
+    pub auth: Option<AuthConfig>,
+    /// The static key list (`auth.storage: "file"`).
+    pub api_keys: Vec<ApiKeyConfig>,
+    pub rate_limit: RateLimitConfig,
     pub metrics: MetricsConfig,
     pub admin: AdminConfig,
     pub usage_hook: UsageHook,
@@ -144,14 +155,6 @@ pub struct Database {
     pub table: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DbDriver {
-    Sqlite,
-    Postgres,
-    Mysql,
-}
-
 /// Client- and upstream-side timeouts (key `timeouts`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
@@ -196,6 +199,8 @@ pub struct Backend {
     pub host_header: String,
     /// Prepended to request paths: "" or e.g. "/openai" (never a trailing slash).
     pub path_prefix: String,
+    /// The backend's own key, sent upstream as `Authorization: Bearer` (never the client's).
+    pub api_key: Option<Secret>,
     /// Models this backend serves; empty means any.
     pub models: Vec<String>,
     /// Extra headers sent with every request to this backend.
@@ -393,6 +398,9 @@ struct RawConfig {
     retry: routing::RawRetry,
     model_aliases: BTreeMap<String, String>,
     log: RawLog,
+    auth: Option<auth::RawAuth>,
+    api_keys: Vec<auth::RawApiKey>,
+    rate_limit: auth::RawRateLimit,
     metrics: RawMetrics,
     admin: RawAdmin,
     usage_hook: RawUsageHook,
@@ -417,6 +425,9 @@ impl Default for RawConfig {
             retry: routing::RawRetry::default(),
             model_aliases: BTreeMap::new(),
             log: RawLog::default(),
+            auth: None,
+            api_keys: Vec::new(),
+            rate_limit: auth::RawRateLimit::default(),
             metrics: RawMetrics::default(),
             admin: RawAdmin::default(),
             usage_hook: RawUsageHook::default(),
@@ -473,6 +484,8 @@ struct RawBackend {
     url: String,
     #[serde(default = "default_weight")]
     weight: u32,
+    #[serde(default)]
+    api_key: Option<String>,
     #[serde(default)]
     models: Vec<String>,
     #[serde(default)]
@@ -781,6 +794,7 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
                 port: target.port,
                 host_header: target.host_header,
                 path_prefix: target.path_prefix,
+                api_key: backend.api_key.filter(|k| !k.is_empty()).map(Secret),
                 models: backend.models,
                 headers: backend.headers.into_iter().collect(),
                 max_in_flight: backend.max_in_flight.filter(|&n| n > 0),
@@ -817,6 +831,7 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
     let routing = routing::routing(raw.load_balance, raw.routing, &mut report);
     let health_check = routing::health_check(raw.health_check);
     let retry = routing::retry(raw.retry, &mut report);
+    let (auth, api_keys, rate_limit) = auth::build(raw.auth, raw.api_keys, raw.rate_limit, issues);
     if !issues.is_empty() {
         return None;
     }
@@ -878,6 +893,9 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             channel_capacity: hook.channel_capacity,
             reporters,
         },
+        auth,
+        api_keys,
+        rate_limit,
     })
 }
 
@@ -1143,10 +1161,10 @@ weight = 3
     fn toml_gets_the_same_checks() {
         let toml = |text: &str| parse_with_env(text, Format::Toml, |_| None);
         assert!(toml(&format!("{SEED_TOML}\n[rate_limit]\nenabled = false\n")).is_ok());
-        let error = toml(&format!("{SEED_TOML}\n[rate_limit]\nenabled = true\n"));
+        let error = toml(&format!("{SEED_TOML}\n[rate_limit]\nenabld = true\n"));
         let error = error.unwrap_err().to_string();
         assert!(
-            error.starts_with("rate_limit: not supported yet"),
+            error.starts_with("rate_limit.enabld: unknown key; did you mean `enabled`?"),
             "{error}"
         );
         let error = toml("[[backends]]\nurl = \"http://b\"\nweight = \"x\"\n");
@@ -1190,9 +1208,14 @@ weight = 3
 
     #[test]
     fn example_files_parse_and_document_every_key() {
-        let full_yaml = yaml(&example("llmproxy.yaml")).unwrap();
-        let full_toml = parse_with_env(&example("llmproxy.toml"), Format::Toml, |_| None).unwrap();
+        let mut full_yaml = yaml(&example("llmproxy.yaml")).unwrap();
+        let mut full_toml =
+            parse_with_env(&example("llmproxy.toml"), Format::Toml, |_| None).unwrap();
         assert_eq!(full_yaml, full_toml);
+        // The sample key documents its fields; no key list is the default.
+        assert_eq!(full_yaml.api_keys.len(), 1);
+        full_yaml.api_keys.clear();
+        full_toml.api_keys.clear();
         // "set to its default": same as a config naming only the backend.
         // Except the example reporters, which are disabled (left out).
         assert_eq!(
@@ -1208,7 +1231,7 @@ weight = 3
             let mut paths = Vec::new();
             tree_paths(&tree, "", &mut paths);
             paths.sort();
-            // Both example reporters document their shared keys.
+            // Items of one list (usage_hook.reporters, auth.pipeline) share keys.
             paths.dedup();
             assert_eq!(paths, known);
         }
@@ -1290,18 +1313,6 @@ weight = 3
         let error = yaml_err("# ${IGNORED}\nbackends:\n  - url: ${UPSTREAM_URL}\n");
         assert!(
             error.starts_with("line 3: environment variable `UPSTREAM_URL` is not set"),
-            "{error}"
-        );
-    }
-
-    #[test]
-    fn unsupported_keys_name_their_path() {
-        let error = yaml_err("backends: [{url: 'http://vllm:8000'}]\nauth:\n  enabled: true\n");
-        assert!(error.starts_with("auth: not supported yet"), "{error}");
-
-        let error = yaml_err("backends: [{url: 'http://b'}, {url: 'http://c', api_key: a}]");
-        assert!(
-            error.starts_with("backends[1].api_key: not supported yet"),
             "{error}"
         );
     }
@@ -1447,7 +1458,7 @@ health_check:
     #[test]
     fn every_problem_is_reported_together() {
         let error = yaml(
-            "listne: 1\nauth: {enabled: true}\nlisten: 'nowhere'\nbackends:\n  \
+            "listne: 1\nusage_hook: {enabld: true}\nlisten: 'nowhere'\nbackends:\n  \
              - url: 'https://a'\n  - url: 'http://b'\n    weight: 0\n",
         )
         .unwrap_err();
@@ -1455,7 +1466,7 @@ health_check:
         assert_eq!(lines.len(), 5, "{lines:#?}");
         let starts = [
             "listne: unknown key",
-            "auth: not supported yet",
+            "usage_hook.enabld: unknown key",
             "listen: invalid address",
         ];
         for start in starts {

@@ -49,6 +49,7 @@ pub(super) const ROOT: Shape = Fields(&[
         List(&Fields(&[
             ("url", Leaf),
             ("weight", Leaf),
+            ("api_key", Leaf),
             ("models", Leaf),
             ("headers", Leaf),
             ("max_in_flight", Leaf),
@@ -127,17 +128,94 @@ pub(super) const ROOT: Shape = Fields(&[
             ),
         ]),
     ),
+    (
+        "auth",
+        Fields(&[
+            ("enabled", Leaf),
+            ("storage", Leaf),
+            ("header_names", Leaf),
+            (
+                "status_codes",
+                Fields(&[
+                    ("missing_key", DENIAL),
+                    ("invalid_key", DENIAL),
+                    ("disabled", DENIAL),
+                    ("expired", DENIAL),
+                    ("quota_exceeded", DENIAL),
+                    ("ip_not_allowed", DENIAL),
+                    ("model_not_allowed", DENIAL),
+                    ("policy", DENIAL),
+                ]),
+            ),
+            ("quota_path", Leaf),
+            ("quota_period", Leaf),
+            ("mode", Leaf),
+            (
+                "pipeline",
+                List(&Fields(&[
+                    ("type", Leaf),
+                    ("name", Leaf),
+                    ("enabled", Leaf),
+                    ("url", Leaf),
+                    ("key_pattern", Leaf),
+                    ("driver", Leaf),
+                    ("dsn", Leaf),
+                    ("table", Leaf),
+                    ("columns", Leaf),
+                    ("timeout", Leaf),
+                    ("script", Leaf),
+                    ("file", Leaf),
+                    ("max_instructions", Leaf),
+                    ("max_memory", Leaf),
+                ])),
+            ),
+            (
+                "cache",
+                Fields(&[
+                    ("ttl", Leaf),
+                    ("negative_ttl", Leaf),
+                    ("stale_if_error", Leaf),
+                ]),
+            ),
+            ("lookup_threads", Leaf),
+        ]),
+    ),
+    (
+        "api_keys",
+        List(&Fields(&[
+            ("key", Leaf),
+            ("name", Leaf),
+            ("user_id", Leaf),
+            ("status", Leaf),
+            ("total_quota", Leaf),
+            ("allowed_ips", Leaf),
+            ("allowed_models", Leaf),
+            ("expires_at", Leaf),
+            ("rate_limit", LIMITS),
+        ])),
+    ),
+    (
+        "rate_limit",
+        Fields(&[
+            ("enabled", Leaf),
+            ("per_key", LIMITS),
+            ("global", LIMITS),
+            ("queue_timeout", Leaf),
+            ("storage", Leaf),
+            ("redis", Fields(&[("url", Leaf), ("prefix", Leaf)])),
+        ]),
+    ),
 ]);
 
-/// Keys from the seed README or the roadmap that the gateway does not act on yet: (path, what it
-/// would do). Loading them must fail rather than silently ignore, say, `auth`. When a key gets
-/// implemented, delete its line here and add it to [`ROOT`]. `[]` stands for any list index.
-pub(super) const NOT_SUPPORTED: &[(&str, &str)] = &[
-    ("auth", "client authentication"),
-    ("api_keys", "client API keys"),
-    ("rate_limit", "rate limiting"),
-    ("backends[].api_key", "per-backend API keys"),
-];
+/// One `auth.status_codes` entry.
+const DENIAL: Shape = Fields(&[("status", Leaf), ("message", Leaf)]);
+
+/// A `rate_limit` scope.
+const LIMITS: Shape = Fields(&[
+    ("requests_per_minute", Leaf),
+    ("tokens_per_minute", Leaf),
+    ("max_concurrent", Leaf),
+]);
 
 /// Checks every key of `root` against [`ROOT`], pushing one issue per problem. Removes the keys it
 /// reported or accepted without meaning (`null`, disabled unsupported blocks) so typed
@@ -150,7 +228,7 @@ pub(super) fn check(root: &mut Map<String, Value>, issues: &mut Vec<Issue>) {
 }
 
 /// `path` is the real location (`backends[1]`), `pattern` the same with indices erased
-/// (`backends[]`) for looking up [`NOT_SUPPORTED`].
+/// (`backends[]`).
 fn check_map(
     fields: &[(&str, Shape)],
     map: &mut Map<String, Value>,
@@ -171,20 +249,11 @@ fn check_map(
             check_value(shape, value, &at, &key_pattern, issues);
             continue;
         }
-        if let Some((_, note)) = NOT_SUPPORTED.iter().find(|(p, _)| *p == key_pattern) {
-            if !is_disabled(value) {
-                issues.push(Issue::new(
-                    &at,
-                    format!("not supported yet ({note}); remove it or set `enabled: false`"),
-                ));
-            }
-        } else {
-            let message = match suggest(&key, fields, pattern) {
-                Some(known) => format!("unknown key; did you mean `{known}`?"),
-                None => "unknown key".to_string(),
-            };
-            issues.push(Issue::new(&at, message));
-        }
+        let message = match suggest(&key, fields) {
+            Some(known) => format!("unknown key; did you mean `{known}`?"),
+            None => "unknown key".to_string(),
+        };
+        issues.push(Issue::new(&at, message));
         map.remove(&key);
     }
 }
@@ -217,26 +286,11 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-/// A block with `enabled: false` asks for nothing, so an unsupported feature switched off is fine.
-fn is_disabled(value: &Value) -> bool {
-    value.get("enabled") == Some(&Value::Bool(false))
-}
-
-/// The known or not-yet-supported key at this level closest to `key`, if it is a likely typo.
-fn suggest<'a>(key: &str, fields: &'a [(&'a str, Shape)], pattern: &str) -> Option<&'a str> {
-    let prefix = if pattern.is_empty() {
-        String::new()
-    } else {
-        format!("{pattern}.")
-    };
-    let unsupported = NOT_SUPPORTED.iter().filter_map(|(p, _)| {
-        p.strip_prefix(prefix.as_str())
-            .filter(|rest| !rest.contains(['.', '[']))
-    });
+/// The known key at this level closest to `key`, if it is a likely typo.
+fn suggest<'a>(key: &str, fields: &'a [(&'a str, Shape)]) -> Option<&'a str> {
     fields
         .iter()
         .map(|(name, _)| *name)
-        .chain(unsupported)
         .map(|name| (edit_distance(&key.to_ascii_lowercase(), name), name))
         .filter(|(distance, _)| *distance <= 2)
         .min_by_key(|(distance, _)| *distance)
@@ -298,18 +352,5 @@ mod tests {
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(edit_distance("backend", "backends"), 1);
         assert_eq!(edit_distance("zzz", "log"), 3);
-    }
-
-    #[test]
-    fn not_supported_paths_are_not_also_supported() {
-        let known = known_paths();
-        for (path, _) in NOT_SUPPORTED {
-            assert!(
-                !known
-                    .iter()
-                    .any(|k| k == path || k.starts_with(&format!("{path}."))),
-                "{path} is in both ROOT and NOT_SUPPORTED"
-            );
-        }
     }
 }

@@ -1,5 +1,6 @@
 //! The request head sent upstream: the client's method, target and end-to-end headers, minus
-//! hop-by-hop ones, plus the gateway's own `Host`, `X-Forwarded-For`, `X-Request-Id` and framing.
+//! hop-by-hop ones and the client's credentials, plus the gateway's own `Host`, `X-Forwarded-For`,
+//! `X-Request-Id`, framing and the backend's own key.
 
 use crate::http::{has_token, is_hop_by_hop, push_decimal, push_header, RequestHead};
 use crate::upstream::Backend;
@@ -16,6 +17,14 @@ fn replaced_by_gateway(name: &[u8]) -> bool {
     OWN.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// Who the request came from, as far as the upstream head cares.
+pub struct Origin<'a> {
+    pub client_ip: &'a str,
+    pub request_id: &'a [u8],
+    /// Lowercased header names carrying the client's gateway key (empty when auth is off).
+    pub credentials: &'a [Vec<u8>],
+}
+
 /// Writes the upstream request head (through the blank line) into `out`, cleared first.
 /// `body_len` is the exact body that follows; the gateway always sends a known length upstream.
 pub fn write_upstream_head(
@@ -23,10 +32,14 @@ pub fn write_upstream_head(
     buf: &[u8],
     head: &RequestHead,
     backend: &Backend,
-    client_ip: &str,
-    request_id: &[u8],
+    origin: Origin<'_>,
     body_len: u64,
 ) {
+    let Origin {
+        client_ip,
+        request_id,
+        credentials,
+    } = origin;
     let connection_tokens = head.header(buf, b"connection").unwrap_or(b"");
     out.clear();
     out.extend_from_slice(head.method.of(buf));
@@ -48,10 +61,24 @@ pub fn write_upstream_head(
     out.extend_from_slice(client_ip.as_bytes());
     out.extend_from_slice(b"\r\n");
     push_header(out, b"X-Request-Id", request_id);
+    if let Some(auth) = &backend.authorization {
+        push_header(out, b"Authorization", auth.0.as_bytes());
+    }
 
+    // With gateway auth on, the client's key is ours, never the backend's; a backend key
+    // replaces any client `Authorization`.
+    let strip_credentials = !credentials.is_empty();
+    let strip_authorization = strip_credentials || backend.authorization.is_some();
     for (n, v) in &head.headers {
         let name = n.of(buf);
         if is_hop_by_hop(name) || replaced_by_gateway(name) || has_token(connection_tokens, name) {
+            continue;
+        }
+        if (strip_authorization && name.eq_ignore_ascii_case(b"authorization"))
+            || (strip_credentials
+                && (name.eq_ignore_ascii_case(b"x-api-key")
+                    || credentials.iter().any(|c| name.eq_ignore_ascii_case(c))))
+        {
             continue;
         }
         push_header(out, name, v.of(buf));

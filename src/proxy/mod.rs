@@ -3,8 +3,10 @@
 //!
 //! 1. **read**: read and validate the request head ([`read_head`]);
 //! 2. **route**: `/health` and the metrics path are answered here, `/v1/*` is proxied, anything
-//!    else is a 404;
+//!    else is a 404; **admit**: who is calling (key, status, IP) and may they start a request
+//!    now (rates, concurrency; the permit is held to the end of the exchange) ([`admit`]);
 //! 3. **body**: read the request body, bounded by `max_request_body` ([`read_body`]);
+//!    **authorize**: once the body names the model: model allowed, quota left, Lua policy;
 //! 4. **pick**: choose a backend ([`crate::upstream`]);
 //! 5. **relay**: send the request and stream the response back ([`relay::exchange`]);
 //! 6. **finish**: account for the request ([`account`]: metrics, access log, usage event), then
@@ -24,7 +26,7 @@ mod relay;
 use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasher, Hasher};
 use std::mem;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,10 +40,12 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
+use crate::auth::{Auth, KeyEntry};
 use crate::config::Affinity;
 use crate::config::Config;
 use crate::error::{write_error, GatewayError};
 use crate::http::{self, ChunkedDecoder, Framing, RequestError, RequestHead};
+use crate::limits::{self, LimitSet, Permit};
 use crate::live::{Live, Snapshot};
 use crate::metrics::{self, Registry, Rejection, UpstreamErrorKind, WorkerMetrics};
 use crate::upstream::{InFlight, PickError, PickRequest, WorkerUpstreams};
@@ -65,6 +69,14 @@ pub struct Context {
     pub usage: Option<UsageSender>,
     /// Ask streaming backends for usage on the client's behalf (`usage_hook.inject_stream_usage`).
     pub inject_stream_usage: bool,
+    /// Present when `auth` is enabled; shared by all workers. Built at start (not reloaded).
+    pub auth: Option<Arc<Auth>>,
+    /// This worker's Lua policy state (a Lua state is not `Send`).
+    pub lua: Option<crate::auth::LuaPolicy>,
+    /// Request rates kept in Redis (`rate_limit.storage: redis`), shared by all instances.
+    pub shared_rates: Option<Arc<crate::limits::RedisRates>>,
+    /// `rate_limit.global`, shared by all workers; `None` when it sets no limit.
+    pub global_limits: Option<Arc<LimitSet>>,
     live: Arc<Live>,
     current: RefCell<Rc<Generation>>,
     registry: Arc<Registry>,
@@ -140,6 +152,10 @@ impl Context {
         Context {
             usage: None,
             inject_stream_usage: true,
+            auth: None,
+            lua: None,
+            shared_rates: None,
+            global_limits: None,
             live,
             current: RefCell::new(current),
             registry,
@@ -214,6 +230,7 @@ struct Client {
     out: Vec<u8>,
     resp_head: Vec<u8>,
     watch_buf: Vec<u8>,
+    peer: IpAddr,
     ip: String,
 }
 
@@ -234,6 +251,7 @@ pub async fn serve_connection(ctx: Rc<Context>, stream: TcpStream, peer: SocketA
         out: Vec::new(),
         resp_head: Vec::with_capacity(1024),
         watch_buf: Vec::with_capacity(WATCH_BUF),
+        peer: peer.ip().to_canonical(),
         ip: peer.ip().to_canonical().to_string(),
     };
     loop {
@@ -357,6 +375,7 @@ async fn handle_request(
         progress: Progress::default(),
         retries: 0,
         in_flight: None,
+        key: None,
     };
     let next = proxy_request(ctx, &gen, rd, wr, c, &request_id, keep_alive, &mut trace).await;
     let relayed = trace.body_read.is_some();
@@ -405,6 +424,8 @@ struct Trace {
     retries: u32,
     /// Keeps the chosen backend counted in flight until the request is accounted.
     in_flight: Option<InFlight>,
+    /// The authenticated key, for the usage event and the access log.
+    key: Option<Arc<KeyEntry>>,
 }
 /// Phases 2 to 5 for a request to be proxied; everything the account phase needs goes to `t`.
 #[allow(clippy::too_many_arguments)]
@@ -430,6 +451,23 @@ async fn proxy_request(
         return reject_unread_body(wr, c, &err, request_id, keep_alive, t).await;
     }
 
+    // Held until this function returns, whichever way: the concurrency slots go back then.
+    let admission = match admit(ctx, gen, c).await {
+        Ok(a) => a,
+        // The body is read anyway: closing on unread bytes resets the connection, and the
+        // client may lose the 401/429 with it; refused clients also retry on the same connection.
+        Err(e) => {
+            t.note_error(&e);
+            if let Err(read) = read_body(gen, rd, wr, c).await {
+                return respond_error(wr, &mut c.out, &read, request_id.as_bytes(), false).await;
+            }
+            let consumed = c.head.head_len;
+            c.buf.drain(..consumed);
+            return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await;
+        }
+    };
+    t.key = admission.key.clone();
+
     if path == b"/v1/models" && method == b"GET" {
         if let Some(json) = gen.upstreams.backends.models_json() {
             let keep = keep_alive && c.head.framing() == Framing::Empty;
@@ -449,6 +487,16 @@ async fn proxy_request(
     let started = Instant::now();
     t.body_read = Some(started);
     let mut info = inspect::inspect(&c.body).unwrap_or_default();
+    // Decided on the model the client asked for, before any alias rewrite.
+    if let (Some(auth), Some(key)) = (&ctx.auth, &admission.key) {
+        let decided = auth
+            .authorize(key, info.model(&c.body))
+            .and_then(|()| run_policy(ctx, c, key, info.model(&c.body)));
+        if let Err(e) = decided {
+            t.note_error(&e);
+            return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await;
+        }
+    }
     let alias = info
         .model(&c.body)
         .and_then(|m| gen.upstreams.backends.alias(m))
@@ -476,6 +524,7 @@ async fn proxy_request(
         keep_alive,
         strip_usage,
         started,
+        extra_headers: admission.headers.as_bytes(),
     };
     let attempted = relay_with_retries(ctx, gen, &mut watch, wr, c, &info, &plan).await;
     let client_still_there = match watch.finish().await {
@@ -556,6 +605,8 @@ struct Plan<'a> {
     keep_alive: bool,
     strip_usage: bool,
     started: Instant,
+    /// `x-ratelimit-*` lines for the client's response head.
+    extra_headers: &'a [u8],
 }
 
 /// The last attempt's outcome, and the backend it went to (still counted in flight).
@@ -626,8 +677,11 @@ where
             &c.buf,
             &c.head,
             backend,
-            &c.ip,
-            plan.request_id,
+            forward::Origin {
+                client_ip: &c.ip,
+                request_id: plan.request_id,
+                credentials: ctx.auth.as_ref().map_or(&[][..], |a| a.header_names()),
+            },
             c.body.len() as u64,
         );
         c.out.extend_from_slice(&c.body);
@@ -639,6 +693,7 @@ where
             request_id: plan.request_id,
             client_keep_alive: plan.keep_alive,
             strip_usage: plan.strip_usage,
+            extra_headers: plan.extra_headers,
             retry_status: if last { &[] } else { &retry.on_status },
             head_deadline: first_byte.into_iter().chain(deadline).min(),
             idle: timeouts.idle,
@@ -695,6 +750,93 @@ where
     }
 }
 
+/// A request let in: who it is (when auth is on) and what it holds.
+#[derive(Default)]
+struct Admission {
+    key: Option<Arc<KeyEntry>>,
+    /// Concurrency slots, given back on drop.
+    _permit: Permit,
+    /// `x-ratelimit-*` lines for the response head.
+    headers: String,
+}
+
+/// Admission, before the body is read: refusing here costs no upstream work. Free when auth is
+/// off and no global limit is set.
+async fn admit(ctx: &Context, gen: &Generation, c: &Client) -> Result<Admission, GatewayError> {
+    let key = match &ctx.auth {
+        Some(auth) => {
+            let caller = crate::auth::Caller {
+                ip: c.peer,
+                ip_text: &c.ip,
+                method: c.head.method.of(&c.buf),
+                path: c.head.path(&c.buf),
+            };
+            Some(
+                auth.identify(auth.extract_key(&c.head, &c.buf), &caller)
+                    .await?,
+            )
+        }
+        None => None,
+    };
+    let key_limits = key.as_ref().and_then(|k| k.live.limits.as_ref());
+    let scopes: Vec<&Arc<LimitSet>> = key_limits.into_iter().chain(&ctx.global_limits).collect();
+    if scopes.is_empty() {
+        return Ok(Admission {
+            key,
+            ..Admission::default()
+        });
+    }
+    let queue = gen.config.rate_limit.queue_timeout;
+    let admitted = limits::admit(&scopes, queue, ctx.shared_rates.as_ref())
+        .await
+        .map_err(GatewayError::RateLimited)?;
+    Ok(Admission {
+        key,
+        _permit: admitted.permit,
+        headers: admitted.headers,
+    })
+}
+
+/// The Lua stage of `authorize`, when configured.
+fn run_policy(
+    ctx: &Context,
+    c: &Client,
+    key: &KeyEntry,
+    model: Option<&str>,
+) -> Result<(), GatewayError> {
+    let Some(policy) = &ctx.lua else {
+        return Ok(());
+    };
+    fn text(b: &[u8]) -> &str {
+        std::str::from_utf8(b).unwrap_or("")
+    }
+    let req = crate::auth::LuaRequest {
+        api_key: &key.key_ref.api_key,
+        ip: &c.ip,
+        method: text(c.head.method.of(&c.buf)),
+        path: text(c.head.path(&c.buf)),
+        headers: c
+            .head
+            .headers
+            .iter()
+            .map(|(n, v)| (text(n.of(&c.buf)), text(v.of(&c.buf))))
+            .collect(),
+        model,
+    };
+    match policy.decide(&req, key) {
+        Ok(crate::auth::Verdict::Allow) => Ok(()),
+        Ok(crate::auth::Verdict::Deny { status, message }) => Err(GatewayError::Denied {
+            denial: crate::config::Denial::Policy,
+            status,
+            message,
+        }),
+        Err(e) => {
+            tracing::warn!(key = %key.key_ref.name, "lua policy failed: {e}");
+            Err(GatewayError::PolicyFailed)
+        }
+    }
+}
+
 /// Endpoints whose streams carry token usage (and may be asked for it).
 fn is_generation_endpoint(path: &[u8]) -> bool {
     path == b"/v1/chat/completions" || path == b"/v1/completions"
@@ -727,6 +869,17 @@ fn rejection(e: &GatewayError) -> Option<Rejection> {
         },
         GatewayError::NotFound { .. } | GatewayError::UnknownModel { .. } => Rejection::NotFound,
         GatewayError::NoBackend => Rejection::NoBackend,
+        GatewayError::Denied {
+            denial: crate::config::Denial::QuotaExceeded,
+            ..
+        } => Rejection::Quota,
+        GatewayError::Denied { .. }
+        | GatewayError::AuthUnavailable
+        | GatewayError::PolicyFailed => Rejection::Auth,
+        GatewayError::RateLimited(l) => match l.kind {
+            limits::LimitKind::Concurrency => Rejection::Concurrency,
+            limits::LimitKind::Requests | limits::LimitKind::Tokens => Rejection::Rate,
+        },
         _ => return None,
     })
 }
@@ -775,7 +928,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
         tracing::info!(
             target: "access",
             request_id = request_id.as_str(),
-            key = "-",
+            key = t.key.as_ref().map_or("-", |k| k.key_ref.name.as_str()),
             model = t.info.model(&c.body).unwrap_or("-"),
             path = metrics::PATHS[t.path],
             stream = t.info.stream,
@@ -808,7 +961,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
     usage.send(UsageEvent {
         request_id: request_id.as_str().to_owned(),
         started_at: SystemTime::now() - started.elapsed(),
-        key: None,
+        key: t.key.as_ref().map(|k| k.key_ref.clone()),
         model: info.model(&c.body).map(str::to_owned),
         endpoint: String::from_utf8_lossy(c.head.path(&c.buf)).into_owned(),
         is_stream: info.stream,

@@ -41,6 +41,8 @@ pub struct Exchange<'a> {
     pub client_keep_alive: bool,
     /// The gateway added `include_usage` to the request: keep the usage-only event from the client.
     pub strip_usage: bool,
+    /// Complete header lines added to the client's response head (`x-ratelimit-*`).
+    pub extra_headers: &'a [u8],
     /// Response statuses to hand back (as [`GatewayError::UpstreamStatus`]) instead of relaying,
     /// so the caller can retry elsewhere. Empty on the last attempt.
     pub retry_status: &'a [u16],
@@ -170,6 +172,7 @@ where
     let mut tracker = BodyTracker::new(head.framing);
     let client_reusable = ex.client_keep_alive && head.framing != Framing::UntilClose;
     http::push_header(resp_head, b"X-Request-Id", ex.request_id);
+    resp_head.extend_from_slice(ex.extra_headers);
     if !client_reusable {
         resp_head.extend_from_slice(b"Connection: close\r\n");
     }

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use monoio::net::{ListenerOpts, TcpListener};
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
+use crate::auth::Auth;
 use crate::config::{self, Config, IoDriver};
+use crate::limits::{LimitSet, RedisRates};
 use crate::live::{Live, Snapshot};
 use crate::logging::SetLogLevel;
 use crate::metrics::Registry;
@@ -63,6 +65,14 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
         reload: Mutex::new(reload),
     });
     let registry = Registry::new(config.workers);
+    // Built once from the start-up config; a reload does not change keys or limits.
+    let auth = Auth::new(&config)?;
+    let global = LimitSet::new(&config.rate_limit.global, "global".into());
+    let global_limits = (!global.is_empty()).then(|| Arc::new(global));
+    let shared_rates = match &config.rate_limit.redis {
+        Some(r) => Some(Arc::new(RedisRates::start(&r.url.0, &r.prefix, 4)?)),
+        None => None,
+    };
     let shutdown = control.shutdown.clone();
     install_signal_handler(control.clone())?;
     if config.admin.enabled {
@@ -87,7 +97,12 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
             registry.clone(),
             ready_tx.clone(),
         );
-        let usage = reporter.as_ref().map(Reporter::sender);
+        let shared = Shared {
+            auth: auth.clone(),
+            global_limits: global_limits.clone(),
+            shared_rates: shared_rates.clone(),
+            usage: reporter.as_ref().map(Reporter::sender),
+        };
         let handle = std::thread::Builder::new()
             .name(format!("llmproxy-w{worker}"))
             .spawn(move || {
@@ -95,7 +110,7 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
                     pin_to_cpu(worker);
                 }
                 let result = run_on_driver(config.io_driver, |driver| {
-                    worker_main(worker, driver, config, control, registry, usage, ready)
+                    worker_main(worker, driver, config, control, registry, shared, ready)
                 });
                 if let Err(e) = result {
                     tracing::error!(worker, "worker runtime failed: {e}");
@@ -173,13 +188,21 @@ where
     Ok(())
 }
 
+/// State built once and shared by every worker (auth keys, quota, global limits).
+struct Shared {
+    auth: Option<Arc<Auth>>,
+    global_limits: Option<Arc<LimitSet>>,
+    shared_rates: Option<Arc<RedisRates>>,
+    usage: Option<UsageSender>,
+}
+
 async fn worker_main(
     worker: usize,
     driver: &'static str,
     config: Arc<Config>,
     control: Arc<Control>,
     registry: Arc<Registry>,
-    usage: Option<UsageSender>,
+    shared: Shared,
     ready: mpsc::Sender<io::Result<&'static str>>,
 ) {
     let shutdown = &control.shutdown;
@@ -194,11 +217,27 @@ async fn worker_main(
             return;
         }
     };
+    let lua = match shared
+        .auth
+        .as_ref()
+        .and_then(|a| a.lua_policy())
+        .transpose()
+    {
+        Ok(lua) => lua,
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::other(format!("lua policy: {e}"))));
+            return;
+        }
+    };
     tracing::debug!(worker, driver, "worker listening");
     let _ = ready.send(Ok(driver));
     let mut ctx = Context::new(control.live.clone(), registry, shutdown.clone(), worker);
-    ctx.usage = usage;
+    ctx.usage = shared.usage;
     ctx.inject_stream_usage = config.usage_hook.inject_stream_usage;
+    ctx.auth = shared.auth;
+    ctx.lua = lua;
+    ctx.global_limits = shared.global_limits;
+    ctx.shared_rates = shared.shared_rates;
     let ctx = Rc::new(ctx);
 
     let accept = async {

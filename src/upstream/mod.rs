@@ -21,7 +21,7 @@ pub use balance::{InFlight, PickError, PickRequest, WorkerUpstreams};
 pub use checker::spawn_checker;
 pub use pool::{ConnectError, UpstreamConn};
 
-use crate::config::{Config, HealthCheck};
+use crate::config::{Config, HealthCheck, Secret};
 
 /// Milliseconds since the process started: a clock every thread can compare through atomics.
 fn now_ms() -> u64 {
@@ -43,6 +43,8 @@ pub struct Backend {
     /// `backends[].headers`, preformatted as header lines for the upstream request.
     pub extra_headers: Vec<u8>,
     pub max_in_flight: Option<u32>,
+    /// `Bearer <backends[].api_key>`, sent instead of any client credential.
+    pub authorization: Option<Secret>,
     host: String,
     port: u16,
     /// Resolved once at start; re-resolved off the worker cores while unresolved.
@@ -178,6 +180,10 @@ impl Backends {
                     weight: b.weight,
                     models: b.models.clone(),
                     extra_headers,
+                    authorization: b
+                        .api_key
+                        .as_ref()
+                        .map(|k| Secret(format!("Bearer {}", k.0))),
                     max_in_flight: b.max_in_flight,
                     host: b.host.clone(),
                     port: b.port,
