@@ -27,7 +27,7 @@ use crate::logging::SetLogLevel;
 use crate::metrics::Registry;
 use crate::proxy::{self, Context};
 use crate::upstream::{self, Backends};
-use crate::usage::{Reporter, UsageSender};
+use crate::usage::{self, Reporter, UsageSender};
 
 /// Submission queue size per worker: enough for thousands of concurrent streams per core.
 const URING_ENTRIES: u32 = 8192;
@@ -78,9 +78,20 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
     if config.admin.enabled {
         admin::start(control.clone(), registry.clone())?;
     }
-    // Started before the workers so that no request goes unmetered; on its own threads.
-    let reporter = if config.usage_hook.enabled {
-        Some(Reporter::start(&config.usage_hook, None)?)
+    // Started before the workers so that no request goes unmetered; on its own threads. Keys'
+    // token rates and quotas accrue from usage records, so authentication needs metering even
+    // when usage reporting itself is off (records are then kept in memory only, and pruned).
+    let reporter = if config.usage_hook.enabled || auth.is_some() {
+        let mut hook = config.usage_hook.clone();
+        if !hook.enabled {
+            hook.enabled = true;
+            hook.reporters.clear();
+            hook.spool_path = ":memory:".into();
+        }
+        let charge = auth.clone().map(|auth| -> usage::QuotaHook {
+            Box::new(move |key, record| auth.charge_tokens(key, record.total_tokens))
+        });
+        Some(Reporter::start(&hook, charge)?)
     } else {
         None
     };

@@ -27,7 +27,7 @@ use crate::config::{Reporter as ReporterConfig, ReporterKind, UsageHook};
 
 /// Called on the ingest thread for every record, before it is spooled (quota and token-rate
 /// accounting). Must be quick: it runs once per request.
-pub type QuotaHook = Box<dyn Fn(&UsageRecord) + Send>;
+pub type QuotaHook = Box<dyn Fn(&str, &UsageRecord) + Send>;
 
 /// Events taken from the channel per spool transaction, at most.
 const MAX_BATCH: usize = 4096;
@@ -232,6 +232,11 @@ impl Ingest {
     }
 
     fn record(&self, event: UsageEvent) -> UsageRecord {
+        // The record may carry the key masked; charging needs the key itself.
+        let raw_key = match &self.quota {
+            Some(_) => event.key.as_ref().map(|k| k.api_key.clone()),
+            None => None,
+        };
         let record = UsageRecord::from_event(event, self.include_raw_key);
         let s = &self.stats;
         s.records.fetch_add(1, Ordering::Relaxed);
@@ -242,8 +247,8 @@ impl Ingest {
         if record.usage_estimated {
             s.estimated.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(quota) = &self.quota {
-            quota(&record);
+        if let (Some(quota), Some(key)) = (&self.quota, raw_key) {
+            quota(&key, &record);
         }
         record
     }
