@@ -7,19 +7,25 @@
 //! when they differ takes the lock to pick up the new [`Snapshot`]. Requests already running keep
 //! the snapshot they started with, so a reload never cuts a connection or a stream.
 //!
-//! Keys, limits, routing and reporters join [`Snapshot`] as they are implemented: build them in
-//! the reloader, read them from the worker's generation. This module must not do I/O.
+//! Keys and limits are part of the snapshot too; reporters and Redis-backed rates are built once
+//! at start (a change to them logs "restart needed"). This module must not do I/O.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::auth::Auth;
 use crate::config::Config;
+use crate::limits::LimitSet;
 use crate::upstream::Backends;
 
 /// Everything a generation of the config shares across workers.
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub backends: Arc<Backends>,
+    /// Present when `auth` is enabled: keys, providers, quotas.
+    pub auth: Option<Arc<Auth>>,
+    /// `rate_limit.global`, when it limits anything.
+    pub global_limits: Option<Arc<LimitSet>>,
 }
 
 pub struct Live {

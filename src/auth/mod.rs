@@ -164,6 +164,10 @@ impl Auth {
         self.shared.lua.as_ref().map(LuaPolicy::new)
     }
 
+    pub fn has_lua_policy(&self) -> bool {
+        self.shared.lua.is_some()
+    }
+
     /// Header names whose values are client credentials, lowercased: never sent upstream.
     pub fn header_names(&self) -> &[Vec<u8>] {
         &self.header_names

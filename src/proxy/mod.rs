@@ -69,14 +69,9 @@ pub struct Context {
     pub usage: Option<UsageSender>,
     /// Ask streaming backends for usage on the client's behalf (`usage_hook.inject_stream_usage`).
     pub inject_stream_usage: bool,
-    /// Present when `auth` is enabled; shared by all workers. Built at start (not reloaded).
-    pub auth: Option<Arc<Auth>>,
-    /// This worker's Lua policy state (a Lua state is not `Send`).
-    pub lua: Option<crate::auth::LuaPolicy>,
     /// Request rates kept in Redis (`rate_limit.storage: redis`), shared by all instances.
+    /// Built at start; keys and local limits live in the config [`Generation`].
     pub shared_rates: Option<Arc<crate::limits::RedisRates>>,
-    /// `rate_limit.global`, shared by all workers; `None` when it sets no limit.
-    pub global_limits: Option<Arc<LimitSet>>,
     live: Arc<Live>,
     current: RefCell<Rc<Generation>>,
     registry: Arc<Registry>,
@@ -119,6 +114,11 @@ pub struct Generation {
     pub number: u64,
     pub config: Arc<Config>,
     pub upstreams: WorkerUpstreams,
+    pub auth: Option<Arc<Auth>>,
+    pub global_limits: Option<Arc<LimitSet>>,
+    /// This worker's Lua state for the generation's policy script (Lua states are not `Send`).
+    lua: Option<crate::auth::LuaPolicy>,
+    lua_failed: bool,
     /// Metrics label slot of each backend, by backend index.
     slots: Vec<usize>,
 }
@@ -131,10 +131,26 @@ impl Generation {
             .iter()
             .map(|b| registry.backend_slot(&b.url))
             .collect();
+        // The reloader compiled the script before publishing, so this only fails on a worker
+        // that cannot allocate a Lua state; requests then get the policy's 500 rather than a pass.
+        let lua = match snapshot.auth.as_ref().and_then(|a| a.lua_policy()) {
+            Some(Ok(lua)) => Some(lua),
+            Some(Err(e)) => {
+                tracing::error!(worker, "lua policy unavailable: {e}");
+                None
+            }
+            None => None,
+        };
+        let lua_failed =
+            lua.is_none() && snapshot.auth.as_ref().is_some_and(|a| a.has_lua_policy());
         Rc::new(Generation {
             number,
             config: snapshot.config.clone(),
             upstreams: WorkerUpstreams::new(backends, &snapshot.config, worker),
+            auth: snapshot.auth.clone(),
+            global_limits: snapshot.global_limits.clone(),
+            lua,
+            lua_failed,
             slots,
         })
     }
@@ -152,10 +168,7 @@ impl Context {
         Context {
             usage: None,
             inject_stream_usage: true,
-            auth: None,
-            lua: None,
             shared_rates: None,
-            global_limits: None,
             live,
             current: RefCell::new(current),
             registry,
@@ -488,10 +501,10 @@ async fn proxy_request(
     t.body_read = Some(started);
     let mut info = inspect::inspect(&c.body).unwrap_or_default();
     // Decided on the model the client asked for, before any alias rewrite.
-    if let (Some(auth), Some(key)) = (&ctx.auth, &admission.key) {
+    if let (Some(auth), Some(key)) = (&gen.auth, &admission.key) {
         let decided = auth
             .authorize(key, info.model(&c.body))
-            .and_then(|()| run_policy(ctx, c, key, info.model(&c.body)));
+            .and_then(|()| run_policy(gen, c, key, info.model(&c.body)));
         if let Err(e) = decided {
             t.note_error(&e);
             return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await;
@@ -680,7 +693,7 @@ where
             forward::Origin {
                 client_ip: &c.ip,
                 request_id: plan.request_id,
-                credentials: ctx.auth.as_ref().map_or(&[][..], |a| a.header_names()),
+                credentials: gen.auth.as_ref().map_or(&[][..], |a| a.header_names()),
             },
             c.body.len() as u64,
         );
@@ -763,7 +776,7 @@ struct Admission {
 /// Admission, before the body is read: refusing here costs no upstream work. Free when auth is
 /// off and no global limit is set.
 async fn admit(ctx: &Context, gen: &Generation, c: &Client) -> Result<Admission, GatewayError> {
-    let key = match &ctx.auth {
+    let key = match &gen.auth {
         Some(auth) => {
             let caller = crate::auth::Caller {
                 ip: c.peer,
@@ -779,7 +792,7 @@ async fn admit(ctx: &Context, gen: &Generation, c: &Client) -> Result<Admission,
         None => None,
     };
     let key_limits = key.as_ref().and_then(|k| k.live.limits.as_ref());
-    let scopes: Vec<&Arc<LimitSet>> = key_limits.into_iter().chain(&ctx.global_limits).collect();
+    let scopes: Vec<&Arc<LimitSet>> = key_limits.into_iter().chain(&gen.global_limits).collect();
     if scopes.is_empty() {
         return Ok(Admission {
             key,
@@ -799,13 +812,17 @@ async fn admit(ctx: &Context, gen: &Generation, c: &Client) -> Result<Admission,
 
 /// The Lua stage of `authorize`, when configured.
 fn run_policy(
-    ctx: &Context,
+    gen: &Generation,
     c: &Client,
     key: &KeyEntry,
     model: Option<&str>,
 ) -> Result<(), GatewayError> {
-    let Some(policy) = &ctx.lua else {
-        return Ok(());
+    let Some(policy) = &gen.lua else {
+        return if gen.lua_failed {
+            Err(GatewayError::PolicyFailed)
+        } else {
+            Ok(())
+        };
     };
     fn text(b: &[u8]) -> &str {
         std::str::from_utf8(b).unwrap_or("")

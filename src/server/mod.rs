@@ -55,20 +55,20 @@ struct Control {
 /// Runs the gateway until SIGTERM/SIGINT, then drains and returns. SIGHUP reloads the config.
 pub fn run(config: Config, reload: Reload) -> io::Result<()> {
     let config = Arc::new(config);
+    let (auth, global_limits) = keys_and_limits(&config).map_err(io::Error::other)?;
     let control = Arc::new(Control {
         shutdown: Arc::new(AtomicBool::new(false)),
         live: Live::new(Snapshot {
             config: config.clone(),
             backends: start_backends(&config),
+            auth: auth.clone(),
+            global_limits,
         }),
         heartbeats: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
         reload: Mutex::new(reload),
     });
     let registry = Registry::new(config.workers);
-    // Built once from the start-up config; a reload does not change keys or limits.
-    let auth = Auth::new(&config)?;
-    let global = LimitSet::new(&config.rate_limit.global, "global".into());
-    let global_limits = (!global.is_empty()).then(|| Arc::new(global));
+    // Built once from the start-up config: the Redis connection behind shared rates.
     let shared_rates = match &config.rate_limit.redis {
         Some(r) => Some(Arc::new(RedisRates::start(&r.url.0, &r.prefix, 4)?)),
         None => None,
@@ -88,8 +88,14 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
             hook.reporters.clear();
             hook.spool_path = ":memory:".into();
         }
-        let charge = auth.clone().map(|auth| -> usage::QuotaHook {
-            Box::new(move |key, record| auth.charge_tokens(key, record.total_tokens))
+        // Charged to whichever generation's keys are current: a reload keeps counting.
+        let live = control.live.clone();
+        let charge = auth.is_some().then(|| -> usage::QuotaHook {
+            Box::new(move |key, record| {
+                if let Some(auth) = &live.snapshot().1.auth {
+                    auth.charge_tokens(key, record.total_tokens);
+                }
+            })
         });
         Some(Reporter::start(&hook, charge)?)
     } else {
@@ -109,8 +115,6 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
             ready_tx.clone(),
         );
         let shared = Shared {
-            auth: auth.clone(),
-            global_limits: global_limits.clone(),
             shared_rates: shared_rates.clone(),
             usage: reporter.as_ref().map(Reporter::sender),
         };
@@ -201,8 +205,6 @@ where
 
 /// State built once and shared by every worker (auth keys, quota, global limits).
 struct Shared {
-    auth: Option<Arc<Auth>>,
-    global_limits: Option<Arc<LimitSet>>,
     shared_rates: Option<Arc<RedisRates>>,
     usage: Option<UsageSender>,
 }
@@ -228,26 +230,11 @@ async fn worker_main(
             return;
         }
     };
-    let lua = match shared
-        .auth
-        .as_ref()
-        .and_then(|a| a.lua_policy())
-        .transpose()
-    {
-        Ok(lua) => lua,
-        Err(e) => {
-            let _ = ready.send(Err(io::Error::other(format!("lua policy: {e}"))));
-            return;
-        }
-    };
     tracing::debug!(worker, driver, "worker listening");
     let _ = ready.send(Ok(driver));
     let mut ctx = Context::new(control.live.clone(), registry, shutdown.clone(), worker);
     ctx.usage = shared.usage;
     ctx.inject_stream_usage = config.usage_hook.inject_stream_usage;
-    ctx.auth = shared.auth;
-    ctx.lua = lua;
-    ctx.global_limits = shared.global_limits;
     ctx.shared_rates = shared.shared_rates;
     let ctx = Rc::new(ctx);
 
@@ -346,6 +333,20 @@ fn start_backends(config: &Config) -> Arc<Backends> {
 
 /// Re-reads and validates the config file, then publishes it for new requests; returns the new
 /// generation. A file that does not load is refused as a whole and the running config stays.
+type KeysAndLimits = (Option<Arc<Auth>>, Option<Arc<LimitSet>>);
+
+/// Keys (with their providers and quota store) and global limits for one config generation.
+/// A Lua policy is compiled here once so that a broken script refuses the config instead of
+/// failing requests on the workers.
+fn keys_and_limits(config: &Config) -> Result<KeysAndLimits, String> {
+    let auth = Auth::new(config).map_err(|e| format!("auth: {e}"))?;
+    if let Some(Err(e)) = auth.as_ref().and_then(|a| a.lua_policy()) {
+        return Err(format!("lua policy: {e}"));
+    }
+    let global = LimitSet::new(&config.rate_limit.global, "global".into());
+    Ok((auth, (!global.is_empty()).then(|| Arc::new(global))))
+}
+
 fn reload_config(control: &Control) -> Result<u64, String> {
     let reload = control.reload.lock().unwrap_or_else(|e| e.into_inner());
     let Some(path) = &reload.config_path else {
@@ -359,25 +360,33 @@ fn reload_config(control: &Control) -> Result<u64, String> {
             tracing::error!("reload refused, running config kept:\n{e}");
             Err(e.to_string())
         }
-        Ok(next) => {
-            let live = &control.live;
-            let (_, running) = live.snapshot();
-            warn_restart_only(&running.config, &next);
-            if let Err(e) = (reload.set_log_level)(&next.log.level) {
-                tracing::warn!("log level not changed: {e}");
+        Ok(next) => match keys_and_limits(&next) {
+            Err(e) => {
+                tracing::error!("reload refused, running config kept:\n{e}");
+                Err(e)
             }
-            let next = Arc::new(next);
-            let backends = start_backends(&next);
-            let count = next.backends.len();
-            let generation = live.publish(Snapshot {
-                config: next,
-                backends,
-            });
-            // Its background threads stop; requests still running keep using it.
-            running.backends.retire();
-            tracing::info!(generation, backends = count, file = %path.display(), "config reloaded");
-            Ok(generation)
-        }
+            Ok((auth, global_limits)) => {
+                let live = &control.live;
+                let (_, running) = live.snapshot();
+                warn_restart_only(&running.config, &next);
+                if let Err(e) = (reload.set_log_level)(&next.log.level) {
+                    tracing::warn!("log level not changed: {e}");
+                }
+                let next = Arc::new(next);
+                let backends = start_backends(&next);
+                let count = next.backends.len();
+                let generation = live.publish(Snapshot {
+                    config: next,
+                    backends,
+                    auth,
+                    global_limits,
+                });
+                // Its background threads stop; requests still running keep using it.
+                running.backends.retire();
+                tracing::info!(generation, backends = count, file = %path.display(), "config reloaded");
+                Ok(generation)
+            }
+        },
     };
     notify::notify("READY=1");
     result
@@ -395,6 +404,16 @@ fn warn_restart_only(running: &Config, next: &Config) {
         ("admin.listen", running.admin.listen != next.admin.listen),
         // The reporter threads and the spool are started once.
         ("usage_hook", running.usage_hook != next.usage_hook),
+        // Token charging runs on the reporter, which only starts when auth is on at start.
+        (
+            "auth.enabled",
+            running.auth.is_none() && next.auth.is_some() && !running.usage_hook.enabled,
+        ),
+        // The Redis connection behind shared rates is made once.
+        (
+            "rate_limit.storage",
+            running.rate_limit.redis != next.rate_limit.redis,
+        ),
     ];
     for (key, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(
