@@ -78,6 +78,7 @@ pub struct Context {
     worker: usize,
     shutdown: Arc<AtomicBool>,
     active: Cell<usize>,
+    opening: Cell<usize>,
     ids: RequestIds,
     retry_budget: RetryBudget,
 }
@@ -175,6 +176,7 @@ impl Context {
             worker,
             shutdown,
             active: Cell::new(0),
+            opening: Cell::new(0),
             ids: RequestIds::new(worker),
             retry_budget: RetryBudget {
                 tokens: Cell::new(RetryBudget::RESERVE),
@@ -208,8 +210,29 @@ impl Context {
         self.active.get()
     }
 
+    /// Connections accepted that have not sent (all of) their first request head yet.
+    pub fn opening_connections(&self) -> usize {
+        self.opening.get()
+    }
+
     fn draining(&self) -> bool {
         self.shutdown.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a connection that has not yet sent its first request, for the drain.
+struct OpeningGuard<'a>(&'a Cell<usize>);
+
+impl<'a> OpeningGuard<'a> {
+    fn enter(c: &'a Cell<usize>) -> Self {
+        c.set(c.get() + 1);
+        OpeningGuard(c)
+    }
+}
+
+impl Drop for OpeningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
     }
 }
 
@@ -267,8 +290,11 @@ pub async fn serve_connection(ctx: Rc<Context>, stream: TcpStream, peer: SocketA
         peer: peer.ip().to_canonical(),
         ip: peer.ip().to_canonical().to_string(),
     };
+    let mut opening = Some(OpeningGuard::enter(&ctx.opening));
     loop {
-        match read_head(&ctx, &mut rd, &mut c).await {
+        let head = read_head(&ctx, &mut rd, &mut c).await;
+        drop(opening.take());
+        match head {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {

@@ -31,6 +31,9 @@ use crate::usage::{self, Reporter, UsageSender};
 
 /// Submission queue size per worker: enough for thousands of concurrent streams per core.
 const URING_ENTRIES: u32 = 8192;
+/// How long a draining worker waits for connections accepted just before the drain to send
+/// their first request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 /// How often an accepting worker looks at the shutdown flag and sweeps its pools.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -238,17 +241,25 @@ async fn worker_main(
     ctx.shared_rates = shared.shared_rates;
     let ctx = Rc::new(ctx);
 
+    // The accept is cancelled, never dropped: a connection the kernel accepted just as the drain
+    // began is still handed over and served, not closed unanswered.
+    let canceller = monoio::io::Canceller::new();
+    let stop_accepting = canceller.handle();
     let accept = async {
         loop {
-            match listener.accept().await {
+            match listener.cancelable_accept(stop_accepting.clone()).await {
                 Ok((stream, peer)) => {
                     monoio::spawn(proxy::serve_connection(ctx.clone(), stream, peer));
                 }
+                Err(_) if shutdown.load(Ordering::Relaxed) => {}
                 Err(e) => {
                     // Usually EMFILE: back off instead of spinning on the error.
                     tracing::warn!(worker, "accept failed: {e}");
                     monoio::time::sleep(Duration::from_millis(10)).await;
                 }
+            }
+            if shutdown.load(Ordering::Relaxed) {
+                break;
             }
         }
     };
@@ -264,17 +275,20 @@ async fn worker_main(
                 gen.upstreams.sweep_idle();
             }
         }
+        canceller.cancel();
     };
-    monoio::select! {
-        _ = accept => {},
-        _ = housekeeping => {},
-    }
+    monoio::join!(accept, housekeeping);
     drop(listener);
 
-    // Drain: running requests and streams finish; idle keep-alive connections close when the
+    // Drain: running requests and streams finish. A connection accepted just before the drain
+    // gets a moment to send its first request; idle keep-alive connections close when the
     // runtime drops them.
-    let deadline = Instant::now() + ctx.current().config.shutdown_timeout;
-    while ctx.active_requests() > 0 && Instant::now() < deadline {
+    let started = Instant::now();
+    let deadline = started + ctx.current().config.shutdown_timeout;
+    let grace = started + FIRST_REQUEST_GRACE;
+    while (ctx.active_requests() > 0 || (ctx.opening_connections() > 0 && Instant::now() < grace))
+        && Instant::now() < deadline
+    {
         monoio::time::sleep(proxy::DRAIN_POLL).await;
     }
     if ctx.active_requests() > 0 {
