@@ -92,10 +92,13 @@ build_all() {
   { "$PROBE" 2>&1 || true; } | grep -q "probe soak" || die "probe at $PROBE has no soak mode (rebuild without --no-build)"
 }
 
+# Access log off, as for nginx (access_log off): both relays do the same work.
 write_proxy_conf() { # FILE LISTEN_PORT BACKEND_PORT WORKERS
   cat >"$1" <<EOF
 listen: "127.0.0.1:$2"
 workers: $4
+log:
+  access: false
 backends:
   - url: "http://127.0.0.1:$3"
 EOF

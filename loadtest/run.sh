@@ -159,10 +159,13 @@ rss_tree_kib() {
   echo "$total"
 }
 
+# Access log off, as for nginx (access_log off): both relays do the same work.
 write_proxy_conf() { # FILE LISTEN_PORT BACKEND_PORT WORKERS
   cat >"$1" <<EOF
 listen: "127.0.0.1:$2"
 workers: $4
+log:
+  access: false
 backends:
   - url: "http://127.0.0.1:$3"
 EOF
@@ -209,11 +212,52 @@ start_nginx() { # NAME DIR
 BODY_NS='{"model":"mock-model","messages":[{"role":"user","content":"Hello"}],"stream":false,"max_tokens":1}'
 BODY_S="{\"model\":\"mock-model\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"stream\":true,\"max_tokens\":$TOKENS}"
 
+# The governed target authenticates keys, so every target gets the same Authorization header.
+GOV_KEY=sk-loadtest-governed-0001
+export LOADTEST_AUTH=$GOV_KEY
+GOV_TABLE="loadtest_usage_$$"
+PG_DSN="host=127.0.0.1 user=postgres dbname=test"
+
+# The production path: a key checked, limits on (set high enough never to refuse), and metering
+# to the SQLite spool, a webhook and PostgreSQL.
+write_governed_conf() { # FILE LISTEN_PORT BACKEND_PORT WORKERS WEBHOOK_PORT TAG
+  write_proxy_conf "$1" "$2" "$3" "$4"
+  cat >>"$1" <<EOF
+auth:
+  enabled: true
+  storage: "file"
+  quota_path: "$WORK/quota-$6.db"
+api_keys:
+  - key: "$GOV_KEY"
+    name: "loadtest"
+    total_quota: 1000000000000
+rate_limit:
+  per_key:
+    requests_per_minute: 1000000000
+    max_concurrent: 100000
+usage_hook:
+  enabled: true
+  spool_path: "$WORK/spool-$6.db"
+  reporters:
+    - name: "webhook"
+      type: "webhook"
+      url: "http://127.0.0.1:$5/usage"
+      batch_size: 500
+    - name: "postgres"
+      type: "database"
+      batch_size: 500
+      database:
+        driver: "postgres"
+        dsn: "$PG_DSN"
+        table: "$GOV_TABLE"
+EOF
+}
+
 # Two requests on one keep-alive connection: both must be 200 with the expected content.
 smoke() { # LABEL PORT stream|plain
   local out body=$BODY_NS want='"choices"' url="http://127.0.0.1:$2/v1/chat/completions"
   if [[ $3 == stream ]]; then body=$BODY_S; want='data: [DONE]'; fi
-  local req=(-H 'Content-Type: application/json' -d "$body" -w '\nSMOKE %{http_code} %{num_connects}\n' "$url")
+  local req=(-H 'Content-Type: application/json' -H "Authorization: Bearer $GOV_KEY" -d "$body" -w '\nSMOKE %{http_code} %{num_connects}\n' "$url")
   out=$(curl -sS -N --max-time 10 "${req[@]}" --next "${req[@]}" 2>&1) || die "smoke test of $1 failed: $out"
   local codes; codes=$(awk '/^SMOKE / {printf "%s ", $2}' <<<"$out")
   if [[ "$codes" != "200 200 " ]] || (( $(grep -cF -- "$want" <<<"$out") < 2 )); then
@@ -224,32 +268,61 @@ smoke() { # LABEL PORT stream|plain
   fi
 }
 
-# Brings up simulator + llmproxy + nginx for one part. Sets PORT_direct/PORT_llmproxy/PORT_nginx.
+# Brings up simulator + llmproxy (bare and governed) + nginx for one part. Sets PORT_<target>.
 phase_up() { # TAG GATEWAY_WORKERS SIM_ARGS...
   local tag=$1 gw=$2; shift 2
-  local ports; ports=$("$PROBE" free-ports 3)
-  read -r PORT_direct PORT_llmproxy PORT_nginx <<<"$ports"
+  local ports; ports=$("$PROBE" free-ports 4)
+  read -r PORT_direct PORT_llmproxy PORT_nginx PORT_governed <<<"$ports"
   start "sim-$tag" "$SIM" mock-llm --listen "127.0.0.1:$PORT_direct" --workers "$SIM_WORKERS" "$@"
   await_port "sim-$tag" "$PORT_direct"
   curl -fsS --max-time 5 "http://127.0.0.1:$PORT_direct/health" >/dev/null \
     || die "simulator GET /health failed (see $WORK/sim-$tag.log)"
   write_proxy_conf "$WORK/llmproxy-$tag.yaml" "$PORT_llmproxy" "$PORT_direct" "$gw"
   start "llmproxy-$tag" "$LLMPROXY" serve --config "$WORK/llmproxy-$tag.yaml"
+  write_governed_conf "$WORK/governed-$tag.yaml" "$PORT_governed" "$PORT_direct" "$gw" "$PORT_webhook" "$tag"
+  start "governed-$tag" "$LLMPROXY" serve --config "$WORK/governed-$tag.yaml"
   write_nginx_conf "$WORK/nginx-$tag" "$PORT_nginx" "$PORT_direct" "$gw"
   start_nginx "nginx-$tag" "$WORK/nginx-$tag"
   await_port "llmproxy-$tag" "$PORT_llmproxy"
+  await_port "governed-$tag" "$PORT_governed"
   await_port "nginx-$tag" "$PORT_nginx"
 }
 
-phase_down() { stop "nginx-$1" "llmproxy-$1" "sim-$1"; }
+# Metering must keep up: once the governed gateway's reporters have drained (or 60 s passed),
+# records spooled, delivered to the webhook and rows in PostgreSQL, against requests answered.
+metering_check() { # TAG
+  local m="http://127.0.0.1:$PORT_governed/metrics" t0=$SECONDS requests spooled backlog
+  while :; do
+    backlog=$(curl -fsS "$m" | awk '/^llmproxy_usage_spool_backlog/ {s += $2} END {print s + 0}')
+    (( backlog == 0 || SECONDS - t0 > 60 )) && break
+    sleep 1
+  done
+  requests=$(curl -fsS "$m" | awk '/^llmproxy_requests_total/ {s += $2} END {print s + 0}')
+  spooled=$(curl -fsS "$m" | awk '/^llmproxy_usage_records_total/ {s += $2} END {print s + 0}')
+  local webhook pg
+  webhook=$(jq -s '[.[].body | if type == "array" then length else 1 end] | add // 0' "$WORK/webhook.jsonl")
+  pg=$(psql "$PG_DSN" -tAc "SELECT count(*) FROM $GOV_TABLE" 2>/dev/null || echo 0)
+  jq -nc --arg tag "$1" --argjson req "$requests" --argjson sp "$spooled" --argjson wh "$webhook" \
+    --argjson pg "$pg" --argjson bl "$backlog" \
+    '{part:"metering", phase:$tag, requests:$req, spooled:$sp, webhook:$wh, postgres:$pg, backlog:$bl}' >>"$RESULTS"
+  : >"$WORK/webhook.jsonl"
+  psql "$PG_DSN" -qc "DELETE FROM $GOV_TABLE" >/dev/null 2>&1 || true
+}
 
-TARGETS=(direct llmproxy nginx)
+phase_down() { stop "nginx-$1" "governed-$1" "llmproxy-$1" "sim-$1"; }
+
+TARGETS=(direct llmproxy governed nginx)
 # Target order for round R (1-based): rotated so that no target is always first or last.
-order() { local r=$(( ($1 - 1) % 3 )); echo "${TARGETS[@]:$r} ${TARGETS[@]:0:$r}"; }
+order() { local r=$(( ($1 - 1) % ${#TARGETS[@]} )); echo "${TARGETS[@]:$r} ${TARGETS[@]:0:$r}"; }
 port_of() { local v="PORT_$1"; echo "${!v}"; }
 
 RESULTS="$WORK/results.jsonl"
 : >"$RESULTS"
+
+PORT_webhook=$("$PROBE" free-ports 1)
+start webhook python3 "$ROOT/tests/support/webhook_receiver.py" --port "$PORT_webhook" --out "$WORK/webhook.jsonl"
+await_port webhook "$PORT_webhook"
+trap 'psql "$PG_DSN" -qc "DROP TABLE IF EXISTS $GOV_TABLE" >/dev/null 2>&1 || true; cleanup' EXIT
 
 log() { echo "== $*" >&2; }
 
@@ -280,6 +353,7 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 RSS_PROXY_AFTER=$(rss_kib "${PID_OF[llmproxy-a]}")
+metering_check a
 phase_down a
 
 # ---------------------------------------------------------------- (b) streaming, probe
@@ -292,13 +366,15 @@ for c in "${PASSES[@]}"; do
     for t in $(order "$r"); do
       log "  concurrency $c, round $r: $t"
       line=$("$PROBE" stream --addr "127.0.0.1:$(port_of "$t")" --requests "$REQUESTS" \
-               --concurrency "$c" --warmup "$PROBE_WARMUP" --max-tokens "$TOKENS" --label "$t") \
+               --concurrency "$c" --warmup "$PROBE_WARMUP" --max-tokens "$TOKENS" --label "$t" \
+               --auth "$GOV_KEY") \
         || die "probe failed against $t: $line"
       jq -c --arg t "$t" --argjson r "$r" --argjson c "$c" \
         '. + {part:"stream", target:$t, round:$r, conc:$c}' <<<"$line" >>"$RESULTS"
     done
   done
 done
+metering_check b
 phase_down b
 
 # ---------------------------------------------------------------- report
@@ -326,7 +402,7 @@ REPORT=$(jq -rs \
   def signed: if . == null then "–" elif . >= 0 then "+" + (round | tostring) else (round | tostring) end;
   def mib: (. / 1024 * 10 | round) / 10 | tostring;
   . as $all
-  | ["direct","llmproxy","nginx"] as $T
+  | ["direct","llmproxy","governed","nginx"] as $T
   | [ $T[] as $t | [$all[] | select(.part=="wrk" and .target==$t)] as $rs
       | {t:$t, rps:([$rs[].rps]|median), p50:([$rs[].p50_us]|median), p99:([$rs[].p99_us]|median),
          err:([$rs[] | .err_connect+.err_read+.err_write+.err_status+.err_timeout] | add // 0)} ] as $W
@@ -366,8 +442,9 @@ REPORT=$(jq -rs \
     "|---|---:|---:|---:|---:|---:|---:|",
     ($W[] | wrow(.)),
     "",
-    "- llmproxy / nginx throughput: **\(($W[1].rps / $W[2].rps)|r2)**",
-    "- llmproxy / direct throughput: \(($W[1].rps / $W[0].rps)|r2); nginx / direct: \(($W[2].rps / $W[0].rps)|r2)",
+    "- llmproxy / nginx throughput: **\(($W[1].rps / $W[3].rps)|r2)**; governed / llmproxy: **\(($W[2].rps / $W[1].rps)|r2)**; governed / nginx: **\(($W[2].rps / $W[3].rps)|r2)**",
+    "- llmproxy / direct throughput: \(($W[1].rps / $W[0].rps)|r2); nginx / direct: \(($W[3].rps / $W[0].rps)|r2)",
+    "- governed = llmproxy with a key checked, per-key limits (requests_per_minute, max_concurrent), and metering to the SQLite spool, a webhook and PostgreSQL",
     "",
     ( $concs[] as $c |
       "## (b) Streaming, concurrency \($c): time to first `data:` event",
@@ -378,6 +455,13 @@ REPORT=$(jq -rs \
       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
       srows($c),
       "" ),
+    "## Metering (governed target)",
+    "",
+    "| part | requests answered | records spooled | delivered to webhook | rows in PostgreSQL | backlog left |",
+    "|---|---:|---:|---:|---:|---:|",
+    ( $all[] | select(.part=="metering")
+      | "| \(.phase) | \(.requests) | \(.spooled) | \(.webhook) | \(.postgres) | \(.backlog) |" ),
+    "",
     "## Memory",
     "",
     "| process | VmRSS |",
