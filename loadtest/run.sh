@@ -30,8 +30,9 @@ DURATION=10; ROUNDS=1; WORKERS=1; SIM_WORKERS=1; CONNS=64; WRK_THREADS=2
 REQUESTS=""; CONC2=16; ITL_MS=1; TOKENS=8; LLMPROXY=""; SIM=""; BUILD=1; KEEP=0; QUICK=0
 WARMUP_S=1; PROBE_WARMUP=100
 
-die() { echo "run.sh: $*" >&2; exit 1; }
-need_arg() { [[ $# -ge 2 && -n "$2" ]] || die "option $1 needs a value"; }
+SCRIPT=run.sh
+# shellcheck source=loadtest/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1; DURATION=3; shift ;;
@@ -62,9 +63,6 @@ done
   || die "--rounds, --workers, --sim-workers, --duration and --requests must be >= 1"
 (( CONNS >= WRK_THREADS )) || die "--connections must be >= $WRK_THREADS (wrk threads)"
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-LT="$ROOT/loadtest"
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
 # ---------------------------------------------------------------- tools
 missing=()
@@ -75,81 +73,15 @@ if (( ${#missing[@]} )); then
 fi
 
 # ---------------------------------------------------------------- build
-PROBE="$TARGET_DIR/loadtest-probe/release/llmproxy-probe"
-if [[ $BUILD == 1 ]]; then
-  if [[ -z "$LLMPROXY" ]]; then
-    echo "== building llmproxy (cargo build --release)" >&2
-    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" >&2 || die "cargo build of llmproxy failed"
-  fi
-  echo "== building the probe" >&2
-  cargo build --release --quiet --manifest-path "$LT/probe/Cargo.toml" \
-    --target-dir "$TARGET_DIR/loadtest-probe" >&2 || die "cargo build of loadtest/probe failed"
-fi
-LLMPROXY=${LLMPROXY:-$TARGET_DIR/release/llmproxy}
-[[ -x "$LLMPROXY" ]] || die "llmproxy binary not found at $LLMPROXY"
-[[ -x "$PROBE" ]] || die "probe binary not found at $PROBE (run without --no-build)"
+build_all "$BUILD" "$LLMPROXY"
 SIM=${SIM:-$LLMPROXY}
 [[ -x "$SIM" ]] || die "simulator binary not found at $SIM"
 "$SIM" mock-llm --help 2>/dev/null | grep -q -- '--itl-ms' \
   || die "$SIM has no working 'mock-llm' simulator (needs --ttft-ms/--itl-ms/--tokens; is branch mock merged?)"
 
-# ---------------------------------------------------------------- processes and cleanup
-WORK=$(mktemp -d /tmp/llmproxy-load.XXXXXX)
+# ---------------------------------------------------------------- processes
 chmod 755 "$WORK"   # nginx workers may run as another user when started by root
-declare -A PID_OF=()
 
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  local pids=("${PID_OF[@]}")
-  if (( ${#pids[@]} )); then
-    kill -TERM "${pids[@]}" 2>/dev/null || true
-    for _ in $(seq 50); do
-      local alive=0
-      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-      (( alive )) || break
-      sleep 0.1
-    done
-    kill -KILL "${pids[@]}" 2>/dev/null || true
-    wait 2>/dev/null || true
-  fi
-  if [[ $KEEP == 1 ]]; then echo "run.sh: kept $WORK" >&2; else rm -rf "$WORK"; fi
-  exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# start NAME CMD... : runs CMD in the background, output to $WORK/NAME.log
-start() {
-  local name=$1; shift
-  "$@" >"$WORK/$name.log" 2>&1 &
-  PID_OF[$name]=$!
-}
-
-# stop NAME... : TERM (then KILL) the named processes and reap them
-stop() {
-  local name p
-  for name in "$@"; do
-    p=${PID_OF[$name]:-}
-    [[ -n "$p" ]] || continue
-    kill -TERM "$p" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-    unset "PID_OF[$name]"
-  done
-}
-
-await_port() { # NAME PORT
-  if ! "$PROBE" wait "127.0.0.1:$2" 10000 2>/dev/null; then
-    echo "---- $WORK/$1.log" >&2; tail -n 20 "$WORK/$1.log" >&2 || true
-    die "$1 did not start listening on 127.0.0.1:$2"
-  fi
-  kill -0 "${PID_OF[$1]}" 2>/dev/null || die "$1 exited at start-up (see $WORK/$1.log)"
-}
-
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 # VmRSS of a process plus its direct children (nginx master + workers; shared pages count twice)
 rss_tree_kib() {
   local total kids c
@@ -157,18 +89,6 @@ rss_tree_kib() {
   kids=$(ps -o pid= --ppid "$1" || true)
   for c in $kids; do total=$(( total + $(rss_kib "$c" || echo 0) )); done
   echo "$total"
-}
-
-# Access log off, as for nginx (access_log off): both relays do the same work.
-write_proxy_conf() { # FILE LISTEN_PORT BACKEND_PORT WORKERS
-  cat >"$1" <<EOF
-listen: "127.0.0.1:$2"
-workers: $4
-log:
-  access: false
-backends:
-  - url: "http://127.0.0.1:$3"
-EOF
 }
 
 write_nginx_conf() { # DIR LISTEN_PORT BACKEND_PORT WORKERS
@@ -324,7 +244,6 @@ start webhook python3 "$ROOT/tests/support/webhook_receiver.py" --port "$PORT_we
 await_port webhook "$PORT_webhook"
 trap 'psql "$PG_DSN" -qc "DROP TABLE IF EXISTS $GOV_TABLE" >/dev/null 2>&1 || true; cleanup' EXIT
 
-log() { echo "== $*" >&2; }
 
 # ---------------------------------------------------------------- idle memory
 log "idle memory: llmproxy and nginx with 2 workers each, after start, before any load"

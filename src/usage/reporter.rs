@@ -30,6 +30,8 @@ use crate::config::{Reporter as ReporterConfig, ReporterKind, UsageHook};
 pub type QuotaHook = Box<dyn Fn(&str, &UsageRecord) + Send>;
 
 /// Events taken from the channel per spool transaction, at most.
+/// How often the ingest thread collects events from the channel.
+const INGEST_TICK: Duration = Duration::from_millis(5);
 const MAX_BATCH: usize = 4096;
 /// First wait after a failed delivery; doubles per consecutive failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -200,33 +202,37 @@ impl Ingest {
             .checked_sub(PRUNE_EVERY)
             .unwrap_or_else(Instant::now);
         loop {
-            let first = match self.rx.recv_timeout(PRUNE_EVERY) {
-                Ok(event) => event,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.prune(&mut last_prune);
-                    continue;
-                }
-                // Every sender is gone and the channel is empty: shutdown.
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            batch.push(self.record(first));
+            // Polled, never waited on: a worker's send then never has a sleeping thread to wake,
+            // so metering costs the request path no syscall, and batches grow with the load.
+            std::thread::sleep(INGEST_TICK);
+            let mut disconnected = false;
             while batch.len() < MAX_BATCH {
                 match self.rx.try_recv() {
                     Ok(event) => batch.push(self.record(event)),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => break,
+                    // Every sender is gone and the channel is empty: shutdown.
+                    Err(TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
                 }
             }
-            self.spool_batch(&batch);
-            // Exact counts come from the delivery threads; this keeps the gauge current while
-            // one is stuck in a slow delivery.
-            for r in &self.stats.reporters {
-                r.backlog.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            }
-            batch.clear();
-            for nudge in &self.nudges {
-                let _ = nudge.try_send(());
+            if !batch.is_empty() {
+                self.spool_batch(&batch);
+                // Exact counts come from the delivery threads; this keeps the gauge current
+                // while one is stuck in a slow delivery.
+                for r in &self.stats.reporters {
+                    r.backlog.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                batch.clear();
+                for nudge in &self.nudges {
+                    let _ = nudge.try_send(());
+                }
             }
             self.prune(&mut last_prune);
+            if disconnected {
+                break;
+            }
         }
         // Dropping the nudge senders tells the delivery threads to finish.
     }
