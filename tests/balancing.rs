@@ -152,21 +152,10 @@ fn affinity_keeps_a_user_on_one_backend() {
 /// A backend process on a fixed port that can be stopped and started again.
 fn mock_on(port: u16) -> Proc {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
-        .args(["mock-llm", "--listen", &addr.to_string()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let p = Proc {
-        child,
-        addr,
-        config: None,
-    };
-    assert!(wait_until(Duration::from_secs(5), || TcpStream::connect(
-        addr
-    )
-    .is_ok()));
-    p
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"));
+    cmd.args(["mock-llm", "--listen", &addr.to_string()])
+        .stderr(std::process::Stdio::null());
+    spawn_listening(cmd, addr)
 }
 
 #[test]

@@ -409,21 +409,10 @@ fn cut_after_ends_the_body_without_its_end() {
 /// `--refuse` never answers /health, so it cannot go through `spawn_mock`'s readiness wait.
 fn spawn_refusing() -> Proc {
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"))
-        .args(["mock-llm", "--refuse", "--listen", &addr.to_string()])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let p = Proc {
-        child,
-        addr,
-        config: None,
-    };
-    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
-        addr
-    )
-    .is_ok()));
-    p
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"));
+    cmd.args(["mock-llm", "--refuse", "--listen", &addr.to_string()])
+        .stdout(std::process::Stdio::null());
+    spawn_listening(cmd, addr)
 }
 
 #[test]

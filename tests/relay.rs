@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -20,25 +20,13 @@ fn gateway_for(backend: SocketAddr, extra: &str) -> Proc {
 /// The fixed-bytes upstream (tests/support/fixed_upstream.py).
 fn spawn_fixed() -> Proc {
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let child = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/support/fixed_upstream.py"
-        ))
-        .arg(addr.port().to_string())
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("python3");
-    let p = Proc {
-        child,
-        addr,
-        config: None,
-    };
-    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
-        addr
-    )
-    .is_ok()));
-    p
+    let mut cmd = Command::new("python3");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/fixed_upstream.py"
+    ))
+    .arg(addr.port().to_string());
+    spawn_listening(cmd, addr)
 }
 
 fn chat(stream: bool) -> Value {

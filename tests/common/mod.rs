@@ -67,6 +67,22 @@ fn spawn(args: &[&str], addr: SocketAddr, config: Option<PathBuf>) -> Proc {
     p
 }
 
+/// Starts `cmd` (a server that will listen on `addr`) and waits until `addr` accepts connections.
+/// For servers without `/health`, or ones a test starts on a port of its choosing.
+pub fn spawn_listening(mut cmd: Command, addr: SocketAddr) -> Proc {
+    let child = cmd.stdin(Stdio::null()).spawn().expect("spawn server");
+    let p = Proc {
+        child,
+        addr,
+        config: None,
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()),
+        "nothing listens on {addr}"
+    );
+    p
+}
+
 /// Runs `llmproxy mock-llm --listen 127.0.0.1:<free port> <args>` and waits until it is healthy.
 pub fn spawn_mock(args: &[&str]) -> Proc {
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
