@@ -818,7 +818,19 @@ async fn admit(ctx: &Context, gen: &Generation, c: &Client) -> Result<Admission,
         None => None,
     };
     let key_limits = key.as_ref().and_then(|k| k.live.limits.as_ref());
-    let scopes: Vec<&Arc<LimitSet>> = key_limits.into_iter().chain(&gen.global_limits).collect();
+    // At most two scopes (the key's, the global one): kept on the stack.
+    let (both, one);
+    let scopes: &[&Arc<LimitSet>] = match (key_limits, gen.global_limits.as_ref()) {
+        (Some(k), Some(g)) => {
+            both = [k, g];
+            &both
+        }
+        (Some(s), None) | (None, Some(s)) => {
+            one = [s];
+            &one
+        }
+        (None, None) => &[],
+    };
     if scopes.is_empty() {
         return Ok(Admission {
             key,
@@ -826,7 +838,7 @@ async fn admit(ctx: &Context, gen: &Generation, c: &Client) -> Result<Admission,
         });
     }
     let queue = gen.config.rate_limit.queue_timeout;
-    let admitted = limits::admit(&scopes, queue, ctx.shared_rates.as_ref())
+    let admitted = limits::admit(scopes, queue, ctx.shared_rates.as_ref())
         .await
         .map_err(GatewayError::RateLimited)?;
     Ok(Admission {
