@@ -126,7 +126,7 @@ fn usage(config: Option<&Path>, args: UsageArgs) -> Result<(), String> {
         By::Model => GroupBy::Model,
     });
     let rows = spool
-        .totals(since_ms, by)
+        .totals(since_ms, i64::MAX, by)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let label = match args.by {
         Some(By::Key) => "KEY",

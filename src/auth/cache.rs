@@ -71,6 +71,11 @@ impl Cache {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Forgets every cached answer (a key was deleted: it must stop working now, not at its TTL).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     /// Resolves to the cached or looked-up answer; `None` when the providers are unavailable.
     pub fn resolve<'a>(&'a self, jobs: &'a Sender<Job>, job: Job) -> Resolve<'a> {
         Resolve {

@@ -9,6 +9,7 @@ mod cache;
 mod lua;
 mod providers;
 mod quota;
+pub mod store;
 
 use std::collections::HashMap;
 use std::io;
@@ -162,6 +163,11 @@ impl Auth {
     /// This worker's Lua policy state, when the pipeline has a lua stage.
     pub fn lua_policy(&self) -> Option<Result<LuaPolicy, String>> {
         self.shared.lua.as_ref().map(LuaPolicy::new)
+    }
+
+    /// Drops cached provider answers, after the admin API deleted a key.
+    pub fn forget_cached(&self) {
+        self.shared.cache.clear();
     }
 
     pub fn has_lua_policy(&self) -> bool {

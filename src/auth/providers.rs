@@ -75,6 +75,23 @@ pub fn lookup(
             query,
             columns,
         } => sql_lookup(index, *driver, &dsn.0, query, columns, conns, req.api_key),
+        ProviderConfig::KeyStore { path } => {
+            if let std::collections::hash_map::Entry::Vacant(slot) = conns.slots.entry(index) {
+                slot.insert(Conn::Sqlite(super::store::open(path).map_err(err)?));
+            }
+            let Some(Conn::Sqlite(c)) = conns.slots.get(&index) else {
+                unreachable!("opened above")
+            };
+            match super::store::lookup(c, req.api_key).map_err(err)? {
+                None => Ok(None),
+                Some(fields) => Ok(Some(record(req.api_key, |f| {
+                    fields
+                        .iter()
+                        .find(|(name, _)| *name == f)
+                        .map(|(_, v)| Value::String(v.clone()))
+                })?)),
+            }
+        }
         ProviderConfig::Webhook { url, timeout } => {
             let agent = match conns.slots.get(&index) {
                 Some(Conn::Http(a)) => a.clone(),

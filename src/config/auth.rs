@@ -84,6 +84,11 @@ pub enum ProviderConfig {
         url: String,
         timeout: Duration,
     },
+    /// Keys created through the admin API (`admin.key_store`, stored hashed); appended to the
+    /// pipeline when the admin API is enabled.
+    KeyStore {
+        path: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -232,6 +232,8 @@ pub struct MetricsConfig {
 pub struct AdminConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    /// SQLite file of the keys created through the admin API (stored hashed).
+    pub key_store: String,
     /// Bearer token every admin request must carry; at least 16 characters when enabled.
     pub token: String,
 }
@@ -242,6 +244,7 @@ impl fmt::Debug for AdminConfig {
         f.debug_struct("AdminConfig")
             .field("enabled", &self.enabled)
             .field("listen", &self.listen)
+            .field("key_store", &self.key_store)
             .finish_non_exhaustive()
     }
 }
@@ -529,6 +532,7 @@ struct RawAdmin {
     enabled: bool,
     listen: String,
     token: String,
+    key_store: String,
 }
 
 impl Default for RawAdmin {
@@ -537,6 +541,7 @@ impl Default for RawAdmin {
             enabled: false,
             listen: "127.0.0.1:9091".to_string(),
             token: String::new(),
+            key_store: "./data/keys.db".to_string(),
         }
     }
 }
@@ -831,7 +836,18 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
     let routing = routing::routing(raw.load_balance, raw.routing, &mut report);
     let health_check = routing::health_check(raw.health_check);
     let retry = routing::retry(raw.retry, &mut report);
-    let (auth, api_keys, rate_limit) = auth::build(raw.auth, raw.api_keys, raw.rate_limit, issues);
+    let (mut auth, api_keys, rate_limit) =
+        auth::build(raw.auth, raw.api_keys, raw.rate_limit, issues);
+    // Keys created through the admin API authenticate like any other provider's (in
+    // `first_match` mode; with `all`, every provider must know a key, so the store stays out).
+    if let Some(auth) = auth
+        .as_mut()
+        .filter(|a| raw.admin.enabled && a.mode == PipelineMode::FirstMatch)
+    {
+        auth.pipeline.push(ProviderConfig::KeyStore {
+            path: raw.admin.key_store.clone(),
+        });
+    }
     if !issues.is_empty() {
         return None;
     }
@@ -883,6 +899,7 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             enabled: raw.admin.enabled,
             listen: admin_listen.ok()?,
             token: raw.admin.token,
+            key_store: raw.admin.key_store,
         },
         usage_hook: UsageHook {
             enabled: hook.enabled,

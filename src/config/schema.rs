@@ -97,7 +97,12 @@ pub(super) const ROOT: Shape = Fields(&[
     ("metrics", Fields(&[("enabled", Leaf), ("path", Leaf)])),
     (
         "admin",
-        Fields(&[("enabled", Leaf), ("listen", Leaf), ("token", Leaf)]),
+        Fields(&[
+            ("enabled", Leaf),
+            ("listen", Leaf),
+            ("token", Leaf),
+            ("key_store", Leaf),
+        ]),
     ),
     (
         "usage_hook",

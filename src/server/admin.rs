@@ -3,7 +3,10 @@
 //!
 //! `GET /admin/backends` (the running backends, whether they take traffic, requests in flight),
 //! `POST /admin/reload` (the same reload as SIGHUP, answering with its result), `GET /admin/metrics`
-//! (the Prometheus text, for setups that keep it off the client listener).
+//! (the Prometheus text, for setups that keep it off the client listener), the key store
+//! (`POST /admin/keys` creates a key and shows it once, `GET /admin/keys`, `DELETE
+//! /admin/keys/NAME`), and `GET /admin/usage?since=24h&until=0s&by=key|model` (token totals from
+//! the usage spool).
 //!
 //! Runs on one plain thread with blocking sockets, one request per connection: it is for
 //! operators, must never run on or slow down a worker, and needs no throughput.
@@ -16,9 +19,11 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::Control;
+use crate::auth::store;
 use crate::metrics::Registry;
+use crate::usage::spool::GroupBy;
 
-/// Largest admin request head (there is no body to read).
+/// Largest admin request head, and body (a key's JSON).
 const MAX_REQUEST: usize = 16 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -53,7 +58,7 @@ fn serve(mut stream: TcpStream, control: &Control, registry: &Registry) -> io::R
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    let (method, path, auth) = loop {
+    let (method, path, auth, head_len, body_len) = loop {
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             return Ok(());
@@ -62,22 +67,40 @@ fn serve(mut stream: TcpStream, control: &Control, registry: &Registry) -> io::R
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                let auth = req
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("authorization"))
-                    .map(|h| h.value.to_vec());
+            Ok(httparse::Status::Complete(head_len)) => {
+                let header = |name: &str| {
+                    req.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| h.value.to_vec())
+                };
+                let body_len = header("content-length")
+                    .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
                 break (
                     req.method.unwrap_or_default().to_string(),
                     req.path.unwrap_or_default().to_string(),
-                    auth,
+                    header("authorization"),
+                    head_len,
+                    body_len,
                 );
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST => {}
             _ => return respond(&mut stream, 400, &error("invalid request")),
         }
     };
+
+    if body_len > MAX_REQUEST {
+        return respond(&mut stream, 400, &error("request body too large"));
+    }
+    while buf.len() < head_len + body_len {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = &buf[head_len..head_len + body_len];
 
     let (_, snapshot) = control.live.snapshot();
     let token = snapshot.config.admin.token.as_bytes();
@@ -86,7 +109,46 @@ fn serve(mut stream: TcpStream, control: &Control, registry: &Registry) -> io::R
         return respond(&mut stream, 401, &error("missing or wrong admin token"));
     }
 
-    match (method.as_str(), path.as_str()) {
+    let (route, query) = path.split_once('?').unwrap_or((path.as_str(), ""));
+    let key_store = || store::open(&snapshot.config.admin.key_store);
+    match (method.as_str(), route) {
+        ("POST", "/admin/keys") => {
+            let created = serde_json::from_slice::<serde_json::Value>(body)
+                .map_err(|e| format!("invalid JSON: {e}"))
+                .and_then(|spec| {
+                    let conn = key_store().map_err(|e| e.to_string())?;
+                    store::create(&conn, &spec).map(|key| (key, spec))
+                });
+            match created {
+                Ok((key, spec)) => {
+                    // The only time the key is shown; the store keeps its hash.
+                    let body = json!({"key": key, "name": spec["name"]});
+                    respond(&mut stream, 201, &body.to_string())
+                }
+                Err(e) => respond(&mut stream, 422, &error(&e)),
+            }
+        }
+        ("GET", "/admin/keys") => match key_store().and_then(|c| store::list(&c)) {
+            Ok(keys) => respond(&mut stream, 200, &json!({ "keys": keys }).to_string()),
+            Err(e) => respond(&mut stream, 500, &error(&e.to_string())),
+        },
+        ("DELETE", name) if name.starts_with("/admin/keys/") => {
+            let name = &name["/admin/keys/".len()..];
+            match key_store().and_then(|c| store::delete(&c, name)) {
+                Ok(true) => {
+                    if let Some(auth) = &snapshot.auth {
+                        auth.forget_cached();
+                    }
+                    respond(&mut stream, 200, &json!({"deleted": name}).to_string())
+                }
+                Ok(false) => respond(&mut stream, 404, &error("no such key")),
+                Err(e) => respond(&mut stream, 500, &error(&e.to_string())),
+            }
+        }
+        ("GET", "/admin/usage") => match usage_totals(&snapshot.config, query) {
+            Ok(body) => respond(&mut stream, 200, &body),
+            Err(e) => respond(&mut stream, 400, &error(&e)),
+        },
         ("GET", "/admin/backends") => {
             let backends: Vec<_> = snapshot
                 .backends
@@ -124,6 +186,47 @@ fn serve(mut stream: TcpStream, control: &Control, registry: &Registry) -> io::R
     }
 }
 
+/// `since` and `until` are durations back from now (`24h`, `30m`; `until` defaults to now),
+/// `by` is `key` or `model` (absent: one grand total).
+fn usage_totals(config: &crate::config::Config, query: &str) -> Result<String, String> {
+    let mut since = Duration::from_secs(24 * 3600);
+    let mut until = Duration::ZERO;
+    let mut by = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "since" => since = crate::config::parse_duration(v)?,
+            "until" => until = crate::config::parse_duration(v)?,
+            "by" => {
+                by = Some(match v {
+                    "key" => GroupBy::Key,
+                    "model" => GroupBy::Model,
+                    _ => return Err("by must be key or model".into()),
+                })
+            }
+            _ => return Err(format!("unknown parameter {k:?}")),
+        }
+    }
+    let now = crate::usage::spool::now_ms();
+    let ms = |d: Duration| now - d.as_millis() as i64;
+    let spool =
+        crate::usage::Spool::open(&config.usage_hook.spool_path).map_err(|e| e.to_string())?;
+    let totals = spool
+        .totals(ms(since), ms(until), by)
+        .map_err(|e| e.to_string())?;
+    let rows: Vec<_> = totals
+        .iter()
+        .map(|t| {
+            json!({
+                "group": t.group, "requests": t.requests, "prompt_tokens": t.prompt_tokens,
+                "completion_tokens": t.completion_tokens, "total_tokens": t.total_tokens,
+                "estimated": t.estimated,
+            })
+        })
+        .collect();
+    Ok(json!({"since_ms": ms(since), "until_ms": ms(until), "totals": rows}).to_string())
+}
+
 fn error(message: &str) -> String {
     json!({"error": {"message": message, "type": "admin_error"}}).to_string()
 }
@@ -140,9 +243,11 @@ fn respond_with(
 ) -> io::Result<()> {
     let reason = match status {
         200 => "OK",
+        201 => "Created",
         400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
+        500 => "Internal Server Error",
         _ => "Unprocessable Entity",
     };
     let auth = if status == 401 {

@@ -175,8 +175,13 @@ impl Spool {
         )
     }
 
-    /// Totals of the records spooled at or after `since_ms`, biggest first, grand total last.
-    pub fn totals(&self, since_ms: i64, by: Option<GroupBy>) -> rusqlite::Result<Vec<Totals>> {
+    /// Totals of the records spooled in `[since_ms, until_ms)`, biggest first.
+    pub fn totals(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        by: Option<GroupBy>,
+    ) -> rusqlite::Result<Vec<Totals>> {
         let group = match by {
             Some(GroupBy::Key) => "COALESCE(key_name, '-')",
             Some(GroupBy::Model) => "COALESCE(model, '-')",
@@ -185,10 +190,10 @@ impl Spool {
         let sql = format!(
             "SELECT {group}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),
                     SUM(total_tokens), SUM(usage_estimated)
-             FROM records WHERE spooled_ms >= ?1 GROUP BY 1 ORDER BY 5 DESC, 1"
+             FROM records WHERE spooled_ms >= ?1 AND spooled_ms < ?2 GROUP BY 1 ORDER BY 5 DESC, 1"
         );
         let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map([since_ms], |row| {
+        let rows = stmt.query_map([since_ms, until_ms], |row| {
             Ok(Totals {
                 group: row.get(0)?,
                 requests: row.get::<_, i64>(1)? as u64,
@@ -261,12 +266,12 @@ mod tests {
         spool
             .insert(&[record("d", "k2", 5), record("e", "k1", 1)])
             .unwrap();
-        let by_key = spool.totals(0, Some(GroupBy::Key)).unwrap();
+        let by_key = spool.totals(0, i64::MAX, Some(GroupBy::Key)).unwrap();
         assert_eq!(by_key[0].group, "k1");
         assert_eq!((by_key[0].requests, by_key[0].prompt_tokens), (2, 31));
         assert_eq!(by_key[1].group, "k2");
         assert_eq!(by_key[1].total_tokens, 6);
-        let all = spool.totals(0, None).unwrap();
+        let all = spool.totals(0, i64::MAX, None).unwrap();
         assert_eq!((all[0].requests, all[0].prompt_tokens), (3, 36));
 
         // Everything delivered and pruned: new rows still come after every cursor.
