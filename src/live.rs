@@ -7,8 +7,8 @@
 //! when they differ takes the lock to pick up the new [`Snapshot`]. Requests already running keep
 //! the snapshot they started with, so a reload never cuts a connection or a stream.
 //!
-//! Keys and limits are part of the snapshot too; reporters and Redis-backed rates are built once
-//! at start (a change to them logs "restart needed"). This module must not do I/O.
+//! Keys, limits and the usage reporter are part of the snapshot too; Redis-backed rates are built
+//! once at start (a change to them logs "restart needed"). This module must not do I/O.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,7 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::limits::LimitSet;
 use crate::upstream::Backends;
+use crate::usage::UsageSender;
 
 /// Everything a generation of the config shares across workers.
 pub struct Snapshot {
@@ -26,6 +27,8 @@ pub struct Snapshot {
     pub auth: Option<Arc<Auth>>,
     /// `rate_limit.global`, when it limits anything.
     pub global_limits: Option<Arc<LimitSet>>,
+    /// The running usage reporter's channel, when metering is on.
+    pub usage: Option<UsageSender>,
 }
 
 pub struct Live {

@@ -107,3 +107,54 @@ fn reload_swaps_keys_and_limits_under_a_running_stream() {
         "an invalid file was applied"
     );
 }
+
+#[test]
+fn reload_starts_and_swaps_usage_reporters() {
+    let sim = spawn_mock(&["--tokens", "3"]);
+    let dir = std::env::temp_dir().join(format!("llmproxy-reload-usage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = format!(
+        "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n",
+        sim.addr
+    );
+    let gw = spawn_gateway(&base);
+    let file = std::fs::read_to_string(gw.config.as_ref().unwrap()).unwrap();
+    let base = base.replacen("listen: \"{listen}\"", file.lines().next().unwrap(), 1);
+    let reporter = |db: &str| {
+        format!(
+            "usage_hook:\n  enabled: true\n  spool_path: \"{d}/spool.db\"\n  reporters:\n    - name: \"local\"\n      type: database\n      database:\n        driver: sqlite\n        dsn: \"{d}/{db}\"\n",
+            d = dir.display()
+        )
+    };
+    let send = |n: usize| {
+        for _ in 0..n {
+            assert_eq!(
+                post_json(gw.addr, "/v1/chat/completions", &chat(), &[]).status,
+                200
+            );
+        }
+    };
+    let delivered = || metric(gw.addr, "llmproxy_usage_delivered_total");
+    send(2);
+    assert_eq!(delivered(), 0.0, "metered while usage reporting was off");
+
+    // Reload turns reporting on: later requests are delivered.
+    reload(&gw, &format!("{base}{}", reporter("first.db")));
+    assert!(wait_until(Duration::from_secs(5), || {
+        send(1);
+        delivered() >= 1.0
+    }));
+    // Reload to another database: a new reporter takes over.
+    reload(&gw, &format!("{base}{}", reporter("second.db")));
+    std::thread::sleep(Duration::from_millis(500));
+    let before = delivered();
+    send(3);
+    assert!(
+        wait_until(Duration::from_secs(5), || delivered() >= before + 3.0),
+        "the new reporter delivers nothing"
+    );
+    assert!(dir.join("second.db").exists());
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -305,8 +305,9 @@ pub struct Registry {
     slots: Mutex<Vec<Arc<str>>>,
     version: &'static str,
     io_driver: Mutex<&'static str>,
-    /// The usage reporter's counters, when usage reporting runs.
-    usage: std::sync::OnceLock<Arc<crate::usage::UsageStats>>,
+    /// The usage reporter's counters, when usage reporting runs (replaced when a reload starts
+    /// a new reporter).
+    usage: Mutex<Option<Arc<crate::usage::UsageStats>>>,
 }
 
 impl Registry {
@@ -316,13 +317,13 @@ impl Registry {
             slots: Mutex::new(vec![Arc::from("none")]),
             version: env!("CARGO_PKG_VERSION"),
             io_driver: Mutex::new("unknown"),
-            usage: std::sync::OnceLock::new(),
+            usage: Mutex::new(None),
         })
     }
 
     /// Exposes the usage reporter's delivery and token counters on `/metrics`.
-    pub fn attach_usage(&self, stats: Arc<crate::usage::UsageStats>) {
-        let _ = self.usage.set(stats);
+    pub fn attach_usage(&self, stats: Option<Arc<crate::usage::UsageStats>>) {
+        *self.usage.lock().unwrap_or_else(|e| e.into_inner()) = stats;
     }
 
     pub fn worker(&self, index: usize) -> &WorkerMetrics {

@@ -191,7 +191,8 @@ impl Registry {
     /// reporting is off, so dashboards and alerts always find the series.
     fn render_usage(&self, out: &mut String) {
         use std::sync::atomic::Ordering::Relaxed;
-        let stats = self.usage.get();
+        let stats = self.usage.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let stats = stats.as_ref();
         let reporters = stats.map_or(&[][..], |s| &s.reporters[..]);
         let webhooks = |f: &dyn Fn(&crate::usage::ReporterStats) -> u64| {
             reporters

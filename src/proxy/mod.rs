@@ -65,10 +65,6 @@ const KEEP_BUF: usize = 64 * 1024;
 
 /// One worker's state shared by all of its connections (single-threaded: `Rc`, `Cell`).
 pub struct Context {
-    /// Present when usage reporting is enabled.
-    pub usage: Option<UsageSender>,
-    /// Ask streaming backends for usage on the client's behalf (`usage_hook.inject_stream_usage`).
-    pub inject_stream_usage: bool,
     /// Request rates kept in Redis (`rate_limit.storage: redis`), shared by all instances.
     /// Built at start; keys and local limits live in the config [`Generation`].
     pub shared_rates: Option<Arc<crate::limits::RedisRates>>,
@@ -117,6 +113,8 @@ pub struct Generation {
     pub upstreams: WorkerUpstreams,
     pub auth: Option<Arc<Auth>>,
     pub global_limits: Option<Arc<LimitSet>>,
+    /// Present when metering is on (usage reporting, or auth charging tokens).
+    usage: Option<UsageSender>,
     /// This worker's Lua state for the generation's policy script (Lua states are not `Send`).
     lua: Option<crate::auth::LuaPolicy>,
     lua_failed: bool,
@@ -150,6 +148,7 @@ impl Generation {
             upstreams: WorkerUpstreams::new(backends, &snapshot.config, worker),
             auth: snapshot.auth.clone(),
             global_limits: snapshot.global_limits.clone(),
+            usage: snapshot.usage.clone(),
             lua,
             lua_failed,
             slots,
@@ -167,8 +166,6 @@ impl Context {
         let (number, snapshot) = live.snapshot();
         let current = Generation::new(number, &snapshot, &registry, worker);
         Context {
-            usage: None,
-            inject_stream_usage: true,
             shared_rates: None,
             live,
             current: RefCell::new(current),
@@ -544,8 +541,8 @@ async fn proxy_request(
         c.body.splice(at, served.bytes());
         info = inspect::inspect(&c.body).unwrap_or_default();
     }
-    let strip_usage = ctx.usage.is_some()
-        && ctx.inject_stream_usage
+    let strip_usage = gen.usage.is_some()
+        && gen.config.usage_hook.inject_stream_usage
         && info.stream
         && is_generation_endpoint(c.head.path(&c.buf))
         && inspect::request_stream_usage(&mut c.body, &info);
@@ -997,7 +994,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
         );
     }
 
-    let (Some(usage), Some(outcome), Some(backend)) = (&ctx.usage, t.outcome, t.backend) else {
+    let (Some(usage), Some(outcome), Some(backend)) = (&gen.usage, t.outcome, t.backend) else {
         return;
     };
     // Requests that never reached a backend cost nothing.

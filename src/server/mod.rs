@@ -13,7 +13,7 @@ use std::io;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use monoio::net::{ListenerOpts, TcpListener};
@@ -27,7 +27,7 @@ use crate::logging::SetLogLevel;
 use crate::metrics::Registry;
 use crate::proxy::{self, Context};
 use crate::upstream::{self, Backends};
-use crate::usage::{self, Reporter, UsageSender};
+use crate::usage::{self, Reporter};
 
 /// Submission queue size per worker: enough for thousands of concurrent streams per core.
 const URING_ENTRIES: u32 = 8192;
@@ -53,12 +53,22 @@ struct Control {
     heartbeats: Box<[AtomicU64]>,
     /// Held for the whole of a reload, so SIGHUP and the admin API never interleave.
     reload: Mutex<Reload>,
+    /// The running usage reporter; a reload that changes `usage_hook` (or turns auth on or off)
+    /// starts a new one and retires this one.
+    reporter: Mutex<Option<Reporter>>,
+    registry: Arc<Registry>,
 }
 
 /// Runs the gateway until SIGTERM/SIGINT, then drains and returns. SIGHUP reloads the config.
 pub fn run(config: Config, reload: Reload) -> io::Result<()> {
     let config = Arc::new(config);
     let (auth, global_limits) = keys_and_limits(&config).map_err(io::Error::other)?;
+    let registry = Registry::new(config.workers);
+    // Started before the workers so that no request goes unmetered; on its own threads. Its
+    // token charges look up the current keys in `live`, which exists only once it is built.
+    let live_cell = Arc::new(OnceLock::new());
+    let reporter = start_reporter(&config, auth.is_some(), live_cell.clone())?;
+    registry.attach_usage(reporter.as_ref().map(|r| r.stats().clone()));
     let control = Arc::new(Control {
         shutdown: Arc::new(AtomicBool::new(false)),
         live: Live::new(Snapshot {
@@ -66,11 +76,14 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
             backends: start_backends(&config),
             auth: auth.clone(),
             global_limits,
+            usage: reporter.as_ref().map(Reporter::sender),
         }),
         heartbeats: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
         reload: Mutex::new(reload),
+        reporter: Mutex::new(reporter),
+        registry: registry.clone(),
     });
-    let registry = Registry::new(config.workers);
+    let _ = live_cell.set(control.live.clone());
     // Built once from the start-up config: the Redis connection behind shared rates.
     let shared_rates = match &config.rate_limit.redis {
         Some(r) => Some(Arc::new(RedisRates::start(&r.url.0, &r.prefix, 4)?)),
@@ -81,33 +94,6 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
     if config.admin.enabled {
         admin::start(control.clone(), registry.clone())?;
     }
-    // Started before the workers so that no request goes unmetered; on its own threads. Keys'
-    // token rates and quotas accrue from usage records, so authentication needs metering even
-    // when usage reporting itself is off (records are then kept in memory only, and pruned).
-    let reporter = if config.usage_hook.enabled || auth.is_some() {
-        let mut hook = config.usage_hook.clone();
-        if !hook.enabled {
-            hook.enabled = true;
-            hook.reporters.clear();
-            hook.spool_path = ":memory:".into();
-        }
-        // Charged to whichever generation's keys are current: a reload keeps counting.
-        let live = control.live.clone();
-        let charge = auth.is_some().then(|| -> usage::QuotaHook {
-            Box::new(move |key, record| {
-                if let Some(auth) = &live.snapshot().1.auth {
-                    auth.charge_tokens(key, record.total_tokens);
-                }
-            })
-        });
-        Some(Reporter::start(&hook, charge)?)
-    } else {
-        None
-    };
-    if let Some(r) = &reporter {
-        registry.attach_usage(r.stats().clone());
-    }
-
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<&'static str>>();
     let mut threads = Vec::with_capacity(config.workers);
     for worker in 0..config.workers {
@@ -119,7 +105,6 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
         );
         let shared = Shared {
             shared_rates: shared_rates.clone(),
-            usage: reporter.as_ref().map(Reporter::sender),
         };
         let handle = std::thread::Builder::new()
             .name(format!("llmproxy-w{worker}"))
@@ -159,13 +144,28 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
     tracing::info!(listen = %config.listen, workers = config.workers, io_driver = driver, backends = config.backends.len(), "llmproxy ready");
     notify::notify("READY=1");
     if let Some(interval) = notify::watchdog_interval() {
-        start_watchdog(control, interval)?;
+        start_watchdog(control.clone(), interval)?;
     }
 
     for t in threads {
         let _ = t.join();
     }
-    // The workers' senders are gone: what is still in the channel goes to the spool.
+    // The workers' senders are gone; the running snapshot holds the last one. Dropping it closes
+    // the channel, so the reporter puts what is still in it into the spool and stops.
+    let (_, last) = control.live.snapshot();
+    control.live.publish(Snapshot {
+        config: last.config.clone(),
+        backends: last.backends.clone(),
+        auth: last.auth.clone(),
+        global_limits: last.global_limits.clone(),
+        usage: None,
+    });
+    drop(last);
+    let reporter = control
+        .reporter
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     if let Some(reporter) = reporter {
         reporter.shutdown();
     }
@@ -209,7 +209,6 @@ where
 /// State built once and shared by every worker (auth keys, quota, global limits).
 struct Shared {
     shared_rates: Option<Arc<RedisRates>>,
-    usage: Option<UsageSender>,
 }
 
 async fn worker_main(
@@ -236,8 +235,6 @@ async fn worker_main(
     tracing::debug!(worker, driver, "worker listening");
     let _ = ready.send(Ok(driver));
     let mut ctx = Context::new(control.live.clone(), registry, shutdown.clone(), worker);
-    ctx.usage = shared.usage;
-    ctx.inject_stream_usage = config.usage_hook.inject_stream_usage;
     ctx.shared_rates = shared.shared_rates;
     let ctx = Rc::new(ctx);
 
@@ -349,6 +346,34 @@ fn start_backends(config: &Config) -> Arc<Backends> {
 /// generation. A file that does not load is refused as a whole and the running config stays.
 type KeysAndLimits = (Option<Arc<Auth>>, Option<Arc<LimitSet>>);
 
+/// Starts the usage reporter when metering is needed. Keys' token rates and quotas accrue from
+/// usage records, so authentication needs metering even when usage reporting itself is off
+/// (records are then kept in memory only, and pruned). Charges go to whichever generation's keys
+/// are current, so a reload keeps counting.
+fn start_reporter(
+    config: &Config,
+    auth_on: bool,
+    live: Arc<OnceLock<Arc<Live>>>,
+) -> io::Result<Option<Reporter>> {
+    if !config.usage_hook.enabled && !auth_on {
+        return Ok(None);
+    }
+    let mut hook = config.usage_hook.clone();
+    if !hook.enabled {
+        hook.enabled = true;
+        hook.reporters.clear();
+        hook.spool_path = ":memory:".into();
+    }
+    let charge = auth_on.then(|| -> usage::QuotaHook {
+        Box::new(move |key, record| {
+            if let Some(auth) = live.get().and_then(|l| l.snapshot().1.auth.clone()) {
+                auth.charge_tokens(key, record.total_tokens);
+            }
+        })
+    });
+    Reporter::start(&hook, charge).map(Some)
+}
+
 /// Keys (with their providers and quota store) and global limits for one config generation.
 /// A Lua policy is compiled here once so that a broken script refuses the config instead of
 /// failing requests on the workers.
@@ -383,6 +408,35 @@ fn reload_config(control: &Control) -> Result<u64, String> {
                 let live = &control.live;
                 let (_, running) = live.snapshot();
                 warn_restart_only(&running.config, &next);
+                let mut reporter = control.reporter.lock().unwrap_or_else(|e| e.into_inner());
+                let usage = if running.config.usage_hook == next.usage_hook
+                    && running.auth.is_some() == auth.is_some()
+                {
+                    running.usage.clone()
+                } else {
+                    let live_cell = Arc::new(OnceLock::from(live.clone()));
+                    match start_reporter(&next, auth.is_some(), live_cell) {
+                        Err(e) => {
+                            let why = format!("usage reporter: {e}");
+                            tracing::error!("reload refused, running config kept: {why}");
+                            notify::notify("READY=1");
+                            return Err(why);
+                        }
+                        Ok(new) => {
+                            control
+                                .registry
+                                .attach_usage(new.as_ref().map(|r| r.stats().clone()));
+                            let sender = new.as_ref().map(Reporter::sender);
+                            if let Some(old) = std::mem::replace(&mut *reporter, new) {
+                                // Finishes once the requests still holding its channel are done.
+                                let _ = std::thread::Builder::new()
+                                    .name("llmproxy-retire".into())
+                                    .spawn(move || old.shutdown());
+                            }
+                            sender
+                        }
+                    }
+                };
                 if let Err(e) = (reload.set_log_level)(&next.log.level) {
                     tracing::warn!("log level not changed: {e}");
                 }
@@ -394,6 +448,7 @@ fn reload_config(control: &Control) -> Result<u64, String> {
                     backends,
                     auth,
                     global_limits,
+                    usage,
                 });
                 // Its background threads stop; requests still running keep using it.
                 running.backends.retire();
@@ -416,13 +471,6 @@ fn warn_restart_only(running: &Config, next: &Config) {
         ("log.format", running.log.format != next.log.format),
         ("admin.enabled", running.admin.enabled != next.admin.enabled),
         ("admin.listen", running.admin.listen != next.admin.listen),
-        // The reporter threads and the spool are started once.
-        ("usage_hook", running.usage_hook != next.usage_hook),
-        // Token charging runs on the reporter, which only starts when auth is on at start.
-        (
-            "auth.enabled",
-            running.auth.is_none() && next.auth.is_some() && !running.usage_hook.enabled,
-        ),
         // The Redis connection behind shared rates is made once.
         (
             "rate_limit.storage",
