@@ -97,9 +97,11 @@ impl Receiver {
     }
 }
 
+/// Complete lines only: the receiver may be writing the last one as the test reads.
 pub fn read_posts(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
         .map(|l| serde_json::from_str(l).expect("receiver line is JSON"))
         .collect()
