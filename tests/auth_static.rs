@@ -23,28 +23,9 @@ fn temp_db(tag: &str) -> String {
         .to_string()
 }
 
-/// The seed README's OpenCode config, unchanged but for the backend address and `listen`.
-const OPENCODE: &str = r#"
-backends:
-  - url: "http://vllm-coder:8000"
-    weight: 10
-
-auth:
-  enabled: true
-  storage: "file"
-  header_names: ["Authorization", "X-API-Key"]
-
-api_keys:
-  - key: "sk-llmproxy-dev-001"
-    name: "Dev Team"
-    total_quota: 1000000
-    allowed_ips: ["10.0.0.0/8"]
-
-rate_limit:
-  per_key:
-    requests_per_minute: 60
-    max_concurrent: 3
-"#;
+/// The seed README's OpenCode config, verbatim (the tests change the backend address and
+/// add `listen`).
+const OPENCODE: &str = include_str!("../config/seed-opencode.yaml");
 
 fn opencode(backend: SocketAddr, extra_ip: bool) -> String {
     let mut c = format!("listen: \"{{listen}}\"\n{OPENCODE}")

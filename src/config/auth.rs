@@ -914,30 +914,10 @@ mod tests {
         assert_eq!(year_month(days_from_civil(2026, 12, 31)), (2026, 12));
     }
 
-    /// The seed README's OpenCode scenario, verbatim.
+    /// The seed README's OpenCode scenario, verbatim (config/seed-opencode.yaml).
     #[test]
     fn opencode_scenario_loads_as_written() {
-        let text = r#"
-backends:
-  - url: "http://vllm-coder:8000"
-    weight: 10
-
-auth:
-  enabled: true
-  storage: "file"
-  header_names: ["Authorization", "X-API-Key"]
-
-api_keys:
-  - key: "sk-llmproxy-dev-001"
-    name: "Dev Team"
-    total_quota: 1000000
-    allowed_ips: ["10.0.0.0/8"]
-
-rate_limit:
-  per_key:
-    requests_per_minute: 60
-    max_concurrent: 3
-"#;
+        let text = include_str!("../../config/seed-opencode.yaml");
         let c = crate::config::parse(text, crate::config::Format::Yaml).unwrap();
         let auth = c.auth.as_ref().unwrap();
         assert_eq!(auth.header_names, ["authorization", "x-api-key"]);

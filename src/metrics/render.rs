@@ -169,7 +169,7 @@ impl Registry {
             &mut out,
             "llmproxy_retries_total",
             "counter",
-            "Requests sent again on a fresh connection after a stale pooled one failed.",
+            "Attempts sent again: on another backend (retry policy) or on a fresh connection after a stale pooled one failed.",
         );
         let _ = writeln!(out, "llmproxy_retries_total {}", sum(&|w| w.retries.get()));
 
