@@ -217,19 +217,21 @@ impl Context {
     }
 }
 
-/// Counts a connection that has not yet sent its first request, for the drain.
-struct OpeningGuard<'a>(&'a Cell<usize>);
+/// Counts a connection that has not yet sent its first request, for the drain. Taken when the
+/// connection is accepted, before its task first runs: a drain that starts in between must
+/// still wait for it.
+struct OpeningGuard(Rc<Context>);
 
-impl<'a> OpeningGuard<'a> {
-    fn enter(c: &'a Cell<usize>) -> Self {
-        c.set(c.get() + 1);
-        OpeningGuard(c)
+impl OpeningGuard {
+    fn enter(ctx: &Rc<Context>) -> Self {
+        ctx.opening.set(ctx.opening.get() + 1);
+        OpeningGuard(ctx.clone())
     }
 }
 
-impl Drop for OpeningGuard<'_> {
+impl Drop for OpeningGuard {
     fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
+        self.0.opening.set(self.0.opening.get() - 1);
     }
 }
 
@@ -273,7 +275,18 @@ enum Next {
     Close,
 }
 
-pub async fn serve_connection(ctx: Rc<Context>, stream: TcpStream, peer: SocketAddr) {
+/// The task serving one accepted connection. The connection counts for the drain from this
+/// call on, not from the task's first poll.
+pub fn serve_connection(
+    ctx: Rc<Context>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> impl std::future::Future<Output = ()> {
+    let opening = OpeningGuard::enter(&ctx);
+    serve(ctx, stream, peer, opening)
+}
+
+async fn serve(ctx: Rc<Context>, stream: TcpStream, peer: SocketAddr, opening: OpeningGuard) {
     // Without it, a small response waits for the client's delayed ACK.
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
@@ -287,7 +300,7 @@ pub async fn serve_connection(ctx: Rc<Context>, stream: TcpStream, peer: SocketA
         peer: peer.ip().to_canonical(),
         ip: peer.ip().to_canonical().to_string(),
     };
-    let mut opening = Some(OpeningGuard::enter(&ctx.opening));
+    let mut opening = Some(opening);
     loop {
         let head = read_head(&ctx, &mut rd, &mut c).await;
         drop(opening.take());
