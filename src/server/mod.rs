@@ -348,7 +348,7 @@ type KeysAndLimits = (Option<Arc<Auth>>, Option<Arc<LimitSet>>);
 
 /// Starts the usage reporter when metering is needed. Keys' token rates and quotas accrue from
 /// usage records, so authentication needs metering even when usage reporting itself is off
-/// (records are then kept in memory only, and pruned). Charges go to whichever generation's keys
+/// (records then only charge keys; nothing is spooled). Charges go to whichever generation's keys
 /// are current, so a reload keeps counting.
 fn start_reporter(
     config: &Config,
@@ -358,12 +358,7 @@ fn start_reporter(
     if !config.usage_hook.enabled && !auth_on {
         return Ok(None);
     }
-    let mut hook = config.usage_hook.clone();
-    if !hook.enabled {
-        hook.enabled = true;
-        hook.reporters.clear();
-        hook.spool_path = ":memory:".into();
-    }
+    let hook = &config.usage_hook;
     let charge = auth_on.then(|| -> usage::QuotaHook {
         Box::new(move |key, record| {
             if let Some(auth) = live.get().and_then(|l| l.snapshot().1.auth.clone()) {
@@ -371,7 +366,7 @@ fn start_reporter(
             }
         })
     });
-    Reporter::start(&hook, charge).map(Some)
+    Reporter::start(hook, charge).map(Some)
 }
 
 /// Keys (with their providers and quota store) and global limits for one config generation.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
-use super::spool::Spool;
+use super::spool::{Spool, Spooled};
 use super::sql::SqlSink;
 use super::webhook::WebhookSink;
 use super::{UsageEvent, UsageRecord, UsageSender};
@@ -88,24 +88,34 @@ enum Sink {
 }
 
 impl Sink {
-    fn deliver(&mut self, records: &[UsageRecord]) -> Result<(), String> {
+    fn deliver(&mut self, rows: &[Spooled]) -> Result<(), String> {
         match self {
-            Sink::Webhook(w) => w.deliver(records),
-            Sink::Sql(s) => s.deliver(records),
+            Sink::Webhook(w) => w.deliver(rows),
+            Sink::Sql(s) => s.deliver(rows),
         }
     }
 }
 
 impl Reporter {
-    /// Opens the spool (failing start-up if it cannot) and starts the threads.
+    /// Opens the spool (failing start-up if it cannot) and starts the threads. With
+    /// `hook.enabled` false the reporter only charges keys through `quota` (authentication's
+    /// token rates and quotas need usage even when reporting is off): nothing is spooled or
+    /// delivered.
     pub fn start(hook: &UsageHook, quota: Option<QuotaHook>) -> io::Result<Reporter> {
         let spool_error = |e: rusqlite::Error| {
             io::Error::other(format!("usage spool {}: {e}", hook.spool_path.display()))
         };
-        let spool = Spool::open(&hook.spool_path).map_err(spool_error)?;
+        let spool = match hook.enabled {
+            true => Some(Spool::open(&hook.spool_path).map_err(spool_error)?),
+            false => None,
+        };
+        let reporters = if hook.enabled {
+            &hook.reporters[..]
+        } else {
+            &[]
+        };
         let stats = Arc::new(UsageStats {
-            reporters: hook
-                .reporters
+            reporters: reporters
                 .iter()
                 .map(|r| ReporterStats {
                     name: r.name.clone(),
@@ -123,7 +133,7 @@ impl Reporter {
 
         let mut nudges = Vec::new();
         let mut delivery = Vec::new();
-        for (index, config) in hook.reporters.iter().enumerate() {
+        for (index, config) in reporters.iter().enumerate() {
             let spool = Spool::open(&hook.spool_path).map_err(spool_error)?;
             // Capacity 1: a pending nudge already says "look again".
             let (nudge_tx, nudge_rx) = crossbeam_channel::bounded(1);
@@ -144,7 +154,7 @@ impl Reporter {
             quota,
             stats: stats.clone(),
             include_raw_key: hook.include_raw_key,
-            reporters: hook.reporters.iter().map(|r| r.name.clone()).collect(),
+            reporters: reporters.iter().map(|r| r.name.clone()).collect(),
             retention: hook.retention,
         };
         let ingest = std::thread::Builder::new()
@@ -185,7 +195,8 @@ impl Reporter {
 
 struct Ingest {
     rx: Receiver<UsageEvent>,
-    spool: Spool,
+    /// `None` when records only charge keys.
+    spool: Option<Spool>,
     nudges: Vec<Sender<()>>,
     quota: Option<QuotaHook>,
     stats: Arc<UsageStats>,
@@ -216,6 +227,9 @@ impl Ingest {
                         break;
                     }
                 }
+            }
+            if self.spool.is_none() {
+                batch.clear();
             }
             if !batch.is_empty() {
                 self.spool_batch(&batch);
@@ -262,8 +276,11 @@ impl Ingest {
     /// Retries until the batch is written: these records exist nowhere else. Meanwhile the
     /// channel fills and further events are dropped (and counted) rather than held in memory.
     fn spool_batch(&mut self, batch: &[UsageRecord]) {
+        let Some(spool) = &mut self.spool else {
+            return;
+        };
         let mut logged = false;
-        while let Err(e) = self.spool.insert(batch) {
+        while let Err(e) = spool.insert(batch) {
             self.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
             if !logged {
                 tracing::error!(
@@ -277,12 +294,15 @@ impl Ingest {
     }
 
     fn prune(&self, last: &mut Instant) {
+        let Some(spool) = &self.spool else {
+            return;
+        };
         if last.elapsed() < PRUNE_EVERY {
             return;
         }
         *last = Instant::now();
         let names: Vec<&str> = self.reporters.iter().map(String::as_str).collect();
-        match self.spool.prune(&names, self.retention) {
+        match spool.prune(&names, self.retention) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(rows = n, "usage spool pruned"),
             Err(e) => tracing::warn!("usage spool prune failed: {e}"),
@@ -345,17 +365,16 @@ fn deliver_loop(
             }
             IDLE_POLL
         } else {
-            let records: Vec<UsageRecord> = rows.iter().map(|(_, r)| r.clone()).collect();
-            match sink.deliver(&records) {
+            match sink.deliver(&rows) {
                 Ok(()) => {
-                    let last = rows[rows.len() - 1].0;
+                    let last = rows[rows.len() - 1].id;
                     if let Err(e) = spool.ack(name, last) {
                         // Delivered but not recorded: it will be re-sent (idempotently).
                         tracing::error!(reporter = name, "usage cursor update failed: {e}");
                     }
                     stats
                         .delivered
-                        .fetch_add(records.len() as u64, Ordering::Relaxed);
+                        .fetch_add(rows.len() as u64, Ordering::Relaxed);
                     if failures > 0 {
                         tracing::info!(reporter = name, "usage delivery recovered");
                     }
@@ -368,7 +387,7 @@ fn deliver_loop(
                     let wait = backoff(failures, &mut rng);
                     tracing::warn!(
                         reporter = name,
-                        records = records.len(),
+                        records = rows.len(),
                         failures,
                         retry_in_ms = wait.as_millis() as u64,
                         "usage delivery failed: {e}"
