@@ -9,7 +9,7 @@ use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use rusqlite::Connection;
 
 use crate::config::{year_month, QuotaPeriod};
@@ -94,20 +94,20 @@ impl Drop for QuotaStore {
     }
 }
 
+/// Polls instead of waiting on the channel, so a save never has a sleeping thread to wake: one
+/// commit per FLUSH_EVERY at most, with a busy key's totals coalesced meanwhile.
 fn write_loop(mut db: Connection, rx: Receiver<Save>) {
     let mut pending: HashMap<String, Save> = HashMap::new();
     loop {
-        let closed = match rx.recv_timeout(FLUSH_EVERY) {
-            Ok(save) => {
-                pending.insert(save.0.clone(), save);
-                // Gather whatever else is queued, then commit once.
-                while let Ok(save) = rx.try_recv() {
+        std::thread::sleep(FLUSH_EVERY);
+        let closed = loop {
+            match rx.try_recv() {
+                Ok(save) => {
                     pending.insert(save.0.clone(), save);
                 }
-                false
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
             }
-            Err(RecvTimeoutError::Timeout) => false,
-            Err(RecvTimeoutError::Disconnected) => true,
         };
         if !pending.is_empty() {
             if let Err(e) = commit(&mut db, pending.values()) {
