@@ -13,8 +13,19 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::UsageRecord;
 
-/// A spooled record: its row id (the cursor position) and the record.
-pub type Row = (i64, UsageRecord);
+/// A spooled record as stored: its row id (the cursor position) and its JSON, which is what a
+/// webhook sends; only sinks that need the fields parse it.
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    pub id: i64,
+    pub json: String,
+}
+
+impl Spooled {
+    pub fn record(&self) -> serde_json::Result<UsageRecord> {
+        serde_json::from_str(&self.json)
+    }
+}
 
 pub struct Spool {
     conn: Connection,
@@ -120,24 +131,18 @@ impl Spool {
     }
 
     /// Up to `limit` rows after the reporter's cursor, oldest first.
-    pub fn pending(&self, reporter: &str, limit: usize) -> rusqlite::Result<Vec<Row>> {
+    pub fn pending(&self, reporter: &str, limit: usize) -> rusqlite::Result<Vec<Spooled>> {
         let after = self.cursor(reporter)?;
         let mut stmt = self
             .conn
             .prepare_cached("SELECT id, record FROM records WHERE id > ?1 ORDER BY id LIMIT ?2")?;
         let rows = stmt.query_map(params![after, limit as i64], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+            Ok(Spooled {
+                id: row.get(0)?,
+                json: row.get(1)?,
+            })
         })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, json) = row?;
-            match serde_json::from_str(&json) {
-                Ok(record) => out.push((id, record)),
-                // Only a hand-edited spool gets here; skipping beats blocking the reporter forever.
-                Err(e) => tracing::error!(row = id, "unreadable spool row skipped: {e}"),
-            }
-        }
-        Ok(out)
+        rows.collect()
     }
 
     /// Marks every row up to `last_id` delivered for `reporter`.
@@ -251,8 +256,8 @@ mod tests {
         assert_eq!(spool.backlog("hook").unwrap(), 3);
         let rows = spool.pending("hook", 2).unwrap();
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[1].1.request_id, "b");
-        spool.ack("hook", rows[1].0).unwrap();
+        assert_eq!(rows[1].record().unwrap().request_id, "b");
+        spool.ack("hook", rows[1].id).unwrap();
         // Another connection sees the same state: this is how the delivery threads work.
         let other = Spool::open(&path).unwrap();
         assert_eq!(other.backlog("hook").unwrap(), 1);
@@ -282,7 +287,8 @@ mod tests {
         assert_eq!(other.prune(&["hook", "db"], Duration::ZERO).unwrap(), 3);
         spool.insert(&[record("f", "k2", 5)]).unwrap();
         assert_eq!(spool.backlog("db").unwrap(), 1);
-        assert_eq!(spool.pending("db", 10).unwrap()[0].1.request_id, "f");
+        let pending = spool.pending("db", 10).unwrap();
+        assert_eq!(pending[0].record().unwrap(), record("f", "k2", 5));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

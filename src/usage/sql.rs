@@ -9,6 +9,7 @@
 
 use crate::config::{Database, DbDriver};
 
+use super::spool::Spooled;
 use super::UsageRecord;
 
 /// Inserted columns, in order.
@@ -195,7 +196,18 @@ impl SqlSink {
         }
     }
 
-    pub fn deliver(&mut self, records: &[UsageRecord]) -> Result<(), String> {
+    pub fn deliver(&mut self, rows: &[Spooled]) -> Result<(), String> {
+        let records: Vec<UsageRecord> = rows
+            .iter()
+            .filter_map(|row| match row.record() {
+                Ok(r) => Some(r),
+                // Only a hand-edited spool gets here; skipping beats blocking the reporter forever.
+                Err(e) => {
+                    tracing::error!(row = row.id, "unreadable spool row skipped: {e}");
+                    None
+                }
+            })
+            .collect();
         if records.is_empty() {
             return Ok(());
         }
@@ -203,7 +215,7 @@ impl SqlSink {
             Some(c) => c,
             None => self.connect()?,
         };
-        let result = insert(&mut conn, self.config.driver, &self.config.table, records);
+        let result = insert(&mut conn, self.config.driver, &self.config.table, &records);
         if result.is_ok() {
             self.conn = Some(conn);
         }

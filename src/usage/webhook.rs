@@ -10,8 +10,16 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::UsageRecord;
+use serde::Deserialize;
+
+use super::spool::Spooled;
 use crate::config::Webhook;
+
+/// The one field a delivery reads from a spooled record.
+#[derive(Deserialize)]
+struct RequestId {
+    request_id: String,
+}
 
 pub struct WebhookSink {
     agent: ureq::Agent,
@@ -46,18 +54,31 @@ impl WebhookSink {
         }
     }
 
-    /// One delivery: 1 + `retry` attempts of the same POST.
-    pub fn deliver(&mut self, records: &[UsageRecord]) -> Result<(), String> {
-        let Some(first) = records.first() else {
+    /// One delivery: 1 + `retry` attempts of the same POST. The body is the records' spooled
+    /// JSON as stored, joined into an array for a batch: nothing is parsed or re-serialised.
+    pub fn deliver(&mut self, rows: &[Spooled]) -> Result<(), String> {
+        let Some(first) = rows.first() else {
             return Ok(());
         };
+        let idempotency_key = serde_json::from_str::<RequestId>(&first.json)
+            .map_err(|e| format!("spooled record {}: {e}", first.id))?
+            .request_id;
         let body = if self.batch {
-            serde_json::to_vec(records)
+            let mut body =
+                Vec::with_capacity(rows.iter().map(|r| r.json.len() + 1).sum::<usize>() + 1);
+            body.push(b'[');
+            for (i, row) in rows.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(row.json.as_bytes());
+            }
+            body.push(b']');
+            body
         } else {
-            debug_assert_eq!(records.len(), 1);
-            serde_json::to_vec(first)
-        }
-        .map_err(|e| e.to_string())?;
+            debug_assert_eq!(rows.len(), 1);
+            first.json.as_bytes().to_vec()
+        };
         let signature = self.config.secret.as_deref().map(|s| sign(s, &body));
         let mut last_error = String::new();
         for attempt in 0..=self.config.retry {
@@ -68,7 +89,7 @@ impl WebhookSink {
                 .agent
                 .post(&self.config.url)
                 .header("Content-Type", "application/json")
-                .header("Idempotency-Key", &first.request_id);
+                .header("Idempotency-Key", &idempotency_key);
             if let Some(sig) = &signature {
                 request = request.header("X-LLMProxy-Signature", sig);
             }

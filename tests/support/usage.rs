@@ -51,7 +51,7 @@ pub fn spool_records(spool: &Path) -> Vec<UsageRecord> {
     }
     Spool::open(spool)
         .and_then(|s| s.pending("test-reader", 1_000_000))
-        .map(|rows| rows.into_iter().map(|(_, r)| r).collect())
+        .map(|rows| rows.iter().filter_map(|r| r.record().ok()).collect())
         .unwrap_or_default()
 }
 
