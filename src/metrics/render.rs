@@ -242,7 +242,7 @@ impl Registry {
             out,
             "llmproxy_usage_records_total",
             "counter",
-            "Usage records spooled, and how many had estimated tokens.",
+            "Usage records made (spooled when usage_hook is on), and how many had estimated tokens.",
         );
         let _ = writeln!(
             out,

@@ -46,7 +46,7 @@ const FINAL_DELIVERY: Duration = Duration::from_secs(5);
 /// Counters for the metrics endpoint; all monotonic except `backlog`.
 #[derive(Debug, Default)]
 pub struct UsageStats {
-    /// Records spooled.
+    /// Records made (and spooled, when reporting is on).
     pub records: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
