@@ -13,11 +13,11 @@ fn event(i: usize) -> UsageEvent {
     UsageEvent {
         request_id: format!("req-{i:016x}"),
         started_at: SystemTime::now(),
-        key: Some(KeyRef {
+        key: Some(Arc::new(KeyRef {
             name: format!("key-{}", i % 16),
             user_id: Some("user_alice".into()),
             api_key: "sk-prod-0123456789abcdef".into(),
-        }),
+        })),
         model: Some("meta-llama/Llama-3-8b".into()),
         endpoint: "/v1/chat/completions".into(),
         is_stream: true,

@@ -25,11 +25,11 @@ fn event(id: &str, captured: Captured) -> UsageEvent {
     UsageEvent {
         request_id: id.into(),
         started_at: SystemTime::now(),
-        key: Some(KeyRef {
+        key: Some(Arc::new(KeyRef {
             name: "team-a".into(),
             user_id: Some("user_alice".into()),
             api_key: "sk-test-key-001".into(),
-        }),
+        })),
         model: Some("m".into()),
         endpoint: "/v1/chat/completions".into(),
         is_stream: false,

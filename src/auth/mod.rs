@@ -39,7 +39,8 @@ const LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// One known key as its provider described it, plus its live state.
 #[derive(Debug)]
 pub struct KeyEntry {
-    pub key_ref: KeyRef,
+    /// Shared with each request's usage event: one reference count per request, not three strings.
+    pub key_ref: Arc<KeyRef>,
     status: KeyStatus,
     allowed_ips: Vec<IpNet>,
     allowed_models: Vec<String>,
@@ -368,11 +369,11 @@ impl Shared {
             })
             .clone();
         Arc::new(KeyEntry {
-            key_ref: KeyRef {
+            key_ref: Arc::new(KeyRef {
                 name: k.name.clone(),
                 user_id: k.user_id.clone(),
                 api_key: k.key.clone(),
-            },
+            }),
             status: k.status,
             allowed_ips: k.allowed_ips.clone(),
             allowed_models: k.allowed_models.clone(),

@@ -57,7 +57,7 @@ pub struct KeyRef {
 pub struct UsageEvent {
     pub request_id: String,
     pub started_at: SystemTime,
-    pub key: Option<KeyRef>,
+    pub key: Option<Arc<KeyRef>>,
     pub model: Option<String>,
     pub endpoint: String,
     pub is_stream: bool,

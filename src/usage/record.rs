@@ -183,11 +183,11 @@ impl UsageRecord {
         let (key_name, user_id, api_key) = match event.key {
             Some(k) => {
                 let shown = if include_raw_key {
-                    k.api_key
+                    k.api_key.clone()
                 } else {
                     mask_key(&k.api_key)
                 };
-                (Some(k.name), k.user_id, Some(shown))
+                (Some(k.name.clone()), k.user_id.clone(), Some(shown))
             }
             None => (None, None, None),
         };

@@ -253,10 +253,7 @@ impl Ingest {
 
     fn record(&self, event: UsageEvent) -> UsageRecord {
         // The record may carry the key masked; charging needs the key itself.
-        let raw_key = match &self.quota {
-            Some(_) => event.key.as_ref().map(|k| k.api_key.clone()),
-            None => None,
-        };
+        let key = self.quota.as_ref().and(event.key.clone());
         let record = UsageRecord::from_event(event, self.include_raw_key);
         let s = &self.stats;
         s.records.fetch_add(1, Ordering::Relaxed);
@@ -267,8 +264,8 @@ impl Ingest {
         if record.usage_estimated {
             s.estimated.fetch_add(1, Ordering::Relaxed);
         }
-        if let (Some(quota), Some(key)) = (&self.quota, raw_key) {
-            quota(&key, &record);
+        if let (Some(quota), Some(key)) = (&self.quota, key) {
+            quota(&key.api_key, &record);
         }
         record
     }
