@@ -76,6 +76,17 @@ impl Cache {
         self.lock().clear();
     }
 
+    /// The cached answer for `slot` while it is fresh: the common case, answered without
+    /// building a look-up job.
+    pub fn fresh(&self, slot: &str) -> Option<Found> {
+        match self.lock().get(slot) {
+            Some(Slot::Ready {
+                value, fresh_until, ..
+            }) if Instant::now() < *fresh_until => Some(value.clone()),
+            _ => None,
+        }
+    }
+
     /// Resolves to the cached or looked-up answer; `None` when the providers are unavailable.
     pub fn resolve<'a>(&'a self, jobs: &'a Sender<Job>, job: Job) -> Resolve<'a> {
         Resolve {

@@ -11,6 +11,7 @@ mod providers;
 mod quota;
 pub mod store;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
@@ -222,24 +223,30 @@ impl Auth {
             .jobs
             .as_ref()
             .expect("look-up threads run unless static_only");
-        let job = Job {
-            // A webhook may decide on the address too, so its answers are cached per address.
-            slot: if self.per_ip {
-                format!("{key}\0{}", caller.ip_text)
-            } else {
-                key.to_string()
-            },
-            key: key.to_string(),
-            ip: caller.ip_text.to_string(),
-            method: String::from_utf8_lossy(caller.method).into_owned(),
-            path: String::from_utf8_lossy(caller.path).into_owned(),
+        // A webhook may decide on the address too, so its answers are cached per address.
+        let slot = if self.per_ip {
+            Cow::Owned(format!("{key}\0{}", caller.ip_text))
+        } else {
+            Cow::Borrowed(key)
         };
-        // A provider that hangs must not hold the request (or its connection) forever.
-        let found = monoio::time::timeout(LOOKUP_WAIT, self.shared.cache.resolve(jobs, job))
-            .await
-            .ok()
-            .flatten()
-            .ok_or(GatewayError::AuthUnavailable)?;
+        let found = match self.shared.cache.fresh(&slot) {
+            Some(found) => found,
+            None => {
+                let job = Job {
+                    slot: slot.into_owned(),
+                    key: key.to_string(),
+                    ip: caller.ip_text.to_string(),
+                    method: String::from_utf8_lossy(caller.method).into_owned(),
+                    path: String::from_utf8_lossy(caller.path).into_owned(),
+                };
+                // A provider that hangs must not hold the request (or its connection) forever.
+                monoio::time::timeout(LOOKUP_WAIT, self.shared.cache.resolve(jobs, job))
+                    .await
+                    .ok()
+                    .flatten()
+                    .ok_or(GatewayError::AuthUnavailable)?
+            }
+        };
         let first = found.first().ok_or_else(|| self.deny(Denial::InvalidKey))?;
         for entry in found.iter() {
             self.check(entry, caller.ip)?;
