@@ -220,7 +220,7 @@ metering_check() { # TAG
   requests=$(curl -fsS "$m" | awk '/^llmproxy_requests_total/ {s += $2} END {print s + 0}')
   spooled=$(curl -fsS "$m" | awk '/^llmproxy_usage_records_total/ {s += $2} END {print s + 0}')
   local webhook pg
-  webhook=$(jq -s '[.[].body | if type == "array" then length else 1 end] | add // 0' "$WORK/webhook.jsonl")
+  webhook=$(jq -s '[.[].records] | add // 0' "$WORK/webhook.jsonl")
   pg=$(psql "$PG_DSN" -tAc "SELECT count(*) FROM $GOV_TABLE" 2>/dev/null || echo 0)
   jq -nc --arg tag "$1" --argjson req "$requests" --argjson sp "$spooled" --argjson wh "$webhook" \
     --argjson pg "$pg" --argjson bl "$backlog" \
@@ -240,7 +240,7 @@ RESULTS="$WORK/results.jsonl"
 : >"$RESULTS"
 
 PORT_webhook=$("$PROBE" free-ports 1)
-start webhook python3 "$ROOT/tests/support/webhook_receiver.py" --port "$PORT_webhook" --out "$WORK/webhook.jsonl"
+start webhook python3 "$ROOT/tests/support/webhook_receiver.py" --count-only --port "$PORT_webhook" --out "$WORK/webhook.jsonl"
 await_port webhook "$PORT_webhook"
 trap 'psql "$PG_DSN" -qc "DROP TABLE IF EXISTS $GOV_TABLE" >/dev/null 2>&1 || true; cleanup' EXIT
 

@@ -3,6 +3,8 @@
 
 Appends one JSON line per POST to --out: {"headers": {...lower-cased...}, "body": <parsed JSON>,
 "raw": <body text as received>, "status": <status sent>}. --fail-first N answers the first N POSTs with 500 (still recorded).
+--count-only records {"records": <request_ids in the body>, "status": ...} instead, without parsing:
+the load tests' billing endpoint, which must not eat the CPU the gateway is measured on.
 Prints "ready" on stdout once listening.
 """
 import argparse
@@ -14,6 +16,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--port", type=int, required=True)
 parser.add_argument("--out", required=True)
 parser.add_argument("--fail-first", type=int, default=0)
+parser.add_argument("--count-only", action="store_true")
 args = parser.parse_args()
 
 lock = threading.Lock()
@@ -30,12 +33,15 @@ class Handler(BaseHTTPRequestHandler):
         with lock:
             seen += 1
             status = 500 if seen <= args.fail_first else 200
-            line = {
-                "headers": {k.lower(): v for k, v in self.headers.items()},
-                "body": json.loads(raw),
-                "raw": raw.decode(),
-                "status": status,
-            }
+            if args.count_only:
+                line = {"records": raw.count(b'"request_id"'), "status": status}
+            else:
+                line = {
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": json.loads(raw),
+                    "raw": raw.decode(),
+                    "status": status,
+                }
             with open(args.out, "a") as f:
                 f.write(json.dumps(line) + "\n")
         payload = b'{"status":"ok"}' if status == 200 else b'{"error":"try later"}'
