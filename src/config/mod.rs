@@ -125,6 +125,8 @@ pub struct Reporter {
     pub kind: ReporterKind,
     /// Records per delivery (webhook: >1 sends a JSON array; database: rows per transaction).
     pub batch_size: usize,
+    /// How long a batch smaller than `batch_size` waits for more records before it is sent.
+    pub batch_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -596,6 +598,7 @@ struct RawReporter {
     #[serde(default)]
     headers: BTreeMap<String, String>,
     batch_size: Option<usize>,
+    batch_timeout: Option<DurationValue>,
     secret: Option<String>,
     database: Option<RawDatabase>,
 }
@@ -696,6 +699,7 @@ fn build_reporter(raw: RawReporter) -> Result<Reporter, (&'static str, String)> 
         name: raw.name,
         kind,
         batch_size,
+        batch_timeout: raw.batch_timeout.map_or(Duration::from_secs(1), |t| t.0),
     })
 }
 

@@ -124,6 +124,7 @@ pub(super) const ROOT: Shape = Fields(&[
                     ("retry", Leaf),
                     ("headers", Leaf),
                     ("batch_size", Leaf),
+                    ("batch_timeout", Leaf),
                     ("secret", Leaf),
                     (
                         "database",

@@ -342,21 +342,35 @@ fn deliver_loop(
     let mut failures = 0u32;
     // Set once the ingest thread has exited: deliver what is left until then.
     let mut final_deadline: Option<Instant> = None;
+    // Since when a batch short of `batch_size` has been waiting for more records.
+    let mut short_since: Option<Instant> = None;
     loop {
         if final_deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        if let Ok(n) = spool.backlog(name) {
-            stats.backlog.store(n, Ordering::Relaxed);
-        }
-        let rows = match spool.pending(name, batch_size) {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::error!(reporter = name, "usage spool read failed: {e}");
-                Vec::new()
-            }
+        let backlog = spool.backlog(name).unwrap_or(0);
+        stats.backlog.store(backlog, Ordering::Relaxed);
+        let linger = if backlog > 0 && backlog < batch_size as u64 && final_deadline.is_none() {
+            let since = *short_since.get_or_insert_with(Instant::now);
+            config.batch_timeout.saturating_sub(since.elapsed())
+        } else {
+            Duration::ZERO
         };
-        let wait = if rows.is_empty() {
+        let rows = if linger.is_zero() {
+            short_since = None;
+            match spool.pending(name, batch_size) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(reporter = name, "usage spool read failed: {e}");
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let wait = if !linger.is_zero() {
+            linger
+        } else if rows.is_empty() {
             if final_deadline.is_some() {
                 break;
             }
@@ -396,11 +410,14 @@ fn deliver_loop(
                 }
             }
         };
-        // Sleep until `wait` is over; nudges only end an idle wait, never a backoff.
+        // Sleep until `wait` is over. A nudge (records were spooled) ends an idle wait, and a
+        // short batch's wait once the batch is full; never a backoff.
         let until = Instant::now() + wait;
         loop {
             match nudges.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                Ok(()) if failures == 0 => break,
+                Ok(()) if failures > 0 => continue,
+                Ok(()) if linger.is_zero() => break,
+                Ok(()) if spool.backlog(name).unwrap_or(0) >= batch_size as u64 => break,
                 Ok(()) => continue,
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => {
