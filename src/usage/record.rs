@@ -11,7 +11,7 @@ use super::{Captured, UsageEvent};
 
 /// One request's usage, as spooled and delivered. Field names are the wire names (webhook JSON,
 /// SQL columns); the seed README's webhook fields are all here.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub request_id: String,
     /// RFC 3339 UTC, millisecond precision: when the request started.

@@ -1,6 +1,7 @@
 //! The database reporter: inserts records into a table (created if missing, `request_id`
-//! unique) of SQLite, PostgreSQL or MySQL/MariaDB, one multi-row INSERT per batch inside one
-//! transaction. Inserts are idempotent (`INSERT OR IGNORE`, `ON CONFLICT DO NOTHING`,
+//! unique) of SQLite, PostgreSQL or MySQL/MariaDB, one transaction per batch: multi-row INSERTs,
+//! or for PostgreSQL one prepared INSERT ... SELECT FROM unnest(arrays) whatever the batch size
+//! (the server parses and plans it once per connection, not once per batch). Inserts are idempotent (`INSERT OR IGNORE`, `ON CONFLICT DO NOTHING`,
 //! `INSERT IGNORE`), so a batch re-sent after a crash or a lost acknowledgement stores nothing
 //! twice. Placeholders follow each driver (`?` or `$n`).
 //!
@@ -120,15 +121,35 @@ pub fn create_table_sql(driver: DbDriver, table: &str) -> String {
     )
 }
 
-/// The idempotent multi-row INSERT for `rows` records.
+/// PostgreSQL's idempotent INSERT of a whole batch: one array parameter per column.
+pub fn postgres_insert_sql(table: &str) -> String {
+    let arrays: Vec<String> = values(&UsageRecord::default())
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let kind = match v {
+                Val::Text(_) => "text",
+                Val::Int(_) => "int8",
+                Val::Bool(_) => "bool",
+            };
+            format!("${}::{kind}[]", i + 1)
+        })
+        .collect();
+    format!(
+        "INSERT INTO {table} ({}) SELECT * FROM unnest({}) ON CONFLICT (request_id) DO NOTHING",
+        COLUMNS.join(", "),
+        arrays.join(", ")
+    )
+}
+
+/// The idempotent multi-row INSERT for `rows` records (SQLite and MySQL).
 pub fn insert_sql(driver: DbDriver, table: &str, rows: usize) -> String {
     let verb = match driver {
         DbDriver::Sqlite => "INSERT OR IGNORE INTO",
-        DbDriver::Postgres => "INSERT INTO",
+        DbDriver::Postgres => unreachable!("PostgreSQL inserts with postgres_insert_sql"),
         DbDriver::Mysql => "INSERT IGNORE INTO",
     };
     let mut sql = format!("{verb} {table} ({}) VALUES ", COLUMNS.join(", "));
-    let mut n = 0;
     for row in 0..rows {
         if row > 0 {
             sql.push_str(", ");
@@ -138,23 +159,17 @@ pub fn insert_sql(driver: DbDriver, table: &str, rows: usize) -> String {
             if col > 0 {
                 sql.push_str(", ");
             }
-            n += 1;
-            match driver {
-                DbDriver::Postgres => sql.push_str(&format!("${n}")),
-                DbDriver::Sqlite | DbDriver::Mysql => sql.push('?'),
-            }
+            sql.push('?');
         }
         sql.push(')');
-    }
-    if driver == DbDriver::Postgres {
-        sql.push_str(" ON CONFLICT (request_id) DO NOTHING");
     }
     sql
 }
 
 enum Conn {
     Sqlite(rusqlite::Connection),
-    Postgres(Box<postgres::Client>),
+    /// With the batch INSERT, prepared on first use.
+    Postgres(Box<postgres::Client>, Option<postgres::Statement>),
     Mysql(Box<mysql::Conn>),
 }
 
@@ -184,7 +199,7 @@ impl SqlSink {
                 let mut client =
                     postgres::Client::connect(dsn, postgres::NoTls).map_err(|e| e.to_string())?;
                 client.batch_execute(&create).map_err(|e| e.to_string())?;
-                Ok(Conn::Postgres(Box::new(client)))
+                Ok(Conn::Postgres(Box::new(client), None))
             }
             DbDriver::Mysql => {
                 use mysql::prelude::Queryable;
@@ -257,22 +272,21 @@ fn insert(
             }
             tx.commit().map_err(|e| e.to_string())
         }
-        Conn::Postgres(c) => {
+        Conn::Postgres(c, prepared) => {
             use postgres::types::ToSql;
+            let stmt = match prepared {
+                Some(stmt) => stmt.clone(),
+                None => {
+                    let stmt = c
+                        .prepare(&postgres_insert_sql(table))
+                        .map_err(|e| e.to_string())?;
+                    prepared.insert(stmt).clone()
+                }
+            };
+            let columns = PgColumns::from_records(records);
+            let params: Vec<&(dyn ToSql + Sync)> = columns.0.iter().map(PgColumn::param).collect();
             let mut tx = c.transaction().map_err(|e| e.to_string())?;
-            for (sql, vals) in chunks() {
-                let params: Vec<Box<dyn ToSql + Sync>> = vals
-                    .map(|v| -> Box<dyn ToSql + Sync> {
-                        match v {
-                            Val::Text(t) => Box::new(t),
-                            Val::Int(i) => Box::new(i),
-                            Val::Bool(b) => Box::new(b),
-                        }
-                    })
-                    .collect();
-                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref()).collect();
-                tx.execute(&sql, &refs).map_err(|e| e.to_string())?;
-            }
+            tx.execute(&stmt, &params).map_err(|e| e.to_string())?;
             tx.commit().map_err(|e| e.to_string())
         }
         Conn::Mysql(c) => {
@@ -296,15 +310,61 @@ fn insert(
     }
 }
 
+/// One array per column, for PostgreSQL's unnest INSERT.
+enum PgColumn {
+    Text(Vec<Option<String>>),
+    Int(Vec<Option<i64>>),
+    Bool(Vec<bool>),
+}
+
+struct PgColumns(Vec<PgColumn>);
+
+impl PgColumns {
+    fn from_records(records: &[UsageRecord]) -> PgColumns {
+        let mut columns: Vec<PgColumn> = values(&UsageRecord::default())
+            .iter()
+            .map(|v| match v {
+                Val::Text(_) => PgColumn::Text(Vec::with_capacity(records.len())),
+                Val::Int(_) => PgColumn::Int(Vec::with_capacity(records.len())),
+                Val::Bool(_) => PgColumn::Bool(Vec::with_capacity(records.len())),
+            })
+            .collect();
+        for r in records {
+            for (column, value) in columns.iter_mut().zip(values(r)) {
+                match (column, value) {
+                    (PgColumn::Text(c), Val::Text(v)) => c.push(v),
+                    (PgColumn::Int(c), Val::Int(v)) => c.push(v),
+                    (PgColumn::Bool(c), Val::Bool(v)) => c.push(v),
+                    _ => unreachable!("values() gives every record the same column kinds"),
+                }
+            }
+        }
+        PgColumns(columns)
+    }
+}
+
+impl PgColumn {
+    fn param(&self) -> &(dyn postgres::types::ToSql + Sync) {
+        match self {
+            PgColumn::Text(c) => c,
+            PgColumn::Int(c) => c,
+            PgColumn::Bool(c) => c,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn placeholders_per_driver() {
-        let pg = insert_sql(DbDriver::Postgres, "t", 2);
-        assert!(pg.contains("($1, $2,"), "{pg}");
-        assert!(pg.contains("$38)"), "{pg}");
+        let pg = postgres_insert_sql("t");
+        assert!(pg.contains("unnest($1::text[], $2::text[],"), "{pg}");
+        assert!(
+            pg.contains("$8::bool[]") && pg.contains("$19::text[])"),
+            "{pg}"
+        );
         assert!(pg.ends_with("ON CONFLICT (request_id) DO NOTHING"));
         assert!(!pg.contains('?'));
         let my = insert_sql(DbDriver::Mysql, "t", 1);
