@@ -12,6 +12,7 @@ use llmproxy::usage::{Captured, KeyRef, Outcome, Spool, UsageEvent, UsageRecord}
 fn event(i: usize) -> UsageEvent {
     UsageEvent {
         request_id: format!("req-{i:016x}"),
+        client_request_id: None,
         started_at: SystemTime::now(),
         key: Some(Arc::new(KeyRef {
             name: format!("key-{}", i % 16),
@@ -38,6 +39,7 @@ fn event(i: usize) -> UsageEvent {
 fn record(i: usize) -> UsageRecord {
     UsageRecord {
         request_id: format!("req-{i:016x}"),
+        client_request_id: None,
         timestamp: "2026-01-14T10:30:00.000Z".into(),
         key_name: Some(format!("key-{}", i % 16)),
         user_id: Some("user_alice".into()),

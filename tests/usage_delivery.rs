@@ -24,7 +24,8 @@ fn chat(stream: bool) -> Value {
     })
 }
 
-/// Accepted (2xx) deliveries per request_id, from every POST body (object or array).
+/// Accepted (2xx) deliveries per client request id (the tests' X-Request-Id), from every POST
+/// body (object or array).
 fn accepted(posts: &[Value]) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for p in posts.iter().filter(|p| p["status"] == 200) {
@@ -34,7 +35,7 @@ fn accepted(posts: &[Value]) -> HashMap<String, usize> {
         };
         for r in records {
             *counts
-                .entry(r["request_id"].as_str().unwrap().to_string())
+                .entry(r["client_request_id"].as_str().unwrap().to_string())
                 .or_insert(0) += 1;
         }
     }
@@ -160,7 +161,7 @@ fn sqlite_ids(path: &Path, table: &str) -> Vec<String> {
     let Ok(conn) = rusqlite::Connection::open(path) else {
         return Vec::new();
     };
-    let Ok(mut stmt) = conn.prepare(&format!("SELECT request_id FROM {table}")) else {
+    let Ok(mut stmt) = conn.prepare(&format!("SELECT client_request_id FROM {table}")) else {
         return Vec::new();
     };
     stmt.query_map([], |r| r.get(0))
@@ -271,5 +272,46 @@ fn sigterm_drains_into_the_spool_and_usage_prints_totals() {
         .collect();
     let prompt: u64 = records.iter().map(|r| r.prompt_tokens).sum();
     assert_eq!(numbers, [12, prompt, 72, prompt + 72, 0]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_reused_client_request_id_is_billed_every_time() {
+    let mock = spawn_mock(&["--tokens", "3"]);
+    let dir = temp_dir("dup-id");
+    let db = dir.join("warehouse.db");
+    let reporters = format!(
+        "\n    - name: warehouse\n      type: database\n      batch_timeout: 0s\n      \
+         database: {{driver: sqlite, dsn: \"{}\", table: usage_dup}}\n",
+        db.display()
+    );
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &spool, &reporters));
+    for _ in 0..3 {
+        let r = post_json(
+            gw.addr,
+            "/v1/chat/completions",
+            &chat(false),
+            &[("X-Request-Id", "same-id")],
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-request-id"), Some("same-id"));
+    }
+    // Three requests, three rows: the client's id is kept beside a unique billing id.
+    assert!(
+        wait_until(Duration::from_secs(10), || sqlite_ids(&db, "usage_dup")
+            .len()
+            == 3),
+        "{:?}",
+        sqlite_ids(&db, "usage_dup")
+    );
+    assert!(sqlite_ids(&db, "usage_dup")
+        .iter()
+        .all(|id| id == "same-id"));
+    let records = spool_records(&spool);
+    let mut ids: Vec<&str> = records.iter().map(|r| r.request_id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "{ids:?}");
     let _ = std::fs::remove_dir_all(dir);
 }

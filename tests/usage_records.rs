@@ -26,13 +26,13 @@ fn chat(stream: bool, include_usage: bool) -> Value {
     body
 }
 
-/// The record with this request id, once spooled.
+/// The record of the request sent with this X-Request-Id, once spooled.
 fn record_for(spool: &std::path::Path, request_id: &str) -> UsageRecord {
     let mut found = None;
     let ok = wait_until(Duration::from_secs(10), || {
         found = spool_records(spool)
             .into_iter()
-            .find(|r| r.request_id == request_id);
+            .find(|r| r.client_request_id.as_deref() == Some(request_id));
         found.is_some()
     });
     assert!(ok, "no usage record for {request_id}");

@@ -24,6 +24,7 @@ fn hook(spool: &std::path::Path, extra: &str) -> UsageHook {
 fn event(id: &str, captured: Captured) -> UsageEvent {
     UsageEvent {
         request_id: id.into(),
+        client_request_id: None,
         started_at: SystemTime::now(),
         key: Some(Arc::new(KeyRef {
             name: "team-a".into(),

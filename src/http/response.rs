@@ -25,6 +25,20 @@ pub struct ResponseHead {
     pub reusable: bool,
     /// `Content-Type: text/event-stream`: the body is a sequence of SSE events.
     pub event_stream: bool,
+    /// The `Content-Length` a bodiless response states (HEAD and 304 keep the resource's).
+    empty_length: Option<u64>,
+}
+
+/// How the client receives the body, which decides the framing its head states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientBody {
+    /// The backend's bytes, framing included.
+    AsIs,
+    /// Re-framed by the gateway as chunks (it removes events from the body).
+    Chunked,
+    /// The payload only, ended by closing the connection (an HTTP/1.0 client cannot take
+    /// chunks).
+    UntilClose,
 }
 
 impl ResponseHead {
@@ -32,10 +46,29 @@ impl ResponseHead {
     pub fn is_interim(&self) -> bool {
         (100..200).contains(&self.status)
     }
+
+    /// Appends the framing header of the body as the client receives it.
+    pub fn push_framing(&self, out: &mut Vec<u8>, body: ClientBody) {
+        let length = match (body, self.framing) {
+            (ClientBody::Chunked, _) | (ClientBody::AsIs, Framing::Chunked) => {
+                out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+                return;
+            }
+            (ClientBody::UntilClose, _) | (ClientBody::AsIs, Framing::UntilClose) => return,
+            (ClientBody::AsIs, Framing::Length(n)) => Some(n),
+            (ClientBody::AsIs, Framing::Empty) => self.empty_length,
+        };
+        if let Some(n) = length {
+            out.extend_from_slice(b"Content-Length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
 }
 
 /// Parses the response head at the start of `buf`. On success, `client_head` holds the status
-/// line and forwarded headers (no terminating blank line: the caller appends its own headers).
+/// line and forwarded headers, without framing ([`ResponseHead::push_framing`]) or the
+/// terminating blank line: the caller appends its own headers.
 /// Returns `Ok(None)` when the head is still incomplete.
 pub fn parse_response(
     buf: &[u8],
@@ -124,30 +157,15 @@ pub fn parse_response(
             super::push_header(client_head, name, h.value);
         }
     }
-    match framing {
-        Framing::Chunked => client_head.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-        Framing::Length(n) => {
-            client_head.extend_from_slice(b"Content-Length: ");
-            push_decimal(client_head, n);
-            client_head.extend_from_slice(b"\r\n");
-        }
-        Framing::Empty => {
-            // HEAD and 304 keep the length the resource would have; others say zero.
-            let n = if no_body { content_length } else { Some(0) };
-            if let Some(n) = n.filter(|_| status >= 200) {
-                client_head.extend_from_slice(b"Content-Length: ");
-                push_decimal(client_head, n);
-                client_head.extend_from_slice(b"\r\n");
-            }
-        }
-        Framing::UntilClose => {}
-    }
+    // HEAD and 304 keep the length the resource would have; other bodiless ones say zero.
+    let empty_length = if no_body { content_length } else { Some(0) }.filter(|_| status >= 200);
     Ok(Some(ResponseHead {
         status,
         head_len,
         framing,
         reusable: !close && framing != Framing::UntilClose,
         event_stream,
+        empty_length,
     }))
 }
 
@@ -210,7 +228,26 @@ mod tests {
         let h = parse_response(raw.as_bytes(), 8192, false, &mut out)
             .unwrap()
             .unwrap();
+        h.push_framing(&mut out, ClientBody::AsIs);
         (h, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn framing_follows_what_the_client_receives() {
+        let (h, _) = parse("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n");
+        let stated = |body| {
+            let mut out = Vec::new();
+            h.push_framing(&mut out, body);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(stated(ClientBody::AsIs), "Content-Length: 9\r\n");
+        assert_eq!(
+            stated(ClientBody::Chunked),
+            "Transfer-Encoding: chunked\r\n"
+        );
+        assert_eq!(stated(ClientBody::UntilClose), "");
+        let (_, head) = parse("HTTP/1.1 304 Not Modified\r\nContent-Length: 12\r\n\r\n");
+        assert!(head.ends_with("Content-Length: 12\r\n"), "{head}");
     }
 
     #[test]

@@ -570,6 +570,7 @@ async fn proxy_request(
     let plan = Plan {
         request_id: request_id.as_bytes(),
         head_request,
+        client_http10: c.head.http10,
         keep_alive,
         strip_usage,
         started,
@@ -651,6 +652,7 @@ async fn proxy_request(
 struct Plan<'a> {
     request_id: &'a [u8],
     head_request: bool,
+    client_http10: bool,
     keep_alive: bool,
     strip_usage: bool,
     started: Instant,
@@ -739,6 +741,7 @@ where
         let ex = Exchange {
             backend: idx,
             head_request: plan.head_request,
+            client_http10: plan.client_http10,
             request_id: plan.request_id,
             client_keep_alive: plan.keep_alive,
             strip_usage: plan.strip_usage,
@@ -1023,8 +1026,20 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
         None => (Captured::Nothing, 0),
     };
     let started = t.body_read.unwrap_or(t.started);
+    // The record's id is the billing key (the webhook's Idempotency-Key, the table's unique
+    // column): a client's id may repeat, so it is kept beside the gateway's own.
+    let (billing_id, client_request_id) = if request_id.from_client {
+        let own = RequestId::generate(&ctx.ids);
+        (
+            own.as_str().to_owned(),
+            Some(request_id.as_str().to_owned()),
+        )
+    } else {
+        (request_id.as_str().to_owned(), None)
+    };
     usage.send(UsageEvent {
-        request_id: request_id.as_str().to_owned(),
+        request_id: billing_id,
+        client_request_id,
         started_at: SystemTime::now() - started.elapsed(),
         key: t.key.as_ref().map(|k| k.key_ref.clone()),
         model: info.model(&c.body).map(str::to_owned),
@@ -1203,34 +1218,44 @@ impl RequestIds {
 struct RequestId {
     bytes: [u8; 128],
     len: usize,
+    /// The client's `X-Request-Id`, not one the gateway made.
+    from_client: bool,
 }
 
 impl RequestId {
     fn for_request(client: Option<&[u8]>, ids: &RequestIds) -> Self {
-        let mut id = RequestId {
-            bytes: [0; 128],
-            len: 0,
-        };
         match client {
             Some(v)
                 if !v.is_empty()
                     && v.len() <= 128
                     && v.iter().all(|b| (0x21..0x7f).contains(b)) =>
             {
+                let mut id = RequestId {
+                    bytes: [0; 128],
+                    len: v.len(),
+                    from_client: true,
+                };
                 id.bytes[..v.len()].copy_from_slice(v);
-                id.len = v.len();
+                id
             }
-            _ => {
-                let n = ids.next.get();
-                ids.next.set(n + 1);
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                id.bytes[..4].copy_from_slice(b"req_");
-                let value = (u128::from(ids.prefix) << 64) | u128::from(n);
-                for i in 0..24 {
-                    id.bytes[4 + i] = HEX[((value >> (4 * (23 - i))) & 0xf) as usize];
-                }
-                id.len = 28;
-            }
+            _ => RequestId::generate(ids),
+        }
+    }
+
+    /// A new id, unique per process (and, by its random prefix, across restarts and instances).
+    fn generate(ids: &RequestIds) -> Self {
+        let mut id = RequestId {
+            bytes: [0; 128],
+            len: 28,
+            from_client: false,
+        };
+        let n = ids.next.get();
+        ids.next.set(n + 1);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        id.bytes[..4].copy_from_slice(b"req_");
+        let value = (u128::from(ids.prefix) << 64) | u128::from(n);
+        for i in 0..24 {
+            id.bytes[4 + i] = HEX[((value >> (4 * (23 - i))) & 0xf) as usize];
         }
         id
     }

@@ -14,7 +14,9 @@ use monoio::BufResult;
 use super::client_watch::ClientWatch;
 use super::Context;
 use crate::error::GatewayError;
-use crate::http::{self, parse_response, BodyTracker, Framing, ResponseHead, UpstreamError};
+use crate::http::{
+    self, parse_response, BodyTracker, ClientBody, Framing, ResponseHead, UpstreamError,
+};
 use crate::upstream::{ConnectError, UpstreamConn, WorkerUpstreams};
 use crate::usage::Meter;
 
@@ -37,6 +39,8 @@ pub enum Relayed {
 pub struct Exchange<'a> {
     pub backend: usize,
     pub head_request: bool,
+    /// An HTTP/1.0 client: it cannot take a chunked body.
+    pub client_http10: bool,
     pub request_id: &'a [u8],
     pub client_keep_alive: bool,
     /// The gateway added `include_usage` to the request: keep the usage-only event from the client.
@@ -166,32 +170,53 @@ where
     }
     progress.status = status;
     progress.upstream_head = Some(Instant::now());
-    let strip =
-        ex.strip_usage && head.event_stream && head.framing == Framing::Chunked && status == 200;
+    // The body goes out as the backend framed it, unless the gateway must change it: leave out
+    // the usage-only event it asked for (re-framed as chunks), or undo chunking for an HTTP/1.0
+    // client (sent until close).
+    let strip = ex.strip_usage && head.event_stream && status == 200;
+    let client_body = if head.framing == Framing::Empty {
+        ClientBody::AsIs
+    } else if ex.client_http10 && (strip || head.framing == Framing::Chunked) {
+        ClientBody::UntilClose
+    } else if strip {
+        ClientBody::Chunked
+    } else {
+        ClientBody::AsIs
+    };
+    let reframe = client_body != ClientBody::AsIs;
     let meter = progress.meter.insert(Meter::new(head.event_stream, strip));
     let mut tracker = BodyTracker::new(head.framing);
-    let client_reusable = ex.client_keep_alive && head.framing != Framing::UntilClose;
+    let client_reusable = ex.client_keep_alive
+        && client_body != ClientBody::UntilClose
+        && !(client_body == ClientBody::AsIs && head.framing == Framing::UntilClose);
+    head.push_framing(resp_head, client_body);
     http::push_header(resp_head, b"X-Request-Id", ex.request_id);
     resp_head.extend_from_slice(ex.extra_headers);
     if !client_reusable {
         resp_head.extend_from_slice(b"Connection: close\r\n");
     }
     resp_head.extend_from_slice(b"\r\n");
+    let chunked_out = client_body == ClientBody::Chunked;
 
     // The head and the body bytes that came with it leave in one write.
     let initial = &up.buf[head.head_len..];
     let head_len = resp_head.len();
-    let first = if strip {
-        let mut events = mem::take(request);
-        events.clear();
+    let first = if reframe {
+        let mut out = mem::take(request);
+        out.clear();
         let k = tracker
-            .advance(initial, |d| meter.filter(d, &mut events))
+            .advance(initial, |d| pass(meter, strip, d, &mut out))
             .map_err(GatewayError::UpstreamProtocol)?;
-        if tracker.is_done() {
-            meter.flush(&mut events);
+        let end = tracker.is_done();
+        if end && strip {
+            meter.flush(&mut out);
         }
-        push_chunk(resp_head, &events, tracker.is_done());
-        *request = events;
+        if chunked_out {
+            push_chunk(resp_head, &out, end);
+        } else {
+            resp_head.extend_from_slice(&out);
+        }
+        *request = out;
         k
     } else {
         let k = tracker
@@ -244,38 +269,53 @@ where
             return Ok(Relayed::ClientGone);
         };
         up.buf = buf;
-        let n = match read {
-            Ok(0) if head.framing == Framing::UntilClose => break,
+        let (n, end_of_body) = match read {
+            // A body delimited by the close ends here; a re-framed one still needs its end.
+            Ok(0) if head.framing == Framing::UntilClose && !reframe => break,
+            Ok(0) if head.framing == Framing::UntilClose => (0, true),
             Ok(0) | Err(_) => {
                 return Ok(Relayed::Broken {
                     status,
                     timed_out: false,
                 })
             }
-            Ok(n) => n,
+            Ok(n) => (n, false),
         };
-        let sent = if strip {
-            // Events are re-framed: one chunk per read, usage-only events left out.
+        let sent = if reframe {
+            // One chunk (or stretch of payload) per read, usage-only events left out.
             let mut out = mem::take(request);
             out.clear();
             out.resize(CHUNK_PREFIX, 0);
-            let Ok(body) = tracker.advance(&up.buf[..n], |d| meter.filter(d, &mut out)) else {
+            let Ok(body) = tracker.advance(&up.buf[..n], |d| pass(meter, strip, d, &mut out))
+            else {
                 return Ok(Relayed::Broken {
                     status,
                     timed_out: false,
                 });
             };
             upstream_reusable &= body == n;
-            if tracker.is_done() {
+            let end = end_of_body || tracker.is_done();
+            if end && strip {
                 meter.flush(&mut out);
             }
-            let Some(start) = frame_chunk_in_place(&mut out, tracker.is_done()) else {
+            let start = if chunked_out {
+                frame_chunk_in_place(&mut out, end)
+            } else {
+                (out.len() > CHUNK_PREFIX).then_some(CHUNK_PREFIX)
+            };
+            let Some(start) = start else {
                 *request = out;
                 continue;
             };
             progress.bytes += (out.len() - start) as u64;
             let (sent, slice) = client.write_all(out.slice(start..)).await;
             *request = slice.into_inner();
+            if end_of_body {
+                if sent.is_err() {
+                    return Ok(Relayed::ClientGone);
+                }
+                break;
+            }
             sent
         } else {
             let Ok(body) = tracker.advance(&up.buf[..n], |d| meter.observe(d)) else {
@@ -313,6 +353,17 @@ where
         status,
         client_reusable,
     })
+}
+
+/// Re-framed payload: metered, and appended to `out` (without the usage-only events when
+/// `strip`).
+fn pass(meter: &mut Meter, strip: bool, payload: &[u8], out: &mut Vec<u8>) {
+    if strip {
+        meter.filter(payload, out);
+    } else {
+        meter.observe(payload);
+        out.extend_from_slice(payload);
+    }
 }
 
 /// Room reserved in front of a re-framed chunk for its size line (8 hex digits and CRLF).

@@ -55,7 +55,10 @@ pub struct KeyRef {
 /// Everything a worker knows about one finished request that reached a backend.
 #[derive(Debug, Clone)]
 pub struct UsageEvent {
+    /// The gateway's id for the request: unique, whatever the client sent.
     pub request_id: String,
+    /// The client's `X-Request-Id`, when it sent one.
+    pub client_request_id: Option<String>,
     pub started_at: SystemTime,
     pub key: Option<Arc<KeyRef>>,
     pub model: Option<String>,

@@ -13,7 +13,10 @@ use super::{Captured, UsageEvent};
 /// SQL columns); the seed README's webhook fields are all here.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
+    /// The gateway's id: unique per request (the idempotency key of every delivery).
     pub request_id: String,
+    /// The client's `X-Request-Id`, when it sent one (it is what the client saw echoed).
+    pub client_request_id: Option<String>,
     /// RFC 3339 UTC, millisecond precision: when the request started.
     pub timestamp: String,
     /// The client key's configured name.
@@ -193,6 +196,7 @@ impl UsageRecord {
         };
         UsageRecord {
             request_id: event.request_id,
+            client_request_id: event.client_request_id,
             timestamp: rfc3339(event.started_at),
             key_name,
             user_id,

@@ -219,6 +219,7 @@ mod tests {
     pub(crate) fn record(id: &str, key: &str, prompt: u64) -> UsageRecord {
         UsageRecord {
             request_id: id.into(),
+            client_request_id: None,
             timestamp: "2026-01-14T10:30:00.000Z".into(),
             key_name: Some(key.into()),
             user_id: None,

@@ -14,8 +14,9 @@ use super::spool::Spooled;
 use super::UsageRecord;
 
 /// Inserted columns, in order.
-const COLUMNS: [&str; 19] = [
+const COLUMNS: [&str; 20] = [
     "request_id",
+    "client_request_id",
     "timestamp",
     "key_name",
     "user_id",
@@ -43,11 +44,12 @@ enum Val {
     Bool(bool),
 }
 
-fn values(r: &UsageRecord) -> [Val; 19] {
+fn values(r: &UsageRecord) -> [Val; 20] {
     use Val::{Bool, Int, Text};
     let int = |v: u64| Int(Some(v as i64));
     [
         Text(Some(r.request_id.clone())),
+        Text(r.client_request_id.clone()),
         Text(Some(r.timestamp.clone())),
         Text(r.key_name.clone()),
         Text(r.user_id.clone()),
@@ -99,6 +101,7 @@ pub fn create_table_sql(driver: DbDriver, table: &str) -> String {
         "CREATE TABLE IF NOT EXISTS {table} (
             {id},
             request_id {short} NOT NULL UNIQUE,
+            client_request_id {text},
             timestamp {short} NOT NULL,
             key_name {text},
             user_id {text},
@@ -369,9 +372,9 @@ mod tests {
         assert!(!pg.contains('?'));
         let my = insert_sql(DbDriver::Mysql, "t", 1);
         assert!(my.starts_with("INSERT IGNORE INTO t (request_id, timestamp,"));
-        assert_eq!(my.matches('?').count(), 19);
+        assert_eq!(my.matches('?').count(), 20);
         let lite = insert_sql(DbDriver::Sqlite, "t", 3);
         assert!(lite.starts_with("INSERT OR IGNORE INTO"));
-        assert_eq!(lite.matches('?').count(), 57);
+        assert_eq!(lite.matches('?').count(), 60);
     }
 }
