@@ -337,3 +337,37 @@ fn models_route_to_their_backends() {
         .collect();
     assert_eq!(ids, ["alpha", "beta", "public-alpha"]);
 }
+
+#[test]
+fn a_lone_backend_answering_5xx_is_not_ejected_into_an_outage() {
+    // Eight 500s in a row eject the only backend (max_failures 5), yet requests keep reaching
+    // it: refusing every client for ejection_time would be worse than its errors.
+    let sim = spawn_mock(&["--fail-first", "8", "--fail-status", "500"]);
+    let gw = gateway(&[(sim.addr, "")], "");
+    let statuses: Vec<u16> = (0..10)
+        .map(|_| post_json(gw.addr, "/v1/chat/completions", &chat("mock-model"), &[]).status)
+        .collect();
+    assert_eq!(statuses, [500, 500, 500, 500, 500, 500, 500, 500, 200, 200]);
+}
+
+#[test]
+fn a_lone_backend_refusing_connections_is_still_ejected() {
+    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let gw = gateway(&[(dead, "")], "retry:\n  max_attempts: 1\n");
+    let codes: Vec<String> = (0..7)
+        .map(|_| {
+            let r = post_json(gw.addr, "/v1/chat/completions", &chat("mock-model"), &[]);
+            r.json()["error"]["code"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    // Five refused connects (502), then it rests: 503 at once, no connect attempt.
+    assert!(
+        codes[..5].iter().all(|c| c != "no_healthy_backend"),
+        "{codes:?}"
+    );
+    assert_eq!(
+        codes[5..],
+        ["no_healthy_backend", "no_healthy_backend"],
+        "{codes:?}"
+    );
+}

@@ -48,7 +48,7 @@ use crate::http::{self, ChunkedDecoder, Framing, RequestError, RequestHead};
 use crate::limits::{self, LimitSet, Permit};
 use crate::live::{Live, Snapshot};
 use crate::metrics::{self, Registry, Rejection, UpstreamErrorKind, WorkerMetrics};
-use crate::upstream::{InFlight, PickError, PickRequest, WorkerUpstreams};
+use crate::upstream::{InFlight, Passive, PickError, PickRequest, WorkerUpstreams};
 use crate::usage::{Captured, Outcome, UsageEvent, UsageSender};
 use client_watch::{ClientWatch, WatchEnd};
 use relay::{Exchange, Progress, Relayed};
@@ -763,14 +763,21 @@ where
             &mut progress,
         )
         .await;
-        let backend_ok = match &result {
+        let passive = match &result {
             Ok(Relayed::ClientGone) => None,
-            Ok(Relayed::Complete { status, .. }) => Some(*status < 500),
-            Ok(Relayed::Broken { .. }) => Some(false),
-            Err(e) => Some(!(e.is_retryable() || matches!(e, GatewayError::UpstreamTimeout))),
+            Ok(Relayed::Complete { status, .. }) if *status >= 500 => Some(Passive::Failed),
+            Ok(Relayed::Complete { .. }) => Some(Passive::Ok),
+            Ok(Relayed::Broken { .. }) => Some(Passive::Failed),
+            Err(GatewayError::UpstreamConnect | GatewayError::UpstreamConnectTimeout) => {
+                Some(Passive::Unreachable)
+            }
+            Err(e) if e.is_retryable() || matches!(e, GatewayError::UpstreamTimeout) => {
+                Some(Passive::Failed)
+            }
+            Err(_) => Some(Passive::Ok),
         };
-        if let Some(ok) = backend_ok {
-            backend.record(ok, &gen.upstreams.health);
+        if let Some(outcome) = passive {
+            backend.record(outcome, &gen.upstreams.health);
         }
         match result {
             Err(e) if e.is_retryable() && !last && ctx.retry_budget.withdraw() => {

@@ -122,6 +122,17 @@ impl WorkerUpstreams {
             }
         }
         if candidates == 0 {
+            // Panic mode: every backend for the model rests after failed requests. Resting all
+            // of them turns a burst of errors into an outage (with a single backend, the first
+            // few 5xx would refuse every client), so those that still answer take traffic
+            // anyway; ones refusing connections stay out.
+            for (i, b) in list.iter().enumerate().take(64) {
+                if b.serves(req.model) && b.answers() {
+                    candidates |= 1 << i;
+                }
+            }
+        }
+        if candidates == 0 {
             return Err(PickError::NoneAvailable);
         }
         let chosen = req

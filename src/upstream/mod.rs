@@ -54,6 +54,8 @@ pub struct Backend {
     /// Passive ejection: consecutive failed requests, and until when the backend rests.
     failures: AtomicU32,
     ejected_until: AtomicU64,
+    /// The last failure was a connection that could not be made (not a bad answer).
+    unreachable: AtomicBool,
     /// Requests in flight to this backend from all workers.
     in_flight: AtomicU32,
     /// `least_load` score from the backend's metrics (f64 bits); lower is less loaded.
@@ -95,10 +97,21 @@ impl Backend {
         f64::from_bits(self.load.load(Ordering::Relaxed))
     }
 
+    /// Resolved, passing its active checks and below `max_in_flight`: passive ejection aside,
+    /// able to take a request.
+    fn available(&self) -> bool {
+        self.addr().is_some() && self.is_healthy() && !self.full()
+    }
+
+    /// Ejected for bad answers, not for refusing connections: it is up, only failing.
+    fn answers(&self) -> bool {
+        self.available() && !self.unreachable.load(Ordering::Relaxed)
+    }
+
     /// Whether a request may go here now. After an ejection has rested, exactly one caller wins
     /// the trial request (half-open); the others see the backend as ejected for another period.
     fn admits(&self, ejection: Duration) -> bool {
-        if self.addr().is_none() || !self.is_healthy() || self.full() {
+        if !self.available() {
             return false;
         }
         let until = self.ejected_until.load(Ordering::Relaxed);
@@ -119,14 +132,16 @@ impl Backend {
     }
 
     /// Passive health: the outcome of one request.
-    pub fn record(&self, ok: bool, policy: &HealthCheck) {
-        if ok {
+    pub fn record(&self, outcome: Passive, policy: &HealthCheck) {
+        if outcome == Passive::Ok {
             self.failures.store(0, Ordering::Relaxed);
             if self.ejected_until.swap(0, Ordering::Relaxed) != 0 {
                 tracing::info!(backend = %self.url, "backend recovered; taking traffic again");
             }
             return;
         }
+        self.unreachable
+            .store(outcome == Passive::Unreachable, Ordering::Relaxed);
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if policy.max_failures > 0 && failures >= policy.max_failures {
             let until = now_ms() + policy.ejection_time.as_millis() as u64;
@@ -146,6 +161,16 @@ impl Backend {
         }
         found.is_some()
     }
+}
+
+/// What one request says about its backend's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passive {
+    Ok,
+    /// It answered, badly: a 5xx, a broken or malformed response, a timeout.
+    Failed,
+    /// No connection could be made.
+    Unreachable,
 }
 
 /// All backends of the running config, plus what the checker thread learns about them.
@@ -191,6 +216,7 @@ impl Backends {
                     healthy: AtomicBool::new(true),
                     failures: AtomicU32::new(0),
                     ejected_until: AtomicU64::new(0),
+                    unreachable: AtomicBool::new(false),
                     in_flight: AtomicU32::new(0),
                     load: AtomicU64::new(0f64.to_bits()),
                 }
