@@ -18,6 +18,23 @@ pub enum RequestError {
     Timeout,
 }
 
+/// `.` or `..`, also percent-encoded (`%2e`).
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && rest[2] | 0x20 == b'e' {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
+}
+
 /// A parsed request head. Spans point into the buffer that was parsed; the struct is reused
 /// across requests on a connection so its header vector allocates once.
 #[derive(Debug, Default)]
@@ -88,6 +105,11 @@ pub fn parse_request(
     let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
         return Err(RequestError::Malformed("incomplete request line"));
     };
+    let path_only = path.split('?').next().unwrap_or_default();
+    if path_only.split('/').any(is_dot_segment) {
+        // `/v1/../metrics` would leave the proxied prefix at a backend that resolves it.
+        return Err(RequestError::Malformed("dot segment in the request path"));
+    }
     out.method = Span::within(buf, method.as_bytes());
     out.target = Span::within(buf, path.as_bytes());
     out.http10 = version == 0;
@@ -204,6 +226,26 @@ mod tests {
             parse_request(b"GET / HTTP/1.1\r\nHo", 10, &mut h),
             Err(RequestError::HeaderTooLarge)
         );
+    }
+
+    #[test]
+    fn dot_segments_are_refused() {
+        for path in [
+            "/v1/../metrics",
+            "/v1/%2e%2E/metrics",
+            "/v1/./models",
+            "/v1/.%2e",
+        ] {
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            assert!(
+                matches!(parse(&raw), Err(RequestError::Malformed(_))),
+                "{path}"
+            );
+        }
+        for path in ["/v1/models/...x", "/v1/a.b/c", "/v1/models?x=/../y"] {
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            assert!(parse(&raw).is_ok(), "{path}");
+        }
     }
 
     #[test]

@@ -48,9 +48,9 @@ pub fn path_index(path: &[u8]) -> usize {
 }
 
 /// Status codes with their own label value; any other code is labelled by its class ("2xx").
-const STATUSES: [u16; 22] = [
-    200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 408, 409, 413, 422, 429, 431, 500,
-    502, 503, 504,
+const STATUSES: [u16; 23] = [
+    200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 408, 409, 413, 422, 429, 431, 499,
+    500, 502, 503, 504,
 ];
 const STATUS_SLOTS: usize = STATUSES.len() + 5;
 

@@ -632,7 +632,11 @@ async fn proxy_request(
         }
         Ok(Relayed::ClientGone) => {
             tracing::debug!(request_id = %rid, backend = %backend_url, "client left; upstream closed");
-            t.status = t.progress.status;
+            // Gone before the backend answered: nginx's "client closed request".
+            t.status = match t.progress.status {
+                0 => CLIENT_CLOSED,
+                s => s,
+            };
             t.outcome = Some(Outcome::Cancelled);
             Next::Close
         }
@@ -1276,6 +1280,9 @@ impl RequestId {
         std::str::from_utf8(self.as_bytes()).unwrap_or("-")
     }
 }
+
+/// The status counted and logged for a request whose client left before any response.
+const CLIENT_CLOSED: u16 = 499;
 
 /// How long a draining worker waits between checks that its requests have finished.
 pub const DRAIN_POLL: Duration = Duration::from_millis(20);
