@@ -365,13 +365,13 @@ mod tests {
         let pg = postgres_insert_sql("t");
         assert!(pg.contains("unnest($1::text[], $2::text[],"), "{pg}");
         assert!(
-            pg.contains("$8::bool[]") && pg.contains("$19::text[])"),
+            pg.contains("$9::bool[]") && pg.contains("$20::text[])"),
             "{pg}"
         );
         assert!(pg.ends_with("ON CONFLICT (request_id) DO NOTHING"));
         assert!(!pg.contains('?'));
         let my = insert_sql(DbDriver::Mysql, "t", 1);
-        assert!(my.starts_with("INSERT IGNORE INTO t (request_id, timestamp,"));
+        assert!(my.starts_with("INSERT IGNORE INTO t (request_id, client_request_id, timestamp,"));
         assert_eq!(my.matches('?').count(), 20);
         let lite = insert_sql(DbDriver::Sqlite, "t", 3);
         assert!(lite.starts_with("INSERT OR IGNORE INTO"));
