@@ -3,7 +3,10 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -370,4 +373,194 @@ fn a_lone_backend_refusing_connections_is_still_ejected() {
         ["no_healthy_backend", "no_healthy_backend"],
         "{codes:?}"
     );
+}
+
+/// A backend that frames every response (Content-Length, or chunked) and keeps each connection
+/// open whatever the client asked for, as many HTTP/1.1 servers do. Threads in the test process,
+/// so it can change its answer mid-test and count what it served.
+struct KeepOpen {
+    addr: SocketAddr,
+    state: Arc<KeepOpenState>,
+}
+
+struct KeepOpenState {
+    models: Vec<&'static str>,
+    chunked_models: bool,
+    waiting: u32,
+    healthy: AtomicBool,
+    chats: AtomicU32,
+}
+
+impl KeepOpen {
+    fn start(models: &[&'static str], chunked_models: bool, waiting: u32) -> KeepOpen {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(KeepOpenState {
+            models: models.to_vec(),
+            chunked_models,
+            waiting,
+            healthy: AtomicBool::new(true),
+            chats: AtomicU32::new(0),
+        });
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let st = shared.clone();
+                std::thread::spawn(move || st.serve(conn));
+            }
+        });
+        KeepOpen { addr, state }
+    }
+
+    fn chats(&self) -> u32 {
+        self.state.chats.load(Ordering::Relaxed)
+    }
+}
+
+impl KeepOpenState {
+    fn serve(&self, mut conn: TcpStream) {
+        let mut buf = Vec::new();
+        let mut scratch = [0u8; 8192];
+        loop {
+            let head_len = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                match conn.read(&mut scratch) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&scratch[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_len]).to_ascii_lowercase();
+            let header = |name: &str| {
+                head.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                    .map(str::trim)
+            };
+            let body_len: usize = header("content-length").map_or(0, |v| v.parse().unwrap());
+            while buf.len() < head_len + body_len {
+                match conn.read(&mut scratch) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&scratch[..n]),
+                }
+            }
+            buf.drain(..head_len + body_len);
+            let path = head.split(' ').nth(1).unwrap_or("").to_string();
+            let answer = if head.contains(" http/1.1\r\n") && header("host").is_none() {
+                // What a strict HTTP/1.1 server does with a request that names no host.
+                framed(400, "text/plain", "")
+            } else if path == "/health" {
+                if header("authorization") != Some("bearer health-token") {
+                    framed(401, "text/plain", "")
+                } else if self.healthy.load(Ordering::Relaxed) {
+                    framed(200, "text/plain", "")
+                } else {
+                    framed(503, "text/plain", "")
+                }
+            } else if path == "/v1/models" {
+                let data: Vec<Value> = self.models.iter().map(|m| json!({"id": m})).collect();
+                let body = json!({"object": "list", "data": data}).to_string();
+                if self.chunked_models {
+                    let (a, b) = body.split_at(body.len() / 2);
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x};ext=1\r\n{b}\r\n0\r\n\r\n",
+                        a.len(),
+                        b.len()
+                    )
+                } else {
+                    framed(200, "application/json", &body)
+                }
+            } else if path == "/metrics" {
+                let body = format!(
+                    "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"m\"}} {}.0\nvllm:num_requests_running{{model_name=\"m\"}} 0.0\n",
+                    self.waiting
+                );
+                framed(200, "text/plain; version=0.0.4", &body)
+            } else if path == "/v1/chat/completions" {
+                self.chats.fetch_add(1, Ordering::Relaxed);
+                let body = json!({"id": "c", "object": "chat.completion", "model": "m",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}});
+                framed(200, "application/json", &body.to_string())
+            } else {
+                framed(404, "text/plain", "")
+            };
+            if conn.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn framed(status: u16, content_type: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Whether the gateway's `llmproxy_backend_up` says `backend` takes traffic.
+fn backend_up(gw: &Proc, backend: SocketAddr) -> bool {
+    let series = format!("llmproxy_backend_up{{backend=\"http://{backend}\"}} ");
+    let text = get(gw.addr, "/metrics").text();
+    let line = text.lines().find_map(|l| l.strip_prefix(series.as_str()));
+    line.unwrap_or_else(|| panic!("no {series}in the gateway's metrics")) == "1"
+}
+
+#[test]
+fn keep_open_backends_pass_health_checks_and_list_their_models() {
+    let a = KeepOpen::start(&["alpha"], false, 0);
+    let b = KeepOpen::start(&["beta", "gamma"], true, 0);
+    a.state.healthy.store(false, Ordering::Relaxed);
+    let gw = gateway_now(
+        &[(a.addr, ""), (b.addr, "")],
+        "health_check:\n  interval: 250ms\n  timeout: 1s\n  unhealthy_threshold: 1\n  headers:\n    Authorization: Bearer health-token\n",
+    );
+    // The checks reach the backend: its 503 takes it out of rotation ...
+    assert!(
+        wait_until(Duration::from_secs(2), || !backend_up(&gw, a.addr)),
+        "a backend answering 503 stayed up"
+    );
+    // ... and once it answers 200 again it is back within an interval (plus slack for a busy
+    // machine), while the other has passed every check meanwhile.
+    a.state.healthy.store(true, Ordering::Relaxed);
+    assert!(
+        wait_until(Duration::from_millis(750), || backend_up(&gw, a.addr)),
+        "a healthy keep-alive backend was not marked up"
+    );
+    assert!(
+        backend_up(&gw, b.addr),
+        "a healthy keep-alive backend is down"
+    );
+    send(&gw, 20);
+    assert_eq!(a.chats() + b.chats(), 20);
+    assert!(
+        a.chats() > 0 && b.chats() > 0,
+        "a={} b={}",
+        a.chats(),
+        b.chats()
+    );
+
+    // One list with Content-Length, one chunked: both merged.
+    let ids: Vec<String> = get(gw.addr, "/v1/models").json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["alpha", "beta", "gamma"]);
+}
+
+#[test]
+fn least_load_reads_metrics_from_keep_open_backends() {
+    let queued = KeepOpen::start(&["m"], false, 12);
+    let idle = KeepOpen::start(&["m"], false, 0);
+    let gw = gateway(
+        &[(queued.addr, ""), (idle.addr, "")],
+        "load_balance: least_load\nrouting:\n  least_load:\n    interval: 100ms\n",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    send(&gw, 30);
+    assert_eq!(queued.chats(), 0, "the queued backend got traffic");
+    assert_eq!(idle.chats(), 30);
 }

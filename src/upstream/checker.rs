@@ -6,13 +6,14 @@
 //! Workers only read what it publishes (atomics, one RwLock read per `/v1/models`).
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Backend, Backends};
 use crate::config::{Config, Strategy};
+use crate::http::{parse_response, BodyTracker, Framing};
 
 /// Starts the checker when the config asks for anything it does.
 pub fn spawn_checker(backends: Arc<Backends>, config: &Config) {
@@ -43,8 +44,14 @@ pub fn spawn_checker(backends: Arc<Backends>, config: &Config) {
                 if health.active && now >= next_health {
                     next_health = now + health.interval;
                     for (i, b) in backends.list.iter().enumerate() {
-                        let ok = get(b, &health.path, &health.headers, health.timeout)
-                            .is_some_and(|(status, _)| status == health.expected_status);
+                        let ok = get(
+                            b,
+                            &health.path,
+                            &health.headers,
+                            health.timeout,
+                            Wanted::Status,
+                        )
+                        .is_some_and(|(status, _)| status == health.expected_status);
                         let (ok_n, fail_n) = (&mut ok_streak[i], &mut fail_streak[i]);
                         if ok {
                             *ok_n += 1;
@@ -58,7 +65,9 @@ pub fn spawn_checker(backends: Arc<Backends>, config: &Config) {
                 }
                 if least_load {
                     for b in &backends.list {
-                        if let Some((200, body)) = get(b, &load_path, &[], health.timeout) {
+                        if let Some((200, body)) =
+                            get(b, &load_path, &[], health.timeout, Wanted::Body)
+                        {
                             b.load.store(load_score(&body).to_bits(), Ordering::Relaxed);
                         }
                     }
@@ -128,7 +137,7 @@ fn merged_models(backends: &Backends, timeout: Duration) -> Vec<u8> {
             ids.extend(b.models.iter().cloned());
             continue;
         }
-        let Some((200, body)) = get(b, "/v1/models", &[], timeout) else {
+        let Some((200, body)) = get(b, "/v1/models", &[], timeout, Wanted::Body) else {
             continue;
         };
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
@@ -151,31 +160,111 @@ fn merged_models(backends: &Backends, timeout: Duration) -> Vec<u8> {
         .into_bytes()
 }
 
-/// A blocking HTTP/1.0 GET (so the body is close-delimited, never chunked). Runs only here.
+/// Largest response head the checker reads.
+const MAX_HEAD: usize = 16 * 1024;
+/// Largest `/metrics` or `/v1/models` body the checker reads; a bigger one counts as no answer.
+const MAX_BODY: usize = 1 << 20;
+
+/// How much of a response the caller needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    /// The status decides (health checks): nothing after the head is waited for.
+    Status,
+    Body,
+}
+
+/// A blocking GET, `timeout` bounding the whole exchange. Runs only here.
 fn get(
     b: &Backend,
     path: &str,
     headers: &[(String, String)],
     timeout: Duration,
+    wanted: Wanted,
 ) -> Option<(u16, Vec<u8>)> {
-    let addr = b.addr()?;
-    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
-    s.set_read_timeout(Some(timeout)).ok()?;
-    s.set_write_timeout(Some(timeout)).ok()?;
+    let deadline = Instant::now() + timeout;
     let mut req = format!(
-        "GET {}{} HTTP/1.0\r\nHost: {}\r\n",
+        "GET {}{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
         b.path_prefix, path, b.host_header
     );
     for (n, v) in headers {
         req.push_str(&format!("{n}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).ok()?;
-    let mut resp = Vec::new();
-    s.take(4 << 20).read_to_end(&mut resp).ok()?;
-    let status = std::str::from_utf8(resp.get(9..12)?).ok()?.parse().ok()?;
-    let body_at = resp.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    Some((status, resp.split_off(body_at)))
+    exchange(b.addr()?, req.as_bytes(), deadline, wanted)
+}
+
+/// Sends `req` on a new connection and reads exactly one response, framed by its head: servers
+/// may keep the connection open despite `Connection: close`, so the end is never awaited.
+fn exchange(
+    addr: SocketAddr,
+    req: &[u8],
+    deadline: Instant,
+    wanted: Wanted,
+) -> Option<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect_timeout(&addr, time_left(deadline)?).ok()?;
+    s.set_write_timeout(Some(time_left(deadline)?)).ok()?;
+    s.write_all(req).ok()?;
+    let mut buf = Vec::new();
+    // parse_response also restates the head for a client; nothing here reads that.
+    let mut restated = Vec::new();
+    let head = loop {
+        match parse_response(&buf, MAX_HEAD, false, &mut restated) {
+            Ok(Some(h)) if h.is_interim() => {
+                buf.drain(..h.head_len);
+            }
+            Ok(Some(h)) => break h,
+            Ok(None) if read_some(&mut s, &mut buf, deadline)? > 0 => {}
+            Ok(None) | Err(_) => return None,
+        }
+    };
+    if wanted == Wanted::Status {
+        return Some((head.status, Vec::new()));
+    }
+    if matches!(head.framing, Framing::Length(n) if n > MAX_BODY as u64) {
+        return None;
+    }
+    let mut tracker = BodyTracker::new(head.framing);
+    let mut body = Vec::new();
+    let mut pending = buf.split_off(head.head_len);
+    loop {
+        tracker
+            .advance(&pending, |d| body.extend_from_slice(d))
+            .ok()?;
+        if body.len() > MAX_BODY {
+            return None;
+        }
+        if tracker.is_done() {
+            return Some((head.status, body));
+        }
+        pending.clear();
+        if read_some(&mut s, &mut pending, deadline)? == 0 {
+            // Only a body without Content-Length or chunking ends with the connection.
+            return matches!(tracker, BodyTracker::UntilClose).then_some((head.status, body));
+        }
+    }
+}
+
+fn time_left(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+}
+
+/// Appends what the peer has sent, waiting until `deadline` at most; `Some(0)` when it closed.
+fn read_some(s: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> Option<usize> {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        s.set_read_timeout(Some(time_left(deadline)?)).ok()?;
+        match s.read(&mut chunk) {
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return Some(n);
+            }
+            // A signal ends a read that has a timeout instead of restarting it.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -187,5 +276,115 @@ mod tests {
         let text = b"# HELP x\nvllm:num_requests_running{model_name=\"m\"} 3.0\nvllm:num_requests_waiting{model_name=\"m\"} 2.0\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.5\n";
         assert_eq!(load_score(text), 2.0 * 4.0 + 3.0 + 2.0);
         assert_eq!(load_score(b""), 0.0);
+    }
+
+    /// A server for one exchange: reads the request head, then hands the connection to `answer`.
+    fn serve(answer: impl FnOnce(&mut TcpStream) + Send + 'static) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8];
+                if s.read(&mut byte).unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            answer(&mut s);
+        });
+        addr
+    }
+
+    /// Writes `bytes`, then keeps the connection open until the client closes it.
+    fn keep_open(bytes: Vec<u8>) -> impl FnOnce(&mut TcpStream) + Send + 'static {
+        move |s| {
+            let _ = s.write_all(&bytes);
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+    }
+
+    fn fetch(addr: SocketAddr, wanted: Wanted) -> (Option<(u16, Vec<u8>)>, Duration) {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(5);
+        let got = exchange(addr, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", deadline, wanted);
+        (got, start.elapsed())
+    }
+
+    #[test]
+    fn one_response_is_read_without_waiting_for_the_close() {
+        let quick = Duration::from_secs(2);
+        let addr = serve(keep_open(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+        ));
+        let (got, took) = fetch(addr, Wanted::Body);
+        assert_eq!(got, Some((200, b"hello".to_vec())));
+        assert!(took < quick, "{took:?}");
+
+        let chunked = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n";
+        let (got, took) = fetch(serve(keep_open(chunked.to_vec())), Wanted::Body);
+        assert_eq!(got, Some((200, b"hello".to_vec())));
+        assert!(took < quick, "{took:?}");
+
+        // The status alone: a body announced but never sent is not waited for.
+        let head = b"HTTP/1.1 503 Busy\r\nContent-Length: 10\r\n\r\n";
+        let (got, took) = fetch(serve(keep_open(head.to_vec())), Wanted::Status);
+        assert_eq!(got.map(|(status, _)| status), Some(503));
+        assert!(took < quick, "{took:?}");
+
+        let addr = serve(|s| s.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil close").unwrap());
+        assert_eq!(
+            fetch(addr, Wanted::Body).0,
+            Some((200, b"until close".to_vec()))
+        );
+    }
+
+    #[test]
+    fn short_oversized_or_slow_answers_are_none() {
+        // Closed before the announced length.
+        let addr = serve(|s| {
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort")
+                .unwrap()
+        });
+        assert_eq!(fetch(addr, Wanted::Body).0, None);
+
+        let big = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert_eq!(
+            fetch(serve(keep_open(big.into_bytes())), Wanted::Body).0,
+            None
+        );
+        let mut big = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..=MAX_BODY / 4096 {
+            big.extend_from_slice(b"1000\r\n");
+            big.extend_from_slice(&[b'x'; 4096]);
+            big.extend_from_slice(b"\r\n");
+        }
+        assert_eq!(fetch(serve(keep_open(big)), Wanted::Body).0, None);
+
+        // A server trickling bytes is cut at the deadline, not after each read's timeout.
+        let addr = serve(|s| {
+            for b in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+                .iter()
+                .cycle()
+            {
+                std::thread::sleep(Duration::from_millis(20));
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+            }
+        });
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(300);
+        let req = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+        assert_eq!(exchange(addr, req, deadline, Wanted::Body), None);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }
