@@ -12,6 +12,8 @@ pub struct RequestInfo {
     pub stream: bool,
     /// `stream_options` object value, braces included.
     pub stream_options: Option<Range<usize>>,
+    /// `stream_options: null`, the literal's range.
+    pub stream_options_null: Option<Range<usize>>,
     /// `stream_options.include_usage` literal value.
     pub include_usage: Option<(bool, Range<usize>)>,
     pub user: Option<Range<usize>>,
@@ -58,10 +60,13 @@ pub fn inspect(body: &[u8]) -> Option<RequestInfo> {
             b"user" if body[value.start] == b'"' => {
                 info.user = Some(value.start + 1..value.end - 1)
             }
-            b"stream" => info.stream = &body[value.clone()] == b"true",
+            b"stream" => info.stream = lax_bool(&body[value]) == Some(true),
             b"stream_options" if body[value.start] == b'{' => {
                 info.include_usage = find_bool(body, value.clone(), b"include_usage");
                 info.stream_options = Some(value);
+            }
+            b"stream_options" if &body[value.clone()] == b"null" => {
+                info.stream_options_null = Some(value);
             }
             _ => {}
         }
@@ -91,18 +96,41 @@ fn find_bool(body: &[u8], obj: Range<usize>, name: &[u8]) -> Option<(bool, Range
         s.ws();
         let v = s.value()?;
         if &body[key] == name {
-            return match &body[v.clone()] {
-                b"true" => Some((true, v)),
-                b"false" => Some((false, v)),
-                _ => None,
-            };
+            return lax_bool(&body[v.clone()]).map(|b| (b, v));
         }
+    }
+}
+
+/// A boolean as vLLM's request models (pydantic, lax mode) read one: JSON booleans, 0 and 1,
+/// and the strings "true"/"false", "1"/"0", "yes"/"no", "on"/"off", "t"/"f", "y"/"n" in any
+/// case. A client sending `"stream": "true"` gets a stream, so the gateway must see one.
+fn lax_bool(raw: &[u8]) -> Option<bool> {
+    let text = match raw {
+        [b'"', inner @ .., b'"'] => inner,
+        b"true" | b"1" => return Some(true),
+        b"false" | b"0" => return Some(false),
+        _ => return None,
+    };
+    const TRUE: [&[u8]; 6] = [b"true", b"1", b"yes", b"on", b"t", b"y"];
+    const FALSE: [&[u8]; 6] = [b"false", b"0", b"no", b"off", b"f", b"n"];
+    if TRUE.iter().any(|t| text.eq_ignore_ascii_case(t)) {
+        Some(true)
+    } else if FALSE.iter().any(|f| text.eq_ignore_ascii_case(f)) {
+        Some(false)
+    } else {
+        None
     }
 }
 
 /// Rewrites `body` in place so a streaming request asks for the final usage chunk
 /// (`stream_options.include_usage = true`). Returns false when nothing needed changing.
 pub fn request_stream_usage(body: &mut Vec<u8>, info: &RequestInfo) -> bool {
+    if let Some(null) = &info.stream_options_null {
+        // Replaced, not appended: a second `stream_options` key is read differently by
+        // different JSON parsers.
+        body.splice(null.clone(), b"{\"include_usage\":true}".iter().copied());
+        return true;
+    }
     match (&info.stream_options, &info.include_usage) {
         (_, Some((true, _))) => false,
         (_, Some((false, at))) => {
@@ -254,8 +282,40 @@ mod tests {
             edited(r#"{"stream":true,"stream_options":{"include_usage":false}}"#),
             r#"{"stream":true,"stream_options":{"include_usage":true}}"#
         );
-        let mut b = br#"{"stream":true,"stream_options":{"include_usage":true}}"#.to_vec();
-        let info = inspect(&b).unwrap();
-        assert!(!request_stream_usage(&mut b, &info));
+        assert_eq!(
+            edited(r#"{"stream":true,"stream_options":null,"n":1}"#),
+            r#"{"stream":true,"stream_options":{"include_usage":true},"n":1}"#
+        );
+        assert_eq!(
+            edited(r#"{"stream":true,"stream_options":{"include_usage":"no"}}"#),
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        for asked in ["true", "1", "\"yes\"", "\"True\""] {
+            let raw = format!(r#"{{"stream":true,"stream_options":{{"include_usage":{asked}}}}}"#);
+            let mut b = raw.clone().into_bytes();
+            let info = inspect(&b).unwrap();
+            assert!(!request_stream_usage(&mut b, &info), "{raw}");
+            assert_eq!(b, raw.as_bytes());
+        }
+    }
+
+    #[test]
+    fn stream_is_read_as_leniently_as_vllm_reads_it() {
+        for (value, stream) in [
+            ("true", true),
+            ("1", true),
+            ("\"true\"", true),
+            ("\"on\"", true),
+            ("\"Y\"", true),
+            ("false", false),
+            ("0", false),
+            ("\"no\"", false),
+            ("null", false),
+            ("2", false),
+            ("\"maybe\"", false),
+        ] {
+            let body = format!(r#"{{"model":"m","stream":{value}}}"#);
+            assert_eq!(inspect(body.as_bytes()).unwrap().stream, stream, "{body}");
+        }
     }
 }
