@@ -19,8 +19,8 @@ pub enum RequestError {
 }
 
 /// `.` or `..`, also percent-encoded (`%2e`).
-fn is_dot_segment(segment: &str) -> bool {
-    let mut rest = segment.as_bytes();
+fn is_dot_segment(segment: &[u8]) -> bool {
+    let mut rest = segment;
     let mut dots = 0;
     while !rest.is_empty() {
         if rest[0] == b'.' {
@@ -105,8 +105,11 @@ pub fn parse_request(
     let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
         return Err(RequestError::Malformed("incomplete request line"));
     };
-    let path_only = path.split('?').next().unwrap_or_default();
-    if path_only.split('/').any(is_dot_segment) {
+    let target = path.as_bytes();
+    let path_only = &target[..memchr::memchr(b'?', target).unwrap_or(target.len())];
+    // Most paths have neither a dot nor an escape: one scan and done.
+    let maybe_dots = memchr::memchr2(b'.', b'%', path_only).is_some();
+    if maybe_dots && path_only.split(|&b| b == b'/').any(is_dot_segment) {
         // `/v1/../metrics` would leave the proxied prefix at a backend that resolves it.
         return Err(RequestError::Malformed("dot segment in the request path"));
     }

@@ -418,7 +418,8 @@ fn take_requests(scopes: &[&Arc<LimitSet>], now: u64) -> Result<(), Refused> {
 /// OpenAI's rate-limit headers, for the first scope that has each rate; `requests` is the
 /// shared (Redis) state when that decided.
 fn headers(scopes: &[&Arc<LimitSet>], now: u64, requests: Option<RateState>) -> String {
-    let mut out = String::new();
+    // Room for all six lines: one allocation per request.
+    let mut out = String::with_capacity(256);
     let requests = requests.or_else(|| {
         scopes
             .iter()
@@ -431,31 +432,33 @@ fn headers(scopes: &[&Arc<LimitSet>], now: u64, requests: Option<RateState>) -> 
         if let Some(st) = state {
             let _ = write!(
                 out,
-                "x-ratelimit-limit-{what}: {}\r\nx-ratelimit-remaining-{what}: {}\r\nx-ratelimit-reset-{what}: {}\r\n",
+                "x-ratelimit-limit-{what}: {}\r\nx-ratelimit-remaining-{what}: {}\r\nx-ratelimit-reset-{what}: ",
                 st.limit,
                 st.remaining,
-                format_reset(st.reset)
             );
+            write_reset(&mut out, st.reset);
+            out.push_str("\r\n");
         }
     }
     out
 }
 
 /// OpenAI's reset format: "20ms", "1s", "6m0s", "1.5s".
-fn format_reset(d: Duration) -> String {
+fn write_reset(out: &mut String, d: Duration) {
     let ms = d.as_millis() as u64;
-    if ms < 1000 {
-        format!("{ms}ms")
+    let _ = if ms < 1000 {
+        write!(out, "{ms}ms")
     } else if ms < 60_000 {
-        if ms % 1000 == 0 {
-            format!("{}s", ms / 1000)
-        } else {
-            let secs = format!("{:.3}", ms as f64 / 1000.0);
-            format!("{}s", secs.trim_end_matches('0'))
+        let (secs, frac) = (ms / 1000, ms % 1000);
+        match frac {
+            0 => write!(out, "{secs}s"),
+            f if f % 100 == 0 => write!(out, "{secs}.{}s", f / 100),
+            f if f % 10 == 0 => write!(out, "{secs}.{:02}s", f / 10),
+            f => write!(out, "{secs}.{f:03}s"),
         }
     } else {
-        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
-    }
+        write!(out, "{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    };
 }
 
 #[cfg(test)]
@@ -550,8 +553,16 @@ mod tests {
         assert!(a.headers.contains("x-ratelimit-remaining-requests: 59\r\n"));
         assert!(a.headers.contains("x-ratelimit-reset-requests: 1s\r\n"));
         assert!(a.headers.contains("x-ratelimit-remaining-tokens: 1000\r\n"));
-        assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
-        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
-        assert_eq!(format_reset(Duration::from_millis(20)), "20ms");
+        let reset = |d| {
+            let mut s = String::new();
+            write_reset(&mut s, d);
+            s
+        };
+        assert_eq!(reset(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(reset(Duration::from_millis(1050)), "1.05s");
+        assert_eq!(reset(Duration::from_millis(1234)), "1.234s");
+        assert_eq!(reset(Duration::from_millis(2000)), "2s");
+        assert_eq!(reset(Duration::from_secs(360)), "6m0s");
+        assert_eq!(reset(Duration::from_millis(20)), "20ms");
     }
 }
