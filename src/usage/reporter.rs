@@ -29,9 +29,10 @@ use crate::config::{Reporter as ReporterConfig, ReporterKind, UsageHook};
 /// accounting). Must be quick: it runs once per request.
 pub type QuotaHook = Box<dyn Fn(&str, &UsageRecord) + Send>;
 
+/// How often the ingest thread collects events from the channel: each collection is one spool
+/// transaction, whose fixed cost is worth spreading over a hundred records or more at load.
+const INGEST_TICK: Duration = Duration::from_millis(20);
 /// Events taken from the channel per spool transaction, at most.
-/// How often the ingest thread collects events from the channel.
-const INGEST_TICK: Duration = Duration::from_millis(5);
 const MAX_BATCH: usize = 4096;
 /// First wait after a failed delivery; doubles per consecutive failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
