@@ -460,3 +460,34 @@ fn events_cut_anywhere_with_any_line_ending_are_metered_and_stripped_exactly() {
     drop(gw);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn estimated_streams_count_only_events_with_output() {
+    let upstream = cutting_upstream();
+    let dir = temp_dir("cut-estimate");
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(upstream, &spool, " []"));
+    for (eol_name, eol) in [("crlf", "\r\n"), ("lf", "\n"), ("cr", "\r")] {
+        for cut in ["back-2", "pieces-3"] {
+            let id = format!("est-{eol_name}-{cut}");
+            let r = post_json(
+                gw.addr,
+                "/v1/chat/completions",
+                &chat(true, false),
+                &[
+                    ("X-Request-Id", &id),
+                    ("x-eol", eol_name),
+                    ("x-cut", cut),
+                    ("x-no-usage", "1"),
+                ],
+            );
+            assert_eq!(r.text(), cut_stream_events(eol, false).concat(), "{id}");
+            let record = record_for(&spool, &id);
+            assert!(record.usage_estimated, "{id}");
+            // Five tokens; the role-only first chunk and the finish chunk carry no output.
+            assert_eq!(record.completion_tokens, 5, "{id}");
+        }
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -61,7 +61,8 @@ impl Meter {
         self.strip_usage
     }
 
-    /// Content events seen so far (SSE `data:` events other than `[DONE]` and usage-only ones).
+    /// Content events seen so far: SSE events that carry generated output (non-empty content,
+    /// text, reasoning or tool-call arguments); an oversized event, not inspected, counts too.
     pub fn content_events(&self) -> u32 {
         self.content_events
     }
@@ -212,19 +213,14 @@ impl Meter {
 
     /// One complete event, boundary included; whether it was forwarded.
     fn event(&mut self, event: &[u8], out: Option<&mut Vec<u8>>) -> bool {
-        let payload = data_payload(event);
         let mut forward = true;
-        if let Some(json) = payload {
-            if json.starts_with(b"[DONE]") {
-            } else if let Some(usage_only) = carries_usage(json) {
+        if let Some(json) = data_payload(event).filter(|j| !j.starts_with(b"[DONE]")) {
+            if let Some(usage_only) = carries_usage(json) {
                 self.last_usage.clear();
                 self.last_usage.extend_from_slice(json);
-                if usage_only {
-                    forward = !self.strip_usage;
-                } else {
-                    self.content_events += 1;
-                }
-            } else {
+                forward = !(usage_only && self.strip_usage);
+            }
+            if carries_output(json) {
                 self.content_events += 1;
             }
         }
@@ -278,14 +274,38 @@ fn carries_usage(json: &[u8]) -> Option<bool> {
     Some(usage_only)
 }
 
+/// Whether an event's JSON carries generated output: a non-empty string under `content`,
+/// `reasoning_content`, `reasoning`, `text` or a tool call's `arguments`. Key searches, not a
+/// parse: a few memmem calls per event, and a content token is found by the first.
+fn carries_output(json: &[u8]) -> bool {
+    // `content"` also ends `"reasoning_content"`.
+    const KEYS: [&[u8]; 4] = [
+        b"content\"",
+        b"\"text\"",
+        b"\"arguments\"",
+        b"\"reasoning\"",
+    ];
+    KEYS.iter().any(|key| {
+        memmem::find_iter(json, key).any(|at| non_empty_string_follows(&json[at + key.len()..]))
+    })
+}
+
+/// `rest` (what follows a key) is `: "` with any spacing, then a string that is not empty.
+fn non_empty_string_follows(rest: &[u8]) -> bool {
+    match rest.trim_ascii_start().strip_prefix(b":") {
+        Some(value) => matches!(value.trim_ascii_start(), [b'"', next, ..] if *next != b'"'),
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const USAGE: &str =
         r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
-    /// Events that carry output in [`stream`].
-    const CONTENT_EVENTS: u32 = 4;
+    /// Events that carry output in [`stream`] ("hi", " there").
+    const CONTENT_EVENTS: u32 = 2;
 
     /// A stream with `eol` line endings and what strip mode forwards of it: vLLM's role-only
     /// first chunk, content, a comment, an event of two lines, the finish chunk, the usage-only
@@ -380,6 +400,38 @@ mod tests {
             0,
             "an unterminated event is not an event"
         );
+    }
+
+    #[test]
+    fn only_events_with_generated_output_count() {
+        let output = [
+            r#"{"choices":[{"delta":{"content":"hi"}}]}"#,
+            r#"{"choices": [{"delta": {"role": "assistant", "content": " "}}]}"#,
+            r#"{"choices":[{"delta":{"content":"\""}}]}"#,
+            r#"{"choices":[{"index":0,"text":" once"}]}"#,
+            r#"{"choices":[{"delta":{"content":"","reasoning_content":"hmm"}}]}"#,
+            r#"{"choices":[{"delta":{"reasoning":"hmm"}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":1}}"#,
+        ];
+        let none = [
+            r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#,
+            r#"{"choices": [{"delta": {"role": "assistant", "content": ""}}]}"#,
+            r#"{"choices":[{"delta":{"content":null,"reasoning_content":null}}]}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"index":0,"text":"","finish_reason":"length"}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"id":"c","function":{"name":"f","arguments":""}}]}}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens_details":{"reasoning_tokens":0}}}"#,
+        ];
+        for (json, counted) in output
+            .iter()
+            .map(|j| (j, 1))
+            .chain(none.iter().map(|j| (j, 0)))
+        {
+            let mut m = Meter::new(true, false);
+            m.observe(format!("data: {json}\n\n").as_bytes());
+            assert_eq!(m.content_events(), counted, "{json}");
+        }
     }
 
     #[test]

@@ -33,7 +33,8 @@ pub struct UsageRecord {
     pub total_tokens: u64,
     pub cached_tokens: u64,
     pub reasoning_tokens: u64,
-    /// No usage from the backend: completion = content events, prompt = request bytes / 4.
+    /// No usage from the backend: completion = stream events with output, prompt = request
+    /// bytes / 4.
     pub usage_estimated: bool,
     /// "ok" | "cancelled" | "error".
     pub status: String,
