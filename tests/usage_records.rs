@@ -319,13 +319,16 @@ fn oversized_body_is_metered_from_its_tail() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// What [`cutting_upstream`] generates: five tokens, 20 characters.
+const CUT_TOKENS: [&str; 5] = ["Hello", " world", ",", " how", " are"];
+
 /// The events [`cutting_upstream`] streams with line ending `eol`: vLLM's role-only first chunk,
 /// five content tokens, the finish chunk, the usage-only chunk when `usage`, and `[DONE]`.
 fn cut_stream_events(eol: &str, usage: bool) -> Vec<String> {
     let mut events = vec![
         r#"data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#.to_string(),
     ];
-    for word in ["Hello", " world", ",", " how", " are"] {
+    for word in CUT_TOKENS {
         events.push(format!(
             r#"data: {{"choices":[{{"index":0,"delta":{{"content":"{word}"}}}}]}}"#
         ));
@@ -348,7 +351,8 @@ fn cut_stream_events(eol: &str, usage: bool) -> Vec<String> {
 /// header says (`back-N`: all but the last N bytes, then those; `pieces-N`: N bytes at a time)
 /// and sends each piece as its own chunk in its own write, so the gateway's meter sees the cuts
 /// whatever TCP coalesces. `x-eol` picks the line ending (`crlf`, `lf`, `cr`); usage is sent
-/// when the request asks for it, unless `x-no-usage` is set.
+/// when the request asks for it, unless `x-no-usage` is set. A request that does not stream gets
+/// the same tokens as one JSON completion without usage.
 fn cutting_upstream() -> std::net::SocketAddr {
     use std::io::{BufRead, BufReader, Write};
     use std::net::{TcpListener, TcpStream};
@@ -383,6 +387,19 @@ fn cutting_upstream() -> std::net::SocketAddr {
                 continue;
             }
             let request: Value = serde_json::from_slice(&body).unwrap();
+            if request["stream"] != json!(true) {
+                let body = json!({"choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": CUT_TOKENS.concat()}}]})
+                .to_string();
+                w.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )?;
+                continue;
+            }
             let usage = request["stream_options"]["include_usage"] == json!(true)
                 && header("x-no-usage").is_none();
             let eol = match header("x-eol").as_deref() {
@@ -462,7 +479,7 @@ fn events_cut_anywhere_with_any_line_ending_are_metered_and_stripped_exactly() {
 }
 
 #[test]
-fn estimated_streams_count_only_events_with_output() {
+fn estimates_count_only_generated_output() {
     let upstream = cutting_upstream();
     let dir = temp_dir("cut-estimate");
     let spool = dir.join("usage.db");
@@ -488,6 +505,20 @@ fn estimated_streams_count_only_events_with_output() {
             assert_eq!(record.completion_tokens, 5, "{id}");
         }
     }
+    // Not streamed: the body's 20 output characters / 4.
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &chat(false, false),
+        &[("X-Request-Id", "est-json")],
+    );
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "Hello world, how are"
+    );
+    let record = record_for(&spool, "est-json");
+    assert!(record.usage_estimated && !record.is_stream);
+    assert_eq!(record.completion_tokens, 5);
     drop(gw);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -33,8 +33,8 @@ pub struct UsageRecord {
     pub total_tokens: u64,
     pub cached_tokens: u64,
     pub reasoning_tokens: u64,
-    /// No usage from the backend: completion = stream events with output, prompt = request
-    /// bytes / 4.
+    /// No usage from the backend: completion = stream events with output (JSON: output
+    /// characters / 4, rounded up), prompt = request bytes / 4.
     pub usage_estimated: bool,
     /// "ok" | "cancelled" | "error".
     pub status: String,
@@ -123,6 +123,73 @@ fn usage_in_tail(bytes: &[u8]) -> Option<RawUsage> {
     values.next()?.ok()
 }
 
+/// A response body's generated text: what a non-streaming estimate counts.
+#[derive(Deserialize)]
+struct Output {
+    #[serde(default)]
+    choices: Vec<OutputChoice>,
+}
+
+#[derive(Deserialize)]
+struct OutputChoice {
+    message: Option<OutputMessage>,
+    /// Completions.
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OutputMessage {
+    content: Option<String>,
+    reasoning_content: Option<String>,
+    /// Newer vLLM's name for `reasoning_content`; one of the two is counted.
+    reasoning: Option<String>,
+    tool_calls: Option<Vec<OutputToolCall>>,
+}
+
+#[derive(Deserialize)]
+struct OutputToolCall {
+    function: Option<OutputFunction>,
+}
+
+#[derive(Deserialize)]
+struct OutputFunction {
+    arguments: Option<String>,
+}
+
+/// The completion estimate of a body without usage: the characters of its output text (content,
+/// reasoning, tool-call arguments, completions' text) / 4, rounded up. 0 if it does not parse.
+fn output_tokens_estimate(body: &[u8]) -> u64 {
+    let Ok(output) = serde_json::from_slice::<Output>(body) else {
+        return 0;
+    };
+    let chars: usize = output.choices.iter().map(OutputChoice::chars).sum();
+    (chars as u64).div_ceil(4)
+}
+
+fn chars(s: Option<&String>) -> usize {
+    s.map_or(0, |s| s.chars().count())
+}
+
+impl OutputChoice {
+    fn chars(&self) -> usize {
+        chars(self.text.as_ref()) + self.message.as_ref().map_or(0, OutputMessage::chars)
+    }
+}
+
+impl OutputMessage {
+    fn chars(&self) -> usize {
+        let arguments = self
+            .tool_calls
+            .iter()
+            .flatten()
+            .filter_map(|t| t.function.as_ref())
+            .map(|f| chars(f.arguments.as_ref()));
+        chars(self.content.as_ref())
+            + chars(self.reasoning_content.as_ref().or(self.reasoning.as_ref()))
+            + arguments.sum::<usize>()
+    }
+}
+
 /// `sk-test-0001` -> `sk-te...001`. Short keys are masked entirely: revealing 8 characters of a
 /// 10-character key would reveal the key.
 pub fn mask_key(key: &str) -> String {
@@ -171,7 +238,13 @@ impl UsageRecord {
             Some(t) => (t, false),
             None => {
                 let prompt = event.request_bytes / 4;
-                let completion = u64::from(event.content_events);
+                let completion = match &event.captured {
+                    Captured::Body {
+                        bytes,
+                        truncated: false,
+                    } => output_tokens_estimate(bytes),
+                    _ => u64::from(event.content_events),
+                };
                 let t = Tokens {
                     prompt,
                     completion,
@@ -219,7 +292,69 @@ impl UsageRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::Outcome;
+    use std::sync::Arc;
     use std::time::Duration;
+
+    fn event(status_code: u16, captured: Captured, content_events: u32) -> UsageEvent {
+        UsageEvent {
+            request_id: "r".into(),
+            started_at: UNIX_EPOCH,
+            key: None,
+            model: None,
+            endpoint: "/v1/chat/completions".into(),
+            is_stream: false,
+            backend_url: Arc::from("http://b"),
+            status_code,
+            latency: Duration::ZERO,
+            ttft: None,
+            outcome: Outcome::Completed,
+            captured,
+            content_events,
+            request_bytes: 40,
+        }
+    }
+
+    fn body(json: &str) -> Captured {
+        Captured::Body {
+            bytes: json.as_bytes().to_vec(),
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn a_body_without_usage_is_estimated_from_its_output_text() {
+        let cases = [
+            // 25 characters: 7 tokens (rounded up).
+            (
+                r#"{"choices":[{"message":{"role":"assistant","content":"Hello world, how are you?"}}]}"#,
+                7,
+            ),
+            // Characters, not bytes: 8 of them, 12 bytes.
+            (r#"{"choices":[{"message":{"content":"héllo wö"}}]}"#, 2),
+            // Reasoning and tool-call arguments are output too; `null`s are none.
+            (
+                r#"{"choices":[{"message":{"content":null,"reasoning_content":"abcd","tool_calls":[{"function":{"name":"f","arguments":"{\"a\":1}"}}]}}]}"#,
+                3,
+            ),
+            // Completions: every choice's text.
+            (r#"{"choices":[{"text":"once upon"},{"text":" a"}]}"#, 3),
+            (
+                r#"{"choices":[{"message":{"content":""}}],"usage":null}"#,
+                0,
+            ),
+        ];
+        for (json, completion) in cases {
+            let r = UsageRecord::from_event(event(200, body(json), 0), false);
+            assert!(r.usage_estimated, "{json}");
+            assert_eq!(r.prompt_tokens, 10, "{json}");
+            assert_eq!(r.completion_tokens, completion, "{json}");
+            assert_eq!(r.total_tokens, 10 + completion, "{json}");
+        }
+        // Streams are estimated from the events the meter counted.
+        let r = UsageRecord::from_event(event(200, Captured::Nothing, 4), false);
+        assert_eq!((r.completion_tokens, r.usage_estimated), (4, true));
+    }
 
     #[test]
     fn rfc3339_known_instants() {
