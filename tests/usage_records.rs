@@ -522,3 +522,37 @@ fn estimates_count_only_generated_output() {
     drop(gw);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn an_upstream_error_answer_is_recorded_as_an_error_and_bills_nothing() {
+    let mock = spawn_mock(&[]);
+    let dir = temp_dir("upstream-error");
+    let spool = dir.join("usage.db");
+    // No retries on status: every answer below is the backend's, relayed.
+    let config = gateway_yaml(mock.addr, &spool, " []") + "retry:\n  on_status: []\n";
+    let gw = spawn_gateway(&config);
+    for status in ["400", "429", "500", "503"] {
+        for stream in [false, true] {
+            let id = format!("err-{status}-{stream}");
+            let r = post_json(
+                gw.addr,
+                "/v1/chat/completions",
+                &chat(stream, false),
+                &[("X-Request-Id", &id), ("x-mock-status", status)],
+            );
+            assert_eq!(r.status.to_string(), status, "{id}");
+            let record = record_for(&spool, &id);
+            assert_eq!(record.status, "error", "{id}");
+            assert_eq!(record.status_code.to_string(), status, "{id}");
+            assert!(!record.usage_estimated, "{id}");
+            let tokens = [
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.total_tokens,
+            ];
+            assert_eq!(tokens, [0; 3], "{id}");
+        }
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(dir);
+}

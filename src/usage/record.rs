@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use memchr::memmem;
 use serde::{Deserialize, Serialize};
 
-use super::{Captured, UsageEvent};
+use super::{Captured, Outcome, UsageEvent};
 
 /// One request's usage, as spooled and delivered. Field names are the wire names (webhook JSON,
 /// SQL columns); the seed README's webhook fields are all here.
@@ -234,7 +234,15 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 impl UsageRecord {
     pub fn from_event(event: UsageEvent, include_raw_key: bool) -> UsageRecord {
-        let (tokens, estimated) = match parse_usage(&event.captured) {
+        // A backend that answered with an error generated nothing billable, whatever its body
+        // says. Status 0 is no answer at all (the client left first), not an error answer.
+        let refused = event.status_code != 0 && !(200..300).contains(&event.status_code);
+        let (usage, outcome) = if refused {
+            (Some(Tokens::default()), Outcome::Failed)
+        } else {
+            (parse_usage(&event.captured), event.outcome)
+        };
+        let (tokens, estimated) = match usage {
             Some(t) => (t, false),
             None => {
                 let prompt = event.request_bytes / 4;
@@ -284,7 +292,7 @@ impl UsageRecord {
             cached_tokens: tokens.cached,
             reasoning_tokens: tokens.reasoning,
             usage_estimated: estimated,
-            status: event.outcome.as_str().to_string(),
+            status: outcome.as_str().to_string(),
         }
     }
 }
@@ -292,7 +300,6 @@ impl UsageRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::Outcome;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -354,6 +361,29 @@ mod tests {
         // Streams are estimated from the events the meter counted.
         let r = UsageRecord::from_event(event(200, Captured::Nothing, 4), false);
         assert_eq!((r.completion_tokens, r.usage_estimated), (4, true));
+    }
+
+    #[test]
+    fn a_non_2xx_answer_bills_nothing_and_is_an_error() {
+        let with_usage =
+            r#"{"error":{"message":"x"},"usage":{"prompt_tokens":9,"completion_tokens":1}}"#;
+        for status_code in [400, 404, 429, 500, 503] {
+            let captured = [
+                body(r#"{"object":"error","message":"upstream says no","code":400}"#),
+                body(with_usage),
+                Captured::Nothing,
+            ];
+            for captured in captured {
+                let r = UsageRecord::from_event(event(status_code, captured, 3), false);
+                assert_eq!(r.status, "error");
+                assert_eq!(r.status_code, status_code);
+                assert!(!r.usage_estimated);
+                let tokens = [r.prompt_tokens, r.completion_tokens, r.total_tokens];
+                assert_eq!(tokens, [0; 3], "{status_code}");
+            }
+        }
+        let ok = UsageRecord::from_event(event(200, body(with_usage), 0), false);
+        assert_eq!((ok.status.as_str(), ok.total_tokens), ("ok", 10));
     }
 
     #[test]
