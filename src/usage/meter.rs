@@ -9,7 +9,9 @@
 //! - Strip mode (the gateway asked the backend for usage on the client's behalf): the usage-only
 //!   event is metered but not forwarded, so the client sees exactly the events it asked for.
 
-use memchr::memmem;
+use std::sync::LazyLock;
+
+use memchr::memmem::{self, Finder};
 
 /// Largest non-streaming body copied whole; beyond it only the tail is kept.
 const MAX_BODY_COPY: usize = 1 << 20;
@@ -262,7 +264,7 @@ fn data_payload(event: &[u8]) -> Option<&[u8]> {
 
 /// `Some(usage_only)` when the event's JSON has a non-null `usage` object.
 fn carries_usage(json: &[u8]) -> Option<bool> {
-    let at = memmem::find(json, b"\"usage\"")?;
+    let at = USAGE_KEY.find(json)?;
     let after = json[at + 7..]
         .iter()
         .position(|b| !matches!(b, b' ' | b':' | b'\t'))?;
@@ -274,19 +276,27 @@ fn carries_usage(json: &[u8]) -> Option<bool> {
     Some(usage_only)
 }
 
-/// Whether an event's JSON carries generated output: a non-empty string under `content`,
-/// `reasoning_content`, `reasoning`, `text` or a tool call's `arguments`. Key searches, not a
-/// parse: a few memmem calls per event, and a content token is found by the first.
-fn carries_output(json: &[u8]) -> bool {
-    // `content"` also ends `"reasoning_content"`.
-    const KEYS: [&[u8]; 4] = [
-        b"content\"",
+/// Searchers for the keys looked for in every event, built once: building one costs about as
+/// much as searching an event of a few hundred bytes.
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+/// `content"` also ends `"reasoning_content"`.
+static OUTPUT_KEYS: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
+    [
+        &b"content\""[..],
         b"\"text\"",
         b"\"arguments\"",
         b"\"reasoning\"",
-    ];
-    KEYS.iter().any(|key| {
-        memmem::find_iter(json, key).any(|at| non_empty_string_follows(&json[at + key.len()..]))
+    ]
+    .map(Finder::new)
+});
+
+/// Whether an event's JSON carries generated output: a non-empty string under `content`,
+/// `reasoning_content`, `reasoning`, `text` or a tool call's `arguments`. Key searches, not a
+/// parse; a content token is found by the first.
+fn carries_output(json: &[u8]) -> bool {
+    OUTPUT_KEYS.iter().any(|key| {
+        key.find_iter(json)
+            .any(|at| non_empty_string_follows(&json[at + key.needle().len()..]))
     })
 }
 
