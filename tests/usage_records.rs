@@ -318,3 +318,241 @@ fn oversized_body_is_metered_from_its_tail() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// What [`cutting_upstream`] generates: five tokens, 20 characters.
+const CUT_TOKENS: [&str; 5] = ["Hello", " world", ",", " how", " are"];
+
+/// The events [`cutting_upstream`] streams with line ending `eol`: vLLM's role-only first chunk,
+/// five content tokens, the finish chunk, the usage-only chunk when `usage`, and `[DONE]`.
+fn cut_stream_events(eol: &str, usage: bool) -> Vec<String> {
+    let mut events = vec![
+        r#"data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#.to_string(),
+    ];
+    for word in CUT_TOKENS {
+        events.push(format!(
+            r#"data: {{"choices":[{{"index":0,"delta":{{"content":"{word}"}}}}]}}"#
+        ));
+    }
+    events.push(r#"data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#.into());
+    if usage {
+        events.push(
+            r#"data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}"#
+                .into(),
+        );
+    }
+    events.push("data: [DONE]".into());
+    events
+        .into_iter()
+        .map(|e| format!("{e}{eol}{eol}"))
+        .collect()
+}
+
+/// A chunked SSE upstream on a real socket that cuts every event the way the request's `x-cut`
+/// header says (`back-N`: all but the last N bytes, then those; `pieces-N`: N bytes at a time)
+/// and sends each piece as its own chunk in its own write, so the gateway's meter sees the cuts
+/// whatever TCP coalesces. `x-eol` picks the line ending (`crlf`, `lf`, `cr`); usage is sent
+/// when the request asks for it, unless `x-no-usage` is set. A request that does not stream gets
+/// the same tokens as one JSON completion without usage.
+fn cutting_upstream() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    fn serve(conn: TcpStream) -> std::io::Result<()> {
+        conn.set_nodelay(true)?;
+        let mut reader = BufReader::new(conn.try_clone()?);
+        let mut w = conn;
+        loop {
+            let mut headers = Vec::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                let line = line.trim_end().to_ascii_lowercase();
+                if line.is_empty() {
+                    break;
+                }
+                headers.push(line);
+            }
+            let header = |name: &str| {
+                headers
+                    .iter()
+                    .find_map(|h| h.strip_prefix(name)?.strip_prefix(':'))
+                    .map(|v| v.trim().to_string())
+            };
+            let mut body = vec![0; header("content-length").map_or(0, |v| v.parse().unwrap())];
+            reader.read_exact(&mut body)?;
+            if !headers[0].starts_with("post") {
+                w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")?;
+                continue;
+            }
+            let request: Value = serde_json::from_slice(&body).unwrap();
+            if request["stream"] != json!(true) {
+                let body = json!({"choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": CUT_TOKENS.concat()}}]})
+                .to_string();
+                w.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )?;
+                continue;
+            }
+            let usage = request["stream_options"]["include_usage"] == json!(true)
+                && header("x-no-usage").is_none();
+            let eol = match header("x-eol").as_deref() {
+                Some("crlf") => "\r\n",
+                Some("cr") => "\r",
+                _ => "\n",
+            };
+            let cut = header("x-cut").unwrap_or_default();
+            let (how, n) = cut.split_once('-').unwrap();
+            let n: usize = n.parse().unwrap();
+            w.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            )?;
+            for event in cut_stream_events(eol, usage) {
+                let event = event.as_bytes();
+                let pieces: Vec<&[u8]> = match how {
+                    "back" => {
+                        let (a, b) = event.split_at(event.len() - n);
+                        vec![a, b]
+                    }
+                    _ => event.chunks(n).collect(),
+                };
+                for piece in pieces {
+                    w.write_all(format!("{:x}\r\n", piece.len()).as_bytes())?;
+                    w.write_all(piece)?;
+                    w.write_all(b"\r\n")?;
+                    w.flush()?;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            w.write_all(b"0\r\n\r\n")?;
+        }
+    }
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || serve(conn));
+        }
+    });
+    addr
+}
+
+#[test]
+fn events_cut_anywhere_with_any_line_ending_are_metered_and_stripped_exactly() {
+    let upstream = cutting_upstream();
+    let dir = temp_dir("cuts");
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(upstream, &spool, " []"));
+    for (eol_name, eol) in [("crlf", "\r\n"), ("lf", "\n"), ("cr", "\r")] {
+        for cut in ["back-1", "back-2", "back-3", "back-4", "pieces-3"] {
+            for asked in [false, true] {
+                let id = format!("cut-{eol_name}-{cut}-{asked}");
+                let r = post_json(
+                    gw.addr,
+                    "/v1/chat/completions",
+                    &chat(true, asked),
+                    &[("X-Request-Id", &id), ("x-eol", eol_name), ("x-cut", cut)],
+                );
+                assert_eq!(r.status, 200, "{id}");
+                // Stripped or not, the client gets the backend's bytes: every event, [DONE] last.
+                let expected = cut_stream_events(eol, asked).concat();
+                assert_eq!(r.text(), expected, "{id}");
+                let record = record_for(&spool, &id);
+                assert!(!record.usage_estimated, "{id}: {record:?}");
+                assert_eq!(
+                    (record.prompt_tokens, record.completion_tokens),
+                    (11, 5),
+                    "{id}"
+                );
+            }
+        }
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn estimates_count_only_generated_output() {
+    let upstream = cutting_upstream();
+    let dir = temp_dir("cut-estimate");
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(upstream, &spool, " []"));
+    for (eol_name, eol) in [("crlf", "\r\n"), ("lf", "\n"), ("cr", "\r")] {
+        for cut in ["back-2", "pieces-3"] {
+            let id = format!("est-{eol_name}-{cut}");
+            let r = post_json(
+                gw.addr,
+                "/v1/chat/completions",
+                &chat(true, false),
+                &[
+                    ("X-Request-Id", &id),
+                    ("x-eol", eol_name),
+                    ("x-cut", cut),
+                    ("x-no-usage", "1"),
+                ],
+            );
+            assert_eq!(r.text(), cut_stream_events(eol, false).concat(), "{id}");
+            let record = record_for(&spool, &id);
+            assert!(record.usage_estimated, "{id}");
+            // Five tokens; the role-only first chunk and the finish chunk carry no output.
+            assert_eq!(record.completion_tokens, 5, "{id}");
+        }
+    }
+    // Not streamed: the body's 20 output characters / 4.
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &chat(false, false),
+        &[("X-Request-Id", "est-json")],
+    );
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "Hello world, how are"
+    );
+    let record = record_for(&spool, "est-json");
+    assert!(record.usage_estimated && !record.is_stream);
+    assert_eq!(record.completion_tokens, 5);
+    drop(gw);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_upstream_error_answer_is_recorded_as_an_error_and_bills_nothing() {
+    let mock = spawn_mock(&[]);
+    let dir = temp_dir("upstream-error");
+    let spool = dir.join("usage.db");
+    // No retries on status: every answer below is the backend's, relayed.
+    let config = gateway_yaml(mock.addr, &spool, " []") + "retry:\n  on_status: []\n";
+    let gw = spawn_gateway(&config);
+    for status in ["400", "429", "500", "503"] {
+        for stream in [false, true] {
+            let id = format!("err-{status}-{stream}");
+            let r = post_json(
+                gw.addr,
+                "/v1/chat/completions",
+                &chat(stream, false),
+                &[("X-Request-Id", &id), ("x-mock-status", status)],
+            );
+            assert_eq!(r.status.to_string(), status, "{id}");
+            let record = record_for(&spool, &id);
+            assert_eq!(record.status, "error", "{id}");
+            assert_eq!(record.status_code.to_string(), status, "{id}");
+            assert!(!record.usage_estimated, "{id}");
+            let tokens = [
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.total_tokens,
+            ];
+            assert_eq!(tokens, [0; 3], "{id}");
+        }
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(dir);
+}

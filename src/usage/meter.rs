@@ -2,13 +2,16 @@
 //!
 //! - JSON bodies: a bounded copy (usage sits near the end of OpenAI responses, so an oversized
 //!   body keeps its tail); it is parsed later, on the reporter thread, never on a worker.
-//! - SSE bodies: an incremental scanner that finds event boundaries, counts content events and
-//!   keeps only the last event that carries `usage`. Events are inspected where they lie in the
-//!   relay buffer; only an event split across two reads is carried over.
+//! - SSE bodies: an incremental scanner that finds event boundaries (blank lines, whatever the
+//!   line endings and however reads cut them), counts content events and keeps only the last
+//!   event that carries `usage`. Events are inspected where they lie in the relay buffer; only an
+//!   event split across two reads is carried over.
 //! - Strip mode (the gateway asked the backend for usage on the client's behalf): the usage-only
 //!   event is metered but not forwarded, so the client sees exactly the events it asked for.
 
-use memchr::memmem;
+use std::sync::LazyLock;
+
+use memchr::memmem::{self, Finder};
 
 /// Largest non-streaming body copied whole; beyond it only the tail is kept.
 const MAX_BODY_COPY: usize = 1 << 20;
@@ -34,8 +37,8 @@ pub struct Meter {
     carry: Vec<u8>,
     carry_overflow: bool,
     truncated: bool,
-    /// The previous payload ended with '\n' (an event boundary may straddle two reads).
-    after_newline: bool,
+    /// Where the previous payload left off in the line structure (boundaries straddle reads).
+    eol: Eol,
     last_usage: Vec<u8>,
     content_events: u32,
 }
@@ -50,7 +53,7 @@ impl Meter {
             carry: Vec::new(),
             carry_overflow: false,
             truncated: false,
-            after_newline: false,
+            eol: Eol::LineStart,
             last_usage: Vec::new(),
             content_events: 0,
         }
@@ -60,7 +63,8 @@ impl Meter {
         self.strip_usage
     }
 
-    /// Content events seen so far (SSE `data:` events other than `[DONE]` and usage-only ones).
+    /// Content events seen so far: SSE events that carry generated output (non-empty content,
+    /// text, reasoning or tool-call arguments); an oversized event, not inspected, counts too.
     pub fn content_events(&self) -> u32 {
         self.content_events
     }
@@ -118,29 +122,66 @@ impl Meter {
         self.carry.extend_from_slice(data);
     }
 
+    /// Finds event ends: a blank line, with lines ended by "\r\n", "\n" or "\r" (the SSE
+    /// rules). One memchr2 per line ending; bytes are copied only for an event cut by a read.
     fn scan(&mut self, data: &[u8], mut out: Option<&mut Vec<u8>>) {
+        let Some(&first) = data.first() else {
+            return;
+        };
+        // `start`: where the current event's bytes begin in `data` (earlier ones are carried).
+        // `line`: where the current line begins, if it begins in `data`.
         let mut start = 0;
-        // A boundary split across reads: "...\n" | "\n...".
-        if self.after_newline && data.first() == Some(&b'\n') {
-            self.carry_event(b"\n", out.as_deref_mut());
-            self.finish_carried(out.as_deref_mut());
-            start = 1;
-        }
-        let mut from = start;
-        while let Some(end) = next_boundary(data, from) {
-            if self.carry.is_empty() && !self.carry_overflow {
-                self.event(&data[start..end], out.as_deref_mut());
-            } else {
-                self.carry_event(&data[start..end], out.as_deref_mut());
-                self.finish_carried(out.as_deref_mut());
+        let mut line = match self.eol {
+            Eol::MidLine => None,
+            Eol::LineStart => Some(0),
+            Eol::AfterCr if first == b'\n' => Some(1),
+            Eol::AfterCr => Some(0),
+            Eol::AfterBoundaryCr { forwarded } if first == b'\n' => {
+                // The "\n" of a "\r\n" that ended the previous event goes where that event went.
+                if let (Some(out), true) = (out.as_deref_mut(), forwarded) {
+                    out.push(b'\n');
+                }
+                start = 1;
+                Some(1)
             }
-            start = end;
+            Eol::AfterBoundaryCr { .. } => Some(0),
+        };
+        let mut forwarded = false;
+        let mut from = line.unwrap_or(0);
+        while let Some(i) = memchr::memchr2(b'\r', b'\n', &data[from..]) {
+            let at = from + i;
+            let end = if data[at] == b'\r' && data.get(at + 1) == Some(&b'\n') {
+                at + 2
+            } else {
+                at + 1
+            };
+            if line == Some(at) {
+                forwarded = self.complete(&data[start..end], out.as_deref_mut());
+                start = end;
+            }
+            line = Some(end);
             from = end;
         }
         if start < data.len() {
             self.carry_event(&data[start..], out);
         }
-        self.after_newline = data.last() == Some(&b'\n');
+        // A '\r' last: the "\n" of a "\r\n" may be the next payload's first byte.
+        self.eol = match (line == Some(data.len()), data[data.len() - 1]) {
+            (false, _) => Eol::MidLine,
+            (true, b'\r') if start == data.len() => Eol::AfterBoundaryCr { forwarded },
+            (true, b'\r') => Eol::AfterCr,
+            (true, _) => Eol::LineStart,
+        };
+    }
+
+    /// The end of an event (`tail`, its last bytes, boundary included); whether it was forwarded.
+    fn complete(&mut self, tail: &[u8], mut out: Option<&mut Vec<u8>>) -> bool {
+        if self.carry.is_empty() && !self.carry_overflow {
+            self.event(tail, out)
+        } else {
+            self.carry_event(tail, out.as_deref_mut());
+            self.finish_carried(out)
+        }
     }
 
     /// Holds part of an event until its end arrives. An event longer than [`MAX_EVENT`] is not
@@ -158,61 +199,58 @@ impl Meter {
         }
     }
 
-    fn finish_carried(&mut self, out: Option<&mut Vec<u8>>) {
+    fn finish_carried(&mut self, out: Option<&mut Vec<u8>>) -> bool {
         if self.carry_overflow {
             // Already forwarded piece by piece; it still counts.
             self.carry_overflow = false;
             self.content_events += 1;
-            return;
+            return true;
         }
         let event = std::mem::take(&mut self.carry);
-        self.event(&event, out);
+        let forwarded = self.event(&event, out);
         self.carry = event;
         self.carry.clear();
+        forwarded
     }
 
-    /// One complete event, boundary included.
-    fn event(&mut self, event: &[u8], out: Option<&mut Vec<u8>>) {
-        let payload = data_payload(event);
+    /// One complete event, boundary included; whether it was forwarded.
+    fn event(&mut self, event: &[u8], out: Option<&mut Vec<u8>>) -> bool {
         let mut forward = true;
-        if let Some(json) = payload {
-            if json.starts_with(b"[DONE]") {
-            } else if let Some(usage_only) = carries_usage(json) {
+        if let Some(json) = data_payload(event).filter(|j| !j.starts_with(b"[DONE]")) {
+            if let Some(usage_only) = carries_usage(json) {
                 self.last_usage.clear();
                 self.last_usage.extend_from_slice(json);
-                if usage_only {
-                    forward = !self.strip_usage;
-                } else {
-                    self.content_events += 1;
-                }
-            } else {
+                forward = !(usage_only && self.strip_usage);
+            }
+            if carries_output(json) {
                 self.content_events += 1;
             }
         }
         if let (Some(out), true) = (out, forward) {
             out.extend_from_slice(event);
         }
+        forward
     }
 }
 
-/// End (exclusive) of the first event boundary ("\n\n" or "\n\r\n") at or after `from`.
-fn next_boundary(data: &[u8], from: usize) -> Option<usize> {
-    for p in memchr::memchr_iter(b'\n', &data[from..]) {
-        let p = from + p;
-        match data.get(p + 1) {
-            Some(b'\n') => return Some(p + 2),
-            Some(b'\r') if data.get(p + 2) == Some(&b'\n') => return Some(p + 3),
-            _ => {}
-        }
-    }
-    None
+/// The scanner's position in the line structure at the end of a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Eol {
+    /// Inside a line.
+    MidLine,
+    /// Just after a line ending: the next byte starts a line.
+    LineStart,
+    /// Just after a '\r' that ended a line of an event still open.
+    AfterCr,
+    /// Just after a '\r' that ended an event (blank line); `forwarded`: that event was.
+    AfterBoundaryCr { forwarded: bool },
 }
 
 /// The JSON after `data:` in an event (first data line), trimmed.
 fn data_payload(event: &[u8]) -> Option<&[u8]> {
     let mut rest = event;
     loop {
-        let line_end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+        let line_end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
         let line = &rest[..line_end];
         if let Some(v) = line.strip_prefix(b"data:") {
             return Some(v.trim_ascii());
@@ -226,7 +264,7 @@ fn data_payload(event: &[u8]) -> Option<&[u8]> {
 
 /// `Some(usage_only)` when the event's JSON has a non-null `usage` object.
 fn carries_usage(json: &[u8]) -> Option<bool> {
-    let at = memmem::find(json, b"\"usage\"")?;
+    let at = USAGE_KEY.find(json)?;
     let after = json[at + 7..]
         .iter()
         .position(|b| !matches!(b, b' ' | b':' | b'\t'))?;
@@ -238,46 +276,185 @@ fn carries_usage(json: &[u8]) -> Option<bool> {
     Some(usage_only)
 }
 
+/// Searchers for the keys looked for in every event, built once: building one costs about as
+/// much as searching an event of a few hundred bytes.
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+/// `content"` also ends `"reasoning_content"`.
+static OUTPUT_KEYS: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
+    [
+        &b"content\""[..],
+        b"\"text\"",
+        b"\"arguments\"",
+        b"\"reasoning\"",
+    ]
+    .map(Finder::new)
+});
+
+/// Whether an event's JSON carries generated output: a non-empty string under `content`,
+/// `reasoning_content`, `reasoning`, `text` or a tool call's `arguments`. Key searches, not a
+/// parse; a content token is found by the first.
+fn carries_output(json: &[u8]) -> bool {
+    OUTPUT_KEYS.iter().any(|key| {
+        key.find_iter(json)
+            .any(|at| non_empty_string_follows(&json[at + key.needle().len()..]))
+    })
+}
+
+/// `rest` (what follows a key) is `: "` with any spacing, then a string that is not empty.
+fn non_empty_string_follows(rest: &[u8]) -> bool {
+    match rest.trim_ascii_start().strip_prefix(b":") {
+        Some(value) => matches!(value.trim_ascii_start(), [b'"', next, ..] if *next != b'"'),
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const STREAM: &str = concat!(
-        "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
-        "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
-        "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
-        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n",
-        "data: [DONE]\n\n"
-    );
+    const USAGE: &str =
+        r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+    /// Events that carry output in [`stream`] ("hi", " there").
+    const CONTENT_EVENTS: u32 = 2;
+
+    /// A stream with `eol` line endings and what strip mode forwards of it: vLLM's role-only
+    /// first chunk, content, a comment, an event of two lines, the finish chunk, the usage-only
+    /// chunk and `[DONE]`.
+    fn stream(eol: &str) -> (String, String) {
+        let usage = format!("data: {USAGE}");
+        let events = [
+            r#"data: {"choices":[{"delta":{"role":"assistant","content":""}}],"usage":null}"#,
+            r#"data: {"choices":[{"delta":{"content":"hi"}}]}"#,
+            ": keep-alive",
+            &format!(r#"id: 7{eol}data: {{"choices":[{{"delta":{{"content":" there"}}}}]}}"#),
+            r#"data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}"#,
+            &usage,
+            "data: [DONE]",
+        ];
+        let mut full = String::new();
+        let mut stripped = String::new();
+        for e in events {
+            let event = format!("{e}{eol}{eol}");
+            full.push_str(&event);
+            if e != usage {
+                stripped.push_str(&event);
+            }
+        }
+        (full, stripped)
+    }
+
+    /// Feeds `pieces` through a fresh meter, as the relay does per read (strip mode: filter,
+    /// then flush at the end). Returns what was forwarded, the content events and the capture.
+    fn run<'a>(strip: bool, pieces: impl Iterator<Item = &'a [u8]>) -> (String, u32, Captured) {
+        let mut m = Meter::new(true, strip);
+        let mut out = Vec::new();
+        for p in pieces {
+            if strip {
+                m.filter(p, &mut out);
+            } else {
+                m.observe(p);
+            }
+        }
+        if strip {
+            m.flush(&mut out);
+        }
+        let events = m.content_events();
+        (String::from_utf8(out).unwrap(), events, m.finish())
+    }
+
+    /// Every way of cutting `input` the tests try, named: at each single position, and into
+    /// pieces of 1, 2 and 3 bytes starting at every offset.
+    fn cuts(input: &[u8]) -> Vec<(String, Vec<&[u8]>)> {
+        let mut all: Vec<_> = (0..=input.len())
+            .map(|at| (format!("cut at {at}"), vec![&input[..at], &input[at..]]))
+            .collect();
+        for size in 1..=3 {
+            for offset in 0..size {
+                let (head, rest) = input.split_at(offset);
+                let pieces = std::iter::once(head).chain(rest.chunks(size)).collect();
+                all.push((format!("{size}-byte pieces after {offset}"), pieces));
+            }
+        }
+        all
+    }
 
     #[test]
-    fn keeps_last_usage_event_across_every_split() {
-        for split in 1..STREAM.len() {
-            let mut m = Meter::new(true, false);
-            m.observe(&STREAM.as_bytes()[..split]);
-            m.observe(&STREAM.as_bytes()[split..]);
-            assert_eq!(m.content_events(), 3, "split {split}");
-            let Captured::Event(e) = m.finish() else {
-                panic!("no usage at split {split}")
-            };
-            assert!(e.starts_with(b"{\"choices\":[],\"usage\""));
+    fn every_line_ending_and_every_cut_meters_and_strips_alike() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let (full, stripped) = stream(eol);
+            let usage = Captured::Event(USAGE.as_bytes().to_vec());
+            for (cut, pieces) in cuts(full.as_bytes()) {
+                let (out, events, captured) = run(false, pieces.iter().copied());
+                assert_eq!(out, "");
+                assert_eq!(events, CONTENT_EVENTS, "observe {eol:?} {cut}");
+                assert_eq!(captured, usage, "observe {eol:?} {cut}");
+                let (out, events, captured) = run(true, pieces.into_iter());
+                assert_eq!(out, stripped, "strip {eol:?} {cut}");
+                assert_eq!(events, CONTENT_EVENTS, "strip {eol:?} {cut}");
+                assert_eq!(captured, usage, "strip {eol:?} {cut}");
+            }
         }
     }
 
     #[test]
-    fn strip_mode_removes_only_the_usage_event() {
-        let expected = STREAM.replace(
-            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n",
-            "",
+    fn flush_forwards_an_unterminated_event_unchanged() {
+        let mut m = Meter::new(true, true);
+        let mut out = Vec::new();
+        m.filter(b"data: [DONE]\r\n\r\ndata: {\"x\"", &mut out);
+        assert_eq!(out, b"data: [DONE]\r\n\r\n");
+        m.filter(b":1}\r\n", &mut out);
+        m.flush(&mut out);
+        assert_eq!(out, b"data: [DONE]\r\n\r\ndata: {\"x\":1}\r\n");
+        assert_eq!(
+            m.content_events(),
+            0,
+            "an unterminated event is not an event"
         );
-        for split in 1..STREAM.len() {
-            let mut m = Meter::new(true, true);
-            let mut out = Vec::new();
-            m.filter(&STREAM.as_bytes()[..split], &mut out);
-            m.filter(&STREAM.as_bytes()[split..], &mut out);
-            m.flush(&mut out);
-            assert_eq!(String::from_utf8(out).unwrap(), expected, "split {split}");
-            assert!(matches!(m.finish(), Captured::Event(_)));
+    }
+
+    #[test]
+    fn only_events_with_generated_output_count() {
+        let output = [
+            r#"{"choices":[{"delta":{"content":"hi"}}]}"#,
+            r#"{"choices": [{"delta": {"role": "assistant", "content": " "}}]}"#,
+            r#"{"choices":[{"delta":{"content":"\""}}]}"#,
+            r#"{"choices":[{"index":0,"text":" once"}]}"#,
+            r#"{"choices":[{"delta":{"content":"","reasoning_content":"hmm"}}]}"#,
+            r#"{"choices":[{"delta":{"reasoning":"hmm"}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":1}}"#,
+        ];
+        let none = [
+            r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#,
+            r#"{"choices": [{"delta": {"role": "assistant", "content": ""}}]}"#,
+            r#"{"choices":[{"delta":{"content":null,"reasoning_content":null}}]}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"index":0,"text":"","finish_reason":"length"}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"id":"c","function":{"name":"f","arguments":""}}]}}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens_details":{"reasoning_tokens":0}}}"#,
+        ];
+        for (json, counted) in output
+            .iter()
+            .map(|j| (j, 1))
+            .chain(none.iter().map(|j| (j, 0)))
+        {
+            let mut m = Meter::new(true, false);
+            m.observe(format!("data: {json}\n\n").as_bytes());
+            assert_eq!(m.content_events(), counted, "{json}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_event_is_forwarded_whole_and_counted() {
+        let big = format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\r\n\r\n",
+            "y".repeat(MAX_EVENT)
+        );
+        let full = format!("{big}data: [DONE]\r\n\r\n");
+        for size in [4096, 65536] {
+            let (out, events, captured) = run(true, full.as_bytes().chunks(size));
+            assert!(out == full, "{size}-byte pieces");
+            assert_eq!((events, captured), (1, Captured::Nothing));
         }
     }
 

@@ -70,7 +70,8 @@ pub struct UsageEvent {
     pub ttft: Option<Duration>,
     pub outcome: Outcome,
     pub captured: Captured,
-    /// SSE content events relayed: the completion estimate when the backend reports no usage.
+    /// SSE events relayed that carried generated output: the completion estimate of a stream
+    /// whose backend reports no usage.
     pub content_events: u32,
     /// Request body size: the prompt estimate (bytes / 4) when the backend reports no usage.
     pub request_bytes: u64,

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use memchr::memmem;
 use serde::{Deserialize, Serialize};
 
-use super::{Captured, UsageEvent};
+use super::{Captured, Outcome, UsageEvent};
 
 /// One request's usage, as spooled and delivered. Field names are the wire names (webhook JSON,
 /// SQL columns); the seed README's webhook fields are all here.
@@ -36,7 +36,8 @@ pub struct UsageRecord {
     pub total_tokens: u64,
     pub cached_tokens: u64,
     pub reasoning_tokens: u64,
-    /// No usage from the backend: completion = content events, prompt = request bytes / 4.
+    /// No usage from the backend: completion = stream events with output (JSON: output
+    /// characters / 4, rounded up), prompt = request bytes / 4.
     pub usage_estimated: bool,
     /// "ok" | "cancelled" | "error".
     pub status: String,
@@ -125,6 +126,73 @@ fn usage_in_tail(bytes: &[u8]) -> Option<RawUsage> {
     values.next()?.ok()
 }
 
+/// A response body's generated text: what a non-streaming estimate counts.
+#[derive(Deserialize)]
+struct Output {
+    #[serde(default)]
+    choices: Vec<OutputChoice>,
+}
+
+#[derive(Deserialize)]
+struct OutputChoice {
+    message: Option<OutputMessage>,
+    /// Completions.
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OutputMessage {
+    content: Option<String>,
+    reasoning_content: Option<String>,
+    /// Newer vLLM's name for `reasoning_content`; one of the two is counted.
+    reasoning: Option<String>,
+    tool_calls: Option<Vec<OutputToolCall>>,
+}
+
+#[derive(Deserialize)]
+struct OutputToolCall {
+    function: Option<OutputFunction>,
+}
+
+#[derive(Deserialize)]
+struct OutputFunction {
+    arguments: Option<String>,
+}
+
+/// The completion estimate of a body without usage: the characters of its output text (content,
+/// reasoning, tool-call arguments, completions' text) / 4, rounded up. 0 if it does not parse.
+fn output_tokens_estimate(body: &[u8]) -> u64 {
+    let Ok(output) = serde_json::from_slice::<Output>(body) else {
+        return 0;
+    };
+    let chars: usize = output.choices.iter().map(OutputChoice::chars).sum();
+    (chars as u64).div_ceil(4)
+}
+
+fn chars(s: Option<&String>) -> usize {
+    s.map_or(0, |s| s.chars().count())
+}
+
+impl OutputChoice {
+    fn chars(&self) -> usize {
+        chars(self.text.as_ref()) + self.message.as_ref().map_or(0, OutputMessage::chars)
+    }
+}
+
+impl OutputMessage {
+    fn chars(&self) -> usize {
+        let arguments = self
+            .tool_calls
+            .iter()
+            .flatten()
+            .filter_map(|t| t.function.as_ref())
+            .map(|f| chars(f.arguments.as_ref()));
+        chars(self.content.as_ref())
+            + chars(self.reasoning_content.as_ref().or(self.reasoning.as_ref()))
+            + arguments.sum::<usize>()
+    }
+}
+
 /// `sk-test-0001` -> `sk-te...001`. Short keys are masked entirely: revealing 8 characters of a
 /// 10-character key would reveal the key.
 pub fn mask_key(key: &str) -> String {
@@ -169,11 +237,25 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 impl UsageRecord {
     pub fn from_event(event: UsageEvent, include_raw_key: bool) -> UsageRecord {
-        let (tokens, estimated) = match parse_usage(&event.captured) {
+        // A backend that answered with an error generated nothing billable, whatever its body
+        // says. Status 0 is no answer at all (the client left first), not an error answer.
+        let refused = event.status_code != 0 && !(200..300).contains(&event.status_code);
+        let (usage, outcome) = if refused {
+            (Some(Tokens::default()), Outcome::Failed)
+        } else {
+            (parse_usage(&event.captured), event.outcome)
+        };
+        let (tokens, estimated) = match usage {
             Some(t) => (t, false),
             None => {
                 let prompt = event.request_bytes / 4;
-                let completion = u64::from(event.content_events);
+                let completion = match &event.captured {
+                    Captured::Body {
+                        bytes,
+                        truncated: false,
+                    } => output_tokens_estimate(bytes),
+                    _ => u64::from(event.content_events),
+                };
                 let t = Tokens {
                     prompt,
                     completion,
@@ -214,7 +296,7 @@ impl UsageRecord {
             cached_tokens: tokens.cached,
             reasoning_tokens: tokens.reasoning,
             usage_estimated: estimated,
-            status: event.outcome.as_str().to_string(),
+            status: outcome.as_str().to_string(),
         }
     }
 }
@@ -222,7 +304,91 @@ impl UsageRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Duration;
+
+    fn event(status_code: u16, captured: Captured, content_events: u32) -> UsageEvent {
+        UsageEvent {
+            request_id: "r".into(),
+            started_at: UNIX_EPOCH,
+            key: None,
+            model: None,
+            endpoint: "/v1/chat/completions".into(),
+            is_stream: false,
+            backend_url: Arc::from("http://b"),
+            status_code,
+            latency: Duration::ZERO,
+            ttft: None,
+            outcome: Outcome::Completed,
+            captured,
+            content_events,
+            request_bytes: 40,
+        }
+    }
+
+    fn body(json: &str) -> Captured {
+        Captured::Body {
+            bytes: json.as_bytes().to_vec(),
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn a_body_without_usage_is_estimated_from_its_output_text() {
+        let cases = [
+            // 25 characters: 7 tokens (rounded up).
+            (
+                r#"{"choices":[{"message":{"role":"assistant","content":"Hello world, how are you?"}}]}"#,
+                7,
+            ),
+            // Characters, not bytes: 8 of them, 12 bytes.
+            (r#"{"choices":[{"message":{"content":"héllo wö"}}]}"#, 2),
+            // Reasoning and tool-call arguments are output too; `null`s are none.
+            (
+                r#"{"choices":[{"message":{"content":null,"reasoning_content":"abcd","tool_calls":[{"function":{"name":"f","arguments":"{\"a\":1}"}}]}}]}"#,
+                3,
+            ),
+            // Completions: every choice's text.
+            (r#"{"choices":[{"text":"once upon"},{"text":" a"}]}"#, 3),
+            (
+                r#"{"choices":[{"message":{"content":""}}],"usage":null}"#,
+                0,
+            ),
+        ];
+        for (json, completion) in cases {
+            let r = UsageRecord::from_event(event(200, body(json), 0), false);
+            assert!(r.usage_estimated, "{json}");
+            assert_eq!(r.prompt_tokens, 10, "{json}");
+            assert_eq!(r.completion_tokens, completion, "{json}");
+            assert_eq!(r.total_tokens, 10 + completion, "{json}");
+        }
+        // Streams are estimated from the events the meter counted.
+        let r = UsageRecord::from_event(event(200, Captured::Nothing, 4), false);
+        assert_eq!((r.completion_tokens, r.usage_estimated), (4, true));
+    }
+
+    #[test]
+    fn a_non_2xx_answer_bills_nothing_and_is_an_error() {
+        let with_usage =
+            r#"{"error":{"message":"x"},"usage":{"prompt_tokens":9,"completion_tokens":1}}"#;
+        for status_code in [400, 404, 429, 500, 503] {
+            let captured = [
+                body(r#"{"object":"error","message":"upstream says no","code":400}"#),
+                body(with_usage),
+                Captured::Nothing,
+            ];
+            for captured in captured {
+                let r = UsageRecord::from_event(event(status_code, captured, 3), false);
+                assert_eq!(r.status, "error");
+                assert_eq!(r.status_code, status_code);
+                assert!(!r.usage_estimated);
+                let tokens = [r.prompt_tokens, r.completion_tokens, r.total_tokens];
+                assert_eq!(tokens, [0; 3], "{status_code}");
+            }
+        }
+        let ok = UsageRecord::from_event(event(200, body(with_usage), 0), false);
+        assert_eq!((ok.status.as_str(), ok.total_tokens), ("ok", 10));
+    }
 
     #[test]
     fn rfc3339_known_instants() {
