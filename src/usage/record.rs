@@ -310,6 +310,7 @@ mod tests {
     fn event(status_code: u16, captured: Captured, content_events: u32) -> UsageEvent {
         UsageEvent {
             request_id: "r".into(),
+            client_request_id: None,
             started_at: UNIX_EPOCH,
             key: None,
             model: None,
