@@ -564,3 +564,29 @@ fn least_load_reads_metrics_from_keep_open_backends() {
     assert_eq!(queued.chats(), 0, "the queued backend got traffic");
     assert_eq!(idle.chats(), 30);
 }
+
+#[test]
+fn with_the_retry_budget_spent_the_backends_own_answer_is_relayed() {
+    // Every answer is a retryable 503: the first requests are retried until the budget is
+    // spent; after that the client gets the backend's answer, not a gateway error in its place.
+    let sim = spawn_mock(&["--fail-status", "503"]);
+    let gw = gateway(&[(sim.addr, "")], "");
+    // Each worker holds 10 retries in reserve and earns 0.2 per request; each request here
+    // spends 1 (max_attempts 2): 60 requests over 2 workers run both dry.
+    let messages: Vec<String> = (0..60)
+        .map(|_| {
+            let r = post_json(gw.addr, "/v1/chat/completions", &chat("mock-model"), &[]);
+            assert_eq!(r.status, 503);
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert!(
+        messages[50..]
+            .iter()
+            .all(|m| m.starts_with("Simulated failure")),
+        "{messages:?}"
+    );
+}

@@ -94,6 +94,11 @@ impl RetryBudget {
             .set((self.tokens.get() + f64::from(percent) / 100.0).min(Self::RESERVE));
     }
 
+    /// Whether a retry could be paid for now (without paying for it).
+    fn has_one(&self) -> bool {
+        self.tokens.get() >= 1.0
+    }
+
     fn withdraw(&self) -> bool {
         let t = self.tokens.get();
         if t >= 1.0 {
@@ -740,7 +745,9 @@ where
             c.body.len() as u64,
         );
         c.out.extend_from_slice(&c.body);
-        let last = attempt >= retry.max_attempts;
+        // With no retry left (attempts or budget), a retryable status is relayed as the
+        // backend sent it rather than replaced by the gateway's own error.
+        let last = attempt >= retry.max_attempts || !ctx.retry_budget.has_one();
         let first_byte = timeouts.first_byte.map(|t| Instant::now() + t);
         let ex = Exchange {
             backend: idx,
