@@ -36,6 +36,16 @@ fn gateway_now(backends: &[(SocketAddr, &str)], extra: &str) -> Proc {
     spawn_gateway(&yaml)
 }
 
+/// The model ids the gateway's `GET /v1/models` lists.
+fn model_ids(gw: &Proc) -> Vec<String> {
+    get(gw.addr, "/v1/models").json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Requests a simulator answered (model-list polls excluded).
 fn served(sim: &Proc) -> f64 {
     metric(sim.addr, "mock_requests_total")
@@ -332,12 +342,7 @@ fn models_route_to_their_backends() {
     let r = post_json(gw.addr, "/v1/chat/completions", &chat("gamma"), &[]);
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["error"]["code"], "model_not_found");
-    let ids: Vec<String> = get(gw.addr, "/v1/models").json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids = model_ids(&gw);
     assert_eq!(ids, ["alpha", "beta", "public-alpha"]);
 }
 
@@ -542,12 +547,7 @@ fn keep_open_backends_pass_health_checks_and_list_their_models() {
     );
 
     // One list with Content-Length, one chunked: both merged.
-    let ids: Vec<String> = get(gw.addr, "/v1/models").json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids = model_ids(&gw);
     assert_eq!(ids, ["alpha", "beta", "gamma"]);
 }
 
