@@ -64,10 +64,10 @@ fn quota_hook_stats_masking_and_drain_on_shutdown() {
     let seen = charged.clone();
     let reporter = Reporter::start(
         &hook(&spool, ""),
-        Some(Box::new(move |key, r| {
+        Some(Box::new(move |key, tokens| {
             // The hook gets the key itself even though the record carries it masked.
             assert_eq!(key, "sk-test-key-001");
-            seen.fetch_add(r.total_tokens, Ordering::Relaxed);
+            seen.fetch_add(tokens, Ordering::Relaxed);
         })),
     )
     .unwrap();

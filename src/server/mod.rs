@@ -360,9 +360,9 @@ fn start_reporter(
     }
     let hook = &config.usage_hook;
     let charge = auth_on.then(|| -> usage::QuotaHook {
-        Box::new(move |key, record| {
+        Box::new(move |key, tokens| {
             if let Some(auth) = live.get().and_then(|l| l.snapshot().1.auth.clone()) {
-                auth.charge_tokens(key, record.total_tokens);
+                auth.charge_tokens(key, tokens);
             }
         })
     });

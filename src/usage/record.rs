@@ -235,8 +235,16 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-impl UsageRecord {
-    pub fn from_event(event: UsageEvent, include_raw_key: bool) -> UsageRecord {
+/// What a request is billed: its tokens (reported, or estimated), and how it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Billed {
+    pub tokens: Tokens,
+    pub estimated: bool,
+    pub outcome: Outcome,
+}
+
+impl Billed {
+    pub fn of(event: &UsageEvent) -> Billed {
         // A backend that answered with an error generated nothing billable, whatever its body
         // says. Status 0 is no answer at all (the client left first), not an error answer.
         let refused = event.status_code != 0 && !(200..300).contains(&event.status_code);
@@ -265,6 +273,27 @@ impl UsageRecord {
                 (t, true)
             }
         };
+        Billed {
+            tokens,
+            estimated,
+            outcome,
+        }
+    }
+}
+
+impl UsageRecord {
+    pub fn from_event(event: UsageEvent, include_raw_key: bool) -> UsageRecord {
+        let billed = Billed::of(&event);
+        UsageRecord::from_billed(event, billed, include_raw_key)
+    }
+
+    /// The record of `event`, billed as `billed` ([`Billed::of`] the same event).
+    pub fn from_billed(event: UsageEvent, billed: Billed, include_raw_key: bool) -> UsageRecord {
+        let Billed {
+            tokens,
+            estimated,
+            outcome,
+        } = billed;
         let (key_name, user_id, api_key) = match event.key {
             Some(k) => {
                 let shown = if include_raw_key {

@@ -19,15 +19,16 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
+use super::record::Billed;
 use super::spool::{Spool, Spooled};
 use super::sql::SqlSink;
 use super::webhook::WebhookSink;
 use super::{UsageEvent, UsageRecord, UsageSender};
 use crate::config::{Reporter as ReporterConfig, ReporterKind, UsageHook};
 
-/// Called on the ingest thread for every record, before it is spooled (quota and token-rate
-/// accounting). Must be quick: it runs once per request.
-pub type QuotaHook = Box<dyn Fn(&str, &UsageRecord) + Send>;
+/// Called on the ingest thread with each request's raw key and billed tokens, before its record
+/// is spooled (quota and token-rate accounting). Must be quick: it runs once per request.
+pub type QuotaHook = Box<dyn Fn(&str, u64) + Send>;
 
 /// How often the ingest thread collects events from the channel: each collection is one spool
 /// transaction, whose fixed cost is worth spreading over a hundred records or more at load.
@@ -220,7 +221,11 @@ impl Ingest {
             let mut disconnected = false;
             while batch.len() < MAX_BATCH {
                 match self.rx.try_recv() {
-                    Ok(event) => batch.push(self.record(event)),
+                    Ok(event) => {
+                        if let Some(record) = self.account(event) {
+                            batch.push(record);
+                        }
+                    }
                     Err(TryRecvError::Empty) => break,
                     // Every sender is gone and the channel is empty: shutdown.
                     Err(TryRecvError::Disconnected) => {
@@ -228,9 +233,6 @@ impl Ingest {
                         break;
                     }
                 }
-            }
-            if self.spool.is_none() {
-                batch.clear();
             }
             if !batch.is_empty() {
                 self.spool_batch(&batch);
@@ -252,23 +254,26 @@ impl Ingest {
         // Dropping the nudge senders tells the delivery threads to finish.
     }
 
-    fn record(&self, event: UsageEvent) -> UsageRecord {
-        // The record may carry the key masked; charging needs the key itself.
-        let key = self.quota.as_ref().and(event.key.clone());
-        let record = UsageRecord::from_event(event, self.include_raw_key);
+    /// Counts and charges one request; its record, when records are spooled. Charging alone
+    /// (no spool) builds no record: the tokens are all it needs.
+    fn account(&self, event: UsageEvent) -> Option<UsageRecord> {
+        let billed = Billed::of(&event);
         let s = &self.stats;
         s.records.fetch_add(1, Ordering::Relaxed);
         s.prompt_tokens
-            .fetch_add(record.prompt_tokens, Ordering::Relaxed);
+            .fetch_add(billed.tokens.prompt, Ordering::Relaxed);
         s.completion_tokens
-            .fetch_add(record.completion_tokens, Ordering::Relaxed);
-        if record.usage_estimated {
+            .fetch_add(billed.tokens.completion, Ordering::Relaxed);
+        if billed.estimated {
             s.estimated.fetch_add(1, Ordering::Relaxed);
         }
-        if let (Some(quota), Some(key)) = (&self.quota, key) {
-            quota(&key.api_key, &record);
+        // The record may carry the key masked; charging needs the key itself.
+        if let (Some(quota), Some(key)) = (&self.quota, &event.key) {
+            quota(&key.api_key, billed.tokens.total);
         }
-        record
+        self.spool
+            .is_some()
+            .then(|| UsageRecord::from_billed(event, billed, self.include_raw_key))
     }
 
     /// Retries until the batch is written: these records exist nowhere else. Meanwhile the
