@@ -1,6 +1,9 @@
 //! Relay: send the request upstream, then stream the response to the client as each upstream read
 //! arrives. Response bytes are forwarded unchanged (chunked stays chunked); the only per-read work
-//! is the framing tracker skipping over chunk sizes and one write to the client.
+//! is the framing tracker skipping over chunk sizes, the meter, and one write to the client.
+//! Two cases re-frame the body instead, still one write per read: the usage-only event the
+//! gateway asked for is left out (sent as chunks, whatever the backend's framing), and an
+//! HTTP/1.0 client gets the payload without chunking, ended by the close.
 
 use std::future::Future;
 use std::mem;
