@@ -14,6 +14,8 @@ usage: loadtest/cost.sh [options]
   --connections C      wrk keep-alive connections (default 64)
   --rounds R           repeat the three targets, interleaved (default 1; medians reported)
   --llmproxy PATH      use this llmproxy binary instead of building one
+  --baseline PATH      also run every target with this (older) llmproxy binary, interleaved,
+                       for a before/after table from one run
   --no-build           do not run cargo (binaries must exist)
   --keep               keep the temp dir
   -h, --help           this text
@@ -21,13 +23,14 @@ EOF
 }
 
 ORIG_CMD="loadtest/cost.sh${*:+ $*}"
-DURATION=10; CONNS=64; ROUNDS=1; LLMPROXY_ARG=""; BUILD=1; KEEP=0
+DURATION=10; CONNS=64; ROUNDS=1; LLMPROXY_ARG=""; BASELINE=""; BUILD=1; KEEP=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --duration) DURATION=${2:-}; shift; shift || true ;;
     --connections) CONNS=${2:-}; shift; shift || true ;;
     --rounds) ROUNDS=${2:-}; shift; shift || true ;;
     --llmproxy) LLMPROXY_ARG=${2:-}; shift; shift || true ;;
+    --baseline) BASELINE=${2:-}; shift; shift || true ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -44,11 +47,18 @@ for tool in wrk jq psql python3; do command -v "$tool" >/dev/null || die "$tool 
 PG_DSN="host=127.0.0.1 user=postgres dbname=test"
 psql "$PG_DSN" -qtAc "SELECT 1" >/dev/null 2>&1 || die "PostgreSQL not reachable as $PG_DSN"
 build_all "$BUILD" "$LLMPROXY_ARG"
+declare -A BIN_OF=([current]=$LLMPROXY)
+BUILDS=(current)
+if [[ -n $BASELINE ]]; then
+  [[ -x $BASELINE ]] || die "--baseline $BASELINE is not an executable"
+  BIN_OF[baseline]=$BASELINE
+  BUILDS=(baseline current)
+fi
 
 KEY=sk-loadtest-governed-0001
 export LOADTEST_AUTH=$KEY
 TABLE="loadtest_cost_$$"
-trap 'psql "$PG_DSN" -qc "DROP TABLE IF EXISTS $TABLE" >/dev/null 2>&1 || true; cleanup' EXIT
+trap 'for b in baseline current; do psql "$PG_DSN" -qc "DROP TABLE IF EXISTS ${TABLE}_$b" >/dev/null 2>&1 || true; done; cleanup' EXIT
 
 read -r SIM_PORT HOOK_PORT GW_PORT <<<"$("$PROBE" free-ports 3)"
 start sim "$LLMPROXY" mock-llm --listen "127.0.0.1:$SIM_PORT" --workers 1 --ttft-ms 0 --itl-ms 0 --tokens 8
@@ -56,14 +66,14 @@ await_port sim "$SIM_PORT"
 start webhook python3 "$ROOT/tests/support/webhook_receiver.py" --count-only --port "$HOOK_PORT" --out "$WORK/webhook.jsonl"
 await_port webhook "$HOOK_PORT"
 
-write_conf() { # FILE TARGET
+write_conf() { # FILE TARGET TAG BUILD (TAG names its files; each build its own table)
   write_proxy_conf "$1" "$GW_PORT" "$SIM_PORT" 1
   [[ $2 == bare ]] && return 0
   cat >>"$1" <<EOF
 auth:
   enabled: true
   storage: "file"
-  quota_path: "$WORK/quota-$2.db"
+  quota_path: "$WORK/quota-$3.db"
 api_keys:
   - key: "$KEY"
     name: "loadtest"
@@ -77,13 +87,13 @@ EOF
   cat >>"$1" <<EOF
 usage_hook:
   enabled: true
-  spool_path: "$WORK/spool-$2.db"
+  spool_path: "$WORK/spool-$3.db"
   reporters:
     - {name: webhook, type: webhook, url: "http://127.0.0.1:$HOOK_PORT/usage", batch_size: 500}
     - name: postgres
       type: database
       batch_size: 500
-      database: {driver: postgres, dsn: "$PG_DSN", table: "$TABLE"}
+      database: {driver: postgres, dsn: "$PG_DSN", table: "${TABLE}_$4"}
 EOF
 }
 
@@ -113,9 +123,10 @@ RESULTS="$WORK/cost.jsonl"
 : >"$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
   for target in bare keys governed; do
-    log "round $round: $target"
-    write_conf "$WORK/$target.yaml" "$target"
-    start gw "$LLMPROXY" serve --config "$WORK/$target.yaml"
+  for build in "${BUILDS[@]}"; do
+    log "round $round: $target ($build)"
+    write_conf "$WORK/$target.yaml" "$target" "$target-$build-$round" "$build"
+    start gw "${BIN_OF[$build]}" serve --config "$WORK/$target.yaml"
     await_port gw "$GW_PORT"
     gw=${PID_OF[gw]}
     curl -fsS -o /dev/null -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
@@ -132,13 +143,14 @@ for round in $(seq 1 "$ROUNDS"); do
     w=$(sed -n 's/^JSON //p' "$WORK/wrk.out")
     [[ -n "$w" ]] || die "no wrk result for $target"
     join <(echo "$before") <(echo "$after") \
-      | jq -R -s --argjson w "$w" --arg t "$target" --argjson r "$round" --argjson hz "$CLK_TCK" \
+      | jq -R -s --argjson w "$w" --arg t "$target" --arg b "$build" --argjson r "$round" --argjson hz "$CLK_TCK" \
           --argjson sim $((sim1 - sim0)) --argjson hook $((hook1 - hook0)) --argjson pg $((pg1 - pg0)) '
           ($w.requests) as $n | (1000000 / $hz / $n) as $us
           | [split("\n")[] | select(length > 0) | split(" ") | {key: .[0], value: (((.[2] | tonumber) - (.[1] | tonumber)) * $us)}]
           | from_entries
-          | {round: $r, target: $t, rps: $w.rps, errors: ($w.err_status + $w.err_connect + $w.err_read + $w.err_write + $w.err_timeout),
+          | {round: $r, target: $t, build: $b, rps: $w.rps, errors: ($w.err_status + $w.err_connect + $w.err_read + $w.err_write + $w.err_timeout),
              gateway: ., simulator: ($sim * $us), webhook: ($hook * $us), postgres: ($pg * $us)}' >>"$RESULTS"
+  done
   done
 done
 
@@ -155,12 +167,14 @@ OUT="$RESULTS_DIR/cost.md"
   echo "and PostgreSQL, all on this machine. \"on the box\" adds the webhook receiver and the PostgreSQL"
   echo "server, which take their CPU from the same cores."
   echo
-  echo "| target | req/s | worker | usage ingest | usage delivery | quota | other | gateway total | simulator | webhook | PostgreSQL | on the box | errors |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  [[ -n $BASELINE ]] && echo "baseline = \`$BASELINE\`; current = \`$LLMPROXY\`." && echo
+  echo "| target | build | req/s | worker | usage ingest | usage delivery | quota | other | gateway total | simulator | webhook | PostgreSQL | on the box | errors |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   jq -s -r '
     def med: sort | if length == 0 then 0 else .[(length - 1) / 2 | floor] end;
     def f: . * 10 | round / 10;
-    group_by(.target) | map({t: .[0].target, rows: .}) | sort_by({bare: 0, keys: 1, governed: 2}[.t])[]
+    group_by([.target, .build]) | map({t: .[0].target, b: .[0].build, rows: .})
+    | sort_by([{bare: 0, keys: 1, governed: 2}[.t], {baseline: 0, current: 1}[.b]])[]
     | .rows as $r
     | ($r | map(.gateway.worker // 0) | med) as $wk
     | ($r | map(.gateway["usage-ingest"] // 0) | med) as $in
@@ -169,7 +183,7 @@ OUT="$RESULTS_DIR/cost.md"
     | ($r | map(.gateway.other // 0) | med) as $ot
     | ($r | map(.webhook) | med) as $wh | ($r | map(.postgres) | med) as $pg
     | ($wk + $in + $de + $qu + $ot) as $gw
-    | "| \(.t) | \($r | map(.rps) | med | round) | \($wk | f) | \($in | f) | \($de | f) | \($qu | f) | \($ot | f) | \($gw | f) | \($r | map(.simulator) | med | f) | \($wh | f) | \($pg | f) | \($gw + $wh + $pg | f) | \($r | map(.errors) | add) |"
+    | "| \(.t) | \(.b) | \($r | map(.rps) | med | round) | \($wk | f) | \($in | f) | \($de | f) | \($qu | f) | \($ot | f) | \($gw | f) | \($r | map(.simulator) | med | f) | \($wh | f) | \($pg | f) | \($gw + $wh + $pg | f) | \($r | map(.errors) | add) |"
   ' "$RESULTS"
 } >"$OUT"
 cp "$RESULTS" "$RESULTS_DIR/cost.jsonl"
