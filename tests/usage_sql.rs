@@ -193,3 +193,81 @@ fn mariadb_reporter_holds_exact_sums() {
     my.query_drop(format!("DROP TABLE {table}")).unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A table made by an older llmproxy, without the columns added since (`client_request_id`).
+const OLD_COLUMNS: &str = "request_id VARCHAR(191) NOT NULL UNIQUE, timestamp VARCHAR(191) NOT NULL, \
+    key_name TEXT, user_id TEXT, api_key TEXT, model TEXT, endpoint TEXT NOT NULL, \
+    is_stream BOOLEAN NOT NULL, backend_url TEXT NOT NULL, status_code BIGINT NOT NULL, \
+    latency_ms BIGINT NOT NULL, ttft_ms BIGINT, prompt_tokens BIGINT NOT NULL, \
+    completion_tokens BIGINT NOT NULL, total_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL, \
+    reasoning_tokens BIGINT NOT NULL, usage_estimated BOOLEAN NOT NULL, status VARCHAR(191) NOT NULL";
+
+#[test]
+fn an_older_table_gets_the_new_columns_and_keeps_its_rows() {
+    let mock = spawn_mock(&[]);
+    let dir = temp_dir("old-table");
+    let sqlite = dir.join("warehouse.db");
+    let (pg_table, my_table) = (unique_table("usage_old_pg"), unique_table("usage_old_my"));
+    let mut pg = postgres::Client::connect(PG_DSN, postgres::NoTls).unwrap();
+    let mut my = mysql::Conn::new(mysql::Opts::from_url(MYSQL_URL).unwrap()).unwrap();
+    let old_row =
+        "('old-1', '2026-01-01T00:00:00.000Z', NULL, NULL, NULL, 'm', '/v1/chat/completions', \
+        false, 'http://b', 200, 1, NULL, 1, 1, 2, 0, 0, false, 'ok')";
+    let columns = "(request_id, timestamp, key_name, user_id, api_key, model, endpoint, is_stream, \
+        backend_url, status_code, latency_ms, ttft_ms, prompt_tokens, completion_tokens, total_tokens, \
+        cached_tokens, reasoning_tokens, usage_estimated, status)";
+    pg.batch_execute(&format!(
+        "CREATE TABLE {pg_table} (id BIGSERIAL PRIMARY KEY, {OLD_COLUMNS}); \
+         INSERT INTO {pg_table} {columns} VALUES {old_row}"
+    ))
+    .unwrap();
+    my.query_drop(format!(
+        "CREATE TABLE {my_table} (id BIGINT AUTO_INCREMENT PRIMARY KEY, {OLD_COLUMNS})"
+    ))
+    .unwrap();
+    my.query_drop(format!("INSERT INTO {my_table} {columns} VALUES {old_row}"))
+        .unwrap();
+    rusqlite::Connection::open(&sqlite)
+        .unwrap()
+        .execute_batch(&format!(
+            "CREATE TABLE usage_records (id INTEGER PRIMARY KEY, {OLD_COLUMNS}); \
+             INSERT INTO usage_records {columns} VALUES {old_row}"
+        ))
+        .unwrap();
+
+    let reporters = database_reporter("pg", "postgres", PG_DSN, &pg_table)
+        + &database_reporter("my", "mysql", MYSQL_URL, &my_table)
+        + &database_reporter("lite", "sqlite", sqlite.to_str().unwrap(), "usage_records");
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &dir.join("usage.db"), &reporters));
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &body,
+        &[("X-Request-Id", "new-1")],
+    );
+    assert_eq!(r.status, 200);
+
+    let q = |t: &str| format!("SELECT client_request_id FROM {t} ORDER BY id");
+    let expected = vec![None, Some("new-1".to_string())];
+    let delivered = wait_until(Duration::from_secs(20), || {
+        let pg_rows: Vec<Option<String>> = pg
+            .query(&q(&pg_table), &[])
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+            .unwrap_or_default();
+        let my_rows: Vec<Option<String>> = my.query(q(&my_table)).unwrap_or_default();
+        let lite_rows: Vec<Option<String>> = rusqlite::Connection::open(&sqlite)
+            .ok()
+            .and_then(|c| {
+                let mut stmt = c.prepare(&q("usage_records")).ok()?;
+                let rows = stmt.query_map([], |r| r.get(0)).ok()?;
+                rows.collect::<Result<Vec<_>, _>>().ok()
+            })
+            .unwrap_or_default();
+        pg_rows == expected && my_rows == expected && lite_rows == expected
+    });
+    assert!(delivered, "the older tables did not take the new record");
+    pg.batch_execute(&format!("DROP TABLE {pg_table}")).unwrap();
+    my.query_drop(format!("DROP TABLE {my_table}")).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -13,29 +13,55 @@ use crate::config::{Database, DbDriver};
 use super::spool::Spooled;
 use super::UsageRecord;
 
-/// Inserted columns, in order.
-const COLUMNS: [&str; 20] = [
-    "request_id",
-    "client_request_id",
-    "timestamp",
-    "key_name",
-    "user_id",
-    "api_key",
-    "model",
-    "endpoint",
-    "is_stream",
-    "backend_url",
-    "status_code",
-    "latency_ms",
-    "ttft_ms",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "usage_estimated",
-    "status",
+/// What a column holds, which decides its SQL type per driver.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `request_id`: unique, so a bounded type where MySQL requires one.
+    Key,
+    /// Short text, indexed or compared (a bounded type in MySQL).
+    Short,
+    Text,
+    Int,
+    Bool,
+}
+
+/// Inserted columns, in order, and whether they may be NULL.
+const COLUMNS: [(&str, Kind, bool); 20] = [
+    ("request_id", Kind::Key, false),
+    ("client_request_id", Kind::Text, true),
+    ("timestamp", Kind::Short, false),
+    ("key_name", Kind::Text, true),
+    ("user_id", Kind::Text, true),
+    ("api_key", Kind::Text, true),
+    ("model", Kind::Text, true),
+    ("endpoint", Kind::Text, false),
+    ("is_stream", Kind::Bool, false),
+    ("backend_url", Kind::Text, false),
+    ("status_code", Kind::Int, false),
+    ("latency_ms", Kind::Int, false),
+    ("ttft_ms", Kind::Int, true),
+    ("prompt_tokens", Kind::Int, false),
+    ("completion_tokens", Kind::Int, false),
+    ("total_tokens", Kind::Int, false),
+    ("cached_tokens", Kind::Int, false),
+    ("reasoning_tokens", Kind::Int, false),
+    ("usage_estimated", Kind::Bool, false),
+    ("status", Kind::Short, false),
 ];
+
+fn column_names() -> String {
+    COLUMNS.map(|(name, _, _)| name).join(", ")
+}
+
+fn sql_type(driver: DbDriver, kind: Kind) -> &'static str {
+    match (driver, kind) {
+        (DbDriver::Mysql, Kind::Key | Kind::Short) => "VARCHAR(191)",
+        (_, Kind::Key | Kind::Short | Kind::Text) => "TEXT",
+        (DbDriver::Sqlite, Kind::Int | Kind::Bool) => "INTEGER",
+        (_, Kind::Int) => "BIGINT",
+        (_, Kind::Bool) => "BOOLEAN",
+    }
+}
 
 /// One column value, converted to each driver's parameter type.
 enum Val {
@@ -74,73 +100,71 @@ fn values(r: &UsageRecord) -> [Val; 20] {
 /// `CREATE TABLE IF NOT EXISTS` for the driver. Indexed text columns get a bounded VARCHAR
 /// where MySQL requires one.
 pub fn create_table_sql(driver: DbDriver, table: &str) -> String {
-    let (id, short, text, int, boolean) = match driver {
-        DbDriver::Sqlite => (
-            "id INTEGER PRIMARY KEY",
-            "TEXT",
-            "TEXT",
-            "INTEGER",
-            "INTEGER",
-        ),
-        DbDriver::Postgres => (
-            "id BIGSERIAL PRIMARY KEY",
-            "TEXT",
-            "TEXT",
-            "BIGINT",
-            "BOOLEAN",
-        ),
-        DbDriver::Mysql => (
-            "id BIGINT AUTO_INCREMENT PRIMARY KEY",
-            "VARCHAR(191)",
-            "TEXT",
-            "BIGINT",
-            "BOOLEAN",
-        ),
+    let id = match driver {
+        DbDriver::Sqlite => "id INTEGER PRIMARY KEY",
+        DbDriver::Postgres => "id BIGSERIAL PRIMARY KEY",
+        DbDriver::Mysql => "id BIGINT AUTO_INCREMENT PRIMARY KEY",
     };
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table} (
-            {id},
-            request_id {short} NOT NULL UNIQUE,
-            client_request_id {text},
-            timestamp {short} NOT NULL,
-            key_name {text},
-            user_id {text},
-            api_key {text},
-            model {text},
-            endpoint {text} NOT NULL,
-            is_stream {boolean} NOT NULL,
-            backend_url {text} NOT NULL,
-            status_code {int} NOT NULL,
-            latency_ms {int} NOT NULL,
-            ttft_ms {int},
-            prompt_tokens {int} NOT NULL,
-            completion_tokens {int} NOT NULL,
-            total_tokens {int} NOT NULL,
-            cached_tokens {int} NOT NULL,
-            reasoning_tokens {int} NOT NULL,
-            usage_estimated {boolean} NOT NULL,
-            status {short} NOT NULL
-        )"
-    )
+    let mut sql = format!("CREATE TABLE IF NOT EXISTS {table} ({id}");
+    for (name, kind, nullable) in COLUMNS {
+        let constraint = match (kind, nullable) {
+            (Kind::Key, _) => " NOT NULL UNIQUE",
+            (_, false) => " NOT NULL",
+            (_, true) => "",
+        };
+        sql.push_str(&format!(", {name} {}{constraint}", sql_type(driver, kind)));
+    }
+    sql.push(')');
+    sql
+}
+
+/// The query listing a table's columns (one text column, the name; one parameter, the table).
+fn columns_query(driver: DbDriver) -> &'static str {
+    match driver {
+        DbDriver::Sqlite => "SELECT name FROM pragma_table_info(?1)",
+        DbDriver::Postgres => {
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1"
+        }
+        DbDriver::Mysql => {
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?"
+        }
+    }
+}
+
+/// `ALTER TABLE`s adding the columns an existing table lacks (made by an older llmproxy), as
+/// nullable columns: rows already there have no value for them.
+fn missing_columns_sql(driver: DbDriver, table: &str, existing: &[String]) -> Vec<String> {
+    COLUMNS
+        .iter()
+        .filter(|(name, _, _)| !existing.iter().any(|e| e.eq_ignore_ascii_case(name)))
+        .map(|(name, kind, _)| {
+            format!(
+                "ALTER TABLE {table} ADD COLUMN {name} {}",
+                sql_type(driver, *kind)
+            )
+        })
+        .collect()
 }
 
 /// PostgreSQL's idempotent INSERT of a whole batch: one array parameter per column.
 pub fn postgres_insert_sql(table: &str) -> String {
-    let arrays: Vec<String> = values(&UsageRecord::default())
+    let arrays: Vec<String> = COLUMNS
         .iter()
         .enumerate()
-        .map(|(i, v)| {
-            let kind = match v {
-                Val::Text(_) => "text",
-                Val::Int(_) => "int8",
-                Val::Bool(_) => "bool",
+        .map(|(i, (_, kind, _))| {
+            let element = match kind {
+                Kind::Key | Kind::Short | Kind::Text => "text",
+                Kind::Int => "int8",
+                Kind::Bool => "bool",
             };
-            format!("${}::{kind}[]", i + 1)
+            format!("${}::{element}[]", i + 1)
         })
         .collect();
     format!(
         "INSERT INTO {table} ({}) SELECT * FROM unnest({}) ON CONFLICT (request_id) DO NOTHING",
-        COLUMNS.join(", "),
+        column_names(),
         arrays.join(", ")
     )
 }
@@ -152,7 +176,7 @@ pub fn insert_sql(driver: DbDriver, table: &str, rows: usize) -> String {
         DbDriver::Postgres => unreachable!("PostgreSQL inserts with postgres_insert_sql"),
         DbDriver::Mysql => "INSERT IGNORE INTO",
     };
-    let mut sql = format!("{verb} {table} ({}) VALUES ", COLUMNS.join(", "));
+    let mut sql = format!("{verb} {table} ({}) VALUES ", column_names());
     for row in 0..rows {
         if row > 0 {
             sql.push_str(", ");
@@ -187,31 +211,63 @@ impl SqlSink {
         SqlSink { config, conn: None }
     }
 
+    /// Connects, creates the table if missing, and adds the columns an older table lacks.
     fn connect(&self) -> Result<Conn, String> {
-        let create = create_table_sql(self.config.driver, &self.config.table);
+        let (driver, table) = (self.config.driver, self.config.table.as_str());
+        let create = create_table_sql(driver, table);
         let dsn = &self.config.dsn;
-        match self.config.driver {
+        let err = |e: &dyn std::fmt::Display| e.to_string();
+        let (conn, existing): (Conn, Vec<String>) = match driver {
             DbDriver::Sqlite => {
-                let conn = rusqlite::Connection::open(dsn).map_err(|e| e.to_string())?;
+                let conn = rusqlite::Connection::open(dsn).map_err(|e| err(&e))?;
                 conn.busy_timeout(std::time::Duration::from_secs(10))
                     .and_then(|_| conn.execute_batch(&create))
-                    .map_err(|e| e.to_string())?;
-                Ok(Conn::Sqlite(conn))
+                    .map_err(|e| err(&e))?;
+                let existing = conn
+                    .prepare(columns_query(driver))
+                    .and_then(|mut q| {
+                        q.query_map([table], |r| r.get(0))?
+                            .collect::<rusqlite::Result<_>>()
+                    })
+                    .map_err(|e| err(&e))?;
+                (Conn::Sqlite(conn), existing)
             }
             DbDriver::Postgres => {
                 let mut client =
-                    postgres::Client::connect(dsn, postgres::NoTls).map_err(|e| e.to_string())?;
-                client.batch_execute(&create).map_err(|e| e.to_string())?;
-                Ok(Conn::Postgres(Box::new(client), None))
+                    postgres::Client::connect(dsn, postgres::NoTls).map_err(|e| err(&e))?;
+                client.batch_execute(&create).map_err(|e| err(&e))?;
+                let existing = client
+                    .query(columns_query(driver), &[&table])
+                    .map_err(|e| err(&e))?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                (Conn::Postgres(Box::new(client), None), existing)
             }
             DbDriver::Mysql => {
                 use mysql::prelude::Queryable;
-                let opts = mysql::Opts::from_url(dsn).map_err(|e| e.to_string())?;
-                let mut conn = mysql::Conn::new(opts).map_err(|e| e.to_string())?;
-                conn.query_drop(&create).map_err(|e| e.to_string())?;
-                Ok(Conn::Mysql(Box::new(conn)))
+                let opts = mysql::Opts::from_url(dsn).map_err(|e| err(&e))?;
+                let mut conn = mysql::Conn::new(opts).map_err(|e| err(&e))?;
+                conn.query_drop(&create).map_err(|e| err(&e))?;
+                let existing = conn
+                    .exec(columns_query(driver), (table,))
+                    .map_err(|e| err(&e))?;
+                (Conn::Mysql(Box::new(conn)), existing)
+            }
+        };
+        let mut conn = conn;
+        for alter in missing_columns_sql(driver, table, &existing) {
+            tracing::warn!(table, "usage table predates a column; adding it: {alter}");
+            match &mut conn {
+                Conn::Sqlite(c) => c.execute_batch(&alter).map_err(|e| err(&e))?,
+                Conn::Postgres(c, _) => c.batch_execute(&alter).map_err(|e| err(&e))?,
+                Conn::Mysql(c) => {
+                    use mysql::prelude::Queryable;
+                    c.query_drop(&alter).map_err(|e| err(&e))?
+                }
             }
         }
+        Ok(conn)
     }
 
     pub fn deliver(&mut self, rows: &[Spooled]) -> Result<(), String> {
@@ -324,12 +380,13 @@ struct PgColumns(Vec<PgColumn>);
 
 impl PgColumns {
     fn from_records(records: &[UsageRecord]) -> PgColumns {
-        let mut columns: Vec<PgColumn> = values(&UsageRecord::default())
+        let n = records.len();
+        let mut columns: Vec<PgColumn> = COLUMNS
             .iter()
-            .map(|v| match v {
-                Val::Text(_) => PgColumn::Text(Vec::with_capacity(records.len())),
-                Val::Int(_) => PgColumn::Int(Vec::with_capacity(records.len())),
-                Val::Bool(_) => PgColumn::Bool(Vec::with_capacity(records.len())),
+            .map(|(_, kind, _)| match kind {
+                Kind::Key | Kind::Short | Kind::Text => PgColumn::Text(Vec::with_capacity(n)),
+                Kind::Int => PgColumn::Int(Vec::with_capacity(n)),
+                Kind::Bool => PgColumn::Bool(Vec::with_capacity(n)),
             })
             .collect();
         for r in records {
@@ -338,7 +395,7 @@ impl PgColumns {
                     (PgColumn::Text(c), Val::Text(v)) => c.push(v),
                     (PgColumn::Int(c), Val::Int(v)) => c.push(v),
                     (PgColumn::Bool(c), Val::Bool(v)) => c.push(v),
-                    _ => unreachable!("values() gives every record the same column kinds"),
+                    _ => unreachable!("values() follows COLUMNS"),
                 }
             }
         }
