@@ -69,32 +69,9 @@ await_port webhook "$HOOK_PORT"
 write_conf() { # FILE TARGET TAG BUILD (TAG names its files; each build its own table)
   write_proxy_conf "$1" "$GW_PORT" "$SIM_PORT" 1
   [[ $2 == bare ]] && return 0
-  cat >>"$1" <<EOF
-auth:
-  enabled: true
-  storage: "file"
-  quota_path: "$WORK/quota-$3.db"
-api_keys:
-  - key: "$KEY"
-    name: "loadtest"
-    total_quota: 1000000000000
-rate_limit:
-  per_key:
-    requests_per_minute: 1000000000
-    max_concurrent: 100000
-EOF
+  append_keys_conf "$1" "$KEY" "$WORK/quota-$3.db"
   [[ $2 == keys ]] && return 0
-  cat >>"$1" <<EOF
-usage_hook:
-  enabled: true
-  spool_path: "$WORK/spool-$3.db"
-  reporters:
-    - {name: webhook, type: webhook, url: "http://127.0.0.1:$HOOK_PORT/usage", batch_size: 500}
-    - name: postgres
-      type: database
-      batch_size: 500
-      database: {driver: postgres, dsn: "$PG_DSN", table: "${TABLE}_$4"}
-EOF
+  append_metering_conf "$1" "$WORK/spool-$3.db" "$HOOK_PORT" "$PG_DSN" "${TABLE}_$4"
 }
 
 # Thread CPU ticks of a process by role: worker, usage-ingest, usage-delivery, quota, other.

@@ -1,4 +1,4 @@
-# Shared helpers for loadtest/soak.sh, scaling.sh and litellm.sh (sourced, not run).
+# Shared helpers for the loadtest scripts (sourced, not run).
 # Expects: SCRIPT (name for messages). Provides process start/stop with cleanup on exit,
 # builds, port waiting, /proc readings and the machine-info header.
 
@@ -101,6 +101,40 @@ log:
   access: false
 backends:
   - url: "http://127.0.0.1:$3"
+EOF
+}
+
+# The governed path's parts, appended to a write_proxy_conf file. A key checked, with per-key
+# limits set high enough never to refuse:
+append_keys_conf() { # FILE KEY QUOTA_DB
+  cat >>"$1" <<EOF
+auth:
+  enabled: true
+  storage: "file"
+  quota_path: "$3"
+api_keys:
+  - key: "$2"
+    name: "loadtest"
+    total_quota: 1000000000000
+rate_limit:
+  per_key:
+    requests_per_minute: 1000000000
+    max_concurrent: 100000
+EOF
+}
+
+# Metering to the SQLite spool, a webhook and PostgreSQL, in batches of 500:
+append_metering_conf() { # FILE SPOOL_DB WEBHOOK_PORT PG_DSN TABLE
+  cat >>"$1" <<EOF
+usage_hook:
+  enabled: true
+  spool_path: "$2"
+  reporters:
+    - {name: webhook, type: webhook, url: "http://127.0.0.1:$3/usage", batch_size: 500}
+    - name: postgres
+      type: database
+      batch_size: 500
+      database: {driver: postgres, dsn: "$4", table: "$5"}
 EOF
 }
 

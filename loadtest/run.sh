@@ -142,35 +142,8 @@ PG_DSN="host=127.0.0.1 user=postgres dbname=test"
 # to the SQLite spool, a webhook and PostgreSQL.
 write_governed_conf() { # FILE LISTEN_PORT BACKEND_PORT WORKERS WEBHOOK_PORT TAG
   write_proxy_conf "$1" "$2" "$3" "$4"
-  cat >>"$1" <<EOF
-auth:
-  enabled: true
-  storage: "file"
-  quota_path: "$WORK/quota-$6.db"
-api_keys:
-  - key: "$GOV_KEY"
-    name: "loadtest"
-    total_quota: 1000000000000
-rate_limit:
-  per_key:
-    requests_per_minute: 1000000000
-    max_concurrent: 100000
-usage_hook:
-  enabled: true
-  spool_path: "$WORK/spool-$6.db"
-  reporters:
-    - name: "webhook"
-      type: "webhook"
-      url: "http://127.0.0.1:$5/usage"
-      batch_size: 500
-    - name: "postgres"
-      type: "database"
-      batch_size: 500
-      database:
-        driver: "postgres"
-        dsn: "$PG_DSN"
-        table: "$GOV_TABLE"
-EOF
+  append_keys_conf "$1" "$GOV_KEY" "$WORK/quota-$6.db"
+  append_metering_conf "$1" "$WORK/spool-$6.db" "$5" "$PG_DSN" "$GOV_TABLE"
 }
 
 # Two requests on one keep-alive connection: both must be 200 with the expected content.
