@@ -263,8 +263,11 @@ fn cancels_cuts_and_retries_are_counted() {
         &[("x-mock-cut-after", "2"), ("x-mock-tokens", "10")],
     );
     assert_eq!(r.status, 200);
+    // Both requests are over once the cancel is counted and only the scrape itself is in flight
+    // (another worker may still be between the two when it is scraped).
     assert!(wait_until(std::time::Duration::from_secs(5), || {
         metric(gw.addr, "llmproxy_client_cancels_total") == 1.0
+            && metric(gw.addr, "llmproxy_in_flight_requests") == 1.0
     }));
     let text = get(gw.addr, "/metrics").text();
     assert_eq!(
