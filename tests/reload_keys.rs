@@ -73,6 +73,8 @@ fn reload_swaps_keys_and_limits_under_a_running_stream() {
             ("x-mock-tokens", "20"),
         ],
     ));
+    // The stream has started (its head is here) before the config changes.
+    stream.stream().peek(&mut [0u8; 1]).unwrap();
 
     reload(&gw, &format!("{base}{}", keys(&["sk-new-key-000002"], 2)));
     assert!(wait_until(Duration::from_secs(5), || status(
@@ -91,7 +93,8 @@ fn reload_swaps_keys_and_limits_under_a_running_stream() {
     let r = stream.read_response();
     assert!(
         r.chunks().1 && r.text().contains("[DONE]"),
-        "the running stream was cut by the reload"
+        "the running stream was cut by the reload: status {}",
+        r.status
     );
 
     // An invalid file (here a typo in a key) is refused; the running keys stay.
