@@ -189,9 +189,12 @@ where
     let reframe = client_body != ClientBody::AsIs;
     let meter = progress.meter.insert(Meter::new(head.event_stream, strip));
     let mut tracker = BodyTracker::new(head.framing);
-    let client_reusable = ex.client_keep_alive
-        && client_body != ClientBody::UntilClose
-        && !(client_body == ClientBody::AsIs && head.framing == Framing::UntilClose);
+    let ends_with_close = match client_body {
+        ClientBody::UntilClose => true,
+        ClientBody::AsIs => head.framing == Framing::UntilClose,
+        ClientBody::Chunked => false,
+    };
+    let client_reusable = ex.client_keep_alive && !ends_with_close;
     head.push_framing(resp_head, client_body);
     http::push_header(resp_head, b"X-Request-Id", ex.request_id);
     resp_head.extend_from_slice(ex.extra_headers);
@@ -308,6 +311,11 @@ where
             };
             let Some(start) = start else {
                 *request = out;
+                // The close ended a body that owes the client nothing more: reading on would
+                // only see the close again.
+                if end_of_body {
+                    break;
+                }
                 continue;
             };
             progress.bytes += (out.len() - start) as u64;
