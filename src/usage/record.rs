@@ -11,7 +11,7 @@ use super::{Captured, Outcome, UsageEvent};
 
 /// One request's usage, as spooled and delivered. Field names are the wire names (webhook JSON,
 /// SQL columns); the seed README's webhook fields are all here.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// The gateway's id: unique per request (the idempotency key of every delivery).
     pub request_id: String,

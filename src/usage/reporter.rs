@@ -107,10 +107,10 @@ impl Reporter {
         let spool_error = |e: rusqlite::Error| {
             io::Error::other(format!("usage spool {}: {e}", hook.spool_path.display()))
         };
-        let spool = match hook.enabled {
-            true => Some(Spool::open(&hook.spool_path).map_err(spool_error)?),
-            false => None,
-        };
+        let spool = hook
+            .enabled
+            .then(|| Spool::open(&hook.spool_path).map_err(spool_error))
+            .transpose()?;
         let reporters = if hook.enabled {
             &hook.reporters[..]
         } else {
