@@ -46,7 +46,9 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("free-ports") => free_ports(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1)),
         Some("wait") => {
-            let (Some(addr), Some(ms)) = (args.get(1), args.get(2).and_then(|s| s.parse::<u64>().ok())) else {
+            let (Some(addr), Some(ms)) =
+                (args.get(1), args.get(2).and_then(|s| s.parse::<u64>().ok()))
+            else {
                 usage()
             };
             wait(addr, ms)
@@ -61,7 +63,10 @@ fn free_ports(n: usize) {
     let listeners: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| die(&format!("bind: {e}"))))
         .collect();
-    let ports: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().port().to_string()).collect();
+    let ports: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port().to_string())
+        .collect();
     println!("{}", ports.join(" "));
 }
 
@@ -105,7 +110,10 @@ fn parse_opts(args: &[String]) -> Opts {
     let mut it = args.iter();
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| usage());
-        let num = || v.parse::<usize>().unwrap_or_else(|_| die(&format!("bad number for {k}: {v}")));
+        let num = || {
+            v.parse::<usize>()
+                .unwrap_or_else(|_| die(&format!("bad number for {k}: {v}")))
+        };
         match k.as_str() {
             "--addr" => o.addr = v.clone(),
             "--requests" => o.requests = num(),
@@ -149,7 +157,11 @@ fn stream(args: &[String]) {
         "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{}\
          Accept: text/event-stream\r\nContent-Length: {}\r\n\r\n{}",
         o.addr,
-        if o.auth.is_empty() { String::new() } else { format!("Authorization: Bearer {}\r\n", o.auth) },
+        if o.auth.is_empty() {
+            String::new()
+        } else {
+            format!("Authorization: Bearer {}\r\n", o.auth)
+        },
         body.len(),
         body
     )
@@ -166,7 +178,10 @@ fn stream(args: &[String]) {
                 s.spawn(move || run_thread(addr, req, warm, share))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("probe thread panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("probe thread panicked"))
+            .collect()
     });
     let wall_s = wall.elapsed().as_secs_f64();
 
@@ -187,7 +202,11 @@ fn stream(args: &[String]) {
     }
     ttft.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = ttft.len();
-    let mean = if n > 0 { ttft.iter().sum::<f64>() / n as f64 } else { 0.0 };
+    let mean = if n > 0 {
+        ttft.iter().sum::<f64>() / n as f64
+    } else {
+        0.0
+    };
     let gap_mean = if gaps > 0 { gap_sum / gaps as f64 } else { 0.0 };
     let events_mean = if n > 0 { events as f64 / n as f64 } else { 0.0 };
     println!(
@@ -235,7 +254,10 @@ fn connect(addr: &str) -> std::io::Result<TcpStream> {
 }
 
 fn run_thread(addr: &str, req: &[u8], warmup: usize, count: usize) -> ThreadResult {
-    let mut res = ThreadResult { samples: Vec::with_capacity(count), ..Default::default() };
+    let mut res = ThreadResult {
+        samples: Vec::with_capacity(count),
+        ..Default::default()
+    };
     let mut conn: Option<Conn> = None;
     let mut done = 0;
     let mut attempts = 0;
@@ -246,7 +268,14 @@ fn run_thread(addr: &str, req: &[u8], warmup: usize, count: usize) -> ThreadResu
         }
         if conn.is_none() {
             match connect(addr) {
-                Ok(s) => conn = Some(Conn { s, buf: vec![0; 64 * 1024], lo: 0, hi: 0 }),
+                Ok(s) => {
+                    conn = Some(Conn {
+                        s,
+                        buf: vec![0; 64 * 1024],
+                        lo: 0,
+                        hi: 0,
+                    })
+                }
                 Err(e) => {
                     note_error(&mut res, format!("connect: {e}"));
                     std::thread::sleep(Duration::from_millis(10));
@@ -311,7 +340,10 @@ impl Conn {
                 self.buf.resize(self.buf.len() * 2, 0);
             }
         }
-        let n = self.s.read(&mut self.buf[self.hi..]).map_err(|e| format!("read: {e}"))?;
+        let n = self
+            .s
+            .read(&mut self.buf[self.hi..])
+            .map_err(|e| format!("read: {e}"))?;
         let t = Instant::now();
         if n == 0 {
             return Err("connection closed by peer".into());
@@ -521,7 +553,10 @@ enum CState {
 
 impl Chunked {
     fn new() -> Self {
-        Chunked { state: CState::Size, size: 0 }
+        Chunked {
+            state: CState::Size,
+            size: 0,
+        }
     }
 
     fn done(&self) -> bool {
@@ -536,10 +571,7 @@ impl Chunked {
             match self.state {
                 CState::Size => match b {
                     b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        self.size = self
-                            .size
-                            .checked_mul(16)
-                            .ok_or("chunk size overflow")?
+                        self.size = self.size.checked_mul(16).ok_or("chunk size overflow")?
                             + (b as char).to_digit(16).unwrap() as usize;
                     }
                     b';' | b' ' | b'\t' => self.state = CState::Ext,
@@ -555,7 +587,11 @@ impl Chunked {
                     if b != b'\n' {
                         return Err("bad chunk size line".into());
                     }
-                    self.state = if self.size == 0 { CState::TrailerStart } else { CState::Data };
+                    self.state = if self.size == 0 {
+                        CState::TrailerStart
+                    } else {
+                        CState::Data
+                    };
                 }
                 CState::Data => {
                     let k = (input.len() - i).min(self.size);
@@ -580,7 +616,11 @@ impl Chunked {
                     self.state = CState::Size;
                 }
                 CState::TrailerStart => {
-                    self.state = if b == b'\r' { CState::TrailerEndLf } else { CState::TrailerLine }
+                    self.state = if b == b'\r' {
+                        CState::TrailerEndLf
+                    } else {
+                        CState::TrailerLine
+                    }
                 }
                 CState::TrailerLine => {
                     if b == b'\n' {

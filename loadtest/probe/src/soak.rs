@@ -22,8 +22,22 @@ use super::{die, find, pct, us, usage, Chunked};
 
 /// The simulator's deterministic output: token `i` is `WORDS[i % 16]` (src/mock/openai.rs).
 const WORDS: [&str; 16] = [
-    "hello ", "world ", "this ", "is ", "a ", "simulated ", "response ", "from ", "the ", "mock ",
-    "language ", "model ", "running ", "behind ", "llmproxy ", "today ",
+    "hello ",
+    "world ",
+    "this ",
+    "is ",
+    "a ",
+    "simulated ",
+    "response ",
+    "from ",
+    "the ",
+    "mock ",
+    "language ",
+    "model ",
+    "running ",
+    "behind ",
+    "llmproxy ",
+    "today ",
 ];
 
 #[derive(Clone, Copy, PartialEq)]
@@ -66,7 +80,10 @@ fn parse(args: &[String]) -> Opts {
     let mut it = args.iter();
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| usage());
-        let num = || v.parse::<u64>().unwrap_or_else(|_| die(&format!("bad number for {k}: {v}")));
+        let num = || {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| die(&format!("bad number for {k}: {v}")))
+        };
         match k.as_str() {
             "--addr" => addr = Some(v.clone()),
             "--streams" => o.streams = num().max(1) as usize,
@@ -126,7 +143,10 @@ pub fn soak(args: &[String]) {
     )
     .into_bytes()
     .into();
-    let shared = Arc::new(Shared { open: AtomicUsize::new(0), max_open: AtomicUsize::new(0) });
+    let shared = Arc::new(Shared {
+        open: AtomicUsize::new(0),
+        max_open: AtomicUsize::new(0),
+    });
 
     // RSS sampler: (ms since start, open streams, VmRSS KiB).
     let stop = Arc::new(AtomicBool::new(false));
@@ -142,7 +162,11 @@ pub fn soak(args: &[String]) {
             loop {
                 let done = stop.load(Ordering::Acquire);
                 if let Some(r) = rss_kib(pid) {
-                    samples.push((start.elapsed().as_millis() as u64, shared.open.load(Ordering::Relaxed), r));
+                    samples.push((
+                        start.elapsed().as_millis() as u64,
+                        shared.open.load(Ordering::Relaxed),
+                        r,
+                    ));
                 }
                 if done {
                     return samples;
@@ -152,7 +176,8 @@ pub fn soak(args: &[String]) {
         })
     });
 
-    let results: Arc<Mutex<Vec<Result<f64, String>>>> = Arc::new(Mutex::new(Vec::with_capacity(o.streams)));
+    let results: Arc<Mutex<Vec<Result<f64, String>>>> =
+        Arc::new(Mutex::new(Vec::with_capacity(o.streams)));
     let mut handles = Vec::with_capacity(o.streams);
     let mut spawn_errors = Vec::new();
     for i in 0..o.streams {
@@ -161,11 +186,18 @@ pub fn soak(args: &[String]) {
             std::thread::sleep(d);
         }
         let (req, shared, results) = (request.clone(), shared.clone(), results.clone());
-        let (addr, tokens, check, timeout) = (o.addr, o.tokens, o.check, Duration::from_millis(o.timeout_ms));
-        let h = std::thread::Builder::new().stack_size(64 * 1024).spawn(move || {
-            let r = one_stream(addr, &req, tokens, check, timeout, &shared);
-            results.lock().unwrap().push(r);
-        });
+        let (addr, tokens, check, timeout) = (
+            o.addr,
+            o.tokens,
+            o.check,
+            Duration::from_millis(o.timeout_ms),
+        );
+        let h = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let r = one_stream(addr, &req, tokens, check, timeout, &shared);
+                results.lock().unwrap().push(r);
+            });
         match h {
             Ok(h) => handles.push(h),
             Err(e) => spawn_errors.push(format!("thread spawn: {e}")),
@@ -198,12 +230,25 @@ pub fn soak(args: &[String]) {
     let errs_json: Vec<String> = errs
         .iter()
         .take(5)
-        .map(|(e, n)| format!("{{\"error\":\"{}\",\"count\":{n}}}", e.replace('\\', "\\\\").replace('"', "'")))
+        .map(|(e, n)| {
+            format!(
+                "{{\"error\":\"{}\",\"count\":{n}}}",
+                e.replace('\\', "\\\\").replace('"', "'")
+            )
+        })
         .collect();
     let n = ttft.len();
-    let mean = if n > 0 { ttft.iter().sum::<f64>() / n as f64 } else { 0.0 };
+    let mean = if n > 0 {
+        ttft.iter().sum::<f64>() / n as f64
+    } else {
+        0.0
+    };
     // Peak over the samples taken while streams were open (the allocator may keep memory after).
-    let peak = samples.iter().filter(|s| s.1 > 0).max_by_key(|s| s.2).copied();
+    let peak = samples
+        .iter()
+        .filter(|s| s.1 > 0)
+        .max_by_key(|s| s.2)
+        .copied();
     let rss_end = samples.last().map(|s| s.2).unwrap_or(0);
     let rss_json = match (idle_rss, peak) {
         (Some(idle), Some((t, open, rss))) => format!(
@@ -276,17 +321,24 @@ fn one_stream(
     timeout: Duration,
     shared: &Shared,
 ) -> Result<f64, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| format!("connect: {e}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect: {e}"))?;
     s.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| format!("timeout: {e}"))?;
-    s.set_write_timeout(Some(timeout)).map_err(|e| format!("timeout: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| format!("timeout: {e}"))?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| format!("timeout: {e}"))?;
     let mut guard = OpenGuard(shared, false);
     let mut buf = vec![0u8; 4096];
     let (mut lo, mut hi) = (0usize, 0usize);
     let t0 = Instant::now();
     s.write_all(req).map_err(|e| format!("write: {e}"))?;
 
-    let read = |s: &mut TcpStream, buf: &mut Vec<u8>, lo: &mut usize, hi: &mut usize| -> Result<(Instant, bool), String> {
+    let read = |s: &mut TcpStream,
+                buf: &mut Vec<u8>,
+                lo: &mut usize,
+                hi: &mut usize|
+     -> Result<(Instant, bool), String> {
         if *lo == *hi {
             *lo = 0;
             *hi = 0;
@@ -298,7 +350,9 @@ fn one_stream(
                 buf.resize(buf.len() * 2, 0);
             }
         }
-        let n = s.read(&mut buf[*hi..]).map_err(|e| format!("read: {}", e.kind()))?;
+        let n = s
+            .read(&mut buf[*hi..])
+            .map_err(|e| format!("read: {}", e.kind()))?;
         *hi += n;
         Ok((Instant::now(), n == 0))
     };
@@ -338,7 +392,14 @@ fn one_stream(
     }
     guard.open();
 
-    let mut ev = Events { check, line: Vec::new(), ttft: None, content: 0, done: false, bad: None };
+    let mut ev = Events {
+        check,
+        line: Vec::new(),
+        ttft: None,
+        content: 0,
+        done: false,
+        bad: None,
+    };
     let mut dec = Chunked::new();
     let mut remaining = length.unwrap_or(usize::MAX);
     let mut eof = false;
@@ -363,7 +424,11 @@ fn one_stream(
             if !chunked && length.is_none() {
                 break;
             }
-            return Err(if ev.done { "closed before end of body".into() } else { "closed before [DONE]".into() });
+            return Err(if ev.done {
+                "closed before end of body".into()
+            } else {
+                "closed before [DONE]".into()
+            });
         }
         let (t, e) = read(&mut s, &mut buf, &mut lo, &mut hi)?;
         t_read = t;
@@ -408,7 +473,9 @@ impl Events {
 
     fn event_line(&mut self, line: &[u8]) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(payload) = line.strip_prefix(b"data:") else { return };
+        let Some(payload) = line.strip_prefix(b"data:") else {
+            return;
+        };
         let payload = payload.trim_ascii();
         if self.done {
             self.fail("data event after [DONE]".into());
@@ -456,9 +523,17 @@ mod tests {
 
     #[test]
     fn words_in_order() {
-        let mut ev = Events { check: Check::Words, line: Vec::new(), ttft: None, content: 0, done: false, bad: None };
+        let mut ev = Events {
+            check: Check::Words,
+            line: Vec::new(),
+            ttft: None,
+            content: 0,
+            done: false,
+            bad: None,
+        };
         let t = Instant::now();
-        let body = b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n\
+        let body =
+            b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n\
             data: {\"choices\":[{\"delta\":{\"content\":\"hello \"}}]}\n\n\
             data: {\"choices\":[{\"delta\":{\"content\":\"world \"}}]}\n\ndata: [DONE]\n\n";
         for piece in body.chunks(5) {
@@ -468,11 +543,29 @@ mod tests {
         assert_eq!(ev.content, 2);
         assert!(ev.done && ev.ttft.is_some());
 
-        let mut ev = Events { check: Check::Words, line: Vec::new(), ttft: None, content: 0, done: false, bad: None };
+        let mut ev = Events {
+            check: Check::Words,
+            line: Vec::new(),
+            ttft: None,
+            content: 0,
+            done: false,
+            bad: None,
+        };
         ev.feed(b"data: {\"delta\":{\"content\":\"world \"}}\n\n", t, t);
         assert!(ev.bad.is_some());
-        let mut ev = Events { check: Check::Count, line: Vec::new(), ttft: None, content: 0, done: false, bad: None };
-        ev.feed(b"data: [DONE]\n\ndata: {\"delta\":{\"content\":\"x\"}}\n\n", t, t);
+        let mut ev = Events {
+            check: Check::Count,
+            line: Vec::new(),
+            ttft: None,
+            content: 0,
+            done: false,
+            bad: None,
+        };
+        ev.feed(
+            b"data: [DONE]\n\ndata: {\"delta\":{\"content\":\"x\"}}\n\n",
+            t,
+            t,
+        );
         assert!(ev.bad.is_some());
     }
 }
