@@ -1,4 +1,4 @@
-//! Streaming latency probe for loadtest/run.sh (std only, no dependencies).
+//! Streaming latency probe for the loadtest scripts (std, plus `libc` for `probe soak`'s epoll loop).
 //!
 //! `probe stream --addr HOST:PORT [--requests N] [--concurrency C] [--warmup W] [--max-tokens T] [--label L]
 //!               [--auth TOKEN]` (TOKEN is sent as `Authorization: Bearer TOKEN`)
@@ -13,13 +13,15 @@
 //! Prints one JSON line: TTFT p50/p90/p99/mean/max, mean inter-event gap, all in microseconds.
 //!
 //! `probe soak --addr HOST:PORT --streams N [--ramp-ms R] [--tokens T] [--check words|count]
-//!            [--rss-pid PID] [--rss-interval-ms MS] [--timeout-ms MS] [--label L]`
+//!            [--rss-pid PID] [--rss-interval-ms MS] [--timeout-ms MS] [--steady-requests M] [--label L]`
 //!
-//! Opens N concurrent streaming chat requests (one connection and one thread with a 64 KiB stack
-//! each), started evenly over R ms, so that all N are open at once when a stream lasts longer than
-//! R. Verifies every stream (status 200, T content events, each the simulator's word for its
+//! Opens N concurrent streaming chat requests (one connection each, all on one epoll loop),
+//! started evenly over R ms, so that all N are open at once when a stream lasts longer than R.
+//! Verifies every stream (status 200, T content events, each the simulator's word for its
 //! position with `--check words`, `data: [DONE]` last), records TTFT per stream, and samples
-//! VmRSS of PID every MS while it runs. Prints one JSON line (see `soak`).
+//! VmRSS of PID every MS while it runs. Once all N are open it sends M sequential short streaming
+//! requests on another connection and records their TTFT (steady state; default 500, 0: none).
+//! Prints one JSON line (see `soak`), including the probe's own CPU time.
 //!
 //! `probe free-ports N`      prints N distinct currently free TCP ports on 127.0.0.1.
 //! `probe wait HOST:PORT MS` waits until HOST:PORT accepts a TCP connection (exit 1 on timeout).
@@ -35,7 +37,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: probe stream --addr HOST:PORT [--requests N] [--concurrency C] [--warmup W] \
          [--max-tokens T] [--label L] [--auth TOKEN]\n       probe soak --addr HOST:PORT --streams N [--ramp-ms R] [--tokens T] \
-         [--check words|count] [--rss-pid PID] [--rss-interval-ms MS] [--timeout-ms MS] [--label L] [--auth TOKEN]\n       \
+         [--check words|count] [--rss-pid PID] [--rss-interval-ms MS] [--timeout-ms MS] [--steady-requests M] \
+         [--label L] [--auth TOKEN]\n       \
          probe free-ports N\n       probe wait HOST:PORT TIMEOUT_MS"
     );
     exit(2)
