@@ -74,11 +74,13 @@ impl Spool {
         // it. The WAL file is cut back to 64 MiB after each.
         conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+        // No AUTOINCREMENT and no index but the row id: both cost a third of an insert. Ids still
+        // never go back, because pruning always keeps the newest row (a plain row id is the
+        // largest one + 1), and time ranges are found by bisecting ids ([`Spool::first_id_at`]).
+        // Spools made by earlier versions keep AUTOINCREMENT; their time index is dropped.
         conn.execute_batch(
-            // AUTOINCREMENT: ids never go back, even after pruning empties the table; a
-            // reused id at or below a cursor would never be delivered.
             "CREATE TABLE IF NOT EXISTS records (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 id INTEGER PRIMARY KEY,
                  spooled_ms INTEGER NOT NULL,
                  key_name TEXT,
                  model TEXT,
@@ -88,7 +90,7 @@ impl Spool {
                  usage_estimated INTEGER NOT NULL,
                  record TEXT NOT NULL
              );
-             CREATE INDEX IF NOT EXISTS records_spooled ON records(spooled_ms);
+             DROP INDEX IF EXISTS records_spooled;
              CREATE TABLE IF NOT EXISTS cursors (
                  reporter TEXT PRIMARY KEY,
                  last_id INTEGER NOT NULL
@@ -172,17 +174,49 @@ impl Spool {
         Ok(last.saturating_sub(after).max(0) as u64)
     }
 
-    /// Deletes rows older than `retention` that every one of `reporters` has delivered.
+    /// Deletes rows older than `retention` that every one of `reporters` has delivered. The
+    /// newest row always stays: it is what keeps the next id above every cursor.
     pub fn prune(&self, reporters: &[&str], retention: Duration) -> rusqlite::Result<usize> {
         let mut delivered = i64::MAX;
         for name in reporters {
             delivered = delivered.min(self.cursor(name)?);
         }
-        let before = now_ms() - retention.as_millis() as i64;
+        let old = self.first_id_at(now_ms() - retention.as_millis() as i64)? - 1;
         self.conn.execute(
-            "DELETE FROM records WHERE id <= ?1 AND spooled_ms < ?2",
-            params![delivered, before],
+            "DELETE FROM records WHERE id <= ?1 AND id < (SELECT MAX(id) FROM records)",
+            [delivered.min(old)],
         )
+    }
+
+    /// The first row id spooled at or after `ms` (one past the last row if none was). Rows are
+    /// spooled in id order with the time of their batch, so the times grow with the ids and a
+    /// bisection over ids finds the boundary in a few dozen row look-ups. A wall clock set back
+    /// only blurs the boundary by the rows written meanwhile.
+    fn first_id_at(&self, ms: i64) -> rusqlite::Result<i64> {
+        let (first, last): (Option<i64>, Option<i64>) = self
+            .conn
+            .prepare_cached("SELECT MIN(id), MAX(id) FROM records")?
+            .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        let (Some(mut lo), Some(last)) = (first, last) else {
+            return Ok(1);
+        };
+        let mut at = self.conn.prepare_cached(
+            "SELECT id, spooled_ms FROM records WHERE id >= ?1 ORDER BY id LIMIT 1",
+        )?;
+        // Invariant: every row below `lo` was spooled before `ms`; `hi` is at or after it.
+        let mut hi = last + 1;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            // The first row at or above `mid`: nothing here relies on ids being contiguous.
+            let (id, spooled): (i64, i64) =
+                at.query_row([mid], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            if spooled < ms {
+                lo = id + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
     }
 
     /// Totals of the records spooled in `[since_ms, until_ms)`, biggest first.
@@ -200,10 +234,11 @@ impl Spool {
         let sql = format!(
             "SELECT {group}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),
                     SUM(total_tokens), SUM(usage_estimated)
-             FROM records WHERE spooled_ms >= ?1 AND spooled_ms < ?2 GROUP BY 1 ORDER BY 5 DESC, 1"
+             FROM records WHERE id >= ?1 AND id < ?2 GROUP BY 1 ORDER BY 5 DESC, 1"
         );
+        let ids = [self.first_id_at(since_ms)?, self.first_id_at(until_ms)?];
         let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map([since_ms, until_ms], |row| {
+        let rows = stmt.query_map(ids, |row| {
             Ok(Totals {
                 group: row.get(0)?,
                 requests: row.get::<_, i64>(1)? as u64,
@@ -285,12 +320,28 @@ mod tests {
         let all = spool.totals(0, i64::MAX, None).unwrap();
         assert_eq!((all[0].requests, all[0].prompt_tokens), (3, 36));
 
-        // Everything delivered and pruned: new rows still come after every cursor.
+        // A time range is a range of ids: only the rows spooled from `split` on count.
+        std::thread::sleep(Duration::from_millis(2));
+        let split = now_ms();
+        std::thread::sleep(Duration::from_millis(2));
+        spool.insert(&[record("e2", "k1", 7)]).unwrap();
+        let since = spool.totals(split, i64::MAX, None).unwrap();
+        assert_eq!((since[0].requests, since[0].prompt_tokens), (1, 7));
+        let before = spool.totals(0, split, None).unwrap();
+        assert_eq!((before[0].requests, before[0].prompt_tokens), (3, 36));
+        assert!(spool
+            .totals(split + 3_600_000, i64::MAX, None)
+            .unwrap()
+            .is_empty());
+
+        // Everything delivered and pruned, but the newest row (id 6) stays, so that new rows
+        // still come after every cursor.
         for name in ["hook", "db"] {
-            other.ack(name, 5).unwrap();
+            other.ack(name, 6).unwrap();
         }
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(other.prune(&["hook", "db"], Duration::ZERO).unwrap(), 3);
+        assert_eq!(other.backlog("db").unwrap(), 0);
         spool.insert(&[record("f", "k2", 5)]).unwrap();
         assert_eq!(spool.backlog("db").unwrap(), 1);
         let pending = spool.pending("db", 10).unwrap();
