@@ -186,11 +186,19 @@ where
         IoDriver::Auto => monoio::utils::detect_uring(),
     };
     if uring {
-        match RuntimeBuilder::<IoUringDriver>::new()
-            .with_entries(URING_ENTRIES)
-            .enable_timer()
-            .build()
-        {
+        // Completions are run when the worker asks for them (it is the ring's only user), not
+        // by interrupting it: the socket that becomes readable costs its sender no IPI, and a
+        // busy worker takes its completions in batches. Kernels before 6.1 refuse the flags.
+        let mut deferred = io_uring::IoUring::builder();
+        deferred.setup_single_issuer().setup_defer_taskrun();
+        let build = |urb| {
+            RuntimeBuilder::<IoUringDriver>::new()
+                .uring_builder(urb)
+                .with_entries(URING_ENTRIES)
+                .enable_timer()
+                .build()
+        };
+        match build(deferred).or_else(|_| build(io_uring::IoUring::builder())) {
             Ok(mut rt) => {
                 rt.block_on(main("io_uring"));
                 return Ok(());
