@@ -9,6 +9,7 @@
 //! per-worker counters for Prometheus; `logging` writes log lines off the workers; `mock` is the OpenAI-compatible simulator used by tests, the demo and benchmarks.
 
 pub mod auth;
+pub mod busy_poll;
 pub mod config;
 pub mod error;
 pub mod http;

@@ -463,3 +463,67 @@ fn epoll_driver_relays_streams_and_cancels() {
         metric(sim.addr, "mock_requests_cancelled_total") >= 1.0
     }));
 }
+
+/// utime + stime of a process, in clock ticks (100 per second on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn busy_poll_keeps_timers_running_and_goes_idle() {
+    let sim = spawn_mock(&[]);
+    let gw = gateway_for(
+        sim.addr,
+        "busy_poll: 20ms\nretry:\n  max_attempts: 1\ntimeouts:\n  first_byte: 200ms\n",
+    );
+    // Back-to-back requests on one connection keep the worker spinning the whole time (the
+    // window is long for the test, so that even a slow debug build never pauses).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, addr) = (stop.clone(), gw.addr);
+        std::thread::spawn(move || {
+            let mut c = Client::connect(addr);
+            let raw = raw_request(
+                "POST",
+                "/v1/chat/completions",
+                chat(false).to_string().as_bytes(),
+                &[],
+            );
+            let mut answered = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.send(&raw);
+                assert_eq!(c.read_response().status, 200);
+                answered += 1;
+            }
+            answered
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    // The first-byte timer still fires while the worker spins.
+    let start = Instant::now();
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &chat(false),
+        &[("x-mock-delay-ms", "1500")],
+    );
+    let took = start.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(load.join().unwrap() > 100, "the load did not keep going");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        took < Duration::from_millis(1000),
+        "timed out after {took:?}"
+    );
+
+    // Without activity the spinning stops: an idle second costs next to nothing.
+    std::thread::sleep(Duration::from_millis(100));
+    let before = cpu_ticks(gw.child.id());
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = cpu_ticks(gw.child.id()) - before;
+    assert!(idle <= 10, "an idle second took {idle} ticks of CPU");
+}

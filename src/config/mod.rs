@@ -72,6 +72,9 @@ pub struct Config {
     pub io_driver: IoDriver,
     /// Pin worker `i` to CPU `i`.
     pub cpu_affinity: bool,
+    /// How long a worker spins after socket activity instead of sleeping (0: never; see
+    /// [`crate::busy_poll`]).
+    pub busy_poll: Duration,
     /// Largest request body accepted, in bytes (larger gets 413).
     pub max_request_body: usize,
     /// Largest request line + headers accepted, in bytes (larger gets 431).
@@ -391,6 +394,7 @@ struct RawConfig {
     workers: usize,
     io_driver: IoDriver,
     cpu_affinity: bool,
+    busy_poll: DurationValue,
     max_request_body: SizeValue,
     max_header_size: SizeValue,
     shutdown_timeout: DurationValue,
@@ -418,6 +422,7 @@ impl Default for RawConfig {
             workers: 0,
             io_driver: IoDriver::Auto,
             cpu_affinity: false,
+            busy_poll: DurationValue(Duration::ZERO),
             max_request_body: SizeValue(32 << 20),
             max_header_size: SizeValue(64 << 10),
             shutdown_timeout: DurationValue(Duration::from_secs(30)),
@@ -864,6 +869,7 @@ fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         workers,
         io_driver: raw.io_driver,
         cpu_affinity: raw.cpu_affinity,
+        busy_poll: raw.busy_poll.0,
         max_request_body: raw.max_request_body.0,
         max_header_size: raw.max_header_size.0,
         shutdown_timeout: raw.shutdown_timeout.0,
@@ -1204,6 +1210,7 @@ weight = 3
         assert!(config.workers >= 1);
         assert_eq!(config.io_driver, IoDriver::Auto);
         assert!(!config.cpu_affinity);
+        assert_eq!(config.busy_poll, Duration::ZERO);
         assert_eq!(config.max_request_body, 32 << 20);
         assert_eq!(config.max_header_size, 64 << 10);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
@@ -1298,7 +1305,7 @@ weight = 3
     #[test]
     fn durations_and_sizes_in_config() {
         let config = yaml(
-            "max_request_body: 1MB\nmax_header_size: 10k\nshutdown_timeout: 1.5\n\
+            "max_request_body: 1MB\nmax_header_size: 10k\nshutdown_timeout: 1.5\nbusy_poll: 50us\n\
              timeouts: {connect: 500ms, client_header: 1m30s, client_body: 3, keepalive: 250us}\n\
              upstream: {idle_timeout: 1h}\nbackends: [{url: 'http://b'}]",
         )
@@ -1306,6 +1313,7 @@ weight = 3
         assert_eq!(config.max_request_body, 1_000_000);
         assert_eq!(config.max_header_size, 10 * 1024);
         assert_eq!(config.shutdown_timeout, Duration::from_millis(1500));
+        assert_eq!(config.busy_poll, Duration::from_micros(50));
         assert_eq!(config.timeouts.connect, Duration::from_millis(500));
         assert_eq!(config.timeouts.client_header, Duration::from_secs(90));
         assert_eq!(config.timeouts.client_body, Duration::from_secs(3));

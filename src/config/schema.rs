@@ -25,6 +25,7 @@ pub(super) const ROOT: Shape = Fields(&[
     ("workers", Leaf),
     ("io_driver", Leaf),
     ("cpu_affinity", Leaf),
+    ("busy_poll", Leaf),
     ("max_request_body", Leaf),
     ("max_header_size", Leaf),
     ("shutdown_timeout", Leaf),

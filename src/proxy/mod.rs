@@ -378,7 +378,7 @@ async fn read_head(
         };
         c.buf = slice.into_inner();
         match read {
-            Ok(n) if n > 0 => {}
+            Ok(n) if n > 0 => crate::busy_poll::mark_activity(),
             _ => return Ok(false),
         }
     }

@@ -285,7 +285,10 @@ where
                     timed_out: false,
                 })
             }
-            Ok(n) => (n, false),
+            Ok(n) => {
+                crate::busy_poll::mark_activity();
+                (n, false)
+            }
         };
         let sent = if reframe {
             // One chunk (or stretch of payload) per read, usage-only events left out.
@@ -463,7 +466,10 @@ where
         match read {
             Ok(0) | Err(_) if !seen_any => return Some(Err(HeadError::Closed)),
             Ok(0) | Err(_) => return Some(Err(HeadError::Protocol(UpstreamError::Malformed))),
-            Ok(_) => seen_any = true,
+            Ok(_) => {
+                crate::busy_poll::mark_activity();
+                seen_any = true;
+            }
         }
     }
 }

@@ -245,6 +245,13 @@ async fn worker_main(
     let mut ctx = Context::new(control.live.clone(), registry, shutdown.clone(), worker);
     ctx.shared_rates = shared.shared_rates;
     let ctx = Rc::new(ctx);
+    if !config.busy_poll.is_zero() {
+        if driver == "io_uring" {
+            monoio::spawn(crate::busy_poll::poller(config.busy_poll));
+        } else if worker == 0 {
+            tracing::warn!("busy_poll needs io_uring; the epoll driver sleeps as usual");
+        }
+    }
 
     // The accept is cancelled, never dropped: a connection the kernel accepted just as the drain
     // began is still handed over and served, not closed unanswered.
@@ -471,6 +478,7 @@ fn warn_restart_only(running: &Config, next: &Config) {
         ("workers", running.workers != next.workers),
         ("io_driver", running.io_driver != next.io_driver),
         ("cpu_affinity", running.cpu_affinity != next.cpu_affinity),
+        ("busy_poll", running.busy_poll != next.busy_poll),
         ("log.format", running.log.format != next.log.format),
         ("admin.enabled", running.admin.enabled != next.admin.enabled),
         ("admin.listen", running.admin.listen != next.admin.listen),
