@@ -17,6 +17,7 @@ usage: loadtest/run.sh [options]
   --stream-concurrency C second streaming pass at concurrency C, 0 = skip (default 16)
   --itl-ms MS            simulator inter-token delay for the streaming part (default 1)
   --tokens N             tokens per streamed response (default 8)
+  --busy-poll D          busy_poll of the "busy" target (default 50us)
   --llmproxy PATH        use this llmproxy binary instead of building one
   --sim PATH             binary whose `mock-llm` subcommand is the simulator (default: the llmproxy binary)
   --no-build             do not run cargo build (binaries must exist)
@@ -28,7 +29,7 @@ EOF
 ORIG_CMD="loadtest/run.sh${*:+ $*}"
 DURATION=10; ROUNDS=1; WORKERS=1; SIM_WORKERS=1; CONNS=64; WRK_THREADS=2
 REQUESTS=""; CONC2=16; ITL_MS=1; TOKENS=8; LLMPROXY=""; SIM=""; BUILD=1; KEEP=0; QUICK=0
-WARMUP_S=1; PROBE_WARMUP=100
+WARMUP_S=1; PROBE_WARMUP=100; BUSY_POLL=50us
 
 SCRIPT=run.sh
 # shellcheck source=loadtest/lib.sh
@@ -45,6 +46,7 @@ while [[ $# -gt 0 ]]; do
     --stream-concurrency) need_arg "$@"; CONC2=$2; shift 2 ;;
     --itl-ms) need_arg "$@"; ITL_MS=$2; shift 2 ;;
     --tokens) need_arg "$@"; TOKENS=$2; shift 2 ;;
+    --busy-poll) need_arg "$@"; BUSY_POLL=$2; shift 2 ;;
     --llmproxy) need_arg "$@"; LLMPROXY=$2; shift 2 ;;
     --sim) need_arg "$@"; SIM=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
@@ -164,8 +166,8 @@ smoke() { # LABEL PORT stream|plain
 # Brings up simulator + llmproxy (bare and governed) + nginx for one part. Sets PORT_<target>.
 phase_up() { # TAG GATEWAY_WORKERS SIM_ARGS...
   local tag=$1 gw=$2; shift 2
-  local ports; ports=$("$PROBE" free-ports 4)
-  read -r PORT_direct PORT_llmproxy PORT_nginx PORT_governed <<<"$ports"
+  local ports; ports=$("$PROBE" free-ports 5)
+  read -r PORT_direct PORT_llmproxy PORT_nginx PORT_governed PORT_busy <<<"$ports"
   start "sim-$tag" "$SIM" mock-llm --listen "127.0.0.1:$PORT_direct" --workers "$SIM_WORKERS" "$@"
   await_port "sim-$tag" "$PORT_direct"
   curl -fsS --max-time 5 "http://127.0.0.1:$PORT_direct/health" >/dev/null \
@@ -174,10 +176,14 @@ phase_up() { # TAG GATEWAY_WORKERS SIM_ARGS...
   start "llmproxy-$tag" "$LLMPROXY" serve --config "$WORK/llmproxy-$tag.yaml"
   write_governed_conf "$WORK/governed-$tag.yaml" "$PORT_governed" "$PORT_direct" "$gw" "$PORT_webhook" "$tag"
   start "governed-$tag" "$LLMPROXY" serve --config "$WORK/governed-$tag.yaml"
+  write_proxy_conf "$WORK/busy-$tag.yaml" "$PORT_busy" "$PORT_direct" "$gw"
+  echo "busy_poll: $BUSY_POLL" >>"$WORK/busy-$tag.yaml"
+  start "busy-$tag" "$LLMPROXY" serve --config "$WORK/busy-$tag.yaml"
   write_nginx_conf "$WORK/nginx-$tag" "$PORT_nginx" "$PORT_direct" "$gw"
   start_nginx "nginx-$tag" "$WORK/nginx-$tag"
   await_port "llmproxy-$tag" "$PORT_llmproxy"
   await_port "governed-$tag" "$PORT_governed"
+  await_port "busy-$tag" "$PORT_busy"
   await_port "nginx-$tag" "$PORT_nginx"
 }
 
@@ -202,9 +208,10 @@ metering_check() { # TAG
   psql "$PG_DSN" -qc "DELETE FROM $GOV_TABLE" >/dev/null 2>&1 || true
 }
 
-phase_down() { stop "nginx-$1" "governed-$1" "llmproxy-$1" "sim-$1"; }
+phase_down() { stop "nginx-$1" "busy-$1" "governed-$1" "llmproxy-$1" "sim-$1"; }
 
-TARGETS=(direct llmproxy governed nginx)
+# busy = the bare relay with `busy_poll` on.
+TARGETS=(direct llmproxy governed nginx busy)
 # Target order for round R (1-based): rotated so that no target is always first or last.
 order() { local r=$(( ($1 - 1) % ${#TARGETS[@]} )); echo "${TARGETS[@]:$r} ${TARGETS[@]:0:$r}"; }
 port_of() { local v="PORT_$1"; echo "${!v}"; }
@@ -229,21 +236,27 @@ jq -nc --argjson p "$RSS_PROXY2" --argjson n "$RSS_NGINX2" \
   '{part:"rss", llmproxy_kib:$p, nginx_kib:$n}' >>"$RESULTS"
 
 # ---------------------------------------------------------------- (a) non-streaming, wrk
-log "(a) non-streaming: wrk -c $CONNS -t $WRK_THREADS -d ${DURATION}s, $ROUNDS round(s)"
+# wrk_pass PART CONNECTIONS THREADS: every target, ROUNDS interleaved rounds
+wrk_pass() {
+  local part=$1 conns=$2 threads=$3 r t url line
+  for r in $(seq "$ROUNDS"); do
+    for t in $(order "$r"); do
+      url="http://127.0.0.1:$(port_of "$t")/"
+      wrk -c "$conns" -t "$threads" -d "${WARMUP_S}s" -s "$LT/post.lua" "$url" >/dev/null 2>&1 || true
+      log "  $part, round $r: $t"
+      wrk -c "$conns" -t "$threads" -d "${DURATION}s" --latency -s "$LT/post.lua" "$url" \
+        >"$WORK/$part-$t-$r.txt" 2>&1 || { cat "$WORK/$part-$t-$r.txt" >&2; die "wrk failed against $t"; }
+      line=$(sed -n 's/^JSON //p' "$WORK/$part-$t-$r.txt")
+      [[ -n "$line" ]] || { cat "$WORK/$part-$t-$r.txt" >&2; die "no summary from wrk against $t"; }
+      jq -c --arg p "$part" --arg t "$t" --argjson r "$r" '. + {part:$p, target:$t, round:$r}' <<<"$line" >>"$RESULTS"
+    done
+  done
+}
+log "(a) non-streaming: wrk -c $CONNS -t $WRK_THREADS -d ${DURATION}s, then -c 1 -t 1; $ROUNDS round(s)"
 phase_up a "$WORKERS" --ttft-ms 0 --itl-ms 0 --tokens "$TOKENS"
 for t in "${TARGETS[@]}"; do smoke "$t" "$(port_of "$t")" plain; done
-for r in $(seq "$ROUNDS"); do
-  for t in $(order "$r"); do
-    url="http://127.0.0.1:$(port_of "$t")/"
-    wrk -c "$CONNS" -t "$WRK_THREADS" -d "${WARMUP_S}s" -s "$LT/post.lua" "$url" >/dev/null 2>&1 || true
-    log "  round $r: $t"
-    wrk -c "$CONNS" -t "$WRK_THREADS" -d "${DURATION}s" --latency -s "$LT/post.lua" "$url" \
-      >"$WORK/wrk-$t-$r.txt" 2>&1 || { cat "$WORK/wrk-$t-$r.txt" >&2; die "wrk failed against $t"; }
-    line=$(sed -n 's/^JSON //p' "$WORK/wrk-$t-$r.txt")
-    [[ -n "$line" ]] || { cat "$WORK/wrk-$t-$r.txt" >&2; die "no summary from wrk against $t"; }
-    jq -c --arg t "$t" --argjson r "$r" '. + {part:"wrk", target:$t, round:$r}' <<<"$line" >>"$RESULTS"
-  done
-done
+wrk_pass wrk "$CONNS" "$WRK_THREADS"
+wrk_pass wrk1 1 1
 RSS_PROXY_AFTER=$(rss_kib "${PID_OF[llmproxy-a]}")
 metering_check a
 phase_down a
@@ -286,7 +299,8 @@ REPORT=$(jq -rs \
   --argjson workers "$WORKERS" --argjson simw "$SIM_WORKERS" --argjson dur "$DURATION" \
   --argjson rounds "$ROUNDS" --argjson conns "$CONNS" --argjson thr "$WRK_THREADS" \
   --argjson reqs "$REQUESTS" --argjson itl "$ITL_MS" --argjson tokens "$TOKENS" \
-  --argjson rssafter "$RSS_PROXY_AFTER" --argjson wu "$WARMUP_S" --argjson pw "$PROBE_WARMUP" '
+  --argjson rssafter "$RSS_PROXY_AFTER" --argjson wu "$WARMUP_S" --argjson pw "$PROBE_WARMUP" \
+  --arg busy "$BUSY_POLL" '
   def median: sort | if length == 0 then null
       elif length % 2 == 1 then .[length/2|floor] else (.[length/2-1] + .[length/2]) / 2 end;
   def r0: if . == null then "–" else (. * 1 | round | tostring) end;
@@ -294,11 +308,15 @@ REPORT=$(jq -rs \
   def signed: if . == null then "–" elif . >= 0 then "+" + (round | tostring) else (round | tostring) end;
   def mib: (. / 1024 * 10 | round) / 10 | tostring;
   . as $all
-  | ["direct","llmproxy","governed","nginx"] as $T
-  | [ $T[] as $t | [$all[] | select(.part=="wrk" and .target==$t)] as $rs
-      | {t:$t, rps:([$rs[].rps]|median), p50:([$rs[].p50_us]|median), p99:([$rs[].p99_us]|median),
-         err:([$rs[] | .err_connect+.err_read+.err_write+.err_status+.err_timeout] | add // 0)} ] as $W
+  | ["direct","llmproxy","governed","nginx","busy"] as $T
+  | def wrk($part): [ $T[] as $t | [$all[] | select(.part==$part and .target==$t)] as $rs
+      | {t:$t, rps:([$rs[].rps]|median), p50:([$rs[].p50_us]|median), p90:([$rs[].p90_us]|median),
+         p99:([$rs[].p99_us]|median),
+         err:([$rs[] | .err_connect+.err_read+.err_write+.err_status+.err_timeout] | add // 0)} ];
+    wrk("wrk") as $W
+  | wrk("wrk1") as $W1
   | ($W[0]) as $wd
+  | ($W1[0]) as $w1d
   | ([$all[] | select(.part=="stream") | .conc] | unique) as $concs
   | ($all[] | select(.part=="rss")) as $rss
   | def wrow($w): "| \($w.t) | \($w.rps|r0) | \($w.p50|r0) | \($w.p99|r0) | "
@@ -323,7 +341,7 @@ REPORT=$(jq -rs \
     "- Workers: llmproxy \($workers), nginx worker_processes \($workers), simulator \($simw); nothing pinned; load generators share the same cores",
     "- Every figure is the median over \($rounds) round(s); targets run interleaved, order rotated per round",
     "",
-    ( [ $all[] | select(.part=="wrk") | .err_connect+.err_read+.err_write+.err_status+.err_timeout ]
+    ( [ $all[] | select(.part=="wrk" or .part=="wrk1") | .err_connect+.err_read+.err_write+.err_status+.err_timeout ]
       + [ $all[] | select(.part=="stream") | .errors ] | add // 0 ) as $errs
     | if $errs > 0 then "**WARNING: \($errs) failed requests (see the errors columns and the run logs); the figures of an affected target are not valid.**\n" else empty end,
     "## (a) Non-streaming chat completion (`stream:false`, `max_tokens:1`)",
@@ -336,7 +354,17 @@ REPORT=$(jq -rs \
     "",
     "- llmproxy / nginx throughput: **\(($W[1].rps / $W[3].rps)|r2)**; governed / llmproxy: **\(($W[2].rps / $W[1].rps)|r2)**; governed / nginx: **\(($W[2].rps / $W[3].rps)|r2)**",
     "- llmproxy / direct throughput: \(($W[1].rps / $W[0].rps)|r2); nginx / direct: \(($W[3].rps / $W[0].rps)|r2)",
-    "- governed = llmproxy with a key checked, per-key limits (requests_per_minute, max_concurrent), and metering to the SQLite spool, a webhook and PostgreSQL",
+    "- governed = llmproxy with a key checked, per-key limits (requests_per_minute, max_concurrent), and metering to the SQLite spool, a webhook and PostgreSQL; busy = llmproxy with `busy_poll: \($busy)`",
+    "",
+    "## (a1) Non-streaming at concurrency 1: the latency a gateway adds",
+    "",
+    "wrk -c 1 -t 1 -d \($dur)s --latency, same requests and processes as (a). µs.",
+    "",
+    "| target | req/s | p50 | p90 | p99 | added p50 | added p90 | added p99 | errors |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ( $W1[] | "| \(.t) | \(.rps|r0) | \(.p50|r0) | \(.p90|r0) | \(.p99|r0) | "
+        + (if .t=="direct" then "– | – | – | " else "\((.p50-$w1d.p50)|signed) | \((.p90-$w1d.p90)|signed) | \((.p99-$w1d.p99)|signed) | " end)
+        + "\(.err) |" ),
     "",
     ( $concs[] as $c |
       "## (b) Streaming, concurrency \($c): time to first `data:` event",
@@ -368,8 +396,8 @@ REPORT=$(jq -rs \
     "",
     "| part | round | target | conc | req/s | p50 | p99 | gap | errors |",
     "|---|---:|---|---:|---:|---:|---:|---:|---:|",
-    ( $all[] | select(.part=="wrk")
-      | "| wrk | \(.round) | \(.target) | \($conns) | \(.rps|r0) | \(.p50_us) | \(.p99_us) | – | \(.err_connect+.err_read+.err_write+.err_status+.err_timeout) |" ),
+    ( $all[] | select(.part=="wrk" or .part=="wrk1")
+      | "| \(.part) | \(.round) | \(.target) | \(if .part=="wrk1" then 1 else $conns end) | \(.rps|r0) | \(.p50_us) | \(.p99_us) | – | \(.err_connect+.err_read+.err_write+.err_status+.err_timeout) |" ),
     ( $all[] | select(.part=="stream")
       | "| stream | \(.round) | \(.target) | \(.conc) | \(.requests / .wall_s|r0) | \(.ttft_us.p50|r0) | \(.ttft_us.p99|r0) | \(.gap_us_mean|r0) | \(.errors) |" )
   ] | .[]' "$RESULTS")
@@ -381,7 +409,7 @@ echo
 printf '%s\n' "$REPORT"
 echo
 echo "(written to loadtest/results/latest.md; raw JSON lines in loadtest/results/latest.jsonl)" >&2
-ERRORS=$(jq -s '[.[] | select(.part=="wrk") | .err_connect+.err_read+.err_write+.err_status+.err_timeout]
+ERRORS=$(jq -s '[.[] | select(.part=="wrk" or .part=="wrk1") | .err_connect+.err_read+.err_write+.err_status+.err_timeout]
                 + [.[] | select(.part=="stream") | .errors] | add // 0' "$RESULTS")
 if (( ERRORS > 0 )); then
   echo "run.sh: $ERRORS requests failed during the measurements; see the errors columns" >&2
