@@ -6,7 +6,8 @@
 //! connections; errors decided anywhere are rendered by `error`. `auth` decides who is calling
 //! and may they (keys, providers, quota); `limits` counts rates and concurrency. `config` loads and validates the
 //! configuration and `live` holds its running generation (hot reload); `metrics` keeps
-//! per-worker counters for Prometheus; `logging` writes log lines off the workers; `mock` is the OpenAI-compatible simulator used by tests, the demo and benchmarks.
+//! per-worker counters for Prometheus; `logging` writes log lines off the workers; `busy_poll`
+//! optionally keeps an active worker polling instead of sleeping; `mock` is the OpenAI-compatible simulator used by tests, the demo and benchmarks.
 
 pub mod auth;
 pub mod busy_poll;
