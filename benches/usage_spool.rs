@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use llmproxy::usage::{Captured, KeyRef, Outcome, Spool, UsageEvent, UsageRecord};
+use llmproxy::usage::{
+    Accounted, Billed, Captured, KeyRef, Outcome, Record, Spool, UsageEvent, UsageRecord,
+};
 
 /// A streamed request's event as a worker sends it: the last SSE usage event captured.
 fn event(i: usize) -> UsageEvent {
@@ -14,11 +16,11 @@ fn event(i: usize) -> UsageEvent {
         request_id: format!("req-{i:016x}"),
         client_request_id: None,
         started_at: SystemTime::now(),
-        key: Some(Arc::new(KeyRef {
-            name: format!("key-{}", i % 16),
-            user_id: Some("user_alice".into()),
-            api_key: "sk-prod-0123456789abcdef".into(),
-        })),
+        key: Some(Arc::new(KeyRef::new(
+            format!("key-{}", i % 16),
+            Some("user_alice".into()),
+            "sk-prod-0123456789abcdef".into(),
+        ))),
         model: Some("meta-llama/Llama-3-8b".into()),
         endpoint: "/v1/chat/completions".into(),
         is_stream: true,
@@ -82,10 +84,14 @@ fn spool_insert(c: &mut Criterion) {
         b.iter_batched(
             || (0..4096).map(event).collect::<Vec<_>>(),
             |events| {
-                let records: Vec<UsageRecord> = events
+                let batch: Vec<Accounted> = events
                     .into_iter()
-                    .map(|e| UsageRecord::from_event(e, false))
+                    .map(|e| {
+                        let billed = Billed::of(&e);
+                        Accounted::new(e, billed)
+                    })
                     .collect();
+                let records: Vec<Record<&str>> = batch.iter().map(|a| a.record(false)).collect();
                 spool.insert(&records).expect("insert")
             },
             BatchSize::LargeInput,

@@ -26,11 +26,11 @@ fn event(id: &str, captured: Captured) -> UsageEvent {
         request_id: id.into(),
         client_request_id: None,
         started_at: SystemTime::now(),
-        key: Some(Arc::new(KeyRef {
-            name: "team-a".into(),
-            user_id: Some("user_alice".into()),
-            api_key: "sk-test-key-001".into(),
-        })),
+        key: Some(Arc::new(KeyRef::new(
+            "team-a".into(),
+            Some("user_alice".into()),
+            "sk-test-key-001".into(),
+        ))),
         model: Some("m".into()),
         endpoint: "/v1/chat/completions".into(),
         is_stream: false,

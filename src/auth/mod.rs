@@ -376,11 +376,11 @@ impl Shared {
             })
             .clone();
         Arc::new(KeyEntry {
-            key_ref: Arc::new(KeyRef {
-                name: k.name.clone(),
-                user_id: k.user_id.clone(),
-                api_key: k.key.clone(),
-            }),
+            key_ref: Arc::new(KeyRef::new(
+                k.name.clone(),
+                k.user_id.clone(),
+                k.key.clone(),
+            )),
             status: k.status,
             allowed_ips: k.allowed_ips.clone(),
             allowed_models: k.allowed_models.clone(),

@@ -3,7 +3,7 @@
 //!
 //! Worker side ([`Meter`], [`UsageEvent`], [`UsageSender`]): capture bytes while relaying and hand
 //! one event per request to a bounded channel; never parse, never block, never do I/O. Everything
-//! else happens on the reporter's threads ([`Reporter`]): parsing usage into a [`UsageRecord`]
+//! else happens on the reporter's threads ([`Reporter`]): parsing usage into a [`Record`]
 //! (`record`), the SQLite outbox (`spool`), and delivery (`webhook`, `sql`).
 
 mod meter;
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use meter::{Captured, Meter};
-pub use record::{mask_key, parse_usage, rfc3339, Tokens, UsageRecord};
+pub use record::{mask_key, parse_usage, Accounted, Billed, Record, Tokens, UsageRecord};
 pub use reporter::{QuotaHook, Reporter, ReporterStats, UsageStats};
 pub use spool::Spool;
 
@@ -48,8 +48,25 @@ impl Outcome {
 pub struct KeyRef {
     pub name: String,
     pub user_id: Option<String>,
-    /// The raw key; masked on the reporter thread unless `include_raw_key` is set.
+    /// The raw key: what quotas charge, and what records show with `include_raw_key`.
     pub api_key: String,
+    /// What records show otherwise: masked once per key, not once per request.
+    masked_key: String,
+}
+
+impl KeyRef {
+    pub fn new(name: String, user_id: Option<String>, api_key: String) -> KeyRef {
+        KeyRef {
+            masked_key: mask_key(&api_key),
+            name,
+            user_id,
+            api_key,
+        }
+    }
+
+    pub fn masked_key(&self) -> &str {
+        &self.masked_key
+    }
 }
 
 /// Everything a worker knows about one finished request that reached a backend.

@@ -1,6 +1,7 @@
-//! The billing record: turns a worker's [`UsageEvent`] into a [`UsageRecord`] (token counts parsed
-//! from the captured body or SSE event, estimated when the backend reported none; key masked;
-//! timestamp in RFC 3339 UTC). Runs on the reporter thread only; it must not do I/O.
+//! The billing record: bills a worker's [`UsageEvent`] ([`Billed`]: token counts parsed from the
+//! captured body or SSE event, estimated when the backend reported none) and shows it as a
+//! [`Record`] (key masked; timestamp in RFC 3339 UTC). Runs on the reporter thread only; it must
+//! not do I/O.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,25 +10,28 @@ use serde::{Deserialize, Serialize};
 
 use super::{Captured, Outcome, UsageEvent};
 
-/// One request's usage, as spooled and delivered. Field names are the wire names (webhook JSON,
-/// SQL columns); the seed README's webhook fields are all here.
+/// One request's usage, as spooled and delivered, over its string type: the ingest thread
+/// serializes a `Record<&str>` borrowed from the event ([`Accounted::record`]), sinks parse the
+/// spooled JSON back into a [`UsageRecord`]. One definition, so both have the same JSON. Field
+/// names are the wire names (webhook JSON, SQL columns); the seed README's webhook fields are all
+/// here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UsageRecord {
+pub struct Record<S> {
     /// The gateway's id: unique per request (the idempotency key of every delivery).
-    pub request_id: String,
+    pub request_id: S,
     /// The client's `X-Request-Id`, when it sent one (it is what the client saw echoed).
-    pub client_request_id: Option<String>,
+    pub client_request_id: Option<S>,
     /// RFC 3339 UTC, millisecond precision: when the request started.
-    pub timestamp: String,
+    pub timestamp: S,
     /// The client key's configured name.
-    pub key_name: Option<String>,
-    pub user_id: Option<String>,
+    pub key_name: Option<S>,
+    pub user_id: Option<S>,
     /// Masked (`sk-te...001`) unless `include_raw_key`.
-    pub api_key: Option<String>,
-    pub model: Option<String>,
-    pub endpoint: String,
+    pub api_key: Option<S>,
+    pub model: Option<S>,
+    pub endpoint: S,
     pub is_stream: bool,
-    pub backend_url: String,
+    pub backend_url: S,
     pub status_code: u16,
     pub latency_ms: u64,
     pub ttft_ms: Option<u64>,
@@ -40,8 +44,11 @@ pub struct UsageRecord {
     /// characters / 4, rounded up), prompt = request bytes / 4.
     pub usage_estimated: bool,
     /// "ok" | "cancelled" | "error".
-    pub status: String,
+    pub status: S,
 }
+
+/// A record that owns its strings: what the spool gives back to the sinks.
+pub type UsageRecord = Record<String>;
 
 /// Token counts as OpenAI-compatible servers report them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -205,19 +212,67 @@ pub fn mask_key(key: &str) -> String {
     format!("{head}...{tail}")
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC.
-pub fn rfc3339(t: SystemTime) -> String {
-    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC, formatted in place: one per record, no allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct Rfc3339 {
+    /// A u64 of seconds is at most a 12-digit year: 32 bytes always fit.
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl Rfc3339 {
+    pub fn new(t: SystemTime) -> Rfc3339 {
+        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+        let rem = secs % 86_400;
+        // Digits by hand: `write!` cost more than serializing all the other fields.
+        let mut out = Rfc3339 {
+            buf: [0; 32],
+            len: 0,
+        };
+        out.digits(y as u64, 4);
+        out.push(b'-');
+        out.digits(m.into(), 2);
+        out.push(b'-');
+        out.digits(d.into(), 2);
+        out.push(b'T');
+        out.digits(rem / 3600, 2);
+        out.push(b':');
+        out.digits(rem % 3600 / 60, 2);
+        out.push(b':');
+        out.digits(rem % 60, 2);
+        out.push(b'.');
+        out.digits(since.subsec_millis().into(), 3);
+        out.push(b'Z');
+        out
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).expect("ASCII")
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    /// `n` in decimal, zero-padded to at least `width` digits (`{n:0width$}`).
+    fn digits(&mut self, mut n: u64, width: usize) {
+        let mut tmp = [b'0'; 20];
+        let mut at = tmp.len();
+        loop {
+            at -= 1;
+            tmp[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for &b in &tmp[at.min(tmp.len() - width)..] {
+            self.push(b);
+        }
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
@@ -281,51 +336,61 @@ impl Billed {
     }
 }
 
-impl UsageRecord {
-    pub fn from_event(event: UsageEvent, include_raw_key: bool) -> UsageRecord {
-        let billed = Billed::of(&event);
-        UsageRecord::from_billed(event, billed, include_raw_key)
+/// An event as the ingest thread holds it until its batch is spooled: billed, and timestamped
+/// once. Its record borrows from it: no string is copied per record.
+#[derive(Debug)]
+pub struct Accounted {
+    pub event: UsageEvent,
+    pub billed: Billed,
+    timestamp: Rfc3339,
+}
+
+impl Accounted {
+    /// `event`, billed as `billed` ([`Billed::of`] the same event).
+    pub fn new(event: UsageEvent, billed: Billed) -> Accounted {
+        let timestamp = Rfc3339::new(event.started_at);
+        Accounted {
+            event,
+            billed,
+            timestamp,
+        }
     }
 
-    /// The record of `event`, billed as `billed` ([`Billed::of`] the same event).
-    pub fn from_billed(event: UsageEvent, billed: Billed, include_raw_key: bool) -> UsageRecord {
-        let Billed {
-            tokens,
-            estimated,
-            outcome,
-        } = billed;
-        let (key_name, user_id, api_key) = match event.key {
-            Some(k) => {
-                let shown = if include_raw_key {
-                    k.api_key.clone()
-                } else {
-                    mask_key(&k.api_key)
-                };
-                (Some(k.name.clone()), k.user_id.clone(), Some(shown))
+    pub fn record(&self, include_raw_key: bool) -> Record<&str> {
+        let Accounted {
+            event,
+            billed,
+            timestamp,
+        } = self;
+        let key = event.key.as_deref();
+        let api_key = key.map(|k| {
+            if include_raw_key {
+                k.api_key.as_str()
+            } else {
+                k.masked_key()
             }
-            None => (None, None, None),
-        };
-        UsageRecord {
-            request_id: event.request_id,
-            client_request_id: event.client_request_id,
-            timestamp: rfc3339(event.started_at),
-            key_name,
-            user_id,
+        });
+        Record {
+            request_id: &event.request_id,
+            client_request_id: event.client_request_id.as_deref(),
+            timestamp: timestamp.as_str(),
+            key_name: key.map(|k| k.name.as_str()),
+            user_id: key.and_then(|k| k.user_id.as_deref()),
             api_key,
-            model: event.model,
-            endpoint: event.endpoint,
+            model: event.model.as_deref(),
+            endpoint: &event.endpoint,
             is_stream: event.is_stream,
-            backend_url: event.backend_url.to_string(),
+            backend_url: &event.backend_url,
             status_code: event.status_code,
             latency_ms: event.latency.as_millis() as u64,
             ttft_ms: event.ttft.map(|t| t.as_millis() as u64),
-            prompt_tokens: tokens.prompt,
-            completion_tokens: tokens.completion,
-            total_tokens: tokens.total,
-            cached_tokens: tokens.cached,
-            reasoning_tokens: tokens.reasoning,
-            usage_estimated: estimated,
-            status: outcome.as_str().to_string(),
+            prompt_tokens: billed.tokens.prompt,
+            completion_tokens: billed.tokens.completion,
+            total_tokens: billed.tokens.total,
+            cached_tokens: billed.tokens.cached,
+            reasoning_tokens: billed.tokens.reasoning,
+            usage_estimated: billed.estimated,
+            status: billed.outcome.as_str(),
         }
     }
 }
@@ -354,6 +419,11 @@ mod tests {
             content_events,
             request_bytes: 40,
         }
+    }
+
+    fn accounted(event: UsageEvent) -> Accounted {
+        let billed = Billed::of(&event);
+        Accounted::new(event, billed)
     }
 
     fn body(json: &str) -> Captured {
@@ -386,14 +456,16 @@ mod tests {
             ),
         ];
         for (json, completion) in cases {
-            let r = UsageRecord::from_event(event(200, body(json), 0), false);
+            let a = accounted(event(200, body(json), 0));
+            let r = a.record(false);
             assert!(r.usage_estimated, "{json}");
             assert_eq!(r.prompt_tokens, 10, "{json}");
             assert_eq!(r.completion_tokens, completion, "{json}");
             assert_eq!(r.total_tokens, 10 + completion, "{json}");
         }
         // Streams are estimated from the events the meter counted.
-        let r = UsageRecord::from_event(event(200, Captured::Nothing, 4), false);
+        let a = accounted(event(200, Captured::Nothing, 4));
+        let r = a.record(false);
         assert_eq!((r.completion_tokens, r.usage_estimated), (4, true));
     }
 
@@ -408,7 +480,8 @@ mod tests {
                 Captured::Nothing,
             ];
             for captured in captured {
-                let r = UsageRecord::from_event(event(status_code, captured, 3), false);
+                let a = accounted(event(status_code, captured, 3));
+                let r = a.record(false);
                 assert_eq!(r.status, "error");
                 assert_eq!(r.status_code, status_code);
                 assert!(!r.usage_estimated);
@@ -416,12 +489,146 @@ mod tests {
                 assert_eq!(tokens, [0; 3], "{status_code}");
             }
         }
-        let ok = UsageRecord::from_event(event(200, body(with_usage), 0), false);
-        assert_eq!((ok.status.as_str(), ok.total_tokens), ("ok", 10));
+        let ok = accounted(event(200, body(with_usage), 0));
+        let ok = ok.record(false);
+        assert_eq!((ok.status, ok.total_tokens), ("ok", 10));
+    }
+
+    /// The record as it was built before records borrowed from their event (a `String` per
+    /// field, the key masked and the time formatted per request): the reference that the
+    /// spooled JSON must match byte for byte.
+    fn owned_record(event: &UsageEvent, include_raw_key: bool) -> UsageRecord {
+        let Billed {
+            tokens,
+            estimated,
+            outcome,
+        } = Billed::of(event);
+        let (key_name, user_id, api_key) = match &event.key {
+            Some(k) => {
+                let shown = if include_raw_key {
+                    k.api_key.clone()
+                } else {
+                    mask_key(&k.api_key)
+                };
+                (Some(k.name.clone()), k.user_id.clone(), Some(shown))
+            }
+            None => (None, None, None),
+        };
+        let since = event
+            .started_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = since.as_secs();
+        let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+        let rem = secs % 86_400;
+        let timestamp = format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60,
+            since.subsec_millis()
+        );
+        UsageRecord {
+            request_id: event.request_id.clone(),
+            client_request_id: event.client_request_id.clone(),
+            timestamp,
+            key_name,
+            user_id,
+            api_key,
+            model: event.model.clone(),
+            endpoint: event.endpoint.clone(),
+            is_stream: event.is_stream,
+            backend_url: event.backend_url.to_string(),
+            status_code: event.status_code,
+            latency_ms: event.latency.as_millis() as u64,
+            ttft_ms: event.ttft.map(|t| t.as_millis() as u64),
+            prompt_tokens: tokens.prompt,
+            completion_tokens: tokens.completion,
+            total_tokens: tokens.total,
+            cached_tokens: tokens.cached,
+            reasoning_tokens: tokens.reasoning,
+            usage_estimated: estimated,
+            status: outcome.as_str().to_string(),
+        }
+    }
+
+    #[test]
+    fn spooled_json_is_the_owned_records_json() {
+        let awkward = "q\"uo\\te \u{1}\u{1f}\n\t\u{7f} é 😀 \u{2028}</script>";
+        let key = |name: &str, user: Option<&str>, api_key: &str| {
+            Some(Arc::new(super::super::KeyRef::new(
+                name.into(),
+                user.map(Into::into),
+                api_key.into(),
+            )))
+        };
+        let usage = br#"{"usage":{"prompt_tokens":7,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":2}}}"#;
+        let mut events = vec![
+            // Nothing optional, nothing reported: estimated, cancelled before any answer.
+            UsageEvent {
+                outcome: Outcome::Cancelled,
+                ..event(0, Captured::Nothing, 3)
+            },
+            UsageEvent {
+                request_id: format!("id-{awkward}"),
+                client_request_id: Some(awkward.into()),
+                started_at: UNIX_EPOCH + Duration::from_millis(1_768_386_600_123),
+                key: key(awkward, Some(awkward), &format!("sk-{awkward}")),
+                model: Some(format!("meta-llama/{awkward}")),
+                is_stream: true,
+                backend_url: Arc::from(format!("http://b/{awkward}")),
+                latency: Duration::from_micros(812_999),
+                ttft: Some(Duration::from_millis(95)),
+                ..event(200, Captured::Event(usage.to_vec()), 9)
+            },
+            // A short key (masked entirely), no user; a key whose ends are multi-byte.
+            UsageEvent {
+                key: key("k", None, "sk-short"),
+                started_at: UNIX_EPOCH + Duration::from_secs(951_782_400),
+                ..event(200, body(r#"{"choices":[{"text":"four"}]}"#), 0)
+            },
+            UsageEvent {
+                key: key("ключ", Some(""), "ключ-очень-длинный-ключ"),
+                // Before the epoch.
+                started_at: UNIX_EPOCH - Duration::from_secs(5),
+                ..event(503, body(std::str::from_utf8(usage).unwrap()), 0)
+            },
+            // Past the year 9999.
+            UsageEvent {
+                started_at: UNIX_EPOCH + Duration::from_secs(400_000_000_000),
+                model: Some(String::new()),
+                ..event(200, Captured::Nothing, 0)
+            },
+        ];
+        events.extend((0..3).map(|i| UsageEvent {
+            request_id: format!("req-{i}"),
+            key: key("team-a", Some("user_alice"), "sk-test-key-001"),
+            ..event(200, Captured::Event(usage.to_vec()), 0)
+        }));
+
+        let dir = std::env::temp_dir().join(format!("llmproxy-record-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut spool = crate::usage::Spool::open(&dir.join("usage.db")).unwrap();
+        let batch: Vec<Accounted> = events.into_iter().map(accounted).collect();
+        for (n, include_raw_key) in [false, true].into_iter().enumerate() {
+            let records: Vec<Record<&str>> =
+                batch.iter().map(|a| a.record(include_raw_key)).collect();
+            spool.insert(&records).unwrap();
+            let rows = spool.pending("test", 1000).unwrap();
+            let rows = &rows[n * batch.len()..];
+            assert_eq!(rows.len(), batch.len());
+            for (row, a) in rows.iter().zip(&batch) {
+                let owned = owned_record(&a.event, include_raw_key);
+                assert_eq!(row.json, serde_json::to_string(&owned).unwrap());
+                assert_eq!(row.record().unwrap(), owned);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn rfc3339_known_instants() {
+        let rfc3339 = |t| Rfc3339::new(t).as_str().to_owned();
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let t = UNIX_EPOCH + Duration::from_millis(1_768_386_600_123);
         assert_eq!(rfc3339(t), "2026-01-14T10:30:00.123Z");

@@ -1,8 +1,8 @@
 //! The reporter: owns the threads behind the usage channel. Never runs on a worker core.
 //!
-//! - One ingest thread receives [`UsageEvent`]s in batches, turns them into [`UsageRecord`]s,
-//!   counts tokens, calls the quota hook, writes the batch to the spool in one transaction and
-//!   nudges the delivery threads. It also prunes the spool.
+//! - One ingest thread receives [`UsageEvent`]s in batches, bills them, counts tokens, calls the
+//!   quota hook, writes the batch's records (borrowed from the events) to the spool in one
+//!   transaction and nudges the delivery threads. It also prunes the spool.
 //! - One delivery thread per reporter reads its backlog from the spool after its own cursor,
 //!   delivers, and advances the cursor. Threads, not a scheduler: the clients (ureq, postgres,
 //!   mysql, rusqlite) block, so a reporter stuck in a timeout or a long backoff must hold only
@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
-use super::record::Billed;
+use super::record::{Accounted, Billed};
 use super::spool::{Spool, Spooled};
 use super::sql::SqlSink;
 use super::webhook::WebhookSink;
-use super::{UsageEvent, UsageRecord, UsageSender};
+use super::{UsageEvent, UsageSender};
 use crate::config::{Reporter as ReporterConfig, ReporterKind, UsageHook};
 
 /// Called on the ingest thread with each request's raw key and billed tokens, before its record
@@ -222,8 +222,8 @@ impl Ingest {
             while batch.len() < MAX_BATCH {
                 match self.rx.try_recv() {
                     Ok(event) => {
-                        if let Some(record) = self.account(event) {
-                            batch.push(record);
+                        if let Some(accounted) = self.account(event) {
+                            batch.push(accounted);
                         }
                     }
                     Err(TryRecvError::Empty) => break,
@@ -254,9 +254,8 @@ impl Ingest {
         // Dropping the nudge senders tells the delivery threads to finish.
     }
 
-    /// Counts and charges one request; its record, when records are spooled. Charging alone
-    /// (no spool) builds no record: the tokens are all it needs.
-    fn account(&self, event: UsageEvent) -> Option<UsageRecord> {
+    /// Counts and charges one request; the event to spool, when records are spooled.
+    fn account(&self, event: UsageEvent) -> Option<Accounted> {
         let billed = Billed::of(&event);
         let s = &self.stats;
         s.records.fetch_add(1, Ordering::Relaxed);
@@ -271,19 +270,21 @@ impl Ingest {
         if let (Some(quota), Some(key)) = (&self.quota, &event.key) {
             quota(&key.api_key, billed.tokens.total);
         }
-        self.spool
-            .is_some()
-            .then(|| UsageRecord::from_billed(event, billed, self.include_raw_key))
+        self.spool.is_some().then(|| Accounted::new(event, billed))
     }
 
     /// Retries until the batch is written: these records exist nowhere else. Meanwhile the
     /// channel fills and further events are dropped (and counted) rather than held in memory.
-    fn spool_batch(&mut self, batch: &[UsageRecord]) {
+    fn spool_batch(&mut self, batch: &[Accounted]) {
         let Some(spool) = &mut self.spool else {
             return;
         };
+        let records: Vec<_> = batch
+            .iter()
+            .map(|a| a.record(self.include_raw_key))
+            .collect();
         let mut logged = false;
-        while let Err(e) = spool.insert(batch) {
+        while let Err(e) = spool.insert(&records) {
             self.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
             if !logged {
                 tracing::error!(

@@ -9,9 +9,11 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
 
-use super::UsageRecord;
+use super::{Record, UsageRecord};
 
 /// A spooled record as stored: its row id (the cursor position) and its JSON, which is what a
 /// webhook sends; only sinks that need the fields parse it.
@@ -29,6 +31,8 @@ impl Spooled {
 
 pub struct Spool {
     conn: Connection,
+    /// Each inserted record's JSON, in turn: one buffer, not a String per record.
+    json: Vec<u8>,
 }
 
 /// Grouping for [`Spool::totals`].
@@ -96,13 +100,20 @@ impl Spool {
                  last_id INTEGER NOT NULL
              );",
         )?;
-        Ok(Spool { conn })
+        Ok(Spool {
+            conn,
+            json: Vec::new(),
+        })
     }
 
     /// Writes a batch in one transaction (one commit for the whole batch is what makes
     /// tens of thousands of records per second cheap).
-    pub fn insert(&mut self, records: &[UsageRecord]) -> rusqlite::Result<()> {
+    pub fn insert<S>(&mut self, records: &[Record<S>]) -> rusqlite::Result<()>
+    where
+        S: AsRef<str> + Serialize,
+    {
         let now = now_ms();
+        let json = &mut self.json;
         let tx = self.conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
@@ -111,16 +122,18 @@ impl Spool {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             for r in records {
-                let json = serde_json::to_string(r).expect("a record always serialises");
+                json.clear();
+                serde_json::to_writer(&mut *json, r).expect("a record always serialises");
                 stmt.execute(params![
                     now,
-                    r.key_name,
-                    r.model,
+                    r.key_name.as_ref().map(AsRef::as_ref),
+                    r.model.as_ref().map(AsRef::as_ref),
                     r.prompt_tokens as i64,
                     r.completion_tokens as i64,
                     r.total_tokens as i64,
                     r.usage_estimated,
-                    json,
+                    // serde_json writes UTF-8: bound as text without a check.
+                    ToSqlOutput::Borrowed(ValueRef::Text(json)),
                 ])?;
             }
         }
