@@ -115,11 +115,12 @@ stop llmproxy sim
 if [[ $SKIP_STREAMS == 0 ]]; then
   for l in $LEVELS; do
     n=$(( l * BASE_STREAMS ))
+    # Memory only: no steady-state TTFT requests (the plateau here is too short for them).
     log "memory: ${l}x = $n concurrent streams (loadtest/soak.sh --proxy-only)"
     rc=0
     run_bounded "soak-$l" $(( (RAMP_MS + ITL_MS * TOKENS) / 1000 + 120 )) "$WORK/soak-$l.txt" "$LT/soak.sh" --proxy-only --no-build --llmproxy "$LLMPROXY" --streams "$n" --ramp-ms "$RAMP_MS" \
       --itl-ms "$ITL_MS" --tokens "$TOKENS" --workers "$WORKERS" --sim-workers "$SIM_WORKERS" \
-      --out "$WORK/soak-$l.jsonl" || rc=$?
+      --steady-requests 0 --out "$WORK/soak-$l.jsonl" || rc=$?
     [[ -s "$WORK/soak-$l.jsonl" ]] || { tail -n 20 "$WORK/soak-$l.txt" "$WORK/soak-$l.err" >&2; die "soak.sh failed at ${l}x (exit $rc)"; }
     jq -c --argjson l "$l" '{part:"mem", level:$l, streams, ok, failed, max_open, rss_idle_kib, rss_peak_kib,
         rss_per_stream_kib, ttft_p50_us:.ttft_us.p50, ttft_p99_us:.ttft_us.p99}' "$WORK/soak-$l.jsonl" >>"$RES"
