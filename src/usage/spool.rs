@@ -78,9 +78,10 @@ impl Spool {
         // it. The WAL file is cut back to 64 MiB after each.
         conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
-        // No AUTOINCREMENT and no index but the row id: both cost a third of an insert. Ids still
-        // never go back, because pruning always keeps the newest row (a plain row id is the
-        // largest one + 1), and time ranges are found by bisecting ids ([`Spool::first_id_at`]).
+        // No AUTOINCREMENT and no index but the row id: together they were about a third of an
+        // insert. Ids still never go back, because pruning always keeps the newest row (a plain
+        // row id is the largest one + 1), and time ranges are found by bisecting ids
+        // ([`Spool::first_id_at`]).
         // Spools made by earlier versions keep AUTOINCREMENT; their time index is dropped.
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS records (
