@@ -3,6 +3,7 @@
 //! building a document or allocating. Also the byte-level edit that asks a backend for streaming
 //! usage without re-serialising the client's JSON.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -24,10 +25,17 @@ pub struct RequestInfo {
 }
 
 impl RequestInfo {
-    pub fn model<'a>(&self, body: &'a [u8]) -> Option<&'a str> {
-        self.model
-            .clone()
-            .and_then(|r| std::str::from_utf8(&body[r]).ok())
+    /// The `model` string with its JSON escapes decoded: the name the backend reads, so the one
+    /// keys, policies, aliases and records must use. Borrowed unless it holds an escape.
+    pub fn model<'a>(&self, body: &'a [u8]) -> Option<Cow<'a, str>> {
+        let at = self.model.clone()?;
+        let raw = &body[at.clone()];
+        if !raw.contains(&b'\\') {
+            return std::str::from_utf8(raw).ok().map(Cow::Borrowed);
+        }
+        serde_json::from_slice(&body[at.start - 1..at.end + 1])
+            .ok()
+            .map(Cow::Owned)
     }
 }
 
@@ -253,10 +261,20 @@ mod tests {
     }
 
     #[test]
+    fn the_model_is_read_with_its_escapes_decoded() {
+        let body = br#"{"model":"gpt\u002d4\t\"x\""}"#;
+        let info = inspect(body).unwrap();
+        assert_eq!(info.model(body).as_deref(), Some("gpt-4\t\"x\""));
+        let plain = br#"{"model":"gpt-4"}"#;
+        let info = inspect(plain).unwrap();
+        assert!(matches!(info.model(plain), Some(Cow::Borrowed("gpt-4"))));
+    }
+
+    #[test]
     fn finds_fields_past_nested_values() {
         let body = br#"{"messages":[{"role":"user","content":"say \"model\": {x}"}],"model":"m-1","stream":true,"user":"u","n":1}"#;
         let info = inspect(body).unwrap();
-        assert_eq!(info.model(body), Some("m-1"));
+        assert_eq!(info.model(body).as_deref(), Some("m-1"));
         assert!(info.stream);
         assert_eq!(&body[info.user.clone().unwrap()], b"u");
         assert_eq!(info.include_usage, None);

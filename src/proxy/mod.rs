@@ -23,6 +23,7 @@ mod forward;
 mod inspect;
 mod relay;
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasher, Hasher};
 use std::mem;
@@ -544,8 +545,8 @@ async fn proxy_request(
     // Decided on the model the client asked for, before any alias rewrite.
     if let (Some(auth), Some(key)) = (&gen.auth, &admission.key) {
         let decided = auth
-            .authorize(key, info.model(&c.body))
-            .and_then(|()| run_policy(gen, c, key, info.model(&c.body)));
+            .authorize(key, info.model(&c.body).as_deref())
+            .and_then(|()| run_policy(gen, c, key, info.model(&c.body).as_deref()));
         if let Err(e) = decided {
             t.note_error(&e);
             return respond_error(wr, &mut c.out, &e, request_id.as_bytes(), keep_alive).await;
@@ -553,7 +554,7 @@ async fn proxy_request(
     }
     let alias = info
         .model(&c.body)
-        .and_then(|m| gen.upstreams.backends.alias(m))
+        .and_then(|m| gen.upstreams.backends.alias(&m))
         .map(str::to_owned);
     if let (Some(served), Some(at)) = (alias, info.model.clone()) {
         c.body.splice(at, served.bytes());
@@ -695,6 +696,7 @@ where
     R: std::future::Future<Output = monoio::BufResult<usize, Vec<u8>>>,
 {
     let model = info.model(&c.body);
+    let model = model.as_deref();
     let affinity_key = match gen.upstreams.affinity() {
         Some(Affinity::Header(name)) => c.head.header(&c.buf, name.as_bytes()),
         Some(Affinity::User) => info.user.clone().map(|r| &c.body[r]),
@@ -1015,7 +1017,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
             target: "access",
             request_id = request_id.as_str(),
             key = t.key.as_ref().map_or("-", |k| k.key_ref.name.as_str()),
-            model = t.info.model(&c.body).unwrap_or("-"),
+            model = t.info.model(&c.body).as_deref().unwrap_or("-"),
             path = metrics::PATHS[t.path],
             stream = t.info.stream,
             status = t.status,
@@ -1060,7 +1062,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
         client_request_id,
         started_at: SystemTime::now() - started.elapsed(),
         key: t.key.as_ref().map(|k| k.key_ref.clone()),
-        model: info.model(&c.body).map(str::to_owned),
+        model: info.model(&c.body).map(Cow::into_owned),
         endpoint: String::from_utf8_lossy(c.head.path(&c.buf)).into_owned(),
         is_stream: info.stream,
         backend_url: gen.upstreams.backend(backend).url_shared.clone(),
