@@ -92,7 +92,9 @@ fn postgres_reporter_holds_exact_sums() {
     let mut pg =
         postgres::Client::connect(PG_DSN, postgres::NoTls).expect("PostgreSQL on 127.0.0.1:5432");
     let table = unique_table("usage_pg");
-    let mock = spawn_mock(&[]);
+    // Strings with the characters COPY's text format and JSON escape must arrive as sent.
+    let (odd_id, odd_model) = (r#"odd\"id\\N"#, "odd\tmodel\\N\nline\r");
+    let mock = spawn_mock(&["--model", "mock-model", "--model", odd_model]);
     let dir = temp_dir("pg");
     let gw = spawn_gateway(&gateway_yaml(
         mock.addr,
@@ -105,10 +107,18 @@ fn postgres_reporter_holds_exact_sums() {
         ),
     ));
     let expected = traffic(gw.addr, 200, 8, "pg");
+    let body = json!({"model": odd_model, "messages": [{"role": "user", "content": "x"}]});
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &body,
+        &[("X-Request-Id", odd_id)],
+    );
+    assert_eq!(r.status, 200);
     let query = format!(
         "SELECT COUNT(*), COUNT(DISTINCT request_id), SUM(prompt_tokens)::BIGINT, \
          SUM(completion_tokens)::BIGINT, SUM(total_tokens)::BIGINT, \
-         bool_or(usage_estimated), bool_or(is_stream) FROM {table}"
+         bool_or(usage_estimated), bool_or(is_stream) FROM {table} WHERE model = 'mock-model'"
     );
     let mut got = None;
     let complete = wait_until(Duration::from_secs(20), || {
@@ -119,6 +129,16 @@ fn postgres_reporter_holds_exact_sums() {
         got = Some(row);
         count == 200
     });
+    let odd = format!("SELECT model, COUNT(*) OVER () FROM {table} WHERE client_request_id = $1");
+    let stored = wait_until(Duration::from_secs(20), || {
+        pg.query_opt(&odd, &[&odd_id]).is_ok_and(|r| r.is_some())
+    });
+    assert!(stored, "the record with odd strings is missing");
+    let row = pg.query_one(&odd, &[&odd_id]).unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i64>(1)),
+        (odd_model.to_string(), 1)
+    );
     assert!(complete, "rows: {:?}", got.map(|r| r.get::<_, i64>(0)));
     let row = got.unwrap();
     assert_eq!(row.get::<_, i64>(1), 200);
@@ -131,12 +151,28 @@ fn postgres_reporter_holds_exact_sums() {
     assert_eq!(sums, expected);
     assert!(!row.get::<_, bool>(5) && !row.get::<_, bool>(6));
     drop(gw);
+    // The re-sent batch holding this row also holds rows the table has: both kinds are handled.
+    let deleted = pg
+        .execute(
+            &format!("DELETE FROM {table} WHERE client_request_id = 'pg-0-0'"),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(deleted, 1);
     let pg_url = "postgres://postgres@127.0.0.1:5432/test";
     resend_everything(mock.addr, &dir.join("usage.db"), "postgres", pg_url, &table);
     let row = pg.query_one(&query, &[]).unwrap();
     assert_eq!(
         (row.get::<_, i64>(0), row.get::<_, i64>(4) as u64),
         (200, expected.3)
+    );
+    let all: i64 = pg
+        .query_one(&format!("SELECT COUNT(*) FROM {table}"), &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        all, 201,
+        "the re-sent spool stored rows twice or missed one"
     );
     pg.batch_execute(&format!("DROP TABLE {table}")).unwrap();
     let _ = std::fs::remove_dir_all(dir);
