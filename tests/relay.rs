@@ -443,6 +443,31 @@ fn pipelined_requests_are_answered_in_order() {
     assert_eq!(c.read_response().json()["body"], "two");
 }
 
+/// The read left armed after a response is the next request's read: a request that comes late, or
+/// in pieces, is served, and an idle connection is closed at the keep-alive timeout.
+#[test]
+fn keep_alive_serves_late_split_requests_and_idles_out() {
+    let sim = spawn_mock(&[]);
+    let gw = gateway_for(sim.addr, "timeouts:\n  keepalive: 400ms\n");
+    let mut c = Client::connect(gw.addr);
+    c.send(&raw_request("POST", "/v1/debug/echo/1", b"one", &[]));
+    assert_eq!(c.read_response().json()["body"], "one");
+    std::thread::sleep(Duration::from_millis(150));
+    let second = raw_request("POST", "/v1/debug/echo/2", b"two", &[]);
+    c.send(&second[..10]);
+    std::thread::sleep(Duration::from_millis(50));
+    c.send(&second[10..]);
+    assert_eq!(c.read_response().json()["body"], "two");
+    let idle = Instant::now();
+    let mut byte = [0u8; 1];
+    assert_eq!(c.stream().read(&mut byte).unwrap(), 0, "expected the gateway to close");
+    let waited = idle.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+}
+
 #[test]
 fn epoll_driver_relays_streams_and_cancels() {
     let sim = spawn_mock(&[]);

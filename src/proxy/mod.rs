@@ -28,7 +28,6 @@ use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasher, Hasher};
 use std::mem;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,7 +50,7 @@ use crate::live::{Live, Snapshot};
 use crate::metrics::{self, Registry, Rejection, UpstreamErrorKind, WorkerMetrics};
 use crate::upstream::{InFlight, Passive, PickError, PickRequest, WorkerUpstreams};
 use crate::usage::{Captured, Outcome, UsageEvent, UsageSender};
-use client_watch::{ClientWatch, WatchEnd};
+use client_watch::{Armed, ClientWatch, WatchEnd};
 use relay::{Exchange, Progress, Relayed};
 
 type ClientReader = OwnedReadHalf<TcpStream>;
@@ -324,8 +323,10 @@ async fn serve(ctx: Rc<Context>, stream: TcpStream, peer: SocketAddr, opening: O
                 return;
             }
         }
-        let _active = ActiveGuard::enter(&ctx);
-        let next = handle_request(&ctx, &mut rd, &mut wr, &mut c).await;
+        let (next, armed) = {
+            let _active = ActiveGuard::enter(&ctx);
+            handle_request(&ctx, &mut rd, &mut wr, &mut c).await
+        };
         if c.out.capacity() > KEEP_BUF {
             c.out = Vec::new();
         }
@@ -335,7 +336,33 @@ async fn serve(ctx: Rc<Context>, stream: TcpStream, peer: SocketAddr, opening: O
         if matches!(next, Next::Close) || ctx.draining() {
             return;
         }
+        if let Some(armed) = armed {
+            if !next_bytes(&ctx, armed, &mut c).await {
+                return;
+            }
+        }
     }
+}
+
+/// Before phase 1, when the request's watch left its read in flight: appends what it brings of
+/// the next request to `c.buf`, waiting up to the keep-alive timeout unless a pipelined request is
+/// already there. False when the connection ended.
+async fn next_bytes(ctx: &Context, armed: Armed<'_>, c: &mut Client) -> bool {
+    let got = if c.buf.is_empty() {
+        let keepalive = ctx.current().config.timeouts.keepalive;
+        armed.next_bytes(keepalive).await
+    } else {
+        armed.stop().await
+    };
+    let Some((buf, n)) = got else {
+        return false;
+    };
+    if n > 0 {
+        crate::busy_poll::mark_activity();
+    }
+    c.buf.extend_from_slice(&buf[..n]);
+    c.watch_buf = buf;
+    true
 }
 
 /// Phase 1: reads until `c.buf` starts with a complete, valid request head. `Ok(false)` means the
@@ -385,13 +412,14 @@ async fn read_head(
     }
 }
 
-/// Phases 2 to 6 for one request whose head is in `c.buf`.
-async fn handle_request(
+/// Phases 2 to 6 for one request whose head is in `c.buf`. With the next action, the watch's read
+/// when it is still in flight (the client sent nothing since).
+async fn handle_request<'r>(
     ctx: &Context,
-    rd: &mut ClientReader,
+    rd: &'r mut ClientReader,
     wr: &mut ClientWriter,
     c: &mut Client,
-) -> Next {
+) -> (Next, Option<Armed<'r>>) {
     let gen = ctx.current();
     let request_id = RequestId::for_request(c.head.header(&c.buf, b"x-request-id"), &ctx.ids);
     let keep_alive = c.head.keep_alive && !ctx.draining();
@@ -405,7 +433,10 @@ async fn handle_request(
         } else {
             br#"{"status":"ok"}"#
         };
-        return write_local(wr, c, 200, b"application/json", body, keep_alive).await;
+        return (
+            write_local(wr, c, 200, b"application/json", body, keep_alive).await,
+            None,
+        );
     }
     let exposition = &gen.config.metrics;
     if exposition.enabled
@@ -414,7 +445,10 @@ async fn handle_request(
     {
         let text = ctx.registry.render(&gen.upstreams.backends);
         let body = if head_request { b"" } else { text.as_bytes() };
-        return write_local(wr, c, 200, metrics::CONTENT_TYPE, body, keep_alive).await;
+        return (
+            write_local(wr, c, 200, metrics::CONTENT_TYPE, body, keep_alive).await,
+            None,
+        );
     }
 
     let mut trace = Trace {
@@ -432,7 +466,19 @@ async fn handle_request(
         in_flight: None,
         key: None,
     };
-    let next = proxy_request(ctx, &gen, rd, wr, c, &request_id, keep_alive, &mut trace).await;
+    let mut armed = None;
+    let next = proxy_request(
+        ctx,
+        &gen,
+        rd,
+        wr,
+        c,
+        &request_id,
+        keep_alive,
+        &mut trace,
+        &mut armed,
+    )
+    .await;
     let relayed = trace.body_read.is_some();
     account(ctx, &gen, c, &request_id, trace);
     if relayed {
@@ -441,7 +487,7 @@ async fn handle_request(
         let consumed = c.head.head_len;
         c.buf.drain(..consumed);
     }
-    next
+    (next, armed)
 }
 
 /// Answers a request the gateway serves itself (`/health`, metrics); not accounted.
@@ -484,15 +530,16 @@ struct Trace {
 }
 /// Phases 2 to 5 for a request to be proxied; everything the account phase needs goes to `t`.
 #[allow(clippy::too_many_arguments)]
-async fn proxy_request(
+async fn proxy_request<'r>(
     ctx: &Context,
     gen: &Generation,
-    rd: &mut ClientReader,
+    rd: &'r mut ClientReader,
     wr: &mut ClientWriter,
     c: &mut Client,
     request_id: &RequestId,
     keep_alive: bool,
     t: &mut Trace,
+    armed: &mut Option<Armed<'r>>,
 ) -> Next {
     let path = c.head.path(&c.buf);
     let method = c.head.method.of(&c.buf);
@@ -571,7 +618,7 @@ async fn proxy_request(
 
     let canceller = Canceller::new();
     let watch_buf = mem::take(&mut c.watch_buf);
-    let read = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
+    let read = Box::pin(rd.cancelable_read(watch_buf, canceller.handle()));
     let mut watch = ClientWatch::new(read, canceller);
     let plan = Plan {
         request_id: request_id.as_bytes(),
@@ -583,9 +630,9 @@ async fn proxy_request(
         extra_headers: admission.headers.as_bytes(),
     };
     let attempted = relay_with_retries(ctx, gen, &mut watch, wr, c, &info, &plan).await;
-    let client_still_there = match watch.finish().await {
-        WatchEnd::Quiet(buf) => {
-            c.watch_buf = buf;
+    let client_still_there = match watch.finish() {
+        WatchEnd::Quiet(read) => {
+            *armed = Some(read);
             true
         }
         WatchEnd::Pipelined(buf, n) => {
@@ -683,18 +730,15 @@ struct Attempted {
 /// client, try another backend after a jittered backoff, within `retry.max_attempts` and the
 /// worker's retry budget.
 #[allow(clippy::too_many_arguments)]
-async fn relay_with_retries<R>(
+async fn relay_with_retries(
     ctx: &Context,
     gen: &Generation,
-    watch: &mut ClientWatch<'_, R>,
+    watch: &mut ClientWatch<'_>,
     wr: &mut ClientWriter,
     c: &mut Client,
     info: &inspect::RequestInfo,
     plan: &Plan<'_>,
-) -> Attempted
-where
-    R: std::future::Future<Output = monoio::BufResult<usize, Vec<u8>>>,
-{
+) -> Attempted {
     let model = info.model(&c.body);
     let model = model.as_deref();
     let affinity_key = match gen.upstreams.affinity() {

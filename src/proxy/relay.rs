@@ -5,14 +5,12 @@
 //! gateway asked for is left out (sent as chunks, whatever the backend's framing), and an
 //! HTTP/1.0 client gets the payload without chunking, ended by the close.
 
-use std::future::Future;
 use std::mem;
 use std::time::{Duration, Instant};
 
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf};
 use monoio::net::TcpStream;
-use monoio::BufResult;
 
 use super::client_watch::ClientWatch;
 use super::Context;
@@ -106,19 +104,16 @@ impl From<ConnectError> for GatewayError {
 /// any response byte is sent once more on a fresh connection: the backend most likely closed the
 /// idle connection as we wrote to it.
 #[allow(clippy::too_many_arguments)]
-pub async fn exchange<R>(
+pub async fn exchange(
     ctx: &Context,
     upstreams: &WorkerUpstreams,
-    watch: &mut ClientWatch<'_, R>,
+    watch: &mut ClientWatch<'_>,
     client: &mut OwnedWriteHalf<TcpStream>,
     request: &mut Vec<u8>,
     resp_head: &mut Vec<u8>,
     ex: Exchange<'_>,
     progress: &mut Progress,
-) -> Result<Relayed, GatewayError>
-where
-    R: Future<Output = BufResult<usize, Vec<u8>>>,
-{
+) -> Result<Relayed, GatewayError> {
     let mut fresh_only = false;
     let (mut up, head) = loop {
         let conn = if fresh_only {
@@ -432,15 +427,12 @@ fn hex_size(n: usize, buf: &mut [u8; 8]) -> &[u8] {
 }
 
 /// Reads until a final (non-1xx) response head is complete. `None` means the client left.
-async fn read_head<R>(
+async fn read_head(
     up: &mut UpstreamConn,
-    watch: &mut ClientWatch<'_, R>,
+    watch: &mut ClientWatch<'_>,
     head_request: bool,
     resp_head: &mut Vec<u8>,
-) -> Option<Result<ResponseHead, HeadError>>
-where
-    R: Future<Output = BufResult<usize, Vec<u8>>>,
-{
+) -> Option<Result<ResponseHead, HeadError>> {
     let mut seen_any = false;
     up.buf.clear();
     loop {
