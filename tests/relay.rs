@@ -460,7 +460,11 @@ fn keep_alive_serves_late_split_requests_and_idles_out() {
     assert_eq!(c.read_response().json()["body"], "two");
     let idle = Instant::now();
     let mut byte = [0u8; 1];
-    assert_eq!(c.stream().read(&mut byte).unwrap(), 0, "expected the gateway to close");
+    assert_eq!(
+        c.stream().read(&mut byte).unwrap(),
+        0,
+        "expected the gateway to close"
+    );
     let waited = idle.elapsed();
     assert!(
         waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),

@@ -330,14 +330,23 @@ async fn try_admit(
     scopes: &[&Arc<LimitSet>],
     shared: Option<&Arc<RedisRates>>,
 ) -> Result<Admitted, Refused> {
-    let mut permit = take_capacity(scopes)?;
+    let now = now_ns();
+    let mut permit = take_capacity(scopes, now)?;
+    // Without Redis nothing is awaited: one clock reading serves every check.
+    let Some(shared) = shared else {
+        take_requests(scopes, now)?;
+        return Ok(Admitted {
+            permit,
+            headers: headers(scopes, now, None),
+        });
+    };
     let slot_scopes: Vec<(&str, u32)> = scopes
         .iter()
         .filter_map(|s| Some((s.id.as_str(), s.slots.as_ref()?.max)))
         .collect();
-    if let Some(r) = shared.filter(|_| !slot_scopes.is_empty()) {
+    if !slot_scopes.is_empty() {
         // Unavailable Redis leaves the local slots as the only cap.
-        match r.acquire(&slot_scopes).await {
+        match shared.acquire(&slot_scopes).await {
             Ok(lease) => permit.lease = lease,
             // Another instance holds the slots: retried (queueing) every 100 ms.
             Err(()) => {
@@ -354,10 +363,12 @@ async fn try_admit(
         .iter()
         .filter_map(|s| Some((s.id.as_str(), s.requests.as_ref()?.limit)))
         .collect();
-    let remote = match shared {
-        Some(r) if !remote_scopes.is_empty() => r.take(&remote_scopes).await,
-        _ => Remote::Unavailable,
+    let remote = if remote_scopes.is_empty() {
+        Remote::Unavailable
+    } else {
+        shared.take(&remote_scopes).await
     };
+    // Redis took a while: the local rates are checked at the time they are taken.
     let now = now_ns();
     let requests = match remote {
         Remote::Taken(state) => Some(state),
@@ -375,8 +386,7 @@ async fn try_admit(
 }
 
 /// Token-rate room and concurrency slots.
-fn take_capacity(scopes: &[&Arc<LimitSet>]) -> Result<Permit, Refused> {
-    let now = now_ns();
+fn take_capacity(scopes: &[&Arc<LimitSet>], now: u64) -> Result<Permit, Refused> {
     for set in scopes {
         if let Some(Err(wait)) = set.tokens.as_ref().map(|t| t.check(now)) {
             return Err(refuse(scopes, LimitKind::Tokens, wait, None));
