@@ -223,6 +223,30 @@ fn cancelled_stream_bills_what_was_relayed() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[test]
+fn a_client_gone_before_the_answer_is_recorded_as_499() {
+    let mock = spawn_mock(&[]);
+    let dir = temp_dir("early-cancel");
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &spool, " []"));
+    let body = chat(false, false).to_string();
+    let mut client = Client::connect(gw.addr);
+    client.send(&raw_request(
+        "POST",
+        "/v1/chat/completions",
+        body.as_bytes(),
+        &[("X-Request-Id", "early-1"), ("x-mock-ttft-ms", "3000")],
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(client);
+    let record = record_for(&spool, "early-1");
+    assert_eq!(
+        (record.status.as_str(), record.status_code),
+        ("cancelled", 499)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// An upstream that streams three content events and never any usage, whatever it is asked.
 const NO_USAGE_UPSTREAM: &str = r#"
 import sys

@@ -298,11 +298,16 @@ pub struct Billed {
     pub outcome: Outcome,
 }
 
+/// An event's status when the backend never answered: the client left first.
+const NO_ANSWER: u16 = 0;
+/// What a record says for it: nginx's "client closed request".
+const CLIENT_CLOSED: u16 = 499;
+
 impl Billed {
     pub fn of(event: &UsageEvent) -> Billed {
         // A backend that answered with an error generated nothing billable, whatever its body
         // says. Status 0 is no answer at all (the client left first), not an error answer.
-        let refused = event.status_code != 0 && !(200..300).contains(&event.status_code);
+        let refused = event.status_code != NO_ANSWER && !(200..300).contains(&event.status_code);
         let (usage, outcome) = if refused {
             (Some(Tokens::default()), Outcome::Failed)
         } else {
@@ -381,7 +386,10 @@ impl Accounted {
             endpoint: &event.endpoint,
             is_stream: event.is_stream,
             backend_url: &event.backend_url,
-            status_code: event.status_code,
+            status_code: match event.status_code {
+                NO_ANSWER => CLIENT_CLOSED,
+                status => status,
+            },
             latency_ms: event.latency.as_millis() as u64,
             ttft_ms: event.ttft.map(|t| t.as_millis() as u64),
             prompt_tokens: billed.tokens.prompt,
@@ -539,7 +547,10 @@ mod tests {
             endpoint: event.endpoint.clone(),
             is_stream: event.is_stream,
             backend_url: event.backend_url.to_string(),
-            status_code: event.status_code,
+            status_code: match event.status_code {
+                NO_ANSWER => CLIENT_CLOSED,
+                status => status,
+            },
             latency_ms: event.latency.as_millis() as u64,
             ttft_ms: event.ttft.map(|t| t.as_millis() as u64),
             prompt_tokens: tokens.prompt,
