@@ -194,6 +194,32 @@ fn dead_backend_leaves_rotation_and_comes_back() {
     assert!(served(&a) > 0.0, "the restarted backend takes no traffic");
 }
 
+/// A backend that accepts connections and never answers keeps its checks waiting for the whole
+/// timeout; another backend's verdict must not wait behind it.
+#[test]
+fn a_hanging_backend_does_not_delay_another_backends_health_verdict() {
+    let hang = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_addr = hang.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in hang.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let gw = gateway_now(
+        &[(hang_addr, ""), (dead, "")],
+        "health_check:\n  interval: 200ms\n  timeout: 5s\n  unhealthy_threshold: 1\n",
+    );
+    let started = Instant::now();
+    let down = wait_until(Duration::from_secs(3), || !backend_up(&gw, dead));
+    assert!(
+        down,
+        "the dead backend was still up {:?} after start",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn every_backend_down_is_503_at_once() {
     let dead: Vec<SocketAddr> = (0..2)

@@ -313,28 +313,32 @@ fn threads_named(pid: u32, prefix: &str) -> usize {
 }
 
 #[test]
-fn reload_replaces_the_health_checker_instead_of_adding_one() {
+fn reload_replaces_the_health_checkers_instead_of_adding_some() {
     let one = spawn_mock(&[]);
     let two = spawn_mock(&[]);
     let checks = "health_check:\n  enabled: true\n  interval: 100ms\n";
     let gw = Gateway::start("checker", &config(&[one.addr], checks), &[]);
     let pid = gw.child.id();
-    assert!(wait_until(Duration::from_secs(5), || threads_named(
-        pid,
-        "llmproxy-checke"
-    ) == 1));
+    // One checker per backend, and a model-list merger when there are several.
+    let checkers = || {
+        (
+            threads_named(pid, "llmproxy-chk-"),
+            threads_named(pid, "llmproxy-models"),
+        )
+    };
+    assert!(wait_until(Duration::from_secs(5), || checkers() == (1, 0)));
     for backends in [&[one.addr, two.addr][..], &[two.addr], &[one.addr]] {
         gw.rewrite(&config(backends, checks));
         gw.signal(libc::SIGHUP);
         gw.expect_log("config reloaded");
+        if backends.len() == 2 {
+            assert!(wait_until(Duration::from_secs(5), || checkers() == (2, 1)));
+        }
     }
     assert!(
-        wait_until(Duration::from_secs(5), || threads_named(
-            pid,
-            "llmproxy-checke"
-        ) == 1),
-        "{} checker threads",
-        threads_named(pid, "llmproxy-checke")
+        wait_until(Duration::from_secs(5), || checkers() == (1, 0)),
+        "checker threads (per backend, model merger): {:?}",
+        checkers()
     );
     let body = chat(false);
     assert_eq!(

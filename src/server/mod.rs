@@ -349,8 +349,8 @@ fn install_signal_handler(control: Arc<Control>) -> io::Result<()> {
     Ok(())
 }
 
-/// The shared backend state of one config generation, with its checker thread (health checks,
-/// load scraping, merged model list) when the config asks for one.
+/// The shared backend state of one config generation, with its checker threads (health checks,
+/// load scraping, merged model list) when the config asks for them.
 fn start_backends(config: &Config) -> Arc<Backends> {
     let backends = Backends::new(config);
     upstream::spawn_checker(backends.clone(), config);

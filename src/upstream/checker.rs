@@ -1,9 +1,12 @@
-//! The checker thread: one per process, off the worker cores. Each round it
-//! - runs active health checks (`health_check`) and publishes each backend's verdict,
-//! - scrapes vLLM's `/metrics` for `least_load` (waiting and running requests, KV-cache use),
-//! - merges the backends' `/v1/models` lists into the gateway's own answer.
+//! The checker threads, off the worker cores: one per backend, each on its own schedule, so a
+//! backend that hangs until the timeout delays no other backend's verdict. Each round it
+//! - runs the active health check (`health_check`) and publishes the backend's verdict,
+//! - scrapes vLLM's `/metrics` for `least_load` (waiting and running requests, KV-cache use).
 //!
-//! Workers only read what it publishes (atomics, one RwLock read per `/v1/models`).
+//! With several backends or aliases, one more thread merges the backends' `/v1/models` lists
+//! into the gateway's own answer.
+//!
+//! Workers only read what they publish (atomics, one RwLock read per `/v1/models`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -12,85 +15,113 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Backend, Backends};
-use crate::config::{Config, Strategy};
+use crate::config::{Config, HealthCheck, Strategy};
 use crate::http::{parse_response, BodyTracker, Framing};
 
-/// Starts the checker when the config asks for anything it does.
+/// How often the merged `/v1/models` answer is refreshed.
+const MODELS_EVERY: Duration = Duration::from_secs(10);
+/// How soon the model-list thread notices its generation was retired.
+const RETIRED_POLL: Duration = Duration::from_millis(250);
+
+/// Starts the checker threads the config asks for. They end once `backends` is retired.
 pub fn spawn_checker(backends: Arc<Backends>, config: &Config) {
     let health = config.health_check.clone();
     let least_load = config.routing.strategy == Strategy::LeastLoad;
     let merge_models = backends.list.len() > 1 || !backends.aliases.is_empty();
-    if !health.active && !least_load && !merge_models {
-        return;
-    }
-    let mut period = if health.active {
-        health.interval
-    } else {
-        Duration::from_secs(10)
-    };
-    if least_load {
-        period = period.min(config.routing.load_interval);
-    }
-    let load_path = config.routing.load_path.clone();
-    let spawned = std::thread::Builder::new()
-        .name("llmproxy-checker".into())
-        .spawn(move || {
-            let n = backends.list.len();
-            let (mut ok_streak, mut fail_streak) = (vec![0u32; n], vec![0u32; n]);
-            let mut next_health = Instant::now();
-            let mut next_models = Instant::now();
-            while !backends.is_retired() {
-                let now = Instant::now();
-                if health.active && now >= next_health {
-                    next_health = now + health.interval;
-                    for (i, b) in backends.list.iter().enumerate() {
-                        let ok = get(
-                            b,
-                            &health.path,
-                            &health.headers,
-                            health.timeout,
-                            Wanted::Status,
-                        )
-                        .is_some_and(|(status, _)| status == health.expected_status);
-                        let (ok_n, fail_n) = (&mut ok_streak[i], &mut fail_streak[i]);
-                        if ok {
-                            *ok_n += 1;
-                            *fail_n = 0;
-                        } else {
-                            *fail_n += 1;
-                            *ok_n = 0;
-                        }
-                        publish_health(b, ok, *ok_n, *fail_n, &health);
-                    }
-                }
-                if least_load {
-                    for b in &backends.list {
-                        if let Some((200, body)) =
-                            get(b, &load_path, &[], health.timeout, Wanted::Body)
-                        {
-                            b.load.store(load_score(&body).to_bits(), Ordering::Relaxed);
-                        }
-                    }
-                }
-                if merge_models && now >= next_models {
-                    next_models = now + Duration::from_secs(10);
-                    backends.set_models_json(merged_models(&backends, health.timeout));
-                }
-                std::thread::sleep(period);
+    if health.active || least_load {
+        let mut period = if health.active {
+            health.interval
+        } else {
+            Duration::from_secs(10)
+        };
+        if least_load {
+            period = period.min(config.routing.load_interval);
+        }
+        for index in 0..backends.list.len() {
+            let watch = BackendWatch {
+                backends: Arc::clone(&backends),
+                index,
+                health: health.clone(),
+                load_path: least_load.then(|| config.routing.load_path.clone()),
+                period,
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("llmproxy-chk-{index}"))
+                .spawn(move || watch.run());
+            if let Err(e) = spawned {
+                tracing::error!("cannot start a backend checker thread: {e}");
             }
-        });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start the health checker thread: {e}");
+        }
+    }
+    if merge_models {
+        let timeout = health.timeout;
+        let spawned = std::thread::Builder::new()
+            .name("llmproxy-models".into())
+            .spawn(move || {
+                let mut next = Instant::now();
+                while !backends.is_retired() {
+                    if Instant::now() >= next {
+                        backends.set_models_json(merged_models(&backends, timeout));
+                        next = Instant::now() + MODELS_EVERY;
+                    }
+                    // Short naps, so a retired generation's thread ends soon after a reload.
+                    std::thread::sleep(RETIRED_POLL);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the model list thread: {e}");
+        }
     }
 }
 
-fn publish_health(
-    b: &Backend,
-    ok: bool,
-    ok_streak: u32,
-    fail_streak: u32,
-    policy: &crate::config::HealthCheck,
-) {
+/// One backend's checks.
+struct BackendWatch {
+    backends: Arc<Backends>,
+    index: usize,
+    health: HealthCheck,
+    /// The metrics path to scrape, with `least_load`.
+    load_path: Option<String>,
+    period: Duration,
+}
+
+impl BackendWatch {
+    fn run(self) {
+        let health = &self.health;
+        let (mut ok_streak, mut fail_streak) = (0u32, 0u32);
+        let mut next_health = Instant::now();
+        while !self.backends.is_retired() {
+            let b = &self.backends.list[self.index];
+            let now = Instant::now();
+            if health.active && now >= next_health {
+                next_health = now + health.interval;
+                let ok = get(
+                    b,
+                    &health.path,
+                    &health.headers,
+                    health.timeout,
+                    Wanted::Status,
+                )
+                .is_some_and(|(status, _)| status == health.expected_status);
+                if ok {
+                    ok_streak += 1;
+                    fail_streak = 0;
+                } else {
+                    fail_streak += 1;
+                    ok_streak = 0;
+                }
+                publish_health(b, ok, ok_streak, fail_streak, health);
+            }
+            if let Some(path) = &self.load_path {
+                if let Some((200, body)) = get(b, path, &[], health.timeout, Wanted::Body) {
+                    b.load.store(load_score(&body).to_bits(), Ordering::Relaxed);
+                }
+            }
+            std::thread::sleep(self.period);
+        }
+    }
+}
+
+fn publish_health(b: &Backend, ok: bool, ok_streak: u32, fail_streak: u32, policy: &HealthCheck) {
     let was = b.healthy.load(Ordering::Relaxed);
     if ok && !was && ok_streak >= policy.healthy_threshold {
         b.healthy.store(true, Ordering::Relaxed);

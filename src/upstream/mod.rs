@@ -173,13 +173,13 @@ pub enum Passive {
     Unreachable,
 }
 
-/// All backends of the running config, plus what the checker thread learns about them.
+/// All backends of the running config, plus what the checker threads learn about them.
 #[derive(Debug)]
 pub struct Backends {
     pub list: Vec<Backend>,
     /// Public model name -> served name.
     pub aliases: Vec<(String, String)>,
-    /// Merged `/v1/models` answer, refreshed by the checker thread; `None` until it has one.
+    /// Merged `/v1/models` answer, refreshed by the model-list thread; `None` until it has one.
     models_json: RwLock<Option<Arc<[u8]>>>,
     /// Set when a reload replaced this set: its checker and resolver threads end.
     retired: AtomicBool,
