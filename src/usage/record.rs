@@ -503,8 +503,8 @@ mod tests {
     }
 
     /// The record as it was built before records borrowed from their event (a `String` per
-    /// field, the key masked and the time formatted per request): the reference that the
-    /// spooled JSON must match byte for byte.
+    /// field, the key masked and the time formatted per request), with today's `status_code`
+    /// rule (499 for no answer): the reference that the spooled JSON must match byte for byte.
     fn owned_record(event: &UsageEvent, include_raw_key: bool) -> UsageRecord {
         let Billed {
             tokens,
