@@ -2,13 +2,14 @@
 //!
 //! A request moves through named phases, each owned by one module, and data flows one way:
 //! `server` (runtimes, listeners, lifecycle) accepts connections; `http` parses the wire format;
-//! `proxy` reads, routes and relays each request; `upstream` picks backends and owns their
+//! `api` names the dialect of each path; `proxy` reads, routes and relays each request; `upstream` picks backends and owns their
 //! connections; errors decided anywhere are rendered by `error`. `auth` decides who is calling
 //! and may they (keys, providers, quota); `limits` counts rates and concurrency. `config` loads and validates the
 //! configuration and `live` holds its running generation (hot reload); `metrics` keeps
 //! per-worker counters for Prometheus; `logging` writes log lines off the workers; `busy_poll`
 //! optionally keeps an active worker polling instead of sleeping; `mock` is the OpenAI-compatible simulator used by tests, the demo and benchmarks.
 
+pub mod api;
 pub mod auth;
 pub mod busy_poll;
 pub mod config;
