@@ -1,13 +1,19 @@
-//! Gateway errors: decided where they happen (typed), turned into HTTP responses here and only here.
+//! Gateway errors: decided where they happen (typed), turned into HTTP responses here and only here,
+//! and mapped here to what they mean for metrics (rejection, upstream error kind) and for the
+//! backend's passive health.
 //!
-//! Every error body is OpenAI's shape, `{"error":{"message","type","param","code"}}`, so SDKs
-//! classify our failures the same way they classify OpenAI's.
+//! An error body takes the shape of the client's API, so its SDK classifies our failures the
+//! way it classifies the provider's: OpenAI's `{"error":{"message","type","param","code"}}`, or
+//! on Anthropic's Messages API `{"type":"error","error":{"type","message"}}`.
 
 use std::borrow::Cow;
 
+use crate::api::Api;
 use crate::config::Denial;
 use crate::http::{self, RequestError, UpstreamError};
 use crate::limits::{LimitKind, Limited};
+use crate::metrics::{Rejection, UpstreamErrorKind};
+use crate::upstream::Passive;
 
 #[derive(Debug)]
 pub enum GatewayError {
@@ -200,18 +206,104 @@ impl GatewayError {
     pub fn closes_connection(&self) -> bool {
         matches!(self, GatewayError::Request(_))
     }
+
+    /// Why the gateway answered itself, for the rejection metric; `None` for a backend's failure.
+    pub fn rejection(&self) -> Option<Rejection> {
+        Some(match self {
+            GatewayError::Request(r) => match r {
+                RequestError::Malformed(_) | RequestError::AmbiguousFraming(_) => {
+                    Rejection::BadRequest
+                }
+                RequestError::HeaderTooLarge => Rejection::HeaderSize,
+                RequestError::BodyTooLarge => Rejection::BodySize,
+                RequestError::Timeout => Rejection::Timeout,
+            },
+            GatewayError::NotFound { .. } | GatewayError::UnknownModel { .. } => {
+                Rejection::NotFound
+            }
+            GatewayError::NoBackend => Rejection::NoBackend,
+            GatewayError::Denied {
+                denial: Denial::QuotaExceeded,
+                ..
+            } => Rejection::Quota,
+            GatewayError::Denied { .. }
+            | GatewayError::AuthUnavailable
+            | GatewayError::PolicyFailed => Rejection::Auth,
+            GatewayError::RateLimited(l) => match l.kind {
+                LimitKind::Concurrency => Rejection::Concurrency,
+                LimitKind::Requests | LimitKind::Tokens => Rejection::Rate,
+            },
+            _ => return None,
+        })
+    }
+
+    /// The kind of backend failure, for the upstream error metric; `None` when the gateway
+    /// decided on its own.
+    pub fn upstream_error(&self) -> Option<UpstreamErrorKind> {
+        Some(match self {
+            GatewayError::UpstreamConnect => UpstreamErrorKind::Connect,
+            GatewayError::UpstreamConnectTimeout => UpstreamErrorKind::ConnectTimeout,
+            GatewayError::UpstreamClosed => UpstreamErrorKind::Closed,
+            GatewayError::UpstreamProtocol(_) => UpstreamErrorKind::Protocol,
+            GatewayError::UpstreamTimeout => UpstreamErrorKind::Timeout,
+            GatewayError::UpstreamStatus(_) => UpstreamErrorKind::Status,
+            _ => return None,
+        })
+    }
+
+    /// What an attempt that ended in this error says about its backend's health.
+    pub fn passive(&self) -> Passive {
+        match self {
+            GatewayError::UpstreamConnect | GatewayError::UpstreamConnectTimeout => {
+                Passive::Unreachable
+            }
+            e if e.is_retryable() || matches!(e, GatewayError::UpstreamTimeout) => Passive::Failed,
+            _ => Passive::Ok,
+        }
+    }
+
+    /// Anthropic's error `type` for this status: what its SDK and clients classify.
+    fn anthropic_kind(&self) -> &'static str {
+        match self.status() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            s if s >= 500 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
 }
 
-/// Writes the complete HTTP response for `err` into `out`.
-pub fn write_error(out: &mut Vec<u8>, err: &GatewayError, request_id: &[u8], keep_alive: bool) {
-    let body = serde_json::json!({
-        "error": {
-            "message": err.message(),
-            "type": err.kind(),
-            "param": null,
-            "code": err.code(),
-        }
-    })
+/// Writes the complete HTTP response for `err` into `out`, in the shape of the client's API
+/// (`None`: a path the gateway does not relay, answered in OpenAI's shape).
+pub fn write_error(
+    out: &mut Vec<u8>,
+    err: &GatewayError,
+    api: Option<Api>,
+    request_id: &[u8],
+    keep_alive: bool,
+) {
+    let body = if api.is_some_and(Api::anthropic_errors) {
+        serde_json::json!({
+            "type": "error",
+            "error": {
+                "type": err.anthropic_kind(),
+                "message": err.message(),
+            }
+        })
+    } else {
+        serde_json::json!({
+            "error": {
+                "message": err.message(),
+                "type": err.kind(),
+                "param": null,
+                "code": err.code(),
+            }
+        })
+    }
     .to_string();
     let keep_alive = keep_alive && !err.closes_connection();
     let mut extra: Vec<(&[u8], &[u8])> = Vec::new();
@@ -250,6 +342,7 @@ mod tests {
         write_error(
             &mut out,
             &GatewayError::Request(RequestError::BodyTooLarge),
+            Some(Api::ChatCompletions),
             b"req_1",
             true,
         );
@@ -262,5 +355,72 @@ mod tests {
         assert_eq!(v["error"]["code"], "request_too_large");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn error_body_has_anthropic_shape_on_messages() {
+        let cases = [
+            (GatewayError::NoBackend, 503, "overloaded_error"),
+            (
+                GatewayError::UnknownModel { model: "m".into() },
+                404,
+                "not_found_error",
+            ),
+            (
+                GatewayError::Request(RequestError::BodyTooLarge),
+                413,
+                "request_too_large",
+            ),
+            (GatewayError::PolicyFailed, 500, "api_error"),
+            (GatewayError::UpstreamConnect, 502, "api_error"),
+        ];
+        for (err, status, kind) in cases {
+            let mut out = Vec::new();
+            write_error(&mut out, &err, Some(Api::Messages), b"", true);
+            let text = String::from_utf8(out).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(v["type"], "error");
+            assert_eq!(v["error"]["type"], kind, "{err:?}");
+            assert!(v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    #[test]
+    fn upstream_failures_are_not_rejections_and_refusals_are_not_upstream_errors() {
+        let upstream = [
+            GatewayError::UpstreamConnect,
+            GatewayError::UpstreamConnectTimeout,
+            GatewayError::UpstreamTimeout,
+            GatewayError::UpstreamStatus(503),
+            GatewayError::UpstreamClosed,
+        ];
+        for e in &upstream {
+            assert!(
+                e.rejection().is_none() && e.upstream_error().is_some(),
+                "{e:?}"
+            );
+            assert_ne!(e.passive(), Passive::Ok, "{e:?}");
+        }
+        assert_eq!(
+            GatewayError::UpstreamConnect.passive(),
+            Passive::Unreachable
+        );
+        let refusals = [
+            GatewayError::NoBackend,
+            GatewayError::AuthUnavailable,
+            GatewayError::Request(RequestError::Timeout),
+            GatewayError::UnknownModel { model: "m".into() },
+        ];
+        for e in &refusals {
+            assert!(
+                e.rejection().is_some() && e.upstream_error().is_none(),
+                "{e:?}"
+            );
+            assert_eq!(e.passive(), Passive::Ok, "{e:?}");
+        }
     }
 }

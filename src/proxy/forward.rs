@@ -1,9 +1,40 @@
-//! The request head sent upstream: the client's method, target and end-to-end headers, minus
-//! hop-by-hop ones and the client's credentials, plus the gateway's own `Host`, `X-Forwarded-For`,
-//! `X-Request-Id`, framing and the backend's own key.
+//! Phase 6, forward: the request as it goes upstream. Runs after authorization, once for the body
+//! ([`rewrite_body`]: the model alias, streaming usage asked for) and once per attempt for the
+//! head ([`write_upstream_head`]: the client's method, target and end-to-end headers, minus
+//! hop-by-hop ones and the client's credentials, plus the gateway's own `Host`,
+//! `X-Forwarded-For`, `X-Request-Id`, framing and the backend's own key).
 
+use super::conn::ClientConn;
+use super::inspect::{request_stream_usage, RequestInfo};
+use super::Generation;
+use crate::api::Api;
 use crate::http::{has_token, is_hop_by_hop, push_decimal, push_header, RequestHead};
 use crate::upstream::Backend;
+
+/// Rewrites `c.body` for the backend: a public model name becomes the served one (`c.model`
+/// follows), and a stream the gateway meters asks for its usage when the client did not.
+/// Returns whether the gateway asked for usage, so the relay keeps the usage-only event from the
+/// client.
+pub fn rewrite_body(
+    generation: &Generation,
+    api: Api,
+    c: &mut ClientConn,
+    info: &mut RequestInfo,
+) -> bool {
+    if info.model.is_some() {
+        if let Some(served) = generation.upstreams.backends.alias(&c.model) {
+            info.replace_model(&mut c.body, served);
+            c.model.clear();
+            c.model.push_str(served);
+        }
+    }
+    // Only OpenAI's generation endpoints stream usage on request; the others always send it.
+    generation.usage.is_some()
+        && generation.config.usage_hook.inject_stream_usage
+        && info.stream
+        && matches!(api, Api::ChatCompletions | Api::Completions)
+        && request_stream_usage(&mut c.body, info)
+}
 
 /// Headers the gateway sets itself, so the client's copies are dropped.
 fn replaced_by_gateway(name: &[u8]) -> bool {

@@ -3,7 +3,6 @@
 //! building a document or allocating. Also the byte-level edit that asks a backend for streaming
 //! usage without re-serialising the client's JSON.
 
-use std::borrow::Cow;
 use std::ops::Range;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -25,17 +24,73 @@ pub struct RequestInfo {
 }
 
 impl RequestInfo {
-    /// The `model` string with its JSON escapes decoded: the name the backend reads, so the one
-    /// keys, policies, aliases and records must use. Borrowed unless it holds an escape.
-    pub fn model<'a>(&self, body: &'a [u8]) -> Option<Cow<'a, str>> {
-        let at = self.model.clone()?;
+    /// Decodes the `model` string, JSON escapes and all, into `out` (cleared first): the name the
+    /// backend reads, so the one keys, policies, aliases and records must use. False when the
+    /// body names no model or its string is not valid.
+    pub fn decode_model(&self, body: &[u8], out: &mut String) -> bool {
+        out.clear();
+        let Some(at) = self.model.clone() else {
+            return false;
+        };
         let raw = &body[at.clone()];
         if !raw.contains(&b'\\') {
-            return std::str::from_utf8(raw).ok().map(Cow::Borrowed);
+            return match std::str::from_utf8(raw) {
+                Ok(text) => {
+                    out.push_str(text);
+                    true
+                }
+                Err(_) => false,
+            };
         }
-        serde_json::from_slice(&body[at.start - 1..at.end + 1])
-            .ok()
-            .map(Cow::Owned)
+        match serde_json::from_slice::<String>(&body[at.start - 1..at.end + 1]) {
+            Ok(text) => {
+                *out = text;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Replaces the model string's raw bytes with `served` (an alias's target), keeping every
+    /// other range pointing at the same bytes.
+    pub fn replace_model(&mut self, body: &mut Vec<u8>, served: &str) {
+        let Some(at) = self.model.clone() else {
+            return;
+        };
+        body.splice(at.clone(), served.bytes());
+        let delta = served.len() as isize - at.len() as isize;
+        self.shift(at.end, delta);
+        self.model = Some(at.start..at.start + served.len());
+    }
+
+    /// Moves every position at or after `from` by `delta` bytes: the body changed before them.
+    /// The gateway's edits never start where another range ends, so ends and starts move alike.
+    fn shift(&mut self, from: usize, delta: isize) {
+        let moved = |at: usize| {
+            if at >= from {
+                at.saturating_add_signed(delta)
+            } else {
+                at
+            }
+        };
+        let shift_range = |r: &mut Range<usize>| {
+            *r = moved(r.start)..moved(r.end);
+        };
+        for r in [
+            &mut self.model,
+            &mut self.stream_options,
+            &mut self.stream_options_null,
+            &mut self.user,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            shift_range(r);
+        }
+        if let Some((_, r)) = &mut self.include_usage {
+            shift_range(r);
+        }
+        self.end = moved(self.end);
     }
 }
 
@@ -132,19 +187,25 @@ fn lax_bool(raw: &[u8]) -> Option<bool> {
 
 /// Rewrites `body` in place so a streaming request asks for the final usage chunk
 /// (`stream_options.include_usage = true`). Returns false when nothing needed changing.
-pub fn request_stream_usage(body: &mut Vec<u8>, info: &RequestInfo) -> bool {
+pub fn request_stream_usage(body: &mut Vec<u8>, info: &mut RequestInfo) -> bool {
+    let Some((at, insert)) = stream_usage_edit(body, info) else {
+        return false;
+    };
+    body.splice(at.clone(), insert.iter().copied());
+    info.shift(at.end, insert.len() as isize - at.len() as isize);
+    true
+}
+
+/// The one edit that asks for streaming usage: the bytes at `.0` are replaced by `.1`.
+fn stream_usage_edit(body: &[u8], info: &RequestInfo) -> Option<(Range<usize>, &'static [u8])> {
     if let Some(null) = &info.stream_options_null {
         // Replaced, not appended: a second `stream_options` key is read differently by
         // different JSON parsers.
-        body.splice(null.clone(), b"{\"include_usage\":true}".iter().copied());
-        return true;
+        return Some((null.clone(), b"{\"include_usage\":true}"));
     }
     match (&info.stream_options, &info.include_usage) {
-        (_, Some((true, _))) => false,
-        (_, Some((false, at))) => {
-            body.splice(at.clone(), b"true".iter().copied());
-            true
-        }
+        (_, Some((true, _))) => None,
+        (_, Some((false, at))) => Some((at.clone(), b"true")),
         (Some(obj), None) => {
             let inner_empty = body[obj.start + 1..obj.end - 1]
                 .iter()
@@ -154,8 +215,7 @@ pub fn request_stream_usage(body: &mut Vec<u8>, info: &RequestInfo) -> bool {
             } else {
                 b"\"include_usage\":true,"
             };
-            body.splice(obj.start + 1..obj.start + 1, insert.iter().copied());
-            true
+            Some((obj.start + 1..obj.start + 1, insert))
         }
         (None, None) => {
             let insert: &[u8] = if info.has_members {
@@ -163,8 +223,7 @@ pub fn request_stream_usage(body: &mut Vec<u8>, info: &RequestInfo) -> bool {
             } else {
                 b"\"stream_options\":{\"include_usage\":true}"
             };
-            body.splice(info.end..info.end, insert.iter().copied());
-            true
+            Some((info.end..info.end, insert))
         }
     }
 }
@@ -250,13 +309,26 @@ impl Scanner<'_> {
 mod tests {
     use super::*;
 
+    fn model(info: &RequestInfo, body: &[u8]) -> Option<String> {
+        let mut out = String::new();
+        info.decode_model(body, &mut out).then_some(out)
+    }
+
+    /// Applies the usage edit and checks that the ranges kept by the edited info are those a
+    /// fresh scan of the edited body finds.
     fn edited(body: &str) -> String {
         let mut b = body.as_bytes().to_vec();
-        let info = inspect(&b).unwrap();
-        request_stream_usage(&mut b, &info);
-        let s = String::from_utf8(b).unwrap();
+        let mut info = inspect(&b).unwrap();
+        request_stream_usage(&mut b, &mut info);
+        let s = String::from_utf8(b.clone()).unwrap();
         let v: serde_json::Value = serde_json::from_str(&s).expect("edit keeps valid JSON");
         assert_eq!(v["stream_options"]["include_usage"], true, "{s}");
+        let fresh = inspect(&b).unwrap();
+        assert_eq!(
+            (&info.model, &info.user, info.end),
+            (&fresh.model, &fresh.user, fresh.end),
+            "{s}"
+        );
         s
     }
 
@@ -264,17 +336,34 @@ mod tests {
     fn the_model_is_read_with_its_escapes_decoded() {
         let body = br#"{"model":"gpt\u002d4\t\"x\""}"#;
         let info = inspect(body).unwrap();
-        assert_eq!(info.model(body).as_deref(), Some("gpt-4\t\"x\""));
+        assert_eq!(model(&info, body).as_deref(), Some("gpt-4\t\"x\""));
         let plain = br#"{"model":"gpt-4"}"#;
-        let info = inspect(plain).unwrap();
-        assert!(matches!(info.model(plain), Some(Cow::Borrowed("gpt-4"))));
+        assert_eq!(
+            model(&inspect(plain).unwrap(), plain).as_deref(),
+            Some("gpt-4")
+        );
+        let broken = b"{\"model\":\"\xff\"}";
+        assert_eq!(model(&inspect(broken).unwrap(), broken), None);
+    }
+
+    #[test]
+    fn replacing_the_model_keeps_the_other_ranges() {
+        for served in ["m", "a-much-longer-served-name"] {
+            let mut b = br#"{"model":"public","user":"u-1","stream":true}"#.to_vec();
+            let mut info = inspect(&b).unwrap();
+            info.replace_model(&mut b, served);
+            let fresh = inspect(&b).unwrap();
+            assert_eq!(info, fresh, "{}", String::from_utf8_lossy(&b));
+            assert_eq!(model(&info, &b).as_deref(), Some(served));
+            assert_eq!(edited(std::str::from_utf8(&b).unwrap()).len(), b.len() + 40);
+        }
     }
 
     #[test]
     fn finds_fields_past_nested_values() {
         let body = br#"{"messages":[{"role":"user","content":"say \"model\": {x}"}],"model":"m-1","stream":true,"user":"u","n":1}"#;
         let info = inspect(body).unwrap();
-        assert_eq!(info.model(body).as_deref(), Some("m-1"));
+        assert_eq!(model(&info, body).as_deref(), Some("m-1"));
         assert!(info.stream);
         assert_eq!(&body[info.user.clone().unwrap()], b"u");
         assert_eq!(info.include_usage, None);
@@ -311,8 +400,8 @@ mod tests {
         for asked in ["true", "1", "\"yes\"", "\"True\""] {
             let raw = format!(r#"{{"stream":true,"stream_options":{{"include_usage":{asked}}}}}"#);
             let mut b = raw.clone().into_bytes();
-            let info = inspect(&b).unwrap();
-            assert!(!request_stream_usage(&mut b, &info), "{raw}");
+            let mut info = inspect(&b).unwrap();
+            assert!(!request_stream_usage(&mut b, &mut info), "{raw}");
             assert_eq!(b, raw.as_bytes());
         }
     }

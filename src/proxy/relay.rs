@@ -1,4 +1,5 @@
-//! Relay: send the request upstream, then stream the response to the client as each upstream read
+//! Phase 7b, relay: runs once per attempt, after [`super::pick`] chose a backend. Sends the
+//! request upstream, then stream the response to the client as each upstream read
 //! arrives. Response bytes are forwarded unchanged (chunked stays chunked); the only per-read work
 //! is the framing tracker skipping over chunk sizes, the meter, and one write to the client.
 //! Two cases re-frame the body instead, still one write per read: the usage-only event the
@@ -18,45 +19,63 @@ use crate::error::GatewayError;
 use crate::http::{
     self, parse_response, BodyTracker, ClientBody, Framing, ResponseHead, UpstreamError,
 };
-use crate::upstream::{ConnectError, UpstreamConn, WorkerUpstreams};
+use crate::upstream::{ConnectError, Passive, UpstreamConn, WorkerUpstreams};
 use crate::usage::Meter;
 
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
-/// How an exchange that got past the point of no return ended.
+/// How an exchange that got past the point of no return ended (the status is in [`Progress`]).
 pub enum Relayed {
     /// The whole response reached the client.
-    Complete { status: u16, client_reusable: bool },
+    Complete { client_reusable: bool },
     /// The client left; the upstream connection was closed so the backend stops generating.
     ClientGone,
     /// The backend failed (or went silent past `timeouts.idle` / `total`) after the response
     /// started; the client connection must be cut so it cannot mistake a partial body for a
     /// complete one.
-    Broken { status: u16, timed_out: bool },
+    Broken { timed_out: bool },
 }
 
-/// What the caller of [`exchange`] needs to describe the request.
-pub struct Exchange<'a> {
-    pub backend: usize,
+impl Relayed {
+    /// What this ending says about the backend's health (`status`: what it answered); `None`
+    /// when it says nothing (the client left).
+    pub fn passive(&self, status: u16) -> Option<Passive> {
+        match self {
+            Relayed::ClientGone => None,
+            Relayed::Complete { .. } if status >= 500 => Some(Passive::Failed),
+            Relayed::Complete { .. } => Some(Passive::Ok),
+            Relayed::Broken { .. } => Some(Passive::Failed),
+        }
+    }
+}
+
+/// What stays the same across the attempts of one request.
+pub struct Plan<'a> {
+    pub request_id: &'a [u8],
     pub head_request: bool,
     /// An HTTP/1.0 client: it cannot take a chunked body.
     pub client_http10: bool,
-    pub request_id: &'a [u8],
     pub client_keep_alive: bool,
     /// The gateway added `include_usage` to the request: keep the usage-only event from the client.
     pub strip_usage: bool,
     /// Complete header lines added to the client's response head (`x-ratelimit-*`).
     pub extra_headers: &'a [u8],
+    /// `timeouts.idle`: longest gap between body reads.
+    pub idle: Option<Duration>,
+    /// `timeouts.total`: end of the whole exchange.
+    pub deadline: Option<Instant>,
+}
+
+/// One attempt: the request's plan, the backend and what this attempt may hand back.
+pub struct Exchange<'a> {
+    pub plan: &'a Plan<'a>,
+    pub backend: usize,
     /// Response statuses to hand back (as [`GatewayError::UpstreamStatus`]) instead of relaying,
     /// so the caller can retry elsewhere. Empty on the last attempt.
     pub retry_status: &'a [u16],
     /// Latest time for the response head (`timeouts.first_byte`, `timeouts.total`).
     pub head_deadline: Option<Instant>,
-    /// `timeouts.idle`: longest gap between body reads.
-    pub idle: Option<Duration>,
-    /// `timeouts.total`: end of the whole exchange.
-    pub deadline: Option<Instant>,
 }
 
 /// What the relay observed, filled in as it goes so every exit path can be accounted for.
@@ -114,6 +133,7 @@ pub async fn exchange(
     ex: Exchange<'_>,
     progress: &mut Progress,
 ) -> Result<Relayed, GatewayError> {
+    let plan = ex.plan;
     let mut fresh_only = false;
     let (mut up, head) = loop {
         let conn = if fresh_only {
@@ -138,7 +158,7 @@ pub async fn exchange(
             }
             return Err(GatewayError::UpstreamConnect);
         }
-        let head = read_head(&mut up, watch, ex.head_request, resp_head);
+        let head = read_head(&mut up, watch, plan.head_request, resp_head);
         let head = match ex.head_deadline {
             None => head.await,
             Some(at) => match monoio::time::timeout_at(at.into(), head).await {
@@ -171,10 +191,10 @@ pub async fn exchange(
     // The body goes out as the backend framed it, unless the gateway must change it: leave out
     // the usage-only event it asked for (re-framed as chunks), or undo chunking for an HTTP/1.0
     // client (sent until close).
-    let strip = ex.strip_usage && head.event_stream && status == 200;
+    let strip = plan.strip_usage && head.event_stream && status == 200;
     let client_body = if head.framing == Framing::Empty {
         ClientBody::AsIs
-    } else if ex.client_http10 && (strip || head.framing == Framing::Chunked) {
+    } else if plan.client_http10 && (strip || head.framing == Framing::Chunked) {
         ClientBody::UntilClose
     } else if strip {
         ClientBody::Chunked
@@ -189,10 +209,10 @@ pub async fn exchange(
         ClientBody::AsIs => head.framing == Framing::UntilClose,
         ClientBody::Chunked => false,
     };
-    let client_reusable = ex.client_keep_alive && !ends_with_close;
+    let client_reusable = plan.client_keep_alive && !ends_with_close;
     head.push_framing(resp_head, client_body);
-    http::push_header(resp_head, b"X-Request-Id", ex.request_id);
-    resp_head.extend_from_slice(ex.extra_headers);
+    http::push_header(resp_head, b"X-Request-Id", plan.request_id);
+    resp_head.extend_from_slice(plan.extra_headers);
     if !client_reusable {
         resp_head.extend_from_slice(b"Connection: close\r\n");
     }
@@ -247,7 +267,7 @@ pub async fn exchange(
         let mut buf = mem::take(&mut up.buf);
         buf.clear();
         let read = watch.race(up.stream.read(buf));
-        let limit = match (ex.idle, ex.deadline) {
+        let limit = match (plan.idle, plan.deadline) {
             (None, None) => None,
             (idle, deadline) => {
                 let until_deadline = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -258,12 +278,7 @@ pub async fn exchange(
             None => read.await,
             Some(limit) => match monoio::time::timeout(limit, read).await {
                 Ok(r) => r,
-                Err(_) => {
-                    return Ok(Relayed::Broken {
-                        status,
-                        timed_out: true,
-                    })
-                }
+                Err(_) => return Ok(Relayed::Broken { timed_out: true }),
             },
         };
         let Some((read, buf)) = read else {
@@ -274,12 +289,7 @@ pub async fn exchange(
             // A body delimited by the close ends here; a re-framed one still needs its end.
             Ok(0) if head.framing == Framing::UntilClose && !reframe => break,
             Ok(0) if head.framing == Framing::UntilClose => (0, true),
-            Ok(0) | Err(_) => {
-                return Ok(Relayed::Broken {
-                    status,
-                    timed_out: false,
-                })
-            }
+            Ok(0) | Err(_) => return Ok(Relayed::Broken { timed_out: false }),
             Ok(n) => {
                 crate::busy_poll::mark_activity();
                 (n, false)
@@ -292,10 +302,7 @@ pub async fn exchange(
             out.resize(CHUNK_PREFIX, 0);
             let Ok(body) = tracker.advance(&up.buf[..n], |d| pass(meter, strip, d, &mut out))
             else {
-                return Ok(Relayed::Broken {
-                    status,
-                    timed_out: false,
-                });
+                return Ok(Relayed::Broken { timed_out: false });
             };
             upstream_reusable &= body == n;
             let end = end_of_body || tracker.is_done();
@@ -328,10 +335,7 @@ pub async fn exchange(
             sent
         } else {
             let Ok(body) = tracker.advance(&up.buf[..n], |d| meter.observe(d)) else {
-                return Ok(Relayed::Broken {
-                    status,
-                    timed_out: false,
-                });
+                return Ok(Relayed::Broken { timed_out: false });
             };
             // Bytes past the end of the response mean the backend is out of step: never reuse it.
             upstream_reusable &= body == n;
@@ -358,10 +362,7 @@ pub async fn exchange(
     if upstream_reusable {
         upstreams.checkin(ex.backend, up);
     }
-    Ok(Relayed::Complete {
-        status,
-        client_reusable,
-    })
+    Ok(Relayed::Complete { client_reusable })
 }
 
 /// Re-framed payload: metered, and appended to `out` (without the usage-only events when

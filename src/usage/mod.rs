@@ -22,6 +22,10 @@ pub use record::{mask_key, parse_usage, Accounted, Billed, Record, Tokens, Usage
 pub use reporter::{QuotaHook, Reporter, ReporterStats, UsageStats};
 pub use spool::Spool;
 
+/// The status of a request whose client left before the backend answered: nginx's "client
+/// closed request". Such a request is not an error answer: it is billed what was relayed.
+pub const CLIENT_CLOSED: u16 = 499;
+
 /// How the request ended, as billed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -82,6 +86,7 @@ pub struct UsageEvent {
     pub endpoint: String,
     pub is_stream: bool,
     pub backend_url: Arc<str>,
+    /// The backend's status, or [`CLIENT_CLOSED`] when the client left before it answered.
     pub status_code: u16,
     pub latency: Duration,
     pub ttft: Option<Duration>,

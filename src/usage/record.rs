@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use memchr::memmem;
 use serde::{Deserialize, Serialize};
 
-use super::{Captured, Outcome, UsageEvent};
+use super::{Captured, Outcome, UsageEvent, CLIENT_CLOSED};
 
 /// One request's usage, as spooled and delivered, over its string type: the ingest thread
 /// serializes a `Record<&str>` borrowed from the event ([`Accounted::record`]), sinks parse the
@@ -298,16 +298,12 @@ pub struct Billed {
     pub outcome: Outcome,
 }
 
-/// An event's status when the backend never answered: the client left first.
-const NO_ANSWER: u16 = 0;
-/// What a record says for it: nginx's "client closed request".
-const CLIENT_CLOSED: u16 = 499;
-
 impl Billed {
     pub fn of(event: &UsageEvent) -> Billed {
         // A backend that answered with an error generated nothing billable, whatever its body
-        // says. Status 0 is no answer at all (the client left first), not an error answer.
-        let refused = event.status_code != NO_ANSWER && !(200..300).contains(&event.status_code);
+        // says. 499 is no answer at all (the client left first), not an error answer.
+        let refused =
+            event.status_code != CLIENT_CLOSED && !(200..300).contains(&event.status_code);
         let (usage, outcome) = if refused {
             (Some(Tokens::default()), Outcome::Failed)
         } else {
@@ -386,10 +382,7 @@ impl Accounted {
             endpoint: &event.endpoint,
             is_stream: event.is_stream,
             backend_url: &event.backend_url,
-            status_code: match event.status_code {
-                NO_ANSWER => CLIENT_CLOSED,
-                status => status,
-            },
+            status_code: event.status_code,
             latency_ms: event.latency.as_millis() as u64,
             ttft_ms: event.ttft.map(|t| t.as_millis() as u64),
             prompt_tokens: billed.tokens.prompt,
@@ -503,8 +496,8 @@ mod tests {
     }
 
     /// The record as it was built before records borrowed from their event (a `String` per
-    /// field, the key masked and the time formatted per request), with today's `status_code`
-    /// rule (499 for no answer): the reference that the spooled JSON must match byte for byte.
+    /// field, the key masked and the time formatted per request): the reference that the
+    /// spooled JSON must match byte for byte.
     fn owned_record(event: &UsageEvent, include_raw_key: bool) -> UsageRecord {
         let Billed {
             tokens,
@@ -547,10 +540,7 @@ mod tests {
             endpoint: event.endpoint.clone(),
             is_stream: event.is_stream,
             backend_url: event.backend_url.to_string(),
-            status_code: match event.status_code {
-                NO_ANSWER => CLIENT_CLOSED,
-                status => status,
-            },
+            status_code: event.status_code,
             latency_ms: event.latency.as_millis() as u64,
             ttft_ms: event.ttft.map(|t| t.as_millis() as u64),
             prompt_tokens: tokens.prompt,
@@ -578,7 +568,7 @@ mod tests {
             // Nothing optional, nothing reported: estimated, cancelled before any answer.
             UsageEvent {
                 outcome: Outcome::Cancelled,
-                ..event(0, Captured::Nothing, 3)
+                ..event(CLIENT_CLOSED, Captured::Nothing, 3)
             },
             UsageEvent {
                 request_id: format!("id-{awkward}"),

@@ -62,5 +62,7 @@ except Exception as exc:  # the SDK maps 404 to NotFoundError
     check(type(exc).__name__ == "NotFoundError", f"unknown model raises NotFoundError ({type(exc).__name__})")
 
 raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
-check(raw.headers.get("x-request-id", "").startswith("req_"), "x-request-id returned")
+import uuid
+rid = raw.headers.get("x-request-id", "")
+check(uuid.UUID(rid).version == 7, f"x-request-id returned as a UUIDv7 ({rid})")
 print("all SDK checks passed")

@@ -1,0 +1,223 @@
+//! Phase 7, pick and relay under a retry policy: runs once per relayed request after its body is
+//! ready. Picks a backend, relays, and on a failure before any response byte reached the client
+//! tries another backend after a jittered backoff, within `retry.max_attempts` and the worker's
+//! [`RetryBudget`]. Each attempt's ending is reported to the backend's passive health. Returns
+//! the last attempt's result with the backend it went to, still counted in flight.
+
+use std::cell::Cell;
+use std::time::Instant;
+
+use super::client_watch::ClientWatch;
+use super::conn::ClientWriter;
+use super::forward::{self, Origin};
+use super::pick;
+use super::relay::{self, Exchange, Plan, Progress, Relayed};
+use super::{Context, Generation};
+use crate::error::GatewayError;
+use crate::http::RequestHead;
+use crate::upstream::InFlight;
+
+/// Retries allowed as a share of requests, per worker: each request deposits a fraction of a
+/// token, each retry spends one. During an outage, retries stay a bounded fraction of traffic
+/// instead of multiplying it; a small reserve allows retries right after start.
+pub struct RetryBudget {
+    tokens: Cell<f64>,
+}
+
+impl RetryBudget {
+    const RESERVE: f64 = 10.0;
+
+    pub fn new() -> Self {
+        RetryBudget {
+            tokens: Cell::new(Self::RESERVE),
+        }
+    }
+
+    fn deposit(&self, percent: u32) {
+        self.tokens
+            .set((self.tokens.get() + f64::from(percent) / 100.0).min(Self::RESERVE));
+    }
+
+    /// Whether a retry could be paid for now (without paying for it).
+    fn has_one(&self) -> bool {
+        self.tokens.get() >= 1.0
+    }
+
+    fn withdraw(&self) -> bool {
+        let t = self.tokens.get();
+        if t >= 1.0 {
+            self.tokens.set(t - 1.0);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The client's request as every attempt sends it.
+pub struct Request<'a> {
+    /// The client's read buffer, which starts with the request head.
+    pub buf: &'a [u8],
+    pub head: &'a RequestHead,
+    /// The body as rewritten for the backend.
+    pub body: &'a [u8],
+    pub client_ip: &'a str,
+    pub model: Option<&'a str>,
+    pub affinity_key: Option<&'a [u8]>,
+}
+
+/// The last attempt's ending, and the backend it went to (still counted in flight).
+pub struct Attempted {
+    pub result: Result<Relayed, GatewayError>,
+    pub progress: Progress,
+    pub in_flight: Option<InFlight>,
+    /// Backends tried, this one included.
+    pub attempts: u32,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn relay_with_retries(
+    ctx: &Context,
+    generation: &Generation,
+    watch: &mut ClientWatch<'_>,
+    wr: &mut ClientWriter,
+    out: &mut Vec<u8>,
+    resp_head: &mut Vec<u8>,
+    req: &Request<'_>,
+    plan: &Plan<'_>,
+) -> Attempted {
+    let retry = &generation.config.retry;
+    ctx.retry_budget.deposit(retry.budget_percent);
+    let mut tried = 0u64;
+    let mut attempt = 1;
+    loop {
+        let in_flight = match pick::pick(generation, req.model, req.affinity_key, tried) {
+            Ok(f) => f,
+            Err(e) => {
+                return Attempted {
+                    result: Err(e),
+                    progress: Progress::default(),
+                    in_flight: None,
+                    attempts: attempt,
+                }
+            }
+        };
+        let idx = in_flight.index;
+        tried |= 1 << (idx % 64);
+        let backend = generation.upstreams.backend(idx);
+        forward::write_upstream_head(
+            out,
+            req.buf,
+            req.head,
+            backend,
+            Origin {
+                client_ip: req.client_ip,
+                request_id: plan.request_id,
+                credentials: generation
+                    .auth
+                    .as_ref()
+                    .map_or(&[][..], |a| a.header_names()),
+            },
+            req.body.len() as u64,
+        );
+        out.extend_from_slice(req.body);
+        // With no retry left (attempts or budget), a retryable status is relayed as the
+        // backend sent it rather than replaced by the gateway's own error.
+        let last = attempt >= retry.max_attempts || !ctx.retry_budget.has_one();
+        let first_byte = generation
+            .config
+            .timeouts
+            .first_byte
+            .map(|t| Instant::now() + t);
+        let ex = Exchange {
+            plan,
+            backend: idx,
+            retry_status: if last { &[] } else { &retry.on_status },
+            head_deadline: first_byte.into_iter().chain(plan.deadline).min(),
+        };
+        let mut progress = Progress::default();
+        let result = relay::exchange(
+            ctx,
+            &generation.upstreams,
+            watch,
+            wr,
+            out,
+            resp_head,
+            ex,
+            &mut progress,
+        )
+        .await;
+        let passive = match &result {
+            Ok(relayed) => relayed.passive(progress.status),
+            Err(e) => Some(e.passive()),
+        };
+        if let Some(verdict) = passive {
+            backend.record(verdict, &generation.upstreams.health);
+        }
+        match result {
+            Err(e) if e.is_retryable() && !last && ctx.retry_budget.withdraw() => {
+                tracing::debug!(request_id = %String::from_utf8_lossy(plan.request_id), backend = %backend.url, attempt, code = e.code(), "retrying on another backend");
+                drop(in_flight);
+                let cap = retry
+                    .max_backoff
+                    .min(retry.initial_backoff * 2u32.saturating_pow(attempt - 1));
+                let backoff = cap.mul_f64((generation.upstreams.random() % 1024) as f64 / 1024.0);
+                if watch.race(monoio::time::sleep(backoff)).await.is_none() {
+                    return Attempted {
+                        result: Ok(Relayed::ClientGone),
+                        progress,
+                        in_flight: None,
+                        attempts: attempt,
+                    };
+                }
+                attempt += 1;
+            }
+            result => {
+                return Attempted {
+                    result,
+                    progress,
+                    in_flight: Some(in_flight),
+                    attempts: attempt,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_pays_for_a_share_of_requests_after_its_reserve() {
+        let budget = RetryBudget::new();
+        // The reserve: ten retries right after start, then none.
+        for _ in 0..10 {
+            assert!(budget.has_one());
+            assert!(budget.withdraw());
+        }
+        assert!(!budget.has_one());
+        assert!(!budget.withdraw());
+        // 20% of requests: five requests pay for one retry.
+        for _ in 0..4 {
+            budget.deposit(20);
+            assert!(!budget.has_one());
+        }
+        budget.deposit(20);
+        assert!(budget.withdraw());
+        assert!(!budget.withdraw());
+    }
+
+    #[test]
+    fn the_budget_never_saves_more_than_its_reserve() {
+        let budget = RetryBudget::new();
+        for _ in 0..1000 {
+            budget.deposit(100);
+        }
+        let mut paid = 0;
+        while budget.withdraw() {
+            paid += 1;
+        }
+        assert_eq!(paid, 10);
+    }
+}
