@@ -55,10 +55,7 @@ impl Api {
 
     /// The API a request path is for; `None` for a path the gateway does not relay (a 404).
     pub fn of_path(path: &[u8]) -> Option<Api> {
-        let path = match memchr::memchr(b'?', path) {
-            Some(q) => &path[..q],
-            None => path,
-        };
+        let path = crate::http::path_of(path);
         let path = path.strip_suffix(b"/").unwrap_or(path);
         Some(match path {
             b"/v1/chat/completions" => Api::ChatCompletions,

@@ -8,11 +8,14 @@
 //! configuration and `live` holds its running generation (hot reload); `metrics` keeps
 //! per-worker counters for Prometheus; `logging` writes log lines off the workers; `busy_poll`
 //! optionally keeps an active worker polling instead of sleeping; `mock` is the OpenAI-compatible simulator used by tests, the demo and benchmarks.
+//! Shared helpers exist once: `db` opens SQL connections (auth providers, usage sinks), `time`
+//! does calendar arithmetic and RFC 3339, `redact` masks keys wherever they are shown.
 
 pub mod api;
 pub mod auth;
 pub mod busy_poll;
 pub mod config;
+pub mod db;
 pub mod error;
 pub mod http;
 pub mod limits;
@@ -21,6 +24,8 @@ pub mod logging;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod redact;
 pub mod server;
+pub mod time;
 pub mod upstream;
 pub mod usage;

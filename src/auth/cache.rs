@@ -120,7 +120,7 @@ impl Cache {
             }
             Err(e) => {
                 tracing::warn!(
-                    key = %crate::config::mask(key),
+                    key = %crate::redact::mask_key(key),
                     serving_stale = stale.is_some(),
                     "auth provider look-up failed: {e}"
                 );

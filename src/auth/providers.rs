@@ -1,16 +1,20 @@
 //! Key providers outside the config file: Redis, SQL databases (SQLite, PostgreSQL, MySQL) and an
 //! HTTP webhook. Every call here blocks, so it runs only on the look-up threads ([`super::cache`]),
 //! never on a worker. Each look-up thread keeps its own connections and reconnects after errors.
+//! The SQL look-up query is built here from the table and columns the config names; connections
+//! are opened by [`crate::db`].
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::config::{ApiKeyConfig, DbDriver, KeyStatus, LimitSpec, ProviderConfig};
+use crate::config::{ApiKeyConfig, KeyStatus, LimitSpec, ProviderConfig};
+use crate::db::{self, DbDriver};
+use crate::redact::mask_key;
 
-/// Connect (and for MySQL, read/write) timeout of database connections.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a Redis connect, or one read or write of a Redis or MySQL look-up, may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A failed look-up (the provider is down or answered nonsense): never "unknown key".
 #[derive(Debug)]
@@ -24,9 +28,9 @@ pub struct Conns {
 
 enum Conn {
     Redis(redis::Connection),
-    Sqlite(rusqlite::Connection),
-    Postgres(postgres::Client),
-    Mysql(mysql::Conn),
+    /// With its look-up query.
+    Database(db::Conn, String),
+    KeyStore(rusqlite::Connection),
     Http(ureq::Agent),
 }
 
@@ -53,9 +57,9 @@ pub fn lookup(
                 _ => {
                     let client = redis::Client::open(url.0.as_str()).map_err(err)?;
                     let c = client
-                        .get_connection_with_timeout(Duration::from_secs(2))
+                        .get_connection_with_timeout(LOOKUP_TIMEOUT)
                         .map_err(err)?;
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = c.set_read_timeout(Some(LOOKUP_TIMEOUT));
                     conns.slots.insert(index, Conn::Redis(c));
                     let Some(Conn::Redis(c)) = conns.slots.get_mut(&index) else {
                         unreachable!()
@@ -72,14 +76,26 @@ pub fn lookup(
         ProviderConfig::Database {
             driver,
             dsn,
-            query,
+            table,
+            key_column,
             columns,
-        } => sql_lookup(index, *driver, &dsn.0, query, columns, conns, req.api_key),
+        } => {
+            if let std::collections::hash_map::Entry::Vacant(slot) = conns.slots.entry(index) {
+                let conn =
+                    db::connect(*driver, &dsn.0, Some(LOOKUP_TIMEOUT)).map_err(ProviderError)?;
+                let query = select_query(*driver, table, key_column, columns);
+                slot.insert(Conn::Database(conn, query));
+            }
+            let Some(Conn::Database(conn, query)) = conns.slots.get_mut(&index) else {
+                unreachable!("opened above")
+            };
+            sql_lookup(conn, query, columns, req.api_key)
+        }
         ProviderConfig::KeyStore { path } => {
             if let std::collections::hash_map::Entry::Vacant(slot) = conns.slots.entry(index) {
-                slot.insert(Conn::Sqlite(super::store::open(path).map_err(err)?));
+                slot.insert(Conn::KeyStore(super::store::open(path).map_err(err)?));
             }
-            let Some(Conn::Sqlite(c)) = conns.slots.get(&index) else {
+            let Some(Conn::KeyStore(c)) = conns.slots.get(&index) else {
                 unreachable!("opened above")
             };
             match super::store::lookup(c, req.api_key).map_err(err)? {
@@ -144,38 +160,41 @@ fn redis_lookup(
     }
 }
 
-fn sql_lookup(
-    index: usize,
+/// The look-up of one key: every column selected as text, so one reader fits all drivers.
+fn select_query(
     driver: DbDriver,
-    dsn: &str,
+    table: &str,
+    key_column: &str,
+    columns: &[(String, String)],
+) -> String {
+    let select: Vec<String> = columns
+        .iter()
+        .map(|(_, column)| match driver {
+            DbDriver::Sqlite => format!("CAST({column} AS TEXT)"),
+            DbDriver::Postgres => format!("{column}::text"),
+            DbDriver::Mysql => format!("CAST({column} AS CHAR)"),
+        })
+        .collect();
+    let placeholder = match driver {
+        DbDriver::Postgres => "$1",
+        DbDriver::Sqlite | DbDriver::Mysql => "?",
+    };
+    format!(
+        "SELECT {} FROM {table} WHERE {key_column} = {placeholder}",
+        select.join(", ")
+    )
+}
+
+/// Runs the look-up `query`; `columns` are the (record field, column) pairs it selects.
+fn sql_lookup(
+    conn: &mut db::Conn,
     query: &str,
-    columns: &[String],
-    conns: &mut Conns,
+    columns: &[(String, String)],
     api_key: &str,
 ) -> Result<Option<ApiKeyConfig>, ProviderError> {
-    if let std::collections::hash_map::Entry::Vacant(slot) = conns.slots.entry(index) {
-        slot.insert(match driver {
-            DbDriver::Sqlite => Conn::Sqlite(rusqlite::Connection::open(dsn).map_err(err)?),
-            DbDriver::Postgres => {
-                let mut config: postgres::Config = dsn.parse().map_err(err)?;
-                if config.get_connect_timeout().is_none() {
-                    config.connect_timeout(CONNECT_TIMEOUT);
-                }
-                Conn::Postgres(config.connect(postgres::NoTls).map_err(err)?)
-            }
-            DbDriver::Mysql => {
-                let opts = mysql::Opts::from_url(dsn).map_err(err)?;
-                let opts = mysql::OptsBuilder::from_opts(opts)
-                    .tcp_connect_timeout(Some(CONNECT_TIMEOUT))
-                    .read_timeout(Some(CONNECT_TIMEOUT))
-                    .write_timeout(Some(CONNECT_TIMEOUT));
-                Conn::Mysql(mysql::Conn::new(opts).map_err(err)?)
-            }
-        });
-    }
     // Every column is selected as text (the query casts it), so one reader fits all drivers.
-    let row: Option<Vec<Option<String>>> = match conns.slots.get_mut(&index) {
-        Some(Conn::Sqlite(c)) => {
+    let row: Option<Vec<Option<String>>> = match conn {
+        db::Conn::Sqlite(c) => {
             let mut stmt = c.prepare_cached(query).map_err(err)?;
             let mut rows = stmt.query([api_key]).map_err(err)?;
             match rows.next().map_err(err)? {
@@ -188,11 +207,11 @@ fn sql_lookup(
                 ),
             }
         }
-        Some(Conn::Postgres(c)) => c
+        db::Conn::Postgres(c) => c
             .query_opt(query, &[&api_key])
             .map_err(err)?
             .map(|r| (0..columns.len()).map(|i| r.get(i)).collect()),
-        Some(Conn::Mysql(c)) => {
+        db::Conn::Mysql(c) => {
             use mysql::prelude::Queryable;
             let row: Option<mysql::Row> = c.exec_first(query, (api_key,)).map_err(err)?;
             row.map(|r| {
@@ -201,13 +220,12 @@ fn sql_lookup(
                     .collect()
             })
         }
-        _ => unreachable!("connection opened above"),
     };
     let Some(row) = row else { return Ok(None) };
     let by_name: HashMap<&str, String> = columns
         .iter()
         .zip(row)
-        .filter_map(|(c, v)| Some((c.as_str(), v?)))
+        .filter_map(|((field, _), v)| Some((field.as_str(), v?)))
         .collect();
     Ok(Some(record(api_key, |f| {
         by_name.get(f).map(|v| Value::String(v.clone()))
@@ -297,12 +315,13 @@ fn record(
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
         Some(v) => Some(
-            crate::config::parse_time(&v).ok_or_else(|| ProviderError("bad expires_at".into()))?,
+            crate::time::parse_unix_seconds(&v)
+                .ok_or_else(|| ProviderError("bad expires_at".into()))?,
         ),
     };
     Ok(ApiKeyConfig {
         key: api_key.to_string(),
-        name: text("name").unwrap_or_else(|| crate::config::mask(api_key)),
+        name: text("name").unwrap_or_else(|| mask_key(api_key)),
         user_id: text("user_id"),
         status,
         total_quota: number("total_quota")?,
@@ -315,4 +334,29 @@ fn record(
             max_concurrent: number("max_concurrent")?.map(|n| n as u32),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn select_queries_per_driver() {
+        let columns = [
+            ("name".to_string(), "name".to_string()),
+            ("tokens_per_minute".to_string(), "tpm".to_string()),
+        ];
+        assert_eq!(
+            select_query(DbDriver::Sqlite, "api_keys", "api_key", &columns),
+            "SELECT CAST(name AS TEXT), CAST(tpm AS TEXT) FROM api_keys WHERE api_key = ?"
+        );
+        assert_eq!(
+            select_query(DbDriver::Postgres, "keys", "k", &columns),
+            "SELECT name::text, tpm::text FROM keys WHERE k = $1"
+        );
+        assert_eq!(
+            select_query(DbDriver::Mysql, "keys", "k", &columns),
+            "SELECT CAST(name AS CHAR), CAST(tpm AS CHAR) FROM keys WHERE k = ?"
+        );
+    }
 }

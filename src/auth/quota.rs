@@ -12,7 +12,8 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use rusqlite::Connection;
 
-use crate::config::{year_month, QuotaPeriod};
+use crate::config::QuotaPeriod;
+use crate::time::civil_from_days;
 
 /// How long the writer gathers updates before committing them.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
@@ -157,7 +158,7 @@ pub fn period_of(period: Option<QuotaPeriod>, unix_secs: u64) -> u64 {
         None => 0,
         Some(QuotaPeriod::Daily) => days as u64,
         Some(QuotaPeriod::Monthly) => {
-            let (y, m) = year_month(days);
+            let (y, m, _) = civil_from_days(days);
             (y * 12 + i64::from(m)) as u64
         }
     }
@@ -166,7 +167,7 @@ pub fn period_of(period: Option<QuotaPeriod>, unix_secs: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::days_from_civil;
+    use crate::time::days_from_civil;
 
     #[test]
     fn periods() {

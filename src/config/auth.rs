@@ -1,5 +1,10 @@
-//! Config sections for client authentication and limits: `auth`, `api_keys` and `rate_limit`.
-//! Parsed and validated here into plain data; `crate::auth` and `crate::limits` act on it.
+//! The client authentication sections, `auth` and `api_keys`: header names, refusal responses,
+//! quota period, the provider pipeline (which providers, which table and columns, the Lua stage)
+//! and the static keys. Parsed, defaulted and validated here into plain data; `crate::auth`
+//! acts on it.
+//!
+//! It must not connect to a provider nor build its queries (that is `crate::auth::providers`):
+//! table and column names are only checked to be plain SQL identifiers.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -9,8 +14,14 @@ use ipnet::IpNet;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+use super::address::parse_net;
+use super::limits::{check_spec, LimitSpec};
+use super::types::Secret;
 use super::units::DurationValue;
 use super::Issue;
+use crate::db::DbDriver;
+use crate::redact::mask_key;
+use crate::time::parse_unix_seconds;
 
 /// `auth` when present and enabled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,10 +86,11 @@ pub enum ProviderConfig {
     Database {
         driver: DbDriver,
         dsn: Secret,
-        /// Built from `table` and `columns` with the driver's placeholder.
-        query: String,
-        /// Record fields, in the query's column order.
-        columns: Vec<String>,
+        table: String,
+        /// The column holding the key.
+        key_column: String,
+        /// (record field, column) pairs to select, in record-field order.
+        columns: Vec<(String, String)>,
     },
     Webhook {
         url: String,
@@ -89,14 +101,6 @@ pub enum ProviderConfig {
     KeyStore {
         path: String,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DbDriver {
-    Sqlite,
-    Postgres,
-    Mysql,
 }
 
 /// Why a key is refused; each has a configurable status and message (`auth.status_codes`).
@@ -239,72 +243,11 @@ pub struct ApiKeyConfig {
 impl fmt::Debug for ApiKeyConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ApiKeyConfig")
-            .field("key", &mask(&self.key))
+            .field("key", &mask_key(&self.key))
             .field("name", &self.name)
             .field("status", &self.status)
             .finish_non_exhaustive()
     }
-}
-
-/// A key as it may appear in logs: its first 6 characters and its length.
-pub fn mask(key: &str) -> String {
-    let shown: String = key.chars().take(6).collect();
-    format!("{shown}…({} chars)", key.chars().count())
-}
-
-/// A credential from the config; `Debug` shows it masked.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&mask(&self.0))
-    }
-}
-
-/// Limits of one scope (a key, or all traffic). `None`: unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LimitSpec {
-    pub requests_per_minute: Option<u64>,
-    pub tokens_per_minute: Option<u64>,
-    pub max_concurrent: Option<u32>,
-}
-
-impl LimitSpec {
-    pub fn is_empty(&self) -> bool {
-        *self == LimitSpec::default()
-    }
-
-    /// `self` with unset fields taken from `base`.
-    pub fn or(self, base: LimitSpec) -> LimitSpec {
-        LimitSpec {
-            requests_per_minute: self.requests_per_minute.or(base.requests_per_minute),
-            tokens_per_minute: self.tokens_per_minute.or(base.tokens_per_minute),
-            max_concurrent: self.max_concurrent.or(base.max_concurrent),
-        }
-    }
-}
-
-/// `rate_limit`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RateLimitConfig {
-    /// Applies to every key unless the key overrides it.
-    pub per_key: LimitSpec,
-    /// Applies to all traffic together.
-    pub global: LimitSpec,
-    /// Wait up to this long for a slot or a request token instead of answering 429 at once.
-    pub queue_timeout: Option<Duration>,
-    /// `storage: redis`: request rates shared by every instance using this Redis.
-    pub redis: Option<SharedLimits>,
-}
-
-/// `rate_limit.redis`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SharedLimits {
-    pub url: Secret,
-    /// Prepended to every Redis key, so several deployments can share one Redis.
-    pub prefix: String,
 }
 
 #[derive(Deserialize)]
@@ -434,40 +377,12 @@ pub(super) struct RawApiKey {
     rate_limit: LimitSpec,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
-pub(super) struct RawRateLimit {
-    enabled: Option<bool>,
-    storage: Option<String>,
-    redis: RawSharedLimits,
-    per_key: LimitSpec,
-    global: LimitSpec,
-    queue_timeout: Option<DurationValue>,
-}
-
-#[derive(Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(super) struct RawSharedLimits {
-    url: String,
-    prefix: String,
-}
-
-impl Default for RawSharedLimits {
-    fn default() -> Self {
-        RawSharedLimits {
-            url: "redis://127.0.0.1:6379/".to_string(),
-            prefix: "llmproxy:rl:".to_string(),
-        }
-    }
-}
-
-/// Validates the three sections together: keys without `auth` would never be checked.
+/// Validates `auth` and `api_keys` together: keys without `auth` would never be checked.
 pub(super) fn build(
     auth: Option<RawAuth>,
     keys: Vec<RawApiKey>,
-    rate: RawRateLimit,
     issues: &mut Vec<Issue>,
-) -> (Option<AuthConfig>, Vec<ApiKeyConfig>, RateLimitConfig) {
+) -> (Option<AuthConfig>, Vec<ApiKeyConfig>) {
     let auth = auth.filter(|a| a.enabled).map(|a| build_auth(a, issues));
     let mut api_keys = Vec::with_capacity(keys.len());
     let mut seen = std::collections::HashSet::new();
@@ -492,7 +407,7 @@ pub(super) fn build(
         }
         let expires_at = match &raw.expires_at {
             None | Some(serde_json::Value::Null) => None,
-            Some(v) => match parse_time(v) {
+            Some(v) => match parse_unix_seconds(v) {
                 Some(t) => Some(t),
                 None => {
                     issues.push(Issue::new(
@@ -505,7 +420,7 @@ pub(super) fn build(
         };
         check_spec(&raw.rate_limit, &format!("{at}.rate_limit"), issues);
         api_keys.push(ApiKeyConfig {
-            name: raw.name.unwrap_or_else(|| mask(&raw.key)),
+            name: raw.name.unwrap_or_else(|| mask_key(&raw.key)),
             key: raw.key,
             user_id: raw.user_id,
             status: raw.status.unwrap_or(KeyStatus::Active),
@@ -525,33 +440,7 @@ pub(super) fn build(
             "auth is enabled with storage \"file\" but no api_keys are configured",
         ));
     }
-    let rate = if rate.enabled == Some(false) {
-        RateLimitConfig::default()
-    } else {
-        check_spec(&rate.per_key, "rate_limit.per_key", issues);
-        check_spec(&rate.global, "rate_limit.global", issues);
-        let redis = match rate.storage.as_deref() {
-            None | Some("memory") => None,
-            Some("redis") => Some(SharedLimits {
-                url: Secret(rate.redis.url),
-                prefix: rate.redis.prefix,
-            }),
-            Some(other) => {
-                issues.push(Issue::new(
-                    "rate_limit.storage",
-                    format!("{other:?}: expected memory or redis"),
-                ));
-                None
-            }
-        };
-        RateLimitConfig {
-            per_key: rate.per_key,
-            global: rate.global,
-            queue_timeout: rate.queue_timeout.map(|d| d.0),
-            redis,
-        }
-    };
-    (auth, api_keys, rate)
+    (auth, api_keys)
 }
 
 fn build_auth(raw: RawAuth, issues: &mut Vec<Issue>) -> AuthConfig {
@@ -690,8 +579,7 @@ fn build_provider(p: RawProvider, at: &str, issues: &mut Vec<Issue>) -> Option<P
                     ));
                 }
             }
-            let mut fields = Vec::new();
-            let mut select = Vec::new();
+            let mut selected = Vec::new();
             for (i, field) in RECORD_FIELDS.iter().enumerate() {
                 let column = match columns.get(*field) {
                     Some(c) if c.is_empty() => continue,
@@ -699,12 +587,7 @@ fn build_provider(p: RawProvider, at: &str, issues: &mut Vec<Issue>) -> Option<P
                     None if i < DEFAULT_COLUMNS => field.to_string(),
                     None => continue,
                 };
-                fields.push(field.to_string());
-                select.push(match driver {
-                    DbDriver::Sqlite => format!("CAST({column} AS TEXT)"),
-                    DbDriver::Postgres => format!("{column}::text"),
-                    DbDriver::Mysql => format!("CAST({column} AS CHAR)"),
-                });
+                selected.push((field.to_string(), column));
             }
             // Names go into SQL text: only plain identifiers, never anything quoted or spaced.
             for name in std::iter::once(&table)
@@ -723,27 +606,13 @@ fn build_provider(p: RawProvider, at: &str, issues: &mut Vec<Issue>) -> Option<P
                     return None;
                 }
             }
-            let placeholder = if driver == DbDriver::Postgres {
-                "$1"
-            } else {
-                "?"
-            };
             Some(ProviderConfig::Database {
                 driver,
                 dsn: Secret(dsn),
-                query: format!(
-                    "SELECT {} FROM {table} WHERE {key_column} = {placeholder}",
-                    select.join(", ")
-                ),
-                columns: fields,
+                table,
+                key_column,
+                columns: selected,
             })
-        }
-        "lua" => {
-            issues.push(Issue::new(
-                &format!("{at}.type"),
-                "lua providers are not supported yet",
-            ));
-            None
         }
         other => {
             issues.push(Issue::new(
@@ -775,144 +644,9 @@ fn build_lua(p: RawProvider, at: &str, issues: &mut Vec<Issue>) -> Option<LuaCon
     })
 }
 
-fn check_spec(spec: &LimitSpec, at: &str, issues: &mut Vec<Issue>) {
-    for (name, value) in [
-        ("requests_per_minute", spec.requests_per_minute),
-        ("tokens_per_minute", spec.tokens_per_minute),
-        ("max_concurrent", spec.max_concurrent.map(u64::from)),
-    ] {
-        if value == Some(0) {
-            issues.push(Issue::new(
-                &format!("{at}.{name}"),
-                "must be greater than 0 (leave it out for no limit)",
-            ));
-        }
-    }
-}
-
-/// A CIDR block, or a plain address as a single-host block.
-pub fn parse_net(text: &str) -> Option<IpNet> {
-    let text = text.trim();
-    text.parse::<IpNet>()
-        .ok()
-        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-}
-
-/// Unix seconds from a number or an RFC 3339 string.
-pub fn parse_time(v: &serde_json::Value) -> Option<u64> {
-    match v {
-        serde_json::Value::Number(n) => n.as_u64(),
-        serde_json::Value::String(s) => s
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .or_else(|| parse_rfc3339(s.trim())),
-        _ => None,
-    }
-}
-
-/// `YYYY-MM-DD[T ]HH:MM:SS[.frac](Z|±HH:MM)`, or a bare date as midnight UTC.
-pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let part = s.get(r)?;
-        part.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| part.parse().ok())?
-    };
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    if b.get(4) != Some(&b'-')
-        || b.get(7) != Some(&b'-')
-        || !(1..=12).contains(&m)
-        || !(1..=31).contains(&d)
-    {
-        return None;
-    }
-    let days = days_from_civil(y, m as u32, d as u32);
-    if b.len() == 10 {
-        return u64::try_from(days * 86400).ok();
-    }
-    if !matches!(b.get(10), Some(b'T' | b't' | b' '))
-        || b.get(13) != Some(&b':')
-        || b.get(16) != Some(&b':')
-    {
-        return None;
-    }
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut rest = &s[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        rest = &frac[digits..];
-    }
-    // "Z", or ±HH:MM, ±HHMM, ±HH (PostgreSQL's `timestamptz::text` writes "+00").
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ if rest.starts_with('+') || rest.starts_with('-') => {
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            let digits: String = rest[1..].chars().filter(|c| *c != ':').collect();
-            if !matches!(digits.len(), 2 | 4) || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let h: i64 = digits[..2].parse().ok()?;
-            let m: i64 = digits
-                .get(2..)
-                .filter(|m| !m.is_empty())
-                .map_or(Some(0), |m| m.parse().ok())?;
-            sign * (h * 3600 + m * 60)
-        }
-        _ => return None,
-    };
-    u64::try_from(days * 86400 + hh * 3600 + mm * 60 + ss - offset).ok()
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (i64::from(m) + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
-}
-
-/// (year, month) of a day count since 1970-01-01.
-pub fn year_month(days: i64) -> (i64, u32) {
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339("2026-01-14T10:30:00Z"), Some(1768386600));
-        assert_eq!(
-            parse_rfc3339("2026-01-14T12:30:00.5+02:00"),
-            Some(1768386600)
-        );
-        assert_eq!(parse_rfc3339("2026-01-14"), Some(1768348800));
-        assert_eq!(
-            parse_rfc3339("2026-01-14 10:30:00.123+00"),
-            Some(1768386600)
-        );
-        assert_eq!(parse_rfc3339("2026-01-14T11:30:00+0100"), Some(1768386600));
-        assert_eq!(parse_rfc3339("2026-13-14"), None);
-        assert_eq!(parse_time(&serde_json::json!(17)), Some(17));
-        assert_eq!(parse_time(&serde_json::json!("17")), Some(17));
-        assert_eq!(year_month(days_from_civil(2024, 2, 29)), (2024, 2));
-        assert_eq!(year_month(days_from_civil(2026, 12, 31)), (2026, 12));
-    }
 
     /// The seed README's OpenCode scenario, verbatim (config/seed-opencode.yaml).
     #[test]
@@ -939,15 +673,57 @@ mod tests {
     }
 
     #[test]
-    fn statuses_and_nets() {
+    fn statuses() {
         assert_eq!(KeyStatus::parse("Disabled"), Some(KeyStatus::Disabled));
         assert_eq!(KeyStatus::parse("3"), Some(KeyStatus::Expired));
         assert_eq!(KeyStatus::parse("bogus"), None);
-        assert!(parse_net("10.0.0.0/8")
-            .unwrap()
-            .contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
-        assert!(parse_net("::1").is_some());
-        assert!(parse_net("nope").is_none());
-        assert_eq!(mask("sk-llmproxy-dev-001"), "sk-llm…(19 chars)");
+    }
+
+    #[test]
+    fn a_key_without_a_name_is_named_by_its_masked_form() {
+        let text =
+            "backends: [{url: 'http://b'}]\nauth: {}\napi_keys: [{key: sk-llmproxy-dev-001}]";
+        let c = crate::config::parse(text, crate::config::Format::Yaml).unwrap();
+        assert_eq!(c.api_keys[0].name, "sk-ll...001");
+    }
+
+    #[test]
+    fn database_providers_name_their_table_and_columns() {
+        let text = "backends: [{url: 'http://b'}]\nauth:\n  pipeline:\n    \
+                    - {type: database, driver: postgres, dsn: 'host=h', table: keys, \
+                    columns: {key: k, user_id: '', tokens_per_minute: tpm}}\n";
+        let c = crate::config::parse(text, crate::config::Format::Yaml).unwrap();
+        let ProviderConfig::Database {
+            table,
+            key_column,
+            columns,
+            ..
+        } = &c.auth.unwrap().pipeline[0]
+        else {
+            panic!("not a database provider")
+        };
+        assert_eq!((table.as_str(), key_column.as_str()), ("keys", "k"));
+        let fields: Vec<(&str, &str)> = columns
+            .iter()
+            .map(|(f, c)| (f.as_str(), c.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("name", "name"),
+                ("status", "status"),
+                ("total_quota", "total_quota"),
+                ("allowed_ips", "allowed_ips"),
+                ("allowed_models", "allowed_models"),
+                ("expires_at", "expires_at"),
+                ("tokens_per_minute", "tpm"),
+            ]
+        );
+        let bad = text.replace("table: keys", "table: 'keys; drop'");
+        let error = crate::config::parse(&bad, crate::config::Format::Yaml).unwrap_err();
+        assert!(
+            error.to_string().contains("is not a plain SQL identifier"),
+            "{error}"
+        );
     }
 }

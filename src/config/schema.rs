@@ -18,7 +18,7 @@ pub(super) enum Shape {
 
 use Shape::{Leaf, List, Map as Fields};
 
-/// Keys the gateway acts on now. Must match the `Raw*` structs in `mod.rs`
+/// Keys the gateway acts on. Must match the `Raw*` structs of the section files
 /// (they deny unknown fields, so a key listed here but missing there fails loudly).
 pub(super) const ROOT: Shape = Fields(&[
     ("listen", Leaf),

@@ -9,7 +9,7 @@ mod request;
 mod response;
 
 pub use chunked::{ChunkedDecoder, ChunkedError};
-pub use request::{parse_request, RequestError, RequestHead};
+pub use request::{parse_request, path_of, RequestError, RequestHead};
 pub use response::{parse_response, BodyTracker, ClientBody, ResponseHead, UpstreamError};
 
 /// A byte range inside a parse buffer. `u32` keeps parsed heads small; heads are capped far below 4 GiB.

@@ -65,12 +65,13 @@ impl RequestHead {
 
     /// The request path without its query string.
     pub fn path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
-        let t = self.target.of(buf);
-        match t.iter().position(|&b| b == b'?') {
-            Some(q) => &t[..q],
-            None => t,
-        }
+        path_of(self.target.of(buf))
     }
+}
+
+/// A request target without its query string: everything before the first `?`.
+pub fn path_of(target: &[u8]) -> &[u8] {
+    &target[..memchr::memchr(b'?', target).unwrap_or(target.len())]
 }
 
 /// Parses a request head from the start of `buf` into `out`.
@@ -106,7 +107,7 @@ pub fn parse_request(
         return Err(RequestError::Malformed("incomplete request line"));
     };
     let target = path.as_bytes();
-    let path_only = &target[..memchr::memchr(b'?', target).unwrap_or(target.len())];
+    let path_only = path_of(target);
     // Most paths have neither a dot nor an escape: one scan and done.
     let maybe_dots = memchr::memchr2(b'.', b'%', path_only).is_some();
     if maybe_dots && path_only.split(|&b| b == b'/').any(is_dot_segment) {
@@ -204,6 +205,13 @@ mod tests {
         let mut h = RequestHead::default();
         assert!(parse_request(s.as_bytes(), 8192, &mut h)?, "incomplete");
         Ok(h)
+    }
+
+    #[test]
+    fn path_of_drops_the_query() {
+        assert_eq!(path_of(b"/v1/models?x=1&y=?"), b"/v1/models");
+        assert_eq!(path_of(b"/v1/models"), b"/v1/models");
+        assert_eq!(path_of(b"?q"), b"");
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub const PATHS: [&str; 9] = [
 
 /// Index into [`PATHS`]; `/v1/models/x` counts as `/v1/models`, `/v1/audio/...` as `/v1/audio`.
 pub fn path_index(path: &[u8]) -> usize {
-    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+    let path = crate::http::path_of(path);
     PATHS[..PATHS.len() - 1]
         .iter()
         .position(|p| {

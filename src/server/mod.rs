@@ -357,8 +357,7 @@ fn start_backends(config: &Config) -> Arc<Backends> {
     backends
 }
 
-/// Re-reads and validates the config file, then publishes it for new requests; returns the new
-/// generation. A file that does not load is refused as a whole and the running config stays.
+/// A config generation's keys (with their providers and quota store) and global limits.
 type KeysAndLimits = (Option<Arc<Auth>>, Option<Arc<LimitSet>>);
 
 /// Starts the usage reporter when metering is needed. Keys' token rates and quotas accrue from
@@ -396,6 +395,8 @@ fn keys_and_limits(config: &Config) -> Result<KeysAndLimits, String> {
     Ok((auth, (!global.is_empty()).then(|| Arc::new(global))))
 }
 
+/// Re-reads and validates the config file, then publishes it for new requests; returns the new
+/// generation. A file that does not load is refused as a whole and the running config stays.
 fn reload_config(control: &Control) -> Result<u64, String> {
     let reload = control.reload.lock().unwrap_or_else(|e| e.into_inner());
     let Some(path) = &reload.config_path else {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use meter::{Captured, Meter};
-pub use record::{mask_key, parse_usage, Accounted, Billed, Record, Tokens, UsageRecord};
+pub use record::{parse_usage, Accounted, Billed, Record, Tokens, UsageRecord};
 pub use reporter::{QuotaHook, Reporter, ReporterStats, UsageStats};
 pub use spool::Spool;
 
@@ -61,7 +61,7 @@ pub struct KeyRef {
 impl KeyRef {
     pub fn new(name: String, user_id: Option<String>, api_key: String) -> KeyRef {
         KeyRef {
-            masked_key: mask_key(&api_key),
+            masked_key: crate::redact::mask_key(&api_key),
             name,
             user_id,
             api_key,

@@ -3,12 +3,11 @@
 //! [`Record`] (key masked; timestamp in RFC 3339 UTC). Runs on the reporter thread only; it must
 //! not do I/O.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use memchr::memmem;
 use serde::{Deserialize, Serialize};
 
 use super::{Captured, Outcome, UsageEvent, CLIENT_CLOSED};
+use crate::time::Rfc3339;
 
 /// One request's usage, as spooled and delivered, over its string type: the ingest thread
 /// serializes a `Record<&str>` borrowed from the event ([`Accounted::record`]), sinks parse the
@@ -200,96 +199,6 @@ impl OutputMessage {
     }
 }
 
-/// `sk-test-0001` -> `sk-te...001`. Short keys are masked entirely: revealing 8 characters of a
-/// 10-character key would reveal the key.
-pub fn mask_key(key: &str) -> String {
-    let chars: Vec<char> = key.chars().collect();
-    if chars.len() < 12 {
-        return "***".to_string();
-    }
-    let head: String = chars[..5].iter().collect();
-    let tail: String = chars[chars.len() - 3..].iter().collect();
-    format!("{head}...{tail}")
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC, formatted in place: one per record, no allocation.
-#[derive(Debug, Clone, Copy)]
-pub struct Rfc3339 {
-    /// A u64 of seconds is at most a 12-digit year: 32 bytes always fit.
-    buf: [u8; 32],
-    len: usize,
-}
-
-impl Rfc3339 {
-    pub fn new(t: SystemTime) -> Rfc3339 {
-        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = since.as_secs();
-        let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-        let rem = secs % 86_400;
-        // Digits by hand: `write!` cost more than serializing all the other fields.
-        let mut out = Rfc3339 {
-            buf: [0; 32],
-            len: 0,
-        };
-        out.digits(y as u64, 4);
-        out.push(b'-');
-        out.digits(m.into(), 2);
-        out.push(b'-');
-        out.digits(d.into(), 2);
-        out.push(b'T');
-        out.digits(rem / 3600, 2);
-        out.push(b':');
-        out.digits(rem % 3600 / 60, 2);
-        out.push(b':');
-        out.digits(rem % 60, 2);
-        out.push(b'.');
-        out.digits(since.subsec_millis().into(), 3);
-        out.push(b'Z');
-        out
-    }
-
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[..self.len]).expect("ASCII")
-    }
-
-    fn push(&mut self, b: u8) {
-        self.buf[self.len] = b;
-        self.len += 1;
-    }
-
-    /// `n` in decimal, zero-padded to at least `width` digits (`{n:0width$}`).
-    fn digits(&mut self, mut n: u64, width: usize) {
-        let mut tmp = [b'0'; 20];
-        let mut at = tmp.len();
-        loop {
-            at -= 1;
-            tmp[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        for &b in &tmp[at.min(tmp.len() - width)..] {
-            self.push(b);
-        }
-    }
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 /// What a request is billed: its tokens (reported, or estimated), and how it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Billed {
@@ -399,8 +308,10 @@ impl Accounted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redact::mask_key;
+    use crate::time::civil_from_days;
     use std::sync::Arc;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn event(status_code: u16, captured: Captured, content_events: u32) -> UsageEvent {
         UsageEvent {
@@ -625,22 +536,6 @@ mod tests {
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn rfc3339_known_instants() {
-        let rfc3339 = |t| Rfc3339::new(t).as_str().to_owned();
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let t = UNIX_EPOCH + Duration::from_millis(1_768_386_600_123);
-        assert_eq!(rfc3339(t), "2026-01-14T10:30:00.123Z");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
-    }
-
-    #[test]
-    fn masks_keys() {
-        assert_eq!(mask_key("sk-test-key-001"), "sk-te...001");
-        assert_eq!(mask_key("short"), "***");
     }
 
     #[test]

@@ -73,16 +73,16 @@ impl Spool {
         // crash or power loss can lose the last transactions, and it costs no fsync per batch.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // Checkpoints (WAL pages copied into the file, then fsync) dominated the cost of a
-        // record at SQLite's default of every 1000 pages; every 10000 (~40 MiB of WAL) halves
-        // it. The WAL file is cut back to 64 MiB after each.
+        // Checkpoints (WAL pages copied into the file, then fsync) dominate the cost of a
+        // record at SQLite's default of every 1000 pages; every 10000 (~40 MiB of WAL) costs half
+        // as much. The WAL file is cut back to 64 MiB after each.
         conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
-        // No AUTOINCREMENT and no index but the row id: together they were about a third of an
-        // insert. Ids still never go back, because pruning always keeps the newest row (a plain
-        // row id is the largest one + 1), and time ranges are found by bisecting ids
-        // ([`Spool::first_id_at`]).
-        // Spools made by earlier versions keep AUTOINCREMENT; their time index is dropped.
+        // No AUTOINCREMENT and no index but the row id: together they would cost about a third
+        // of an insert. Ids still never go back, because pruning always keeps the newest row (a
+        // plain row id is the largest one + 1), and time ranges are found by bisecting ids
+        // ([`Spool::first_id_at`]). A file that has the time index `records_spooled` loses it,
+        // as nothing reads it; one whose table has AUTOINCREMENT keeps it, and ids behave alike.
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS records (
                  id INTEGER PRIMARY KEY,

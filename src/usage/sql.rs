@@ -11,7 +11,8 @@
 //! Blocking clients by design: it runs on its reporter's own delivery thread, never on a worker.
 //! It must not log the DSN (it may carry a password) nor record contents.
 
-use crate::config::{Database, DbDriver};
+use crate::config::Database;
+use crate::db::{self, DbDriver};
 
 use super::spool::Spooled;
 use super::{Record, UsageRecord};
@@ -232,11 +233,10 @@ pub fn insert_sql(driver: DbDriver, table: &str, rows: usize) -> String {
     sql
 }
 
-enum Conn {
-    Sqlite(rusqlite::Connection),
-    /// With the batch INSERT, prepared on first use.
-    Postgres(Box<postgres::Client>, Option<postgres::Statement>),
-    Mysql(Box<mysql::Conn>),
+/// An open connection, and for PostgreSQL the batch INSERT, prepared on first use.
+struct Conn {
+    db: db::Conn,
+    postgres_insert: Option<postgres::Statement>,
 }
 
 /// Connects lazily and reconnects after any error: a database restart costs one failed batch.
@@ -256,57 +256,50 @@ impl SqlSink {
         let create = create_table_sql(driver, table);
         let dsn = &self.config.dsn;
         let err = |e: &dyn std::fmt::Display| e.to_string();
-        let (conn, existing): (Conn, Vec<String>) = match driver {
-            DbDriver::Sqlite => {
-                let conn = rusqlite::Connection::open(dsn).map_err(|e| err(&e))?;
+        let mut conn = db::connect(driver, dsn, None)?;
+        let existing: Vec<String> = match &mut conn {
+            db::Conn::Sqlite(conn) => {
                 conn.busy_timeout(std::time::Duration::from_secs(10))
                     .and_then(|_| conn.execute_batch(&create))
                     .map_err(|e| err(&e))?;
-                let existing = conn
-                    .prepare(columns_query(driver))
+                conn.prepare(columns_query(driver))
                     .and_then(|mut q| {
                         q.query_map([table], |r| r.get(0))?
                             .collect::<rusqlite::Result<_>>()
                     })
-                    .map_err(|e| err(&e))?;
-                (Conn::Sqlite(conn), existing)
+                    .map_err(|e| err(&e))?
             }
-            DbDriver::Postgres => {
-                let mut client =
-                    postgres::Client::connect(dsn, postgres::NoTls).map_err(|e| err(&e))?;
+            db::Conn::Postgres(client) => {
                 client.batch_execute(&create).map_err(|e| err(&e))?;
-                let existing = client
+                client
                     .query(columns_query(driver), &[&table])
                     .map_err(|e| err(&e))?
                     .iter()
                     .map(|r| r.get(0))
-                    .collect();
-                (Conn::Postgres(Box::new(client), None), existing)
+                    .collect()
             }
-            DbDriver::Mysql => {
+            db::Conn::Mysql(conn) => {
                 use mysql::prelude::Queryable;
-                let opts = mysql::Opts::from_url(dsn).map_err(|e| err(&e))?;
-                let mut conn = mysql::Conn::new(opts).map_err(|e| err(&e))?;
                 conn.query_drop(&create).map_err(|e| err(&e))?;
-                let existing = conn
-                    .exec(columns_query(driver), (table,))
-                    .map_err(|e| err(&e))?;
-                (Conn::Mysql(Box::new(conn)), existing)
+                conn.exec(columns_query(driver), (table,))
+                    .map_err(|e| err(&e))?
             }
         };
-        let mut conn = conn;
         for alter in missing_columns_sql(driver, table, &existing) {
             tracing::warn!(table, "usage table predates a column; adding it: {alter}");
             match &mut conn {
-                Conn::Sqlite(c) => c.execute_batch(&alter).map_err(|e| err(&e))?,
-                Conn::Postgres(c, _) => c.batch_execute(&alter).map_err(|e| err(&e))?,
-                Conn::Mysql(c) => {
+                db::Conn::Sqlite(c) => c.execute_batch(&alter).map_err(|e| err(&e))?,
+                db::Conn::Postgres(c) => c.batch_execute(&alter).map_err(|e| err(&e))?,
+                db::Conn::Mysql(c) => {
                     use mysql::prelude::Queryable;
                     c.query_drop(&alter).map_err(|e| err(&e))?
                 }
             }
         }
-        Ok(conn)
+        Ok(Conn {
+            db: conn,
+            postgres_insert: None,
+        })
     }
 
     pub fn deliver(&mut self, spooled: &[Spooled]) -> Result<(), String> {
@@ -340,8 +333,8 @@ fn insert(conn: &mut Conn, driver: DbDriver, table: &str, rows: &[Row]) -> Resul
             )
         })
     };
-    match conn {
-        Conn::Sqlite(c) => {
+    match &mut conn.db {
+        db::Conn::Sqlite(c) => {
             use rusqlite::types::{ToSqlOutput, ValueRef};
             let tx = c.transaction().map_err(|e| e.to_string())?;
             for (sql, vals) in chunks() {
@@ -357,14 +350,14 @@ fn insert(conn: &mut Conn, driver: DbDriver, table: &str, rows: &[Row]) -> Resul
             }
             tx.commit().map_err(|e| e.to_string())
         }
-        Conn::Postgres(c, prepared) => match copy_in(c, table, rows) {
+        db::Conn::Postgres(c) => match copy_in(c, table, rows) {
             Err(e) if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => {
                 // A batch re-sent after a crash or a lost acknowledgement: insert what is new.
-                insert_new_postgres(c, prepared, table, rows)
+                insert_new_postgres(c, &mut conn.postgres_insert, table, rows)
             }
             result => result.map_err(|e| e.to_string()),
         },
-        Conn::Mysql(c) => {
+        db::Conn::Mysql(c) => {
             use mysql::prelude::Queryable;
             use mysql::Value;
             let mut tx = c

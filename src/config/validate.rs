@@ -1,0 +1,216 @@
+//! Validation of a whole config: checks the general sections, has each section file build its
+//! own, and assembles [`Config`] once nothing was wrong. Every problem is recorded as an
+//! [`Issue`]; validation never stops at the first.
+//!
+//! It must not resolve hostnames, open files or connect to anything, and it holds no defaults
+//! (they live in the `Default` impls of the raw types).
+
+use super::address::{parse_backend_url, parse_listen};
+use super::types::{
+    AdminConfig, Backend, Config, LogConfig, MetricsConfig, RawConfig, Secret, Timeouts,
+    UpstreamConfig,
+};
+use super::{auth, limits, routing, usage, Issue, PipelineMode, ProviderConfig};
+
+/// Validates `raw` and resolves what needs resolving; `None` once any issue is recorded.
+pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
+    let mut report = |at: &str, result: Result<(), String>| {
+        if let Err(message) = result {
+            issues.push(Issue::new(at, message));
+        }
+    };
+    let listen = parse_listen(&raw.listen);
+    report("listen", listen.as_ref().map(|_| ()).map_err(Clone::clone));
+    report("max_request_body", positive(raw.max_request_body.0));
+    report("max_header_size", positive(raw.max_header_size.0));
+    for (at, value) in [
+        ("timeouts.connect", raw.timeouts.connect),
+        ("timeouts.client_header", raw.timeouts.client_header),
+        ("timeouts.client_body", raw.timeouts.client_body),
+        ("timeouts.keepalive", raw.timeouts.keepalive),
+        ("upstream.idle_timeout", raw.upstream.idle_timeout),
+    ] {
+        report(at, positive(value.0.as_nanos()));
+    }
+    report("log.level", check_log_level(&raw.log.level));
+    report("metrics.path", check_metrics_path(&raw.metrics.path));
+    let admin_listen = parse_listen(&raw.admin.listen);
+    report(
+        "admin.listen",
+        admin_listen.as_ref().map(|_| ()).map_err(Clone::clone),
+    );
+    if raw.admin.enabled && raw.admin.token.chars().count() < 16 {
+        report(
+            "admin.token",
+            Err("must be at least 16 characters when the admin API is enabled".into()),
+        );
+    }
+    if raw.backends.is_empty() {
+        report(
+            "backends",
+            Err("at least one backend is required, e.g. `- url: \"http://127.0.0.1:8001\"`".into()),
+        );
+    }
+    if raw.backends.len() > 64 {
+        report("backends", Err("at most 64 backends are supported".into()));
+    }
+    let mut backends = Vec::with_capacity(raw.backends.len());
+    for (index, backend) in raw.backends.into_iter().enumerate() {
+        if backend.weight == 0 {
+            report(
+                &format!("backends[{index}].weight"),
+                Err("must be at least 1 (remove the backend to send it nothing)".into()),
+            );
+        }
+        match parse_backend_url(&backend.url) {
+            Ok(target) => backends.push(Backend {
+                url: backend.url,
+                weight: backend.weight,
+                host: target.host,
+                port: target.port,
+                host_header: target.host_header,
+                path_prefix: target.path_prefix,
+                api_key: backend.api_key.filter(|k| !k.is_empty()).map(Secret),
+                models: backend.models,
+                headers: backend.headers.into_iter().collect(),
+                max_in_flight: backend.max_in_flight.filter(|&n| n > 0),
+            }),
+            Err(message) => report(&format!("backends[{index}].url"), Err(message)),
+        }
+    }
+    let usage_hook = usage::build(raw.usage_hook, &mut report);
+    let routing = routing::routing(raw.load_balance, raw.routing, &mut report);
+    let health_check = routing::health_check(raw.health_check);
+    let retry = routing::retry(raw.retry, &mut report);
+    let (mut auth, api_keys) = auth::build(raw.auth, raw.api_keys, issues);
+    let rate_limit = limits::build(raw.rate_limit, issues);
+    // Keys created through the admin API authenticate like any other provider's (in
+    // `first_match` mode; with `all`, every provider must know a key, so the store stays out).
+    if let Some(auth) = auth
+        .as_mut()
+        .filter(|a| raw.admin.enabled && a.mode == PipelineMode::FirstMatch)
+    {
+        auth.pipeline.push(ProviderConfig::KeyStore {
+            path: raw.admin.key_store.clone(),
+        });
+    }
+    if !issues.is_empty() {
+        return None;
+    }
+    let workers = match raw.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    Some(Config {
+        listen: listen.ok()?,
+        workers,
+        io_driver: raw.io_driver,
+        cpu_affinity: raw.cpu_affinity,
+        busy_poll: raw.busy_poll.0,
+        max_request_body: raw.max_request_body.0,
+        max_header_size: raw.max_header_size.0,
+        shutdown_timeout: raw.shutdown_timeout.0,
+        timeouts: Timeouts {
+            connect: raw.timeouts.connect.0,
+            client_header: raw.timeouts.client_header.0,
+            client_body: raw.timeouts.client_body.0,
+            keepalive: raw.timeouts.keepalive.0,
+            // 0 means no limit, so the example file can show these keys at their defaults.
+            first_byte: raw
+                .timeouts
+                .first_byte
+                .map(|d| d.0)
+                .filter(|d| !d.is_zero()),
+            idle: raw.timeouts.idle.map(|d| d.0).filter(|d| !d.is_zero()),
+            total: raw.timeouts.total.map(|d| d.0).filter(|d| !d.is_zero()),
+        },
+        upstream: UpstreamConfig {
+            max_idle_per_backend: raw.upstream.max_idle_per_backend,
+            idle_timeout: raw.upstream.idle_timeout.0,
+        },
+        backends,
+        routing,
+        health_check,
+        retry,
+        model_aliases: raw.model_aliases.into_iter().collect(),
+        log: LogConfig {
+            level: raw.log.level,
+            format: raw.log.format,
+            access: raw.log.access,
+        },
+        metrics: MetricsConfig {
+            enabled: raw.metrics.enabled,
+            path: raw.metrics.path,
+        },
+        admin: AdminConfig {
+            enabled: raw.admin.enabled,
+            listen: admin_listen.ok()?,
+            token: raw.admin.token,
+            key_store: raw.admin.key_store,
+        },
+        usage_hook,
+        auth,
+        api_keys,
+        rate_limit,
+    })
+}
+
+fn positive<T: Default + PartialEq>(value: T) -> Result<(), String> {
+    if value == T::default() {
+        Err("must be greater than 0".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// The metrics path must not shadow the proxied API or the health check.
+fn check_metrics_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+        return Err(format!(
+            "invalid path {path:?}: expected an absolute path like \"/metrics\""
+        ));
+    }
+    if path.starts_with("/v1/") || path == "/health" {
+        return Err(format!("{path:?} is taken by the proxied API or /health"));
+    }
+    Ok(())
+}
+
+/// Catches typos like `inof`, which `tracing`'s filter syntax would silently read as a target
+/// name (logging nothing). Accepts a level or comma-separated `target=level` directives.
+fn check_log_level(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let ok = !level.trim().is_empty()
+        && level.split(',').all(|directive| {
+            let level = directive.rsplit('=').next().unwrap_or_default().trim();
+            LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid log level {level:?}: expected one of {LEVELS:?} or directives like \"info,llmproxy=debug\""
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_level_is_checked() {
+        assert!(check_log_level("INFO").is_ok());
+        assert!(check_log_level("info,llmproxy=debug").is_ok());
+        assert!(check_log_level("inof").is_err());
+        assert!(check_log_level("").is_err());
+    }
+
+    #[test]
+    fn metrics_path_is_checked() {
+        assert!(check_metrics_path("/metrics").is_ok());
+        assert!(check_metrics_path("metrics").is_err());
+        assert!(check_metrics_path("/v1/metrics").is_err());
+        assert!(check_metrics_path("/health").is_err());
+    }
+}
