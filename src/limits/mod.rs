@@ -271,10 +271,10 @@ pub struct Admitted {
     pub headers: String,
 }
 
-/// Admits a request against `scopes` (most specific first: the key, then global). Checks cost
+/// Acquires a request's permits against `scopes` (most specific first: the key, then global). Checks cost
 /// nothing when refused: slots are given back and request units refunded. With `shared`, request
 /// rates are taken from Redis (all instances together) instead of this process's counters.
-pub async fn admit(
+pub async fn acquire(
     scopes: &[&Arc<LimitSet>],
     queue_timeout: Option<Duration>,
     shared: Option<&Arc<RedisRates>>,

@@ -64,7 +64,7 @@ pub async fn admit(
         });
     }
     let queue = generation.config.rate_limit.queue_timeout;
-    let admitted = limits::admit(scopes, queue, ctx.shared_rates.as_ref())
+    let admitted = limits::acquire(scopes, queue, ctx.shared_rates.as_ref())
         .await
         .map_err(GatewayError::RateLimited)?;
     Ok(Admission {

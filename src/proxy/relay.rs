@@ -158,7 +158,7 @@ pub async fn exchange(
             }
             return Err(GatewayError::UpstreamConnect);
         }
-        let head = read_head(&mut up, watch, plan.head_request, resp_head);
+        let head = read_response_head(&mut up, watch, plan.head_request, resp_head);
         let head = match ex.head_deadline {
             None => head.await,
             Some(at) => match monoio::time::timeout_at(at.into(), head).await {
@@ -428,7 +428,7 @@ fn hex_size(n: usize, buf: &mut [u8; 8]) -> &[u8] {
 }
 
 /// Reads until a final (non-1xx) response head is complete. `None` means the client left.
-async fn read_head(
+async fn read_response_head(
     up: &mut UpstreamConn,
     watch: &mut ClientWatch<'_>,
     head_request: bool,

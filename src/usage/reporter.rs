@@ -222,7 +222,7 @@ impl Ingest {
             while batch.len() < MAX_BATCH {
                 match self.rx.try_recv() {
                     Ok(event) => {
-                        if let Some(accounted) = self.account(event) {
+                        if let Some(accounted) = self.bill(event) {
                             batch.push(accounted);
                         }
                     }
@@ -255,7 +255,7 @@ impl Ingest {
     }
 
     /// Counts and charges one request; the event to spool, when records are spooled.
-    fn account(&self, event: UsageEvent) -> Option<Accounted> {
+    fn bill(&self, event: UsageEvent) -> Option<Accounted> {
         let billed = Billed::of(&event);
         let s = &self.stats;
         s.records.fetch_add(1, Ordering::Relaxed);
