@@ -244,6 +244,60 @@ fn forwarded_request_keeps_target_and_end_to_end_headers() {
     assert!(sent);
 }
 
+/// The headers of the request the echo route saw, names lowercased.
+fn echoed_headers(r: &Response) -> Vec<(String, String)> {
+    r.json()["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h[0].as_str().unwrap().to_ascii_lowercase(),
+                h[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_upstream_request_id_header_is_configurable() {
+    let sim = spawn_mock(&[]);
+    let echo = |gw: &Proc, client_id: Option<&str>| {
+        let headers: Vec<(&str, &str)> = client_id
+            .map(|id| ("X-Request-Id", id))
+            .into_iter()
+            .collect();
+        let r = request(
+            gw.addr,
+            &raw_request("GET", "/v1/debug/echo", b"", &headers),
+        );
+        assert_eq!(r.status, 200);
+        let id = r.header("x-request-id").expect("id echoed").to_string();
+        (id, echoed_headers(&r))
+    };
+    let renamed = gateway_for(
+        sim.addr,
+        "upstream: {request_id_header: X-Correlation-Id}\n",
+    );
+    let (id, sent) = echo(&renamed, None);
+    assert!(sent.contains(&("x-correlation-id".into(), id)), "{sent:?}");
+    assert!(!sent.iter().any(|(n, _)| n == "x-request-id"), "{sent:?}");
+    // The client's own id travels unchanged under the configured name.
+    let (id, sent) = echo(&renamed, Some("0190b9e6-1d3c-7f00-8000-000000000001"));
+    assert_eq!(id, "0190b9e6-1d3c-7f00-8000-000000000001");
+    assert!(sent.contains(&("x-correlation-id".into(), id)), "{sent:?}");
+
+    let off = gateway_for(sim.addr, "upstream: {request_id_header: \"\"}\n");
+    let (id, sent) = echo(&off, Some("client-7"));
+    assert_eq!(id, "client-7", "the client still gets its id back");
+    assert!(
+        !sent
+            .iter()
+            .any(|(n, v)| n.contains("request-id") || v == "client-7"),
+        "{sent:?}"
+    );
+}
+
 fn assert_openai_error(r: &Response, status: u16, code: &str) {
     assert_eq!(r.status, status, "{}", r.text());
     let v = r.json();

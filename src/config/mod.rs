@@ -224,6 +224,23 @@ weight = 3
             .to_string()
     }
 
+    #[test]
+    fn the_upstream_request_id_header_is_named_or_off() {
+        let backends = "backends: [{url: 'http://b'}]\n";
+        let header =
+            |extra: &str| yaml(&format!("{backends}{extra}")).map(|c| c.upstream.request_id_header);
+        assert_eq!(header("").unwrap().as_deref(), Some("X-Request-Id"));
+        assert_eq!(
+            header("upstream: {request_id_header: X-Trace}")
+                .unwrap()
+                .as_deref(),
+            Some("X-Trace")
+        );
+        assert_eq!(header("upstream: {request_id_header: ''}").unwrap(), None);
+        let error = yaml_err(&format!("{backends}upstream: {{request_id_header: 'a b'}}"));
+        assert!(error.contains("upstream.request_id_header"), "{error}");
+    }
+
     fn example(name: &str) -> String {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("config")

@@ -43,7 +43,11 @@ pub(super) const ROOT: Shape = Fields(&[
     ),
     (
         "upstream",
-        Fields(&[("max_idle_per_backend", Leaf), ("idle_timeout", Leaf)]),
+        Fields(&[
+            ("max_idle_per_backend", Leaf),
+            ("idle_timeout", Leaf),
+            ("request_id_header", Leaf),
+        ]),
     ),
     (
         "backends",

@@ -104,6 +104,9 @@ pub struct UpstreamConfig {
     /// A pooled connection idle longer than this is not reused. Below uvicorn's (vLLM's) 5 s
     /// keep-alive, so we never send on a connection the server is about to close.
     pub idle_timeout: Duration,
+    /// The header that carries the request id upstream (the client's own id, or the gateway's
+    /// UUIDv7); `None` sends none.
+    pub request_id_header: Option<String>,
 }
 
 /// One inference server (items of `backends`). Only plain `http://` is accepted.
@@ -273,6 +276,7 @@ impl Default for RawTimeouts {
 pub(super) struct RawUpstream {
     pub(super) max_idle_per_backend: usize,
     pub(super) idle_timeout: DurationValue,
+    pub(super) request_id_header: String,
 }
 
 impl Default for RawUpstream {
@@ -280,6 +284,7 @@ impl Default for RawUpstream {
         RawUpstream {
             max_idle_per_backend: 256,
             idle_timeout: DurationValue(Duration::from_secs(4)),
+            request_id_header: "X-Request-Id".to_string(),
         }
     }
 }

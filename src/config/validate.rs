@@ -45,6 +45,16 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             Err("must be at least 16 characters when the admin API is enabled".into()),
         );
     }
+    let id_header = raw.upstream.request_id_header.trim();
+    if !id_header
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    {
+        report(
+            "upstream.request_id_header",
+            Err(format!("`{id_header}` is not a header name")),
+        );
+    }
     if raw.backends.is_empty() {
         report(
             "backends",
@@ -127,6 +137,9 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         upstream: UpstreamConfig {
             max_idle_per_backend: raw.upstream.max_idle_per_backend,
             idle_timeout: raw.upstream.idle_timeout.0,
+            request_id_header: Some(raw.upstream.request_id_header.trim())
+                .filter(|h| !h.is_empty())
+                .map(str::to_owned),
         },
         backends,
         routing,

@@ -36,8 +36,9 @@ pub fn rewrite_body(
         && request_stream_usage(&mut c.body, info)
 }
 
-/// Headers the gateway sets itself, so the client's copies are dropped.
-fn replaced_by_gateway(name: &[u8]) -> bool {
+/// Headers the gateway sets itself, so the client's copies are dropped. The client's
+/// `X-Request-Id` is the request id the gateway sends under `upstream.request_id_header`.
+fn replaced_by_gateway(name: &[u8], id_header: Option<&str>) -> bool {
     const OWN: [&[u8]; 5] = [
         b"host",
         b"content-length",
@@ -46,12 +47,15 @@ fn replaced_by_gateway(name: &[u8]) -> bool {
         b"x-request-id",
     ];
     OWN.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || id_header.is_some_and(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// Who the request came from, as far as the upstream head cares.
 pub struct Origin<'a> {
     pub client_ip: &'a str,
     pub request_id: &'a [u8],
+    /// `upstream.request_id_header`; `None`: the id is not sent.
+    pub request_id_header: Option<&'a str>,
     /// Lowercased header names carrying the client's gateway key (empty when auth is off).
     pub credentials: &'a [Vec<u8>],
 }
@@ -69,6 +73,7 @@ pub fn write_upstream_head(
     let Origin {
         client_ip,
         request_id,
+        request_id_header,
         credentials,
     } = origin;
     let connection_tokens = head.header(buf, b"connection").unwrap_or(b"");
@@ -91,7 +96,9 @@ pub fn write_upstream_head(
     }
     out.extend_from_slice(client_ip.as_bytes());
     out.extend_from_slice(b"\r\n");
-    push_header(out, b"X-Request-Id", request_id);
+    if let Some(name) = request_id_header {
+        push_header(out, name.as_bytes(), request_id);
+    }
     if let Some(auth) = &backend.authorization {
         push_header(out, b"Authorization", auth.0.as_bytes());
     }
@@ -102,7 +109,10 @@ pub fn write_upstream_head(
     let strip_authorization = strip_credentials || backend.authorization.is_some();
     for (n, v) in &head.headers {
         let name = n.of(buf);
-        if is_hop_by_hop(name) || replaced_by_gateway(name) || has_token(connection_tokens, name) {
+        if is_hop_by_hop(name)
+            || replaced_by_gateway(name, request_id_header)
+            || has_token(connection_tokens, name)
+        {
             continue;
         }
         if (strip_authorization && name.eq_ignore_ascii_case(b"authorization"))

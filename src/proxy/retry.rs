@@ -113,6 +113,7 @@ pub async fn relay_with_retries(
             Origin {
                 client_ip: req.client_ip,
                 request_id: plan.request_id,
+                request_id_header: generation.config.upstream.request_id_header.as_deref(),
                 credentials: generation
                     .auth
                     .as_ref()
