@@ -22,13 +22,17 @@ use std::time::Duration;
 pub const BACKEND_SLOTS: usize = 32;
 const NO_BACKEND: usize = 0;
 
-/// The `path` label: the OpenAI endpoints the gateway knows, everything else is "other".
-pub const PATHS: [&str; 9] = [
+/// The `path` label: the API endpoints the gateway knows (OpenAI's, Anthropic's Messages, vLLM's
+/// rerank and score), everything else is "other".
+pub const PATHS: [&str; 12] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
     "/v1/models",
     "/v1/responses",
+    "/v1/messages",
+    "/v1/rerank",
+    "/v1/score",
     "/v1/moderations",
     "/v1/audio",
     "/v1/images",

@@ -34,9 +34,10 @@ pub fn finish(
     let o = &outcome;
     let p = &o.progress;
     let path = c.head.path(&c.buf);
+    let path_slot = metrics::path_index(path);
     let backend = o.backend();
     let slot = backend.map(|b| generation.slots[b]);
-    m.request(metrics::path_index(path), o.stream, slot, o.status);
+    m.request(path_slot, o.stream, slot, o.status);
     if let Some(why) = o.rejected {
         m.reject(why);
     }
@@ -74,7 +75,7 @@ pub fn finish(
             request_id = request_id.as_str(),
             key = o.key.as_ref().map_or("-", |k| k.key_ref.name.as_str()),
             model = model.unwrap_or("-"),
-            path = metrics::PATHS[metrics::path_index(path)],
+            path = metrics::PATHS[path_slot],
             stream = o.stream,
             status = o.status,
             bytes = p.bytes,
