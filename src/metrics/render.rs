@@ -366,7 +366,7 @@ mod tests {
         let a = r.backend_slot("http://a:1");
         r.worker(0).request(0, true, Some(a), 200);
         r.worker(1).request(0, true, Some(a), 200);
-        r.worker(1).request(8, false, None, 404);
+        r.worker(1).request(PATHS.len() - 1, false, None, 404);
         r.worker(0).ttft.observe(Duration::from_millis(7));
         r.worker(1).ttft.observe(Duration::from_millis(400_000));
         let config = crate::config::parse(
