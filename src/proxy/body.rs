@@ -12,6 +12,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use super::conn::{ClientConn, ClientReader, ClientWriter};
 use super::inspect::{self, RequestInfo};
 use super::Generation;
+use crate::api::Api;
 use crate::error::GatewayError;
 use crate::http::{ChunkedDecoder, Framing, RequestError};
 
@@ -113,10 +114,15 @@ async fn read_chunked(
     }
 }
 
-/// Inspects the body read into `c.body`, once, and decodes its model into `c.model`. A body that
-/// is not a JSON object has no facts (the backend will judge it).
-pub fn inspect(c: &mut ClientConn) -> RequestInfo {
-    let mut info = inspect::inspect(&c.body).unwrap_or_default();
+/// Inspects the body read into `c.body`, once, and decodes its model into `c.model`: a JSON
+/// object, or for audio a multipart form. A body that is neither has no facts (the backend will
+/// judge it).
+pub fn inspect(api: Api, c: &mut ClientConn) -> RequestInfo {
+    let info = match (api, c.head.header(&c.buf, b"content-type")) {
+        (Api::Audio, Some(content_type)) => inspect::inspect_form(&c.body, content_type),
+        _ => inspect::inspect(&c.body),
+    };
+    let mut info = info.unwrap_or_default();
     if !info.decode_model(&c.body, &mut c.model) {
         info.model = None;
     }

@@ -21,6 +21,8 @@ pub struct RequestInfo {
     pub end: usize,
     /// The object has at least one member.
     pub has_members: bool,
+    /// The body is a multipart form, not JSON: the model is a raw form value, with no escapes.
+    pub form: bool,
 }
 
 impl RequestInfo {
@@ -33,7 +35,7 @@ impl RequestInfo {
             return false;
         };
         let raw = &body[at.clone()];
-        if !raw.contains(&b'\\') {
+        if self.form || !raw.contains(&b'\\') {
             return match std::str::from_utf8(raw) {
                 Ok(text) => {
                     out.push_str(text);
@@ -134,6 +136,91 @@ pub fn inspect(body: &[u8]) -> Option<RequestInfo> {
             _ => {}
         }
     }
+}
+
+/// Scans a `multipart/form-data` body (audio transcriptions and translations) for its `model`
+/// and `stream` fields. `content_type` is the request's header, which names the boundary.
+pub fn inspect_form(body: &[u8], content_type: &[u8]) -> Option<RequestInfo> {
+    let boundary = form_boundary(content_type)?;
+    let mut delimiter = Vec::with_capacity(boundary.len() + 4);
+    delimiter.extend_from_slice(b"\r\n--");
+    delimiter.extend_from_slice(boundary);
+    let finder = memchr::memmem::Finder::new(&delimiter);
+    // The first delimiter may open the body without the CRLF before it.
+    let mut at = if body.starts_with(&delimiter[2..]) {
+        delimiter.len() - 2
+    } else {
+        finder.find(body)? + delimiter.len()
+    };
+    let mut info = RequestInfo {
+        form: true,
+        ..RequestInfo::default()
+    };
+    loop {
+        // After a delimiter: "--" ends the form, else CRLF and the part's headers.
+        let rest = &body[at..];
+        if rest.starts_with(b"--") {
+            return Some(info);
+        }
+        let headers_start = at + memchr::memmem::find(rest, b"\r\n")? + 2;
+        let headers_end =
+            headers_start + memchr::memmem::find(&body[headers_start..], b"\r\n\r\n")?;
+        let value_start = headers_end + 4;
+        let value_end = value_start + finder.find(&body[value_start..])?;
+        match form_field_name(&body[headers_start..headers_end]) {
+            Some(b"model") => info.model = Some(value_start..value_end),
+            Some(b"stream") => {
+                info.stream = lax_bool(body[value_start..value_end].trim_ascii()) == Some(true)
+            }
+            _ => {}
+        }
+        at = value_end + delimiter.len();
+    }
+}
+
+/// The `boundary` parameter of a `multipart/form-data` content type, unquoted.
+fn form_boundary(content_type: &[u8]) -> Option<&[u8]> {
+    let mut params = content_type.split(|&b| b == b';');
+    if !params
+        .next()?
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"multipart/form-data")
+    {
+        return None;
+    }
+    params
+        .find_map(|p| {
+            let (name, value) = p
+                .trim_ascii()
+                .split_at(p.trim_ascii().iter().position(|&b| b == b'=')?);
+            name.eq_ignore_ascii_case(b"boundary").then(|| {
+                let value = &value[1..];
+                value
+                    .strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .unwrap_or(value)
+            })
+        })
+        .filter(|b| !b.is_empty())
+}
+
+/// The `name` of a form part, from its `Content-Disposition` header.
+fn form_field_name(headers: &[u8]) -> Option<&[u8]> {
+    let line = headers
+        .split(|&b| b == b'\n')
+        .find(|l| l.len() > 20 && l[..20].eq_ignore_ascii_case(b"content-disposition:"))?;
+    line.split(|&b| b == b';').skip(1).find_map(|p| {
+        let p = p.trim_ascii();
+        let value = p
+            .strip_prefix(b"name=")
+            .or_else(|| (p.len() > 5 && p[..5].eq_ignore_ascii_case(b"name=")).then(|| &p[5..]))?;
+        Some(
+            value
+                .strip_prefix(b"\"")
+                .and_then(|v| v.strip_suffix(b"\""))
+                .unwrap_or(value),
+        )
+    })
 }
 
 /// The value of boolean member `name` of the object at `obj`.
@@ -424,5 +511,28 @@ mod tests {
             let body = format!(r#"{{"model":"m","stream":{value}}}"#);
             assert_eq!(inspect(body.as_bytes()).unwrap().stream, stream, "{body}");
         }
+    }
+
+    #[test]
+    fn a_form_names_its_model_and_stream() {
+        let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"model.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF\r\n--X\r\n\r\n--XyZ\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\nwhisper-large\r\n--XyZ\r\nContent-Disposition: form-data; name=stream\r\n\r\ntrue\r\n--XyZ--\r\n";
+        let info = inspect_form(body, b"multipart/form-data; boundary=\"XyZ\"").unwrap();
+        assert!(info.form && info.stream);
+        assert_eq!(model(&info, body).as_deref(), Some("whisper-large"));
+        let mut edited = body.to_vec();
+        let mut info = info;
+        info.replace_model(&mut edited, "served");
+        assert_eq!(
+            inspect_form(&edited, b"multipart/form-data; boundary=XyZ").unwrap(),
+            info
+        );
+        assert!(inspect_form(body, b"application/json").is_none());
+        assert!(inspect_form(body, b"multipart/form-data").is_none());
+        // A form whose last part never ends names nothing more than it completed.
+        let cut = &body[..body.len() - 30];
+        assert_eq!(
+            inspect_form(cut, b"multipart/form-data; boundary=XyZ"),
+            None
+        );
     }
 }

@@ -245,7 +245,8 @@ async fn proxy<'r>(
     }
     let started = std::time::Instant::now();
     outcome.body_read = Some(started);
-    let mut info = body::inspect(c);
+    let api_or_other = api.unwrap_or(Api::Other);
+    let mut info = body::inspect(api_or_other, c);
     outcome.has_model = info.model.is_some();
     outcome.stream = info.stream;
     let model = outcome.has_model.then_some(c.model.as_str());
@@ -255,7 +256,7 @@ async fn proxy<'r>(
             return respond_error(wr, &mut c.out, &e, api, id, keep_alive).await;
         }
     }
-    let strip_usage = forward::rewrite_body(generation, api.unwrap_or(Api::Other), c, &mut info);
+    let strip_usage = forward::rewrite_body(generation, api_or_other, c, &mut info);
 
     let canceller = monoio::io::Canceller::new();
     let watch_buf = std::mem::take(&mut c.watch_buf);
