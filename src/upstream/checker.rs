@@ -123,6 +123,14 @@ impl BackendWatch {
 
 fn publish_health(b: &Backend, ok: bool, ok_streak: u32, fail_streak: u32, policy: &HealthCheck) {
     let was = b.healthy.load(Ordering::Relaxed);
+    // A passing check ends a passive ejection (Envoy's default): a restarted backend is given
+    // traffic as soon as it answers, even when requests ejected it before the checks saw it
+    // down. The price: a backend that passes its checks while failing requests is let back in
+    // once per interval rather than once per `ejection_time`.
+    if ok && b.ejected_until.swap(0, Ordering::Relaxed) != 0 {
+        b.failures.store(0, Ordering::Relaxed);
+        tracing::info!(backend = %b.url, "backend passes its health check: ejection ended");
+    }
     if ok && !was && ok_streak >= policy.healthy_threshold {
         b.healthy.store(true, Ordering::Relaxed);
         // A backend that answers its health check again is given traffic at once.
