@@ -528,13 +528,37 @@ fn start_watchdog(control: Arc<Control>, interval: Duration) -> io::Result<()> {
 }
 
 fn pin_to_cpu(worker: usize) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let allowed = allowed_cpus();
+    let Some(&cpu) = allowed.get(worker % allowed.len().max(1)) else {
+        return;
+    };
     // SAFETY: cpu_set_t is plain data; sched_setaffinity only reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(worker % cpus, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            tracing::warn!(worker, "CPU pinning failed: {}", io::Error::last_os_error());
+            tracing::warn!(
+                worker,
+                cpu,
+                "CPU pinning failed: {}",
+                io::Error::last_os_error()
+            );
         }
+    }
+}
+
+/// The CPUs this thread may run on (the process's mask, as `taskset`, cgroup cpusets and
+/// systemd's `CPUAffinity=` set it): workers are pinned among these, never to CPUs outside them.
+/// Read on the worker before it pins itself, so it sees the mask it inherited.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
     }
 }
