@@ -20,7 +20,7 @@ fn chat() -> Value {
 
 /// A prefix no other test (or earlier run) uses.
 fn unique(tag: &str) -> String {
-    format!("t{}_{}_{tag}", std::process::id(), free_port())
+    unique_name(&format!("t{tag}"))
 }
 
 fn call(gw: SocketAddr, key: &str) -> Response {
@@ -314,11 +314,12 @@ fn webhook_decides_and_cache_coalesces_serves_stale_and_fails_closed() {
 #[test]
 fn redis_down_with_nothing_cached_is_503_not_401() {
     let mock = spawn_mock(&[]);
+    let redis = closed_port();
     let gw = gateway(
         mock.addr,
         &format!(
-            "  pipeline:\n    - {{type: redis, url: \"redis://127.0.0.1:{}/\"}}\n",
-            free_port()
+            "  pipeline:\n    - {{type: redis, url: \"redis://{}/\"}}\n",
+            redis.addr
         ),
     );
     let r = call(gw.addr, "any");

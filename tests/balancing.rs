@@ -162,19 +162,11 @@ fn affinity_keeps_a_user_on_one_backend() {
     assert!(na == 20.0 || nb == 20.0, "a={na} b={nb}");
 }
 
-/// A backend process on a fixed port that can be stopped and started again.
-fn mock_on(port: u16) -> Proc {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"));
-    cmd.args(["mock-llm", "--listen", &addr.to_string()])
-        .stderr(std::process::Stdio::null());
-    spawn_listening(cmd, addr)
-}
-
 #[test]
 fn dead_backend_leaves_rotation_and_comes_back() {
-    let port = free_port();
-    let a = mock_on(port);
+    // Held for the whole test, so that no one else takes the port while its backend is down.
+    let port = closed_port();
+    let a = spawn_mock_on(port.addr, &[]);
     let b = spawn_mock(&[]);
     let gw = gateway(
         &[(a.addr, ""), (b.addr, "")],
@@ -188,7 +180,7 @@ fn dead_backend_leaves_rotation_and_comes_back() {
     let b0 = served(&b);
     send(&gw, 10);
     assert_eq!(served(&b) - b0, 10.0);
-    let a = mock_on(port);
+    let a = spawn_mock_on(port.addr, &[]);
     std::thread::sleep(Duration::from_millis(450));
     send(&gw, 10);
     assert!(served(&a) > 0.0, "the restarted backend takes no traffic");
@@ -206,13 +198,13 @@ fn a_hanging_backend_does_not_delay_another_backends_health_verdict() {
             held.push(conn);
         }
     });
-    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let dead = closed_port();
     let gw = gateway_now(
-        &[(hang_addr, ""), (dead, "")],
+        &[(hang_addr, ""), (dead.addr, "")],
         "health_check:\n  interval: 200ms\n  timeout: 5s\n  unhealthy_threshold: 1\n",
     );
     let started = Instant::now();
-    let down = wait_until(Duration::from_secs(3), || !backend_up(&gw, dead));
+    let down = wait_until(Duration::from_secs(3), || !backend_up(&gw, dead.addr));
     assert!(
         down,
         "the dead backend was still up {:?} after start",
@@ -222,11 +214,9 @@ fn a_hanging_backend_does_not_delay_another_backends_health_verdict() {
 
 #[test]
 fn every_backend_down_is_503_at_once() {
-    let dead: Vec<SocketAddr> = (0..2)
-        .map(|_| ([127, 0, 0, 1], free_port()).into())
-        .collect();
+    let dead = [closed_port(), closed_port()];
     let gw = gateway(
-        &[(dead[0], ""), (dead[1], "")],
+        &[(dead[0].addr, ""), (dead[1].addr, "")],
         "health_check:\n  interval: 100ms\n  timeout: 100ms\n  unhealthy_threshold: 1\n",
     );
     std::thread::sleep(Duration::from_millis(400));
@@ -252,9 +242,9 @@ fn retries_go_to_another_backend_on_503_and_refused_connections() {
     );
     assert_eq!(served(&good), 20.0);
 
-    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let dead = closed_port();
     let good = spawn_mock(&[]);
-    let gw = gateway(&[(dead, ""), (good.addr, "")], "");
+    let gw = gateway(&[(dead.addr, ""), (good.addr, "")], "");
     send(&gw, 20);
 
     // A single backend failing once: the retry (same backend, after a backoff) succeeds.
@@ -386,8 +376,8 @@ fn a_lone_backend_answering_5xx_is_not_ejected_into_an_outage() {
 
 #[test]
 fn a_lone_backend_refusing_connections_is_still_ejected() {
-    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let gw = gateway(&[(dead, "")], "retry:\n  max_attempts: 1\n");
+    let dead = closed_port();
+    let gw = gateway(&[(dead.addr, "")], "retry:\n  max_attempts: 1\n");
     let codes: Vec<String> = (0..7)
         .map(|_| {
             let r = post_json(gw.addr, "/v1/chat/completions", &chat("mock-model"), &[]);

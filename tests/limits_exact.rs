@@ -124,7 +124,7 @@ fn queueing_waits_for_a_slot_until_the_deadline() {
 #[test]
 fn two_instances_sharing_redis_admit_exactly_the_limit() {
     let mock = spawn_mock(&["--workers", "2"]);
-    let prefix = format!("llmproxy-test-{}-{}:", std::process::id(), free_port());
+    let prefix = format!("{}:", unique_name("llmproxy-test"));
     let config = format!(
         "listen: \"{{listen}}\"\nworkers: 2\nbackends: [{{url: \"http://{}\"}}]\n\
          rate_limit:\n  global: {{requests_per_minute: 50}}\n  storage: redis\n  \
@@ -168,12 +168,12 @@ fn two_instances_sharing_redis_admit_exactly_the_limit() {
 #[test]
 fn shared_rates_fall_back_to_local_limits_when_redis_is_down() {
     let mock = spawn_mock(&[]);
+    let redis = closed_port();
     let gw = spawn_gateway(&format!(
         "listen: \"{{listen}}\"\nbackends: [{{url: \"http://{}\"}}]\n\
          rate_limit:\n  global: {{requests_per_minute: 3}}\n  storage: redis\n  \
-         redis: {{url: \"redis://127.0.0.1:{}/\"}}\n",
-        mock.addr,
-        free_port()
+         redis: {{url: \"redis://{}/\"}}\n",
+        mock.addr, redis.addr
     ));
     let body = json!({"model": "mock-model", "messages": []});
     let statuses: Vec<u16> = (0..4)
@@ -187,7 +187,7 @@ fn shared_rates_fall_back_to_local_limits_when_redis_is_down() {
 #[test]
 fn two_instances_share_concurrency_slots_through_redis() {
     let mock = spawn_mock(&[]);
-    let prefix = format!("llmproxy-test-{}-{}:", std::process::id(), free_port());
+    let prefix = format!("{}:", unique_name("llmproxy-test"));
     let config = format!(
         "listen: \"{{listen}}\"\nbackends: [{{url: \"http://{}\"}}]\n\
          rate_limit:\n  global: {{max_concurrent: 2}}\n  storage: redis\n  \

@@ -14,11 +14,7 @@ fn chat(stream: bool) -> serde_json::Value {
 }
 
 fn gateway(sim: &Proc, key_extra: &str, extra: &str) -> Proc {
-    let dir = std::env::temp_dir().join(format!(
-        "llmproxy-quota-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
+    let dir = unique_path("llmproxy-quota");
     spawn_gateway(&format!(
         "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\nauth:\n  enabled: true\n  storage: \"file\"\n  quota_path: \"{}/quota.db\"\napi_keys:\n  - key: \"sk-quota-test-0001\"\n    name: \"quota\"\n{key_extra}{extra}",
         sim.addr,
