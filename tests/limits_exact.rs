@@ -123,13 +123,17 @@ fn queueing_waits_for_a_slot_until_the_deadline() {
 /// between them.
 #[test]
 fn two_instances_sharing_redis_admit_exactly_the_limit() {
+    if !service_up(&REDIS) {
+        return;
+    }
     let mock = spawn_mock(&["--workers", "2"]);
     let prefix = format!("{}:", unique_name("llmproxy-test"));
     let config = format!(
         "listen: \"{{listen}}\"\nworkers: 2\nbackends: [{{url: \"http://{}\"}}]\n\
          rate_limit:\n  global: {{requests_per_minute: 50}}\n  storage: redis\n  \
-         redis: {{url: \"redis://127.0.0.1:6379/\", prefix: \"{prefix}\"}}\n",
-        mock.addr
+         redis: {{url: \"redis://{}/\", prefix: \"{prefix}\"}}\n",
+        mock.addr,
+        REDIS.addr()
     );
     let gateways = [spawn_gateway(&config), spawn_gateway(&config)];
     let ok = AtomicU32::new(0);
@@ -186,13 +190,17 @@ fn shared_rates_fall_back_to_local_limits_when_redis_is_down() {
 /// come back when the streams end.
 #[test]
 fn two_instances_share_concurrency_slots_through_redis() {
+    if !service_up(&REDIS) {
+        return;
+    }
     let mock = spawn_mock(&[]);
     let prefix = format!("{}:", unique_name("llmproxy-test"));
     let config = format!(
         "listen: \"{{listen}}\"\nbackends: [{{url: \"http://{}\"}}]\n\
          rate_limit:\n  global: {{max_concurrent: 2}}\n  storage: redis\n  \
-         redis: {{url: \"redis://127.0.0.1:6379/\", prefix: \"{prefix}\"}}\n",
-        mock.addr
+         redis: {{url: \"redis://{}/\", prefix: \"{prefix}\"}}\n",
+        mock.addr,
+        REDIS.addr()
     );
     let (a, b) = (spawn_gateway(&config), spawn_gateway(&config));
     let slow = json!({"model": "mock-model", "messages": []}).to_string();

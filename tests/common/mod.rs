@@ -509,3 +509,73 @@ pub fn fixed_stat(upstream: SocketAddr, name: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("no {name} in the fixed upstream's stats"))
 }
+
+/// A server some tests need that a fresh clone's machine may not run. The tests build their
+/// URLs and DSNs from `host` and `port`, so this is the one place that says where it is.
+pub struct Service {
+    pub name: &'static str,
+    pub host: &'static str,
+    pub port: u16,
+}
+
+impl Service {
+    /// `host:port`.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// PostgreSQL, user `postgres` trusted, database `test`.
+pub const POSTGRES: Service = Service {
+    name: "PostgreSQL",
+    host: "127.0.0.1",
+    port: 5432,
+};
+/// MariaDB (or MySQL), user `root` with an empty password, database `test`.
+pub const MARIADB: Service = Service {
+    name: "MariaDB",
+    host: "127.0.0.1",
+    port: 3306,
+};
+pub const REDIS: Service = Service {
+    name: "Redis",
+    host: "127.0.0.1",
+    port: 6379,
+};
+
+/// Set to 1 (CI does) to make a test whose service is unreachable fail instead of skip.
+pub const REQUIRE_SERVICES: &str = "LLMPROXY_REQUIRE_SERVICES";
+
+/// Whether `service` accepts connections, for a test to run: `if !service_up(&REDIS) { return; }`.
+/// When it does not, the test is skipped with a SKIPPED line on stderr naming the service and its
+/// address, or, with `LLMPROXY_REQUIRE_SERVICES=1`, fails.
+pub fn service_up(service: &Service) -> bool {
+    let required = std::env::var(REQUIRE_SERVICES).is_ok_and(|v| v == "1");
+    check_service(service, required)
+}
+
+/// [`service_up`] with the requirement given rather than read from the environment.
+pub fn check_service(service: &Service, required: bool) -> bool {
+    let addr: SocketAddr = service.addr().parse().expect("a service address");
+    let reached = TcpStream::connect_timeout(&addr, Duration::from_secs(2));
+    let Err(e) = reached else {
+        return true;
+    };
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string();
+    assert!(
+        !required,
+        "{} at {addr} is unreachable ({e}) and {REQUIRE_SERVICES}=1: {test} needs it",
+        service.name
+    );
+    // Straight to the process's stderr: the test harness captures `eprintln!` of passing tests,
+    // and a skip must show in every run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {} at {addr} is unreachable ({e}); start it, or set {REQUIRE_SERVICES}=1 to make this a failure",
+        service.name
+    );
+    false
+}
