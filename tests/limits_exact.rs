@@ -68,6 +68,18 @@ fn thousand_requests_fifty_connections_admit_exactly_the_limit() {
     );
 }
 
+/// Waits until the simulator has received `n` requests in all: a request that reached it holds
+/// its admission slot until the answer.
+fn reached(mock: &Proc, n: f64) {
+    assert!(
+        wait_until(Duration::from_secs(5), || metric(
+            mock.addr,
+            "mock_requests_total"
+        ) == n),
+        "the simulator did not get {n} requests"
+    );
+}
+
 /// With `queue_timeout`, a request over `max_concurrent` waits for a slot instead of a 429, and
 /// gets the 429 only once the deadline passes.
 #[test]
@@ -90,7 +102,7 @@ fn queueing_waits_for_a_slot_until_the_deadline() {
     // Holds the only slot for 500 ms.
     let mut first = TcpStream::connect(gw.addr).unwrap();
     first.write_all(&slow("500")).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    reached(&mock, 1.0);
     let t = Instant::now();
     let r = request(gw.addr, &slow("0"));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -107,7 +119,7 @@ fn queueing_waits_for_a_slot_until_the_deadline() {
     // Holds the slot past the deadline: the waiter gets 429 after ~3 s.
     let mut long = TcpStream::connect(gw.addr).unwrap();
     long.write_all(&slow("5000")).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    reached(&mock, 3.0);
     let t = Instant::now();
     let r = request(gw.addr, &slow("0"));
     assert_eq!(r.status, 429, "{}", r.text());
@@ -216,7 +228,7 @@ fn two_instances_share_concurrency_slots_through_redis() {
         s
     };
     let held = [hold(a.addr), hold(a.addr)];
-    std::thread::sleep(Duration::from_millis(300));
+    reached(&mock, 2.0);
     let body = json!({"model": "mock-model", "messages": []});
     let r = post_json(b.addr, "/v1/chat/completions", &body, &[]);
     assert_eq!(r.status, 429, "{}", r.text());

@@ -508,7 +508,10 @@ fn client_leaving_mid_stream_is_counted_as_cancelled() {
         body.as_bytes(),
         &[("x-mock-ttft-ms", "2000")],
     ));
-    std::thread::sleep(Duration::from_millis(100));
+    assert!(wait_until(Duration::from_secs(2), || metric(
+        m.addr,
+        "vllm:num_requests_running"
+    ) == 1.0));
     drop(c);
     assert!(wait_until(Duration::from_secs(1), || metric(
         m.addr,

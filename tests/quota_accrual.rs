@@ -61,8 +61,11 @@ fn tokens_per_minute_counts_streamed_usage() {
             break;
         }
         assert_eq!(r.status, 200);
-        // Charges arrive from the reporter thread just after the response.
-        std::thread::sleep(Duration::from_millis(100));
+        // The reporter thread counts the record, then charges the key, just after the response.
+        assert!(wait_until(Duration::from_secs(5), || metric(
+            gw.addr,
+            "llmproxy_usage_records_total"
+        ) == (i + 1) as f64));
     }
     let (i, r) = refused.expect("tokens_per_minute never refused");
     assert!(i >= 2, "refused too early (request {i})");

@@ -8,8 +8,10 @@
 // Each test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -87,13 +89,14 @@ pub fn wait_ready(child: &mut Child, ready_file: &Path) -> Listening {
     }
 }
 
-/// Runs `llmproxy <args> --ready-file FILE` and waits until it listens.
-fn spawn(args: &[&str], config: Option<PathBuf>) -> Proc {
+/// Runs `llmproxy <args> --ready-file FILE` with `env` added and waits until it listens.
+fn spawn(args: &[&str], env: &[(&str, &OsStr)], config: Option<PathBuf>) -> Proc {
     let ready_file = unique_path("llmproxy-ready");
     let mut child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
         .args(args)
         .arg("--ready-file")
         .arg(&ready_file)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
@@ -145,7 +148,7 @@ pub fn spawn_mock_on(listen: SocketAddr, args: &[&str]) -> Proc {
     let listen = listen.to_string();
     let mut full = vec!["mock-llm", "--listen", &listen];
     full.extend_from_slice(args);
-    spawn(&full, None)
+    spawn(&full, &[], None)
 }
 
 /// Runs `llmproxy serve --config FILE` with `config_yaml` written to FILE, `{listen}` replaced by
@@ -154,9 +157,19 @@ pub fn spawn_gateway(config_yaml: &str) -> Proc {
     spawn_gateway_on(([127, 0, 0, 1], 0).into(), config_yaml)
 }
 
+/// [`spawn_gateway`] reporting to `notifications` as it would to systemd.
+pub fn spawn_gateway_notifying(config_yaml: &str, notifications: &Notifications) -> Proc {
+    let env = [("NOTIFY_SOCKET", notifications.path.as_os_str())];
+    start_gateway(([127, 0, 0, 1], 0).into(), config_yaml, &env)
+}
+
 /// [`spawn_gateway`] with `{listen}` replaced by `listen`: for a second process on the port of a
 /// running one (`SO_REUSEPORT`).
 pub fn spawn_gateway_on(listen: SocketAddr, config_yaml: &str) -> Proc {
+    start_gateway(listen, config_yaml, &[])
+}
+
+fn start_gateway(listen: SocketAddr, config_yaml: &str, env: &[(&str, &OsStr)]) -> Proc {
     assert!(
         config_yaml.contains("{listen}"),
         "the gateway config needs a {{listen}} placeholder"
@@ -165,7 +178,48 @@ pub fn spawn_gateway_on(listen: SocketAddr, config_yaml: &str) -> Proc {
     std::fs::write(&path, config_yaml.replace("{listen}", &listen.to_string()))
         .expect("write config");
     let file = path.to_str().expect("utf-8 temp path").to_string();
-    spawn(&["serve", "--config", &file], Some(path))
+    spawn(&["serve", "--config", &file], env, Some(path))
+}
+
+/// systemd's notification socket, played by the test: a process started with `NOTIFY_SOCKET`
+/// set to `path` reports its states (`READY=1`, `RELOADING=1`, ...) here.
+pub struct Notifications {
+    socket: UnixDatagram,
+    pub path: PathBuf,
+}
+
+impl Notifications {
+    pub fn new() -> Notifications {
+        let path = unique_path("llmproxy-notify").with_extension("sock");
+        let socket = UnixDatagram::bind(&path).expect("bind the notification socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set timeout");
+        Notifications { socket, path }
+    }
+
+    /// Waits for the next notification containing `state`, passing over others.
+    pub fn expect(&self, state: &str) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = self
+                .socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {state} notification: {e}"));
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == state)
+            {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Notifications {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// A port nothing listens on, held for as long as this lives: a bound socket that never listens,
