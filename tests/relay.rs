@@ -329,7 +329,10 @@ fn client_disconnect_aborts_the_generation() {
             let mut buf = [0u8; 1024];
             assert!(c.stream().read(&mut buf).unwrap() > 0);
         } else {
-            std::thread::sleep(Duration::from_millis(200));
+            assert!(wait_until(Duration::from_secs(5), || metric(
+                sim.addr,
+                "vllm:num_requests_running"
+            ) == 1.0));
         }
         drop(c);
         let aborted = wait_until(Duration::from_millis(600), || {
@@ -414,7 +417,8 @@ fn sigterm_drains_a_running_stream_then_exits_zero() {
         chat(true).to_string().as_bytes(),
         &[("x-mock-itl-ms", "100"), ("x-mock-tokens", "10")],
     ));
-    std::thread::sleep(Duration::from_millis(250));
+    // The stream is running (its head is here) before the signal.
+    c.stream().peek(&mut [0u8; 1]).unwrap();
     let pid = gw.child.id() as i32;
     // SAFETY: signalling our own child process.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
@@ -532,7 +536,10 @@ fn busy_poll_keeps_timers_running_and_goes_idle() {
             answered
         })
     };
-    std::thread::sleep(Duration::from_millis(100));
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        gw.addr,
+        "llmproxy_requests_total"
+    ) >= 10.0));
     // The first-byte timer still fires while the worker spins.
     let start = Instant::now();
     let r = post_json(
@@ -550,7 +557,8 @@ fn busy_poll_keeps_timers_running_and_goes_idle() {
         "timed out after {took:?}"
     );
 
-    // Without activity the spinning stops: an idle second costs next to nothing.
+    // Without activity the spinning stops once the 20 ms window is over: after five of them, an
+    // idle second costs next to nothing.
     std::thread::sleep(Duration::from_millis(100));
     let before = cpu_ticks(gw.child.id());
     std::thread::sleep(Duration::from_secs(1));

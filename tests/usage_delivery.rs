@@ -72,8 +72,12 @@ fn failing_webhook_recovers_with_one_delivery_per_request() {
         accepted(&receiver.posts()).len() == ids.len()
     });
     assert!(done, "posts: {:?}", receiver.posts());
-    // Nothing more arrives later: each accepted record stays accepted once.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Nothing more arrives later: once the reporter's cursor is past every record, nothing is
+    // left to send, and each accepted record stays accepted once.
+    assert!(wait_until(Duration::from_secs(10), || common::metric(
+        gw.addr,
+        "llmproxy_usage_spool_backlog"
+    ) == 0.0));
     let posts = receiver.posts();
     let counts = accepted(&posts);
     for id in &ids {

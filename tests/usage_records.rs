@@ -237,7 +237,10 @@ fn a_client_gone_before_the_answer_is_recorded_as_499() {
         body.as_bytes(),
         &[("X-Request-Id", "early-1"), ("x-mock-ttft-ms", "3000")],
     ));
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(5), || common::metric(
+        mock.addr,
+        "vllm:num_requests_running"
+    ) == 1.0));
     drop(client);
     let record = record_for(&spool, "early-1");
     assert_eq!(
