@@ -20,6 +20,9 @@ struct Cli {
     /// Config file, YAML (.yaml/.yml) or TOML (.toml).
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    /// Options of the gateway when it runs without the `serve` subcommand.
+    #[command(flatten)]
+    serve: ServeArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -27,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway with --config FILE.
-    Serve,
+    Serve(ServeArgs),
     /// Validate --config FILE and report every error with its key path; exits 1 on errors.
     Check,
     /// Run the OpenAI-compatible simulator (vLLM-like wire format) used by tests, demo and benchmarks.
@@ -36,6 +39,14 @@ enum Command {
     Demo,
     /// Print token totals from the usage spool (records still within `usage_hook.retention`).
     Usage(UsageArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Once every worker listens, write `listen ADDRESS` (and `admin ADDRESS` when the admin API
+    /// is on) to PATH, one line each: the bound addresses, so `listen: 127.0.0.1:0` is usable.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -67,7 +78,14 @@ fn main() -> ExitCode {
         Some(Command::Check) => exit(check(cli.config.as_deref())),
         Some(Command::Demo) => exit(demo()),
         Some(Command::Usage(args)) => exit(usage(cli.config.as_deref(), args)),
-        Some(Command::Serve) | None => exit(serve(cli.config.as_deref())),
+        Some(Command::Serve(args)) => {
+            let ready_file = args.ready_file.or(cli.serve.ready_file);
+            exit(serve(cli.config.as_deref(), ready_file.as_deref()))
+        }
+        None => exit(serve(
+            cli.config.as_deref(),
+            cli.serve.ready_file.as_deref(),
+        )),
     }
 }
 
@@ -98,14 +116,14 @@ fn check(path: Option<&Path>) -> Result<(), String> {
     Ok(())
 }
 
-fn serve(path: Option<&Path>) -> Result<(), String> {
+fn serve(path: Option<&Path>, ready_file: Option<&Path>) -> Result<(), String> {
     let cfg = load(path)?;
     let (set_log_level, _flush) = logging::init(&cfg.log.level, cfg.log.format);
     let reload = Reload {
         config_path: path.map(Path::to_path_buf),
         set_log_level,
     };
-    llmproxy::server::run(cfg, reload).map_err(|e| format!("llmproxy: {e}"))
+    llmproxy::server::run(cfg, reload, ready_file).map_err(|e| format!("llmproxy: {e}"))
 }
 
 fn usage(config: Option<&Path>, args: UsageArgs) -> Result<(), String> {
@@ -203,7 +221,7 @@ fn demo() -> Result<(), String> {
         config_path: None,
         set_log_level,
     };
-    let result = llmproxy::server::run(cfg, reload).map_err(|e| format!("llmproxy: {e}"));
+    let result = llmproxy::server::run(cfg, reload, None).map_err(|e| format!("llmproxy: {e}"));
     let _ = sim.kill();
     let _ = sim.wait();
     result

@@ -40,9 +40,9 @@ fn call(gw: SocketAddr, model: &str, attack: Option<&str>) -> Response {
 #[test]
 fn lua_policy_decides_and_sandbox_holds() {
     let mock = spawn_mock(&[]);
-    let script_file = std::env::temp_dir().join(format!("llmproxy-policy-{}.lua", free_port()));
+    let script_file = unique_path("llmproxy-policy").with_extension("lua");
     std::fs::write(&script_file, SCRIPT).unwrap();
-    let db = std::env::temp_dir().join(format!("llmproxy-lua-{}.db", free_port()));
+    let db = unique_path("llmproxy-lua").with_extension("db");
     // One worker: every request below runs on the same Lua state.
     let gw = spawn_gateway(&format!(
         "listen: \"{{listen}}\"\nworkers: 1\nbackends: [{{url: \"http://{}\"}}]\n\

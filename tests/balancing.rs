@@ -16,15 +16,10 @@ fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
 }
 
-/// Starts a gateway and waits until its checker has fetched the backends' model lists once, so
-/// request counts taken afterwards see only the test's traffic.
+/// A gateway over `backends` (each with its extra YAML lines) with `extra` top-level config.
+/// Request counts need no settling time: the simulators do not count health checks, metric
+/// scrapes or model-list polls.
 fn gateway(backends: &[(SocketAddr, &str)], extra: &str) -> Proc {
-    let gw = gateway_now(backends, extra);
-    std::thread::sleep(Duration::from_millis(300));
-    gw
-}
-
-fn gateway_now(backends: &[(SocketAddr, &str)], extra: &str) -> Proc {
     let mut yaml = "listen: \"{listen}\"\nworkers: 2\nbackends:\n".to_string();
     for (addr, more) in backends {
         yaml.push_str(&format!("  - url: \"http://{addr}\"\n"));
@@ -34,6 +29,17 @@ fn gateway_now(backends: &[(SocketAddr, &str)], extra: &str) -> Proc {
     }
     yaml.push_str(extra);
     spawn_gateway(&yaml)
+}
+
+/// Waits until the gateway's `GET /v1/models` lists `expected`: its merged list is fetched from
+/// the backends by a background thread after start.
+fn assert_models_listed(gw: &Proc, expected: &[&str]) {
+    let mut ids = Vec::new();
+    let listed = wait_until(Duration::from_secs(5), || {
+        ids = model_ids(gw);
+        ids == expected
+    });
+    assert!(listed, "models listed: {ids:?}, expected {expected:?}");
 }
 
 /// The model ids the gateway's `GET /v1/models` lists.
@@ -104,7 +110,10 @@ fn least_connections_prefers_the_idle_backend() {
         body.as_bytes(),
         &[("x-mock-itl-ms", "100"), ("x-mock-tokens", "30")],
     ));
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        wait_until(Duration::from_secs(5), || served(&a) + served(&b) == 1.0),
+        "the long stream reached no backend"
+    );
     let (a0, b0) = (served(&a), served(&b));
     // ... so short requests all go to the other.
     send(&gw, 10);
@@ -139,7 +148,7 @@ fn least_load_follows_backend_metrics() {
         &[(queued.addr, ""), (idle.addr, "")],
         "load_balance: least_load\nrouting:\n  least_load:\n    interval: 100ms\n",
     );
-    std::thread::sleep(Duration::from_millis(400));
+    wait_for_scrape(&queued);
     send(&gw, 30);
     assert_eq!(served(&queued), 0.0, "the queued backend got traffic");
 }
@@ -162,19 +171,11 @@ fn affinity_keeps_a_user_on_one_backend() {
     assert!(na == 20.0 || nb == 20.0, "a={na} b={nb}");
 }
 
-/// A backend process on a fixed port that can be stopped and started again.
-fn mock_on(port: u16) -> Proc {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"));
-    cmd.args(["mock-llm", "--listen", &addr.to_string()])
-        .stderr(std::process::Stdio::null());
-    spawn_listening(cmd, addr)
-}
-
 #[test]
 fn dead_backend_leaves_rotation_and_comes_back() {
-    let port = free_port();
-    let a = mock_on(port);
+    // Held for the whole test, so that no one else takes the port while its backend is down.
+    let port = closed_port();
+    let a = spawn_mock_on(port.addr, &[]);
     let b = spawn_mock(&[]);
     let gw = gateway(
         &[(a.addr, ""), (b.addr, "")],
@@ -183,13 +184,19 @@ fn dead_backend_leaves_rotation_and_comes_back() {
     send(&gw, 10);
     assert!(served(&a) > 0.0);
     drop(a);
-    std::thread::sleep(Duration::from_millis(450));
+    assert!(
+        wait_until(Duration::from_secs(5), || !backend_up(&gw, port.addr)),
+        "the stopped backend stayed up"
+    );
     // Every request succeeds: the dead one is out of rotation (or retried elsewhere).
     let b0 = served(&b);
     send(&gw, 10);
     assert_eq!(served(&b) - b0, 10.0);
-    let a = mock_on(port);
-    std::thread::sleep(Duration::from_millis(450));
+    let a = spawn_mock_on(port.addr, &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), || backend_up(&gw, port.addr)),
+        "the restarted backend stayed down"
+    );
     send(&gw, 10);
     assert!(served(&a) > 0.0, "the restarted backend takes no traffic");
 }
@@ -206,13 +213,13 @@ fn a_hanging_backend_does_not_delay_another_backends_health_verdict() {
             held.push(conn);
         }
     });
-    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let gw = gateway_now(
-        &[(hang_addr, ""), (dead, "")],
+    let dead = closed_port();
+    let gw = gateway(
+        &[(hang_addr, ""), (dead.addr, "")],
         "health_check:\n  interval: 200ms\n  timeout: 5s\n  unhealthy_threshold: 1\n",
     );
     let started = Instant::now();
-    let down = wait_until(Duration::from_secs(3), || !backend_up(&gw, dead));
+    let down = wait_until(Duration::from_secs(3), || !backend_up(&gw, dead.addr));
     assert!(
         down,
         "the dead backend was still up {:?} after start",
@@ -222,14 +229,17 @@ fn a_hanging_backend_does_not_delay_another_backends_health_verdict() {
 
 #[test]
 fn every_backend_down_is_503_at_once() {
-    let dead: Vec<SocketAddr> = (0..2)
-        .map(|_| ([127, 0, 0, 1], free_port()).into())
-        .collect();
+    let dead = [closed_port(), closed_port()];
     let gw = gateway(
-        &[(dead[0], ""), (dead[1], "")],
+        &[(dead[0].addr, ""), (dead[1].addr, "")],
         "health_check:\n  interval: 100ms\n  timeout: 100ms\n  unhealthy_threshold: 1\n",
     );
-    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        wait_until(Duration::from_secs(5), || dead
+            .iter()
+            .all(|d| !backend_up(&gw, d.addr))),
+        "the dead backends stayed up"
+    );
     let start = Instant::now();
     let r = post_json(gw.addr, "/v1/chat/completions", &chat("mock-model"), &[]);
     assert_eq!(r.status, 503);
@@ -252,9 +262,9 @@ fn retries_go_to_another_backend_on_503_and_refused_connections() {
     );
     assert_eq!(served(&good), 20.0);
 
-    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let dead = closed_port();
     let good = spawn_mock(&[]);
-    let gw = gateway(&[(dead, ""), (good.addr, "")], "");
+    let gw = gateway(&[(dead.addr, ""), (good.addr, "")], "");
     send(&gw, 20);
 
     // A single backend failing once: the retry (same backend, after a backoff) succeeds.
@@ -368,8 +378,7 @@ fn models_route_to_their_backends() {
     let r = post_json(gw.addr, "/v1/chat/completions", &chat("gamma"), &[]);
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["error"]["code"], "model_not_found");
-    let ids = model_ids(&gw);
-    assert_eq!(ids, ["alpha", "beta", "public-alpha"]);
+    assert_models_listed(&gw, &["alpha", "beta", "public-alpha"]);
 }
 
 #[test]
@@ -386,8 +395,8 @@ fn a_lone_backend_answering_5xx_is_not_ejected_into_an_outage() {
 
 #[test]
 fn a_lone_backend_refusing_connections_is_still_ejected() {
-    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let gw = gateway(&[(dead, "")], "retry:\n  max_attempts: 1\n");
+    let dead = closed_port();
+    let gw = gateway(&[(dead.addr, "")], "retry:\n  max_attempts: 1\n");
     let codes: Vec<String> = (0..7)
         .map(|_| {
             let r = post_json(gw.addr, "/v1/chat/completions", &chat("mock-model"), &[]);
@@ -406,6 +415,19 @@ fn a_lone_backend_refusing_connections_is_still_ejected() {
     );
 }
 
+/// Waits until the gateway has applied one scrape of simulator `sim`'s `/metrics`. The simulator
+/// counts connections; the gateway opens one per scrape and one for its model list, and each
+/// poll here opens one. Three beyond the polls mean a second scrape began, and the backend's
+/// checker thread scrapes in turn, so the first one's figures are in.
+fn wait_for_scrape(sim: &Proc) {
+    let mut polls = 0.0;
+    let scraped = wait_until(Duration::from_secs(5), || {
+        polls += 1.0;
+        metric(sim.addr, "mock_connections_total") - polls >= 3.0
+    });
+    assert!(scraped, "the gateway never scraped {}", sim.addr);
+}
+
 /// A backend that frames every response (Content-Length, or chunked) and keeps each connection
 /// open whatever the client asked for, as many HTTP/1.1 servers do. Threads in the test process,
 /// so it can change its answer mid-test and count what it served.
@@ -420,6 +442,8 @@ struct KeepOpenState {
     waiting: u32,
     healthy: AtomicBool,
     chats: AtomicU32,
+    /// `GET /metrics` requests answered.
+    scrapes: AtomicU32,
 }
 
 impl KeepOpen {
@@ -432,6 +456,7 @@ impl KeepOpen {
             waiting,
             healthy: AtomicBool::new(true),
             chats: AtomicU32::new(0),
+            scrapes: AtomicU32::new(0),
         });
         let shared = state.clone();
         std::thread::spawn(move || {
@@ -502,6 +527,7 @@ impl KeepOpenState {
                     framed(200, "application/json", &body)
                 }
             } else if path == "/metrics" {
+                self.scrapes.fetch_add(1, Ordering::Relaxed);
                 let body = format!(
                     "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"m\"}} {}.0\nvllm:num_requests_running{{model_name=\"m\"}} 0.0\n",
                     self.waiting
@@ -543,7 +569,7 @@ fn keep_open_backends_pass_health_checks_and_list_their_models() {
     let a = KeepOpen::start(&["alpha"], false, 0);
     let b = KeepOpen::start(&["beta", "gamma"], true, 0);
     a.state.healthy.store(false, Ordering::Relaxed);
-    let gw = gateway_now(
+    let gw = gateway(
         &[(a.addr, ""), (b.addr, "")],
         "health_check:\n  interval: 250ms\n  timeout: 1s\n  unhealthy_threshold: 1\n  headers:\n    Authorization: Bearer health-token\n",
     );
@@ -573,8 +599,7 @@ fn keep_open_backends_pass_health_checks_and_list_their_models() {
     );
 
     // One list with Content-Length, one chunked: both merged.
-    let ids = model_ids(&gw);
-    assert_eq!(ids, ["alpha", "beta", "gamma"]);
+    assert_models_listed(&gw, &["alpha", "beta", "gamma"]);
 }
 
 #[test]
@@ -585,7 +610,16 @@ fn least_load_reads_metrics_from_keep_open_backends() {
         &[(queued.addr, ""), (idle.addr, "")],
         "load_balance: least_load\nrouting:\n  least_load:\n    interval: 100ms\n",
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // The gateway scrapes each backend in turn on one thread: a second scrape begun means the
+    // first one's figures are in.
+    assert!(
+        wait_until(Duration::from_secs(5), || queued
+            .state
+            .scrapes
+            .load(Ordering::Relaxed)
+            >= 2),
+        "the queued backend was never scraped"
+    );
     send(&gw, 30);
     assert_eq!(queued.chats(), 0, "the queued backend got traffic");
     assert_eq!(idle.chats(), 30);

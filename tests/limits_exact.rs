@@ -68,6 +68,18 @@ fn thousand_requests_fifty_connections_admit_exactly_the_limit() {
     );
 }
 
+/// Waits until the simulator has received `n` requests in all: a request that reached it holds
+/// its admission slot until the answer.
+fn reached(mock: &Proc, n: f64) {
+    assert!(
+        wait_until(Duration::from_secs(5), || metric(
+            mock.addr,
+            "mock_requests_total"
+        ) == n),
+        "the simulator did not get {n} requests"
+    );
+}
+
 /// With `queue_timeout`, a request over `max_concurrent` waits for a slot instead of a 429, and
 /// gets the 429 only once the deadline passes.
 #[test]
@@ -90,7 +102,7 @@ fn queueing_waits_for_a_slot_until_the_deadline() {
     // Holds the only slot for 500 ms.
     let mut first = TcpStream::connect(gw.addr).unwrap();
     first.write_all(&slow("500")).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    reached(&mock, 1.0);
     let t = Instant::now();
     let r = request(gw.addr, &slow("0"));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -107,7 +119,7 @@ fn queueing_waits_for_a_slot_until_the_deadline() {
     // Holds the slot past the deadline: the waiter gets 429 after ~3 s.
     let mut long = TcpStream::connect(gw.addr).unwrap();
     long.write_all(&slow("5000")).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    reached(&mock, 3.0);
     let t = Instant::now();
     let r = request(gw.addr, &slow("0"));
     assert_eq!(r.status, 429, "{}", r.text());
@@ -123,13 +135,17 @@ fn queueing_waits_for_a_slot_until_the_deadline() {
 /// between them.
 #[test]
 fn two_instances_sharing_redis_admit_exactly_the_limit() {
+    if !service_up(&REDIS) {
+        return;
+    }
     let mock = spawn_mock(&["--workers", "2"]);
-    let prefix = format!("llmproxy-test-{}-{}:", std::process::id(), free_port());
+    let prefix = format!("{}:", unique_name("llmproxy-test"));
     let config = format!(
         "listen: \"{{listen}}\"\nworkers: 2\nbackends: [{{url: \"http://{}\"}}]\n\
          rate_limit:\n  global: {{requests_per_minute: 50}}\n  storage: redis\n  \
-         redis: {{url: \"redis://127.0.0.1:6379/\", prefix: \"{prefix}\"}}\n",
-        mock.addr
+         redis: {{url: \"redis://{}/\", prefix: \"{prefix}\"}}\n",
+        mock.addr,
+        REDIS.addr()
     );
     let gateways = [spawn_gateway(&config), spawn_gateway(&config)];
     let ok = AtomicU32::new(0);
@@ -168,12 +184,12 @@ fn two_instances_sharing_redis_admit_exactly_the_limit() {
 #[test]
 fn shared_rates_fall_back_to_local_limits_when_redis_is_down() {
     let mock = spawn_mock(&[]);
+    let redis = closed_port();
     let gw = spawn_gateway(&format!(
         "listen: \"{{listen}}\"\nbackends: [{{url: \"http://{}\"}}]\n\
          rate_limit:\n  global: {{requests_per_minute: 3}}\n  storage: redis\n  \
-         redis: {{url: \"redis://127.0.0.1:{}/\"}}\n",
-        mock.addr,
-        free_port()
+         redis: {{url: \"redis://{}/\"}}\n",
+        mock.addr, redis.addr
     ));
     let body = json!({"model": "mock-model", "messages": []});
     let statuses: Vec<u16> = (0..4)
@@ -186,13 +202,17 @@ fn shared_rates_fall_back_to_local_limits_when_redis_is_down() {
 /// come back when the streams end.
 #[test]
 fn two_instances_share_concurrency_slots_through_redis() {
+    if !service_up(&REDIS) {
+        return;
+    }
     let mock = spawn_mock(&[]);
-    let prefix = format!("llmproxy-test-{}-{}:", std::process::id(), free_port());
+    let prefix = format!("{}:", unique_name("llmproxy-test"));
     let config = format!(
         "listen: \"{{listen}}\"\nbackends: [{{url: \"http://{}\"}}]\n\
          rate_limit:\n  global: {{max_concurrent: 2}}\n  storage: redis\n  \
-         redis: {{url: \"redis://127.0.0.1:6379/\", prefix: \"{prefix}\"}}\n",
-        mock.addr
+         redis: {{url: \"redis://{}/\", prefix: \"{prefix}\"}}\n",
+        mock.addr,
+        REDIS.addr()
     );
     let (a, b) = (spawn_gateway(&config), spawn_gateway(&config));
     let slow = json!({"model": "mock-model", "messages": []}).to_string();
@@ -208,7 +228,7 @@ fn two_instances_share_concurrency_slots_through_redis() {
         s
     };
     let held = [hold(a.addr), hold(a.addr)];
-    std::thread::sleep(Duration::from_millis(300));
+    reached(&mock, 2.0);
     let body = json!({"model": "mock-model", "messages": []});
     let r = post_json(b.addr, "/v1/chat/completions", &body, &[]);
     assert_eq!(r.status, 429, "{}", r.text());

@@ -152,9 +152,10 @@ fn known_traffic_gives_matching_counters_and_histograms() {
 
 #[test]
 fn upstream_errors_and_rejections_are_counted() {
-    let dead = free_port();
+    let dead = closed_port();
     let gw = spawn_gateway(&format!(
-        "listen: \"{{listen}}\"\nworkers: 1\nmax_request_body: 1KiB\nbackends:\n  - url: \"http://127.0.0.1:{dead}\"\n"
+        "listen: \"{{listen}}\"\nworkers: 1\nmax_request_body: 1KiB\nbackends:\n  - url: \"http://{}\"\n",
+        dead.addr
     ));
     let r = post_json(gw.addr, "/v1/chat/completions", &chat(false), &[]);
     assert_eq!(r.status, 502);
@@ -281,31 +282,19 @@ fn cancels_cuts_and_retries_are_counted() {
     assert_eq!(series(&text, "llmproxy_in_flight_requests"), 1.0);
 
     // A pooled connection the backend closed while idle is retried on a fresh one.
-    let port = free_port();
-    let mut fixed = std::process::Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/support/fixed_upstream.py"
-        ))
-        .arg(port.to_string())
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .expect("python3");
-    let up: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    assert!(wait_until(std::time::Duration::from_secs(10), || {
-        std::net::TcpStream::connect(up).is_ok()
-    }));
+    let up = spawn_fixed_upstream();
     let gw = spawn_gateway(&format!(
-        "listen: \"{{listen}}\"\nworkers: 1\nbackends:\n  - url: \"http://{up}\"\n"
+        "listen: \"{{listen}}\"\nworkers: 1\nbackends:\n  - url: \"http://{}\"\n",
+        up.addr
     ));
     let mut c = Client::connect(gw.addr);
-    for _ in 0..3 {
+    for closed in 1..=3 {
         c.send(&raw_request("POST", "/v1/fixed/idle", b"{}", &[]));
         assert_eq!(c.read_response().status, 200);
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(wait_until(std::time::Duration::from_secs(5), || {
+            fixed_stat(up.addr, "idle_closed") == closed
+        }));
     }
-    let _ = fixed.kill();
-    let _ = fixed.wait();
     assert_eq!(metric(gw.addr, "llmproxy_retries_total"), 2.0);
 }
 

@@ -406,13 +406,8 @@ fn cut_after_ends_the_body_without_its_end() {
     assert!(buf.is_empty());
 }
 
-/// `--refuse` never answers /health, so it cannot go through `spawn_mock`'s readiness wait.
 fn spawn_refusing() -> Proc {
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"));
-    cmd.args(["mock-llm", "--refuse", "--listen", &addr.to_string()])
-        .stdout(std::process::Stdio::null());
-    spawn_listening(cmd, addr)
+    spawn_mock(&["--refuse"])
 }
 
 #[test]
@@ -513,7 +508,10 @@ fn client_leaving_mid_stream_is_counted_as_cancelled() {
         body.as_bytes(),
         &[("x-mock-ttft-ms", "2000")],
     ));
-    std::thread::sleep(Duration::from_millis(100));
+    assert!(wait_until(Duration::from_secs(2), || metric(
+        m.addr,
+        "vllm:num_requests_running"
+    ) == 1.0));
     drop(c);
     assert!(wait_until(Duration::from_secs(1), || metric(
         m.addr,

@@ -8,9 +8,10 @@ use common::*;
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
-fn config(admin: SocketAddr, backends: &[SocketAddr]) -> String {
+/// The gateway config with the admin API on port 0 (its address comes from the ready file).
+fn config(backends: &[SocketAddr]) -> String {
     let mut y = format!(
-        "listen: \"{{listen}}\"\nworkers: 1\nadmin:\n  enabled: true\n  listen: \"{admin}\"\n  token: \"{TOKEN}\"\nbackends:\n"
+        "listen: \"{{listen}}\"\nworkers: 1\nadmin:\n  enabled: true\n  listen: \"127.0.0.1:0\"\n  token: \"{TOKEN}\"\nbackends:\n"
     );
     for b in backends {
         y.push_str(&format!("  - url: \"http://{b}\"\n"));
@@ -31,8 +32,8 @@ fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Res
 fn admin_api_needs_the_token_lists_backends_and_reloads() {
     let one = spawn_mock(&[]);
     let two = spawn_mock(&[]);
-    let admin_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let gw = spawn_gateway(&config(admin_addr, &[one.addr]));
+    let gw = spawn_gateway(&config(&[one.addr]));
+    let admin_addr = gw.admin.expect("the admin API's address in the ready file");
     let cfg = gw.config.clone().unwrap();
 
     let r = admin(admin_addr, "GET", "/admin/backends", None);
@@ -66,7 +67,7 @@ fn admin_api_needs_the_token_lists_backends_and_reloads() {
     assert_eq!(v["generation"], 0);
 
     // A valid one swaps the backends. One worker, so round robin splits 4 requests 2/2.
-    let text = config(admin_addr, &[one.addr, two.addr]).replace("{listen}", &gw.addr.to_string());
+    let text = config(&[one.addr, two.addr]).replace("{listen}", "127.0.0.1:0");
     std::fs::write(&cfg, text).unwrap();
     let r = admin(admin_addr, "POST", "/admin/reload", Some(TOKEN));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -108,12 +109,13 @@ fn admin_api_needs_the_token_lists_backends_and_reloads() {
 #[test]
 fn admin_is_off_by_default_and_needs_a_long_token() {
     let mock = spawn_mock(&[]);
-    let admin_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let _gw = spawn_gateway(&format!(
-        "listen: \"{{listen}}\"\nadmin:\n  listen: \"{admin_addr}\"\nbackends:\n  - url: \"http://{}\"\n",
-        mock.addr
+    let admin_port = closed_port();
+    let gw = spawn_gateway(&format!(
+        "listen: \"{{listen}}\"\nadmin:\n  listen: \"{}\"\nbackends:\n  - url: \"http://{}\"\n",
+        admin_port.addr, mock.addr
     ));
-    assert!(std::net::TcpStream::connect(admin_addr).is_err());
+    assert_eq!(gw.admin, None, "an admin listener without admin.enabled");
+    assert!(std::net::TcpStream::connect(admin_port.addr).is_err());
 
     let path =
         std::env::temp_dir().join(format!("llmproxy-admin-short-{}.yaml", std::process::id()));

@@ -37,16 +37,16 @@ fn keys_created_through_the_admin_api_work_and_are_stored_hashed() {
     let sim = spawn_mock(&[]);
     let dir = std::env::temp_dir().join(format!("llmproxy-admin-keys-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let admin_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let gw = spawn_gateway(&format!(
         "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{sim}\"\n\
-         admin:\n  enabled: true\n  listen: \"{admin_addr}\"\n  token: \"{TOKEN}\"\n  key_store: \"{d}/keys.db\"\n\
+         admin:\n  enabled: true\n  listen: \"127.0.0.1:0\"\n  token: \"{TOKEN}\"\n  key_store: \"{d}/keys.db\"\n\
          auth:\n  enabled: true\n  storage: \"file\"\n  quota_path: \"{d}/quota.db\"\n\
          api_keys:\n  - key: \"sk-static-key-000001\"\n    name: \"static\"\n\
          usage_hook:\n  enabled: true\n  spool_path: \"{d}/spool.db\"\n",
         sim = sim.addr,
         d = dir.display()
     ));
+    let admin_addr = gw.admin.expect("the admin API's address in the ready file");
     assert_eq!(chat(&gw, "sk-static-key-000001"), 200);
 
     let r = admin(

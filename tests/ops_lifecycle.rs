@@ -19,6 +19,7 @@ struct Gateway {
     child: Child,
     addr: SocketAddr,
     config: PathBuf,
+    ready_file: PathBuf,
     log: mpsc::Receiver<String>,
 }
 
@@ -27,17 +28,19 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(&self.ready_file);
     }
 }
 
 impl Gateway {
     fn start(name: &str, yaml: &str, env: &[(&str, &str)]) -> Gateway {
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let config =
-            std::env::temp_dir().join(format!("llmproxy-ops-{}-{name}.yaml", std::process::id()));
-        std::fs::write(&config, yaml.replace("{listen}", &addr.to_string())).unwrap();
+        let config = unique_path(&format!("llmproxy-ops-{name}")).with_extension("yaml");
+        std::fs::write(&config, yaml.replace("{listen}", "127.0.0.1:0")).unwrap();
+        let ready_file = unique_path(&format!("llmproxy-ops-{name}-ready"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
             .args(["serve", "--config", config.to_str().unwrap()])
+            .arg("--ready-file")
+            .arg(&ready_file)
             .envs(env.iter().copied())
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -46,28 +49,19 @@ impl Gateway {
             .spawn()
             .unwrap();
         let log = forward_lines(child.stderr.take().unwrap());
-        let g = Gateway {
+        let addr = wait_ready(&mut child, &ready_file).listen;
+        Gateway {
             child,
             addr,
             config,
+            ready_file,
             log,
-        };
-        assert!(
-            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(
-                g.addr
-            )
-            .is_ok()),
-            "gateway did not listen"
-        );
-        g
+        }
     }
 
+    /// Replaces the config file; `{listen}` stays port 0, as the running config has it.
     fn rewrite(&self, yaml: &str) {
-        std::fs::write(
-            &self.config,
-            yaml.replace("{listen}", &self.addr.to_string()),
-        )
-        .unwrap();
+        std::fs::write(&self.config, yaml.replace("{listen}", "127.0.0.1:0")).unwrap();
     }
 
     fn signal(&self, sig: libc::c_int) {

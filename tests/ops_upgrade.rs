@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,27 +12,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn gateway_on(addr: SocketAddr, backend: SocketAddr, tag: &str) -> Proc {
-    let path = std::env::temp_dir().join(format!(
-        "llmproxy-upgrade-{}-{tag}.yaml",
-        std::process::id()
-    ));
-    std::fs::write(
-        &path,
-        format!("listen: \"{addr}\"\nworkers: 2\nbackends:\n  - url: \"http://{backend}\"\n"),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
-        .args(["serve", "--config", path.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Proc {
-        child,
-        addr,
-        config: Some(path),
-    }
+fn config(backend: SocketAddr) -> String {
+    format!("listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{backend}\"\n")
 }
 
 /// Step one of the documented procedure: let the kernel move connections still queued on the old
@@ -48,11 +28,8 @@ fn enable_request_migration() -> bool {
 fn new_process_beside_the_old_then_drain() {
     let migrates = enable_request_migration();
     let sim = spawn_mock(&[]);
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let mut old = gateway_on(addr, sim.addr, "old");
-    assert!(wait_until(Duration::from_secs(10), || {
-        std::net::TcpStream::connect(addr).is_ok()
-    }));
+    let mut old = spawn_gateway(&config(sim.addr));
+    let addr = old.addr;
 
     // A long stream on the old process.
     let mut stream = Client::connect(addr);
@@ -82,9 +59,18 @@ fn new_process_beside_the_old_then_drain() {
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(200));
-    let new = gateway_on(addr, sim.addr, "new");
-    std::thread::sleep(Duration::from_millis(500));
+    // Each phase (old alone, both, new alone) carries some of the loop's requests.
+    let loop_answers = |more: usize| {
+        let target = ok.load(Ordering::Relaxed) + more;
+        assert!(
+            wait_until(Duration::from_secs(10), || ok.load(Ordering::Relaxed)
+                >= target),
+            "the request loop stalled"
+        );
+    };
+    loop_answers(20);
+    let new = spawn_gateway_on(addr, &config(sim.addr));
+    loop_answers(20);
     // SAFETY: signalling our own child.
     assert_eq!(
         unsafe { libc::kill(old.child.id() as i32, libc::SIGTERM) },
@@ -96,7 +82,7 @@ fn new_process_beside_the_old_then_drain() {
         "the running stream was cut"
     );
     assert!(old.child.wait().unwrap().success());
-    std::thread::sleep(Duration::from_millis(300));
+    loop_answers(20);
     stop.store(true, Ordering::Relaxed);
     looper.join().unwrap();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));

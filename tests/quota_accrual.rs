@@ -14,11 +14,7 @@ fn chat(stream: bool) -> serde_json::Value {
 }
 
 fn gateway(sim: &Proc, key_extra: &str, extra: &str) -> Proc {
-    let dir = std::env::temp_dir().join(format!(
-        "llmproxy-quota-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
+    let dir = unique_path("llmproxy-quota");
     spawn_gateway(&format!(
         "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\nauth:\n  enabled: true\n  storage: \"file\"\n  quota_path: \"{}/quota.db\"\napi_keys:\n  - key: \"sk-quota-test-0001\"\n    name: \"quota\"\n{key_extra}{extra}",
         sim.addr,
@@ -65,8 +61,11 @@ fn tokens_per_minute_counts_streamed_usage() {
             break;
         }
         assert_eq!(r.status, 200);
-        // Charges arrive from the reporter thread just after the response.
-        std::thread::sleep(Duration::from_millis(100));
+        // The reporter thread counts the record, then charges the key, just after the response.
+        assert!(wait_until(Duration::from_secs(5), || metric(
+            gw.addr,
+            "llmproxy_usage_records_total"
+        ) == (i + 1) as f64));
     }
     let (i, r) = refused.expect("tokens_per_minute never refused");
     assert!(i >= 2, "refused too early (request {i})");

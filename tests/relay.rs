@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -15,18 +14,6 @@ fn gateway_for(backend: SocketAddr, extra: &str) -> Proc {
     spawn_gateway(&format!(
         "listen: \"{{listen}}\"\nworkers: 1\nbackends:\n  - url: \"http://{backend}\"\n{extra}"
     ))
-}
-
-/// The fixed-bytes upstream (tests/support/fixed_upstream.py).
-fn spawn_fixed() -> Proc {
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let mut cmd = Command::new("python3");
-    cmd.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/support/fixed_upstream.py"
-    ))
-    .arg(addr.port().to_string());
-    spawn_listening(cmd, addr)
 }
 
 fn chat(stream: bool) -> Value {
@@ -48,7 +35,7 @@ fn normalized(event: &str) -> Value {
 
 #[test]
 fn wire_bytes_are_identical_to_the_backend() {
-    let up = spawn_fixed();
+    let up = spawn_fixed_upstream();
     let gw = gateway_for(up.addr, "");
     for path in ["/v1/fixed/sse", "/v1/fixed/json", "/v1/fixed/close"] {
         let direct = request(up.addr, &raw_request("POST", path, b"{}", &[]));
@@ -399,7 +386,10 @@ fn client_disconnect_aborts_the_generation() {
             let mut buf = [0u8; 1024];
             assert!(c.stream().read(&mut buf).unwrap() > 0);
         } else {
-            std::thread::sleep(Duration::from_millis(200));
+            assert!(wait_until(Duration::from_secs(5), || metric(
+                sim.addr,
+                "vllm:num_requests_running"
+            ) == 1.0));
         }
         drop(c);
         let aborted = wait_until(Duration::from_millis(600), || {
@@ -435,8 +425,8 @@ fn backend_dying_mid_stream_is_never_a_clean_end() {
 
 #[test]
 fn backend_failures_before_the_response() {
-    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let gw = gateway_for(dead, "");
+    let dead = closed_port();
+    let gw = gateway_for(dead.addr, "");
     let r = post_json(gw.addr, "/v1/chat/completions", &chat(false), &[]);
     assert_openai_error(&r, 502, "upstream_connect_failed");
 
@@ -447,16 +437,30 @@ fn backend_failures_before_the_response() {
 
 #[test]
 fn stale_pooled_connection_is_retried_once() {
-    let up = spawn_fixed();
+    let up = spawn_fixed_upstream();
     let gw = gateway_for(up.addr, "");
     let mut c = Client::connect(gw.addr);
-    for _ in 0..3 {
+    // A connection the upstream keeps open is pooled and carries the next request.
+    for _ in 0..2 {
+        c.send(&raw_request("POST", "/v1/fixed/json", b"{}", &[]));
+        assert_eq!(c.read_response().status, 200);
+    }
+    assert_eq!(fixed_stat(up.addr, "connections"), 1, "no pooled reuse");
+    for closed in 1..=3 {
         c.send(&raw_request("POST", "/v1/fixed/idle", b"{}", &[]));
         let r = c.read_response();
         assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
-        // The upstream closes its idle connection meanwhile; the gateway's pooled one is stale.
-        std::thread::sleep(Duration::from_millis(300));
+        // The upstream closes the idle connection; the gateway's pooled one is now stale.
+        assert!(wait_until(Duration::from_secs(5), || fixed_stat(
+            up.addr,
+            "idle_closed"
+        ) == closed));
     }
+    // The first idle request reused the open connection; each later one met a stale pooled
+    // connection, was retried once on a new one, and reached the upstream only there.
+    assert_eq!(metric(gw.addr, "llmproxy_retries_total"), 2.0);
+    assert_eq!(fixed_stat(up.addr, "requests"), 5);
+    assert_eq!(fixed_stat(up.addr, "connections"), 3);
 }
 
 #[test]
@@ -470,7 +474,8 @@ fn sigterm_drains_a_running_stream_then_exits_zero() {
         chat(true).to_string().as_bytes(),
         &[("x-mock-itl-ms", "100"), ("x-mock-tokens", "10")],
     ));
-    std::thread::sleep(Duration::from_millis(250));
+    // The stream is running (its head is here) before the signal.
+    c.stream().peek(&mut [0u8; 1]).unwrap();
     let pid = gw.child.id() as i32;
     // SAFETY: signalling our own child process.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
@@ -588,7 +593,10 @@ fn busy_poll_keeps_timers_running_and_goes_idle() {
             answered
         })
     };
-    std::thread::sleep(Duration::from_millis(100));
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        gw.addr,
+        "llmproxy_requests_total"
+    ) >= 10.0));
     // The first-byte timer still fires while the worker spins.
     let start = Instant::now();
     let r = post_json(
@@ -606,7 +614,8 @@ fn busy_poll_keeps_timers_running_and_goes_idle() {
         "timed out after {took:?}"
     );
 
-    // Without activity the spinning stops: an idle second costs next to nothing.
+    // Without activity the spinning stops once the 20 ms window is over: after five of them, an
+    // idle second costs next to nothing.
     std::thread::sleep(Duration::from_millis(100));
     let before = cpu_ticks(gw.child.id());
     std::thread::sleep(Duration::from_secs(1));

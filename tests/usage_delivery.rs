@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{free_port, post_json, spawn_gateway, spawn_mock, wait_until};
+use common::{closed_port, post_json, spawn_gateway, spawn_mock, wait_until};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -52,7 +52,7 @@ fn webhook_reporter(url: &str, extra: &str) -> String {
 fn failing_webhook_recovers_with_one_delivery_per_request() {
     let mock = spawn_mock(&["--tokens", "5"]);
     let dir = temp_dir("webhook");
-    let receiver = Receiver::start(free_port(), &dir.join("posts.jsonl"), 3);
+    let receiver = Receiver::start(&dir.join("posts.jsonl"), 3);
     let reporters = webhook_reporter(
         &receiver.url(),
         "      retry: 1\n      secret: \"s3cret\"\n      headers:\n        Authorization: \"Bearer t0k\"\n",
@@ -72,8 +72,12 @@ fn failing_webhook_recovers_with_one_delivery_per_request() {
         accepted(&receiver.posts()).len() == ids.len()
     });
     assert!(done, "posts: {:?}", receiver.posts());
-    // Nothing more arrives later: each accepted record stays accepted once.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Nothing more arrives later: once the reporter's cursor is past every record, nothing is
+    // left to send, and each accepted record stays accepted once.
+    assert!(wait_until(Duration::from_secs(10), || common::metric(
+        gw.addr,
+        "llmproxy_usage_spool_backlog"
+    ) == 0.0));
     let posts = receiver.posts();
     let counts = accepted(&posts);
     for id in &ids {
@@ -124,7 +128,7 @@ fn failing_webhook_recovers_with_one_delivery_per_request() {
 fn batched_webhook_sends_arrays() {
     let mock = spawn_mock(&["--tokens", "2"]);
     let dir = temp_dir("batch");
-    let receiver = Receiver::start(free_port(), &dir.join("posts.jsonl"), 0);
+    let receiver = Receiver::start(&dir.join("posts.jsonl"), 0);
     // Short batches wait up to batch_timeout for more: ten quick requests go as 4 + 4 + 2.
     let reporters = webhook_reporter(
         &receiver.url(),
@@ -175,8 +179,9 @@ fn records_survive_sigkill_while_the_webhook_is_down() {
     let dir = temp_dir("kill");
     let spool = dir.join("usage.db");
     let db = dir.join("warehouse.db");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}/usage");
+    // Down until the receiver takes over the port.
+    let webhook_port = closed_port();
+    let url = format!("http://{}/usage", webhook_port.addr);
     let reporters = format!(
         "{}    - name: warehouse\n      type: database\n      batch_size: 7\n      \
          database: {{driver: sqlite, dsn: \"{}\", table: usage_kill}}\n",
@@ -203,7 +208,7 @@ fn records_survive_sigkill_while_the_webhook_is_down() {
             == ids.len()));
         // Dropping the process handle sends SIGKILL.
     }
-    let receiver = Receiver::start(port, &dir.join("posts.jsonl"), 0);
+    let receiver = Receiver::start_on(webhook_port.addr.port(), &dir.join("posts.jsonl"), 0);
     let _gw = spawn_gateway(&config);
     let delivered = wait_until(Duration::from_secs(20), || {
         accepted(&receiver.posts()).len() == ids.len()
@@ -229,7 +234,8 @@ fn sigterm_drains_into_the_spool_and_usage_prints_totals() {
     let mock = spawn_mock(&["--tokens", "6"]);
     let dir = temp_dir("term");
     let spool = dir.join("usage.db");
-    let url = format!("http://127.0.0.1:{}/usage", free_port());
+    let webhook_port = closed_port();
+    let url = format!("http://{}/usage", webhook_port.addr);
     let mut gw = spawn_gateway(&gateway_yaml(
         mock.addr,
         &spool,

@@ -237,7 +237,10 @@ fn a_client_gone_before_the_answer_is_recorded_as_499() {
         body.as_bytes(),
         &[("X-Request-Id", "early-1"), ("x-mock-ttft-ms", "3000")],
     ));
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(5), || common::metric(
+        mock.addr,
+        "vllm:num_requests_running"
+    ) == 1.0));
     drop(client);
     let record = record_for(&spool, "early-1");
     assert_eq!(
@@ -249,7 +252,6 @@ fn a_client_gone_before_the_answer_is_recorded_as_499() {
 
 /// An upstream that streams three content events and never any usage, whatever it is asked.
 const NO_USAGE_UPSTREAM: &str = r#"
-import sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -268,27 +270,19 @@ class H(BaseHTTPRequestHandler):
         ev = b"data: [DONE]\n\n"
         self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(ev), ev))
     def log_message(self, *a): pass
-s = HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
-print("ready", flush=True)
+s = HTTPServer(("127.0.0.1", 0), H)
+print("ready %s:%d" % s.server_address, flush=True)
 s.serve_forever()
 "#;
 
 #[test]
 fn missing_usage_is_estimated() {
-    use std::io::BufRead;
-    let port = common::free_port();
-    let mut upstream = std::process::Command::new("python3")
-        .args(["-c", NO_USAGE_UPSTREAM, &port.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufReader::new(upstream.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut python = std::process::Command::new("python3");
+    python.args(["-c", NO_USAGE_UPSTREAM]);
+    let upstream = common::spawn_reporting(python);
     let dir = temp_dir("estimate");
     let spool = dir.join("usage.db");
-    let gw = spawn_gateway(&gateway_yaml(([127, 0, 0, 1], port).into(), &spool, " []"));
+    let gw = spawn_gateway(&gateway_yaml(upstream.addr, &spool, " []"));
     let body = chat(true, false);
     let r = post_json(
         gw.addr,
@@ -311,8 +305,6 @@ fn missing_usage_is_estimated() {
         record.prompt_tokens + record.completion_tokens
     );
     drop(gw);
-    let _ = upstream.kill();
-    let _ = upstream.wait();
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -135,7 +135,7 @@ fn a_stuck_reporter_does_not_delay_another() {
     // Accepts connections and never answers: every POST to it runs into its timeout.
     let black_hole = TcpListener::bind("127.0.0.1:0").unwrap();
     let stuck_url = format!("http://{}/usage", black_hole.local_addr().unwrap());
-    let receiver = Receiver::start(common_free_port(), &dir.join("posts.jsonl"), 0);
+    let receiver = Receiver::start(&dir.join("posts.jsonl"), 0);
     let extra = format!(
         "  reporters:\n    - {{name: stuck, type: webhook, url: \"{stuck_url}\", timeout: 3s, retry: 2}}\n    \
          - {{name: live, type: webhook, url: \"{}\", batch_size: 50}}\n",
@@ -164,12 +164,4 @@ fn a_stuck_reporter_does_not_delay_another() {
     drop(black_hole);
     reporter.shutdown();
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn common_free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

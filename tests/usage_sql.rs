@@ -1,5 +1,5 @@
-//! Database reporters against the real servers on this machine (PostgreSQL 127.0.0.1:5432 user
-//! postgres, MariaDB 127.0.0.1:3306 root, database `test`): the gateway creates its table and,
+//! Database reporters against real servers (`common::POSTGRES` and `common::MARIADB`; skipped
+//! when unreachable unless `LLMPROXY_REQUIRE_SERVICES=1`): the gateway creates its table and,
 //! after concurrent traffic, holds every request once with exact token sums.
 
 mod common;
@@ -9,7 +9,10 @@ mod usage;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{post_json, spawn_gateway, spawn_mock, wait_until};
+use common::{
+    check_service, closed_port, post_json, service_up, spawn_gateway, spawn_mock, wait_until,
+    Service, MARIADB, POSTGRES,
+};
 use llmproxy::usage::Spool;
 use mysql::prelude::Queryable;
 use serde_json::json;
@@ -36,8 +39,21 @@ fn resend_everything(
     assert!(caught_up, "the second reporter did not re-send the spool");
 }
 
-const PG_DSN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
-const MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
+/// PostgreSQL's key-value DSN, as the `postgres` crate and the gateway take it.
+fn pg_dsn() -> String {
+    format!(
+        "host={} port={} user=postgres dbname=test",
+        POSTGRES.host, POSTGRES.port
+    )
+}
+
+fn pg_url() -> String {
+    format!("postgres://postgres@{}/test", POSTGRES.addr())
+}
+
+fn mysql_url() -> String {
+    format!("mysql://root@{}/test", MARIADB.addr())
+}
 
 /// Sums the client saw: (requests, prompt, completion, total).
 type Sums = (u64, u64, u64, u64);
@@ -89,8 +105,10 @@ fn database_reporter(name: &str, driver: &str, dsn: &str, table: &str) -> String
 
 #[test]
 fn postgres_reporter_holds_exact_sums() {
-    let mut pg =
-        postgres::Client::connect(PG_DSN, postgres::NoTls).expect("PostgreSQL on 127.0.0.1:5432");
+    if !service_up(&POSTGRES) {
+        return;
+    }
+    let mut pg = postgres::Client::connect(&pg_dsn(), postgres::NoTls).expect("PostgreSQL");
     let table = unique_table("usage_pg");
     // Strings with the characters COPY's text format and JSON escape must arrive as sent.
     let (odd_id, odd_model) = (r#"odd\"id\\N"#, "odd\tmodel\\N\nline\r");
@@ -99,12 +117,7 @@ fn postgres_reporter_holds_exact_sums() {
     let gw = spawn_gateway(&gateway_yaml(
         mock.addr,
         &dir.join("usage.db"),
-        &database_reporter(
-            "sql",
-            "postgres",
-            "postgres://postgres@127.0.0.1:5432/test",
-            &table,
-        ),
+        &database_reporter("sql", "postgres", &pg_url(), &table),
     ));
     let expected = traffic(gw.addr, 200, 8, "pg");
     let body = json!({"model": odd_model, "messages": [{"role": "user", "content": "x"}]});
@@ -159,8 +172,13 @@ fn postgres_reporter_holds_exact_sums() {
         )
         .unwrap();
     assert_eq!(deleted, 1);
-    let pg_url = "postgres://postgres@127.0.0.1:5432/test";
-    resend_everything(mock.addr, &dir.join("usage.db"), "postgres", pg_url, &table);
+    resend_everything(
+        mock.addr,
+        &dir.join("usage.db"),
+        "postgres",
+        &pg_url(),
+        &table,
+    );
     let row = pg.query_one(&query, &[]).unwrap();
     assert_eq!(
         (row.get::<_, i64>(0), row.get::<_, i64>(4) as u64),
@@ -180,8 +198,10 @@ fn postgres_reporter_holds_exact_sums() {
 
 #[test]
 fn mariadb_reporter_holds_exact_sums() {
-    let mut my = mysql::Conn::new(mysql::Opts::from_url(MYSQL_URL).unwrap())
-        .expect("MariaDB on 127.0.0.1:3306");
+    if !service_up(&MARIADB) {
+        return;
+    }
+    let mut my = mysql::Conn::new(mysql::Opts::from_url(&mysql_url()).unwrap()).expect("MariaDB");
     let table = unique_table("usage_my");
     let mock = spawn_mock(&[]);
     let dir = temp_dir("mysql");
@@ -189,7 +209,12 @@ fn mariadb_reporter_holds_exact_sums() {
     let gw = spawn_gateway(&gateway_yaml(
         mock.addr,
         &dir.join("usage.db"),
-        &database_reporter("sql", "mysql", "root@tcp(127.0.0.1:3306)/test", &table),
+        &database_reporter(
+            "sql",
+            "mysql",
+            &format!("root@tcp({})/test", MARIADB.addr()),
+            &table,
+        ),
     ));
     let expected = traffic(gw.addr, 200, 8, "my");
     let query = format!(
@@ -219,8 +244,13 @@ fn mariadb_reporter_holds_exact_sums() {
         expected
     );
     drop(gw);
-    let dsn = "mysql://root@127.0.0.1:3306/test";
-    resend_everything(mock.addr, &dir.join("usage.db"), "mysql", dsn, &table);
+    resend_everything(
+        mock.addr,
+        &dir.join("usage.db"),
+        "mysql",
+        &mysql_url(),
+        &table,
+    );
     let row = my
         .query_first::<(i64, i64, Option<i64>, Option<i64>, Option<i64>), _>(&query)
         .unwrap()
@@ -240,12 +270,15 @@ const OLD_COLUMNS: &str = "request_id VARCHAR(191) NOT NULL UNIQUE, timestamp VA
 
 #[test]
 fn an_older_table_gets_the_new_columns_and_keeps_its_rows() {
+    if !service_up(&POSTGRES) || !service_up(&MARIADB) {
+        return;
+    }
     let mock = spawn_mock(&[]);
     let dir = temp_dir("old-table");
     let sqlite = dir.join("warehouse.db");
     let (pg_table, my_table) = (unique_table("usage_old_pg"), unique_table("usage_old_my"));
-    let mut pg = postgres::Client::connect(PG_DSN, postgres::NoTls).unwrap();
-    let mut my = mysql::Conn::new(mysql::Opts::from_url(MYSQL_URL).unwrap()).unwrap();
+    let mut pg = postgres::Client::connect(&pg_dsn(), postgres::NoTls).unwrap();
+    let mut my = mysql::Conn::new(mysql::Opts::from_url(&mysql_url()).unwrap()).unwrap();
     let old_row =
         "('old-1', '2026-01-01T00:00:00.000Z', NULL, NULL, NULL, 'm', '/v1/chat/completions', \
         false, 'http://b', 200, 1, NULL, 1, 1, 2, 0, 0, false, 'ok')";
@@ -271,8 +304,8 @@ fn an_older_table_gets_the_new_columns_and_keeps_its_rows() {
         ))
         .unwrap();
 
-    let reporters = database_reporter("pg", "postgres", PG_DSN, &pg_table)
-        + &database_reporter("my", "mysql", MYSQL_URL, &my_table)
+    let reporters = database_reporter("pg", "postgres", &pg_dsn(), &pg_table)
+        + &database_reporter("my", "mysql", &mysql_url(), &my_table)
         + &database_reporter("lite", "sqlite", sqlite.to_str().unwrap(), "usage_records");
     let gw = spawn_gateway(&gateway_yaml(mock.addr, &dir.join("usage.db"), &reporters));
     let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]});
@@ -306,4 +339,28 @@ fn an_older_table_gets_the_new_columns_and_keeps_its_rows() {
     pg.batch_execute(&format!("DROP TABLE {pg_table}")).unwrap();
     my.query_drop(format!("DROP TABLE {my_table}")).unwrap();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The check every service test starts with: an unreachable service skips the test, or fails it
+/// when services are required; a reachable one lets it run either way.
+#[test]
+fn an_unreachable_service_skips_or_fails_as_required() {
+    let closed = closed_port();
+    let nowhere = Service {
+        name: "A closed port (expected: this test checks the skip)",
+        host: "127.0.0.1",
+        port: closed.addr.port(),
+    };
+    assert!(!check_service(&nowhere, false));
+    let required = std::panic::catch_unwind(|| check_service(&nowhere, true));
+    assert!(required.is_err(), "an unreachable required service passed");
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let here = Service {
+        name: "Listener",
+        host: "127.0.0.1",
+        port: listener.local_addr().unwrap().port(),
+    };
+    assert!(check_service(&here, false));
+    assert!(check_service(&here, true));
 }

@@ -12,6 +12,7 @@ mod metrics;
 mod openai;
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,9 +20,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Simulator options (CLI flags of `llmproxy mock-llm`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct MockOptions {
-    /// Address to listen on.
+    /// Address to listen on; port 0 lets the kernel choose (see --ready-file).
     #[arg(long, default_value = "127.0.0.1:8001")]
     pub listen: String,
+    /// Once every worker listens, write `listen ADDRESS` (the bound address) to PATH.
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
     /// Worker threads, each with its own runtime and SO_REUSEPORT listener.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -156,6 +160,11 @@ pub fn run(opts: MockOptions) -> std::io::Result<()> {
         ));
     }
     let workers = opts.workers.max(1);
+    let ready_file = opts.ready_file.clone();
+    if let Some(path) = &ready_file {
+        // A file left by an earlier run must not pass for this one's.
+        let _ = std::fs::remove_file(path);
+    }
     // Workers run until the process exits, so leaking gives every connection task a plain
     // `&'static` instead of an atomic reference count per connection.
     let shared: &'static Shared = Box::leak(Box::new(Shared::new(opts)));
@@ -183,6 +192,10 @@ pub fn run(opts: MockOptions) -> std::io::Result<()> {
             .map_err(|_| Error::other("worker failed to start"))??;
     }
     eprintln!("mock-llm listening on {addr}");
+    if let Some(path) = &ready_file {
+        crate::server::write_ready_file(path, &[("listen", addr)])
+            .map_err(|e| Error::new(e.kind(), format!("ready file {}: {e}", path.display())))?;
+    }
     for t in threads {
         let _ = t.join();
     }

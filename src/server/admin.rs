@@ -12,7 +12,7 @@
 //! operators, must never run on or slow down a worker, and needs no throughput.
 
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,12 +27,14 @@ use crate::usage::spool::GroupBy;
 const MAX_REQUEST: usize = 16 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Binds the admin listener and serves it on a new thread.
-pub fn start(control: Arc<Control>, registry: Arc<Registry>) -> io::Result<()> {
+/// Binds the admin listener and serves it on a new thread; returns the bound address (port 0 in
+/// `admin.listen` becomes the port the kernel chose).
+pub fn start(control: Arc<Control>, registry: Arc<Registry>) -> io::Result<SocketAddr> {
     let addr = control.live.snapshot().1.config.admin.listen;
     let listener = TcpListener::bind(addr)
         .map_err(|e| io::Error::new(e.kind(), format!("admin.listen {addr}: {e}")))?;
-    tracing::info!(listen = %addr, "admin API listening");
+    let bound = listener.local_addr()?;
+    tracing::info!(listen = %bound, "admin API listening");
     std::thread::Builder::new()
         .name("llmproxy-admin".into())
         .spawn(move || {
@@ -50,7 +52,7 @@ pub fn start(control: Arc<Control>, registry: Arc<Registry>) -> io::Result<()> {
                 }
             }
         })?;
-    Ok(())
+    Ok(bound)
 }
 
 fn serve(mut stream: TcpStream, control: &Control, registry: &Registry) -> io::Result<()> {

@@ -10,7 +10,8 @@ mod notify;
 
 use std::future::Future;
 use std::io;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
@@ -60,7 +61,13 @@ struct Control {
 }
 
 /// Runs the gateway until SIGTERM/SIGINT, then drains and returns. SIGHUP reloads the config.
-pub fn run(config: Config, reload: Reload) -> io::Result<()> {
+/// With `ready_file`, writes the bound addresses there once every worker listens
+/// ([`write_ready_file`]).
+pub fn run(config: Config, reload: Reload, ready_file: Option<&Path>) -> io::Result<()> {
+    if let Some(path) = ready_file {
+        // A file left by an earlier run must not pass for this one's.
+        let _ = std::fs::remove_file(path);
+    }
     let config = Arc::new(config);
     let (auth, global_limits) = keys_and_limits(&config).map_err(io::Error::other)?;
     let registry = Registry::new(config.workers);
@@ -91,18 +98,23 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
     };
     let shutdown = control.shutdown.clone();
     install_signal_handler(control.clone())?;
-    if config.admin.enabled {
-        admin::start(control.clone(), registry.clone())?;
-    }
-    let (ready_tx, ready_rx) = mpsc::channel::<io::Result<&'static str>>();
+    let admin = config
+        .admin
+        .enabled
+        .then(|| admin::start(control.clone(), registry.clone()))
+        .transpose()?;
+    // Workers bind one after another: the first resolves port 0 and the others bind the port it
+    // got, so that all of them share one address.
+    let mut listen = config.listen;
+    let mut driver = "";
     let mut threads = Vec::with_capacity(config.workers);
     for worker in 0..config.workers {
-        let (config, control, registry, ready) = (
-            config.clone(),
-            control.clone(),
-            registry.clone(),
-            ready_tx.clone(),
-        );
+        let (ready, ready_rx) = mpsc::channel();
+        let bind = Bind {
+            addr: listen,
+            ready,
+        };
+        let (config, control, registry) = (config.clone(), control.clone(), registry.clone());
         let shared = Shared {
             shared_rates: shared_rates.clone(),
         };
@@ -113,35 +125,33 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
                     pin_to_cpu(worker);
                 }
                 let result = run_on_driver(config.io_driver, |driver| {
-                    worker_main(worker, driver, config, control, registry, shared, ready)
+                    worker_main(worker, driver, bind, config, control, registry, shared)
                 });
                 if let Err(e) = result {
                     tracing::error!(worker, "worker runtime failed: {e}");
                 }
             })?;
         threads.push(handle);
-    }
-    drop(ready_tx);
-
-    let mut driver = "";
-    for _ in 0..config.workers {
-        match ready_rx.recv() {
-            Ok(Ok(d)) => driver = d,
-            Ok(Err(e)) => {
-                shutdown.store(true, Ordering::SeqCst);
-                for t in threads {
-                    let _ = t.join();
-                }
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot listen on {}: {e}", config.listen),
-                ));
+        let failure = match ready_rx.recv() {
+            Ok(Ok((d, bound))) => {
+                (driver, listen) = (d, bound);
+                continue;
             }
-            Err(_) => return Err(io::Error::other("a worker exited during start-up")),
-        }
+            Ok(Err(e)) => io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")),
+            Err(_) => io::Error::other("a worker exited during start-up"),
+        };
+        return Err(stop_workers(&shutdown, threads, failure));
     }
     registry.set_io_driver(driver);
-    tracing::info!(listen = %config.listen, workers = config.workers, io_driver = driver, backends = config.backends.len(), "llmproxy ready");
+    tracing::info!(listen = %listen, workers = config.workers, io_driver = driver, backends = config.backends.len(), "llmproxy ready");
+    if let Some(path) = ready_file {
+        let mut listeners = vec![("listen", listen)];
+        listeners.extend(admin.map(|a| ("admin", a)));
+        if let Err(e) = write_ready_file(path, &listeners) {
+            let e = io::Error::new(e.kind(), format!("ready file {}: {e}", path.display()));
+            return Err(stop_workers(&shutdown, threads, e));
+        }
+    }
     notify::notify("READY=1");
     if let Some(interval) = notify::watchdog_interval() {
         start_watchdog(control.clone(), interval)?;
@@ -171,6 +181,33 @@ pub fn run(config: Config, reload: Reload) -> io::Result<()> {
     }
     tracing::info!("llmproxy stopped");
     Ok(())
+}
+
+/// Stops the workers started so far and returns `error`, the reason start-up failed.
+fn stop_workers(
+    shutdown: &AtomicBool,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    error: io::Error,
+) -> io::Error {
+    shutdown.store(true, Ordering::SeqCst);
+    for t in threads {
+        let _ = t.join();
+    }
+    error
+}
+
+/// Writes one `NAME ADDRESS` line per listener (`listen 127.0.0.1:40123`, then `admin ...` when
+/// the admin API is on) to `path`. The file appears complete or not at all: it is written beside
+/// `path` and renamed, so whoever waits for it never reads half an address.
+pub fn write_ready_file(path: &Path, listeners: &[(&str, SocketAddr)]) -> io::Result<()> {
+    let text: String = listeners
+        .iter()
+        .map(|(name, addr)| format!("{name} {addr}\n"))
+        .collect();
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, text)?;
+    std::fs::rename(&partial, path)
 }
 
 /// Builds the runtime for the configured driver and runs `main` on it. `auto` uses io_uring when
@@ -219,29 +256,40 @@ struct Shared {
     shared_rates: Option<Arc<RedisRates>>,
 }
 
+/// Where a worker listens, and whom it tells its I/O driver and bound address once it does.
+struct Bind {
+    addr: SocketAddr,
+    ready: mpsc::Sender<io::Result<(&'static str, SocketAddr)>>,
+}
+
 async fn worker_main(
     worker: usize,
     driver: &'static str,
+    bind: Bind,
     config: Arc<Config>,
     control: Arc<Control>,
     registry: Arc<Registry>,
     shared: Shared,
-    ready: mpsc::Sender<io::Result<&'static str>>,
 ) {
     let shutdown = &control.shutdown;
     let opts = ListenerOpts::new()
         .reuse_port(true)
         .reuse_addr(true)
         .backlog(4096);
-    let listener = match TcpListener::bind_with_config(config.listen, &opts) {
-        Ok(l) => l,
+    let Bind { addr, ready } = bind;
+    let bound = TcpListener::bind_with_config(addr, &opts)
+        .and_then(|l| l.local_addr().map(|addr| (l, addr)));
+    let listener = match bound {
+        Ok((l, addr)) => {
+            tracing::debug!(worker, driver, %addr, "worker listening");
+            let _ = ready.send(Ok((driver, addr)));
+            l
+        }
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    tracing::debug!(worker, driver, "worker listening");
-    let _ = ready.send(Ok(driver));
     let mut ctx = Context::new(control.live.clone(), registry, shutdown.clone(), worker);
     ctx.shared_rates = shared.shared_rates;
     let ctx = Rc::new(ctx);

@@ -291,12 +291,194 @@ impl WorkerUpstreams {
     }
 }
 
-/// FNV-1a of the key, mixed with the backend index.
+/// FNV-1a of the key, mixed with the backend index through splitmix64's finalizer. FNV alone
+/// carries a difference in the key's last bytes only into higher bits, and the comparison of
+/// whole values then follows the shared prefix: the finalizer lets every key bit decide.
 fn hash(key: &[u8], backend: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ backend.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
     for &b in key {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    h ^ (h >> 29)
+    let mut z = h ^ backend.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, Format};
+
+    /// One worker's balancer over backends `127.0.0.1:9001..` with these weights, and `extra`
+    /// config (the strategy, say). Nothing connects: picking is bookkeeping only.
+    fn balancer(weights: &[u32], extra: &str) -> WorkerUpstreams {
+        let mut yaml = format!("{extra}\nbackends:\n");
+        for (i, w) in weights.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - url: \"http://127.0.0.1:{}\"\n    weight: {w}\n",
+                9001 + i
+            ));
+        }
+        let config = config::parse(&yaml, Format::Yaml).expect("test config");
+        WorkerUpstreams::new(Backends::new(&config), &config, 0)
+    }
+
+    /// The backend index of one pick, its in-flight count released at once.
+    fn pick(up: &WorkerUpstreams, req: &PickRequest<'_>) -> usize {
+        up.pick(req).expect("a backend").index
+    }
+
+    /// How many of `n` picks (each released at once) went to each backend.
+    fn spread(up: &WorkerUpstreams, n: usize) -> Vec<usize> {
+        let mut counts = vec![0; up.backends.list.len()];
+        for _ in 0..n {
+            counts[pick(up, &PickRequest::default())] += 1;
+        }
+        counts
+    }
+
+    fn set_healthy(up: &WorkerUpstreams, i: usize, healthy: bool) {
+        up.backends.list[i]
+            .healthy
+            .store(healthy, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn weighted_spreads_exactly_by_weight_and_smoothly() {
+        let up = balancer(&[5, 3, 1], "load_balance: weighted");
+        // Every cycle of 9 picks gives 5, 3 and 1: exact, not just on average.
+        for _ in 0..10 {
+            assert_eq!(spread(&up, 9), [5, 3, 1]);
+        }
+        // Smooth: the heavy backend never takes more than two picks in a row here.
+        let order: Vec<usize> = (0..9).map(|_| pick(&up, &PickRequest::default())).collect();
+        assert!(
+            order.windows(3).all(|w| w != [0, 0, 0]),
+            "bursty order {order:?}"
+        );
+    }
+
+    #[test]
+    fn weighted_leaves_out_an_unhealthy_backend() {
+        let up = balancer(&[5, 3, 1], "load_balance: weighted");
+        set_healthy(&up, 0, false);
+        assert_eq!(spread(&up, 8), [0, 6, 2]);
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_skips_an_unavailable_backend() {
+        let up = balancer(&[1, 1, 1], "load_balance: round_robin");
+        let order: Vec<usize> = (0..6).map(|_| pick(&up, &PickRequest::default())).collect();
+        assert_eq!(order, [0, 1, 2, 0, 1, 2]);
+        set_healthy(&up, 1, false);
+        let order: Vec<usize> = (0..4).map(|_| pick(&up, &PickRequest::default())).collect();
+        assert_eq!(order, [0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn a_retry_avoids_the_backends_it_tried() {
+        let up = balancer(&[1, 1, 1], "load_balance: round_robin");
+        let tried = PickRequest {
+            tried: 0b011,
+            ..PickRequest::default()
+        };
+        assert!((0..5).all(|_| pick(&up, &tried) == 2));
+    }
+
+    /// Holds a request in flight on backend `i` (every other backend marked tried).
+    fn hold(up: &WorkerUpstreams, i: usize) -> InFlight {
+        let all = (1u64 << up.backends.list.len()) - 1;
+        let held = up
+            .pick(&PickRequest {
+                tried: all & !(1 << i),
+                ..PickRequest::default()
+            })
+            .expect("a backend");
+        assert_eq!(held.index, i);
+        held
+    }
+
+    #[test]
+    fn least_connections_goes_where_fewest_requests_run() {
+        let up = balancer(&[1, 1, 1], "load_balance: least_connections");
+        let mut held = vec![hold(&up, 0), hold(&up, 0), hold(&up, 1)];
+        assert_eq!(spread(&up, 6), [0, 0, 6]);
+        // A tie between 1 and 2: they take turns, the busier 0 gets nothing.
+        held.push(hold(&up, 2));
+        assert_eq!(spread(&up, 6), [0, 3, 3]);
+        drop(held);
+        assert!(up.backends.list.iter().all(|b| b.in_flight() == 0));
+        assert_eq!(spread(&up, 6), [2, 2, 2]);
+    }
+
+    #[test]
+    fn latency_sends_traffic_to_the_faster_backend() {
+        let up = balancer(&[1, 1], "load_balance: latency");
+        up.observe_latency(0, Duration::from_millis(200));
+        up.observe_latency(1, Duration::from_millis(2));
+        // With two candidates both are compared every time: the slow one never wins.
+        assert_eq!(spread(&up, 100), [0, 100]);
+        // A slow sample takes over at once (peak), so traffic moves the other way.
+        up.observe_latency(1, Duration::from_millis(900));
+        assert_eq!(spread(&up, 100), [100, 0]);
+    }
+
+    fn keyed(key: &[u8]) -> PickRequest<'_> {
+        PickRequest {
+            affinity_key: Some(key),
+            ..PickRequest::default()
+        }
+    }
+
+    #[test]
+    fn affinity_is_stable_for_a_key_and_falls_back_when_its_backend_is_out() {
+        let up = balancer(&[1, 1, 1], "load_balance: round_robin");
+        let home = pick(&up, &keyed(b"alice"));
+        assert!((0..20).all(|_| pick(&up, &keyed(b"alice")) == home));
+        // Keys that differ only in their last characters still spread evenly over the backends.
+        let keys: Vec<String> = (0..300).map(|i| format!("user-{i}")).collect();
+        let homes: Vec<usize> = keys
+            .iter()
+            .map(|k| pick(&up, &keyed(k.as_bytes())))
+            .collect();
+        let per_backend: Vec<usize> = (0..3)
+            .map(|b| homes.iter().filter(|&&h| h == b).count())
+            .collect();
+        assert!(per_backend.iter().all(|&n| n >= 60), "{per_backend:?}");
+
+        // Its backend out: the key moves, and only the keys of that backend move.
+        set_healthy(&up, home, false);
+        let away = pick(&up, &keyed(b"alice"));
+        assert_ne!(away, home);
+        assert!((0..5).all(|_| pick(&up, &keyed(b"alice")) == away));
+        for (k, &h) in keys.iter().zip(&homes) {
+            let now = pick(&up, &keyed(k.as_bytes()));
+            if h != home {
+                assert_eq!(now, h, "{k} moved although its backend stayed");
+            }
+        }
+        // Back in: the key returns home.
+        set_healthy(&up, home, true);
+        assert_eq!(pick(&up, &keyed(b"alice")), home);
+    }
+
+    #[test]
+    fn affinity_yields_when_its_backend_is_far_busier_than_the_others() {
+        let up = balancer(&[1, 1, 1], "load_balance: least_connections");
+        let key = keyed(b"alice");
+        let home = pick(&up, &key);
+        // Held requests pile up on the key's backend until it is over twice the mean plus 2.
+        let mut held = Vec::new();
+        while up.backends.list[home].in_flight() <= 4 {
+            let f = up.pick(&key).unwrap();
+            assert_eq!(f.index, home);
+            held.push(f);
+        }
+        // 5 in flight against a mean of 1: the key goes to the least busy backend instead.
+        assert_ne!(pick(&up, &key), home);
+        drop(held);
+        assert_eq!(pick(&up, &key), home);
+    }
 }

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: spawn the binary (simulator or gateway) on a free port
-//! and talk raw HTTP/1.1 to it with blocking std sockets.
+//! Helpers shared by the integration tests: spawn the binary (simulator or gateway) on port 0,
+//! learn its address from its `--ready-file`, and talk raw HTTP/1.1 to it with blocking std
+//! sockets.
 //!
 //! Std-only on purpose: the tests must see the bytes exactly as they are on the wire, which an HTTP
 //! client library would hide (chunk framing, a missing last chunk).
@@ -7,9 +8,11 @@
 // Each test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -17,99 +20,231 @@ use std::time::{Duration, Instant};
 /// How long any single read may block before a test fails instead of hanging.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
 /// A spawned `llmproxy` process; dropping it kills and reaps it.
 pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The admin API's address, when the config turns it on.
+    pub admin: Option<SocketAddr>,
     /// Config file written for a gateway, removed with the process.
     pub config: Option<PathBuf>,
+    /// Where the process reported its addresses, removed with the process.
+    ready_file: Option<PathBuf>,
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(p) = &self.config {
-            let _ = std::fs::remove_file(p);
+        for path in [&self.config, &self.ready_file].into_iter().flatten() {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
 
-fn spawn(args: &[&str], addr: SocketAddr, config: Option<PathBuf>) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
+/// A path under the temp dir no other test (or earlier run) uses: `<prefix>-<pid>-<n>-<nanos>`.
+pub fn unique_path(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(unique_name(prefix))
+}
+
+/// A name no other test process or earlier run uses, for files, tables and key prefixes.
+pub fn unique_name(prefix: &str) -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The addresses an `llmproxy` process wrote to its `--ready-file`.
+pub struct Listening {
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+/// Waits until `child` has written `ready_file` (it does once every worker listens) and returns
+/// the addresses in it. Panics when the process exits first or takes more than 10 s.
+pub fn wait_ready(child: &mut Child, ready_file: &Path) -> Listening {
+    let written = wait_until(Duration::from_secs(10), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("llmproxy exited before it listened: {status}");
+        }
+        ready_file.exists()
+    });
+    assert!(written, "llmproxy wrote no {}", ready_file.display());
+    let text = std::fs::read_to_string(ready_file).expect("read the ready file");
+    let address = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .map(|a| a.parse().expect("an address in the ready file"))
+    };
+    Listening {
+        listen: address("listen").expect("a listen line in the ready file"),
+        admin: address("admin"),
+    }
+}
+
+/// Runs `llmproxy <args> --ready-file FILE` with `env` added and waits until it listens.
+fn spawn(args: &[&str], env: &[(&str, &OsStr)], config: Option<PathBuf>) -> Proc {
+    let ready_file = unique_path("llmproxy-ready");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
         .args(args)
+        .arg("--ready-file")
+        .arg(&ready_file)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn llmproxy");
-    let mut p = Proc {
+    let listening = wait_ready(&mut child, &ready_file);
+    Proc {
         child,
-        addr,
+        addr: listening.listen,
+        admin: listening.admin,
         config,
-    };
-    let healthy = wait_until(Duration::from_secs(10), || {
-        if let Ok(Some(status)) = p.child.try_wait() {
-            panic!("llmproxy {args:?} exited early: {status}");
-        }
-        try_get(addr, "/health").is_some_and(|r| r.status == 200)
-    });
-    assert!(
-        healthy,
-        "llmproxy {args:?} did not answer GET /health on {addr} within 10 s"
-    );
-    p
+        ready_file: Some(ready_file),
+    }
 }
 
-/// Starts `cmd` (a server that will listen on `addr`) and waits until `addr` accepts connections.
-/// For servers without `/health`, or ones a test starts on a port of its choosing.
-pub fn spawn_listening(mut cmd: Command, addr: SocketAddr) -> Proc {
-    let child = cmd.stdin(Stdio::null()).spawn().expect("spawn server");
-    let p = Proc {
+/// Starts `cmd`, a test server that binds port 0 and prints `ready ADDRESS` as its first line
+/// on stdout once it listens (the scripts in tests/support do), and returns it with that address.
+pub fn spawn_reporting(mut cmd: Command) -> Proc {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("read the server's ready line");
+    let addr = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("expected `ready ADDRESS`, got {line:?}"));
+    Proc {
         child,
         addr,
+        admin: None,
         config: None,
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()),
-        "nothing listens on {addr}"
-    );
-    p
+        ready_file: None,
+    }
 }
 
-/// Runs `llmproxy mock-llm --listen 127.0.0.1:<free port> <args>` and waits until it is healthy.
+/// Runs `llmproxy mock-llm --listen 127.0.0.1:0 <args>` and waits until it listens.
 pub fn spawn_mock(args: &[&str]) -> Proc {
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let listen = addr.to_string();
+    spawn_mock_on(([127, 0, 0, 1], 0).into(), args)
+}
+
+/// Runs `llmproxy mock-llm --listen <listen> <args>` and waits until it listens; for a test that
+/// restarts a backend on the address it had.
+pub fn spawn_mock_on(listen: SocketAddr, args: &[&str]) -> Proc {
+    let listen = listen.to_string();
     let mut full = vec!["mock-llm", "--listen", &listen];
     full.extend_from_slice(args);
-    spawn(&full, addr, None)
+    spawn(&full, &[], None)
 }
 
 /// Runs `llmproxy serve --config FILE` with `config_yaml` written to FILE, `{listen}` replaced by
-/// `127.0.0.1:<free port>`, and waits until the gateway answers GET /health there.
+/// `127.0.0.1:0`, and waits until the gateway listens.
 pub fn spawn_gateway(config_yaml: &str) -> Proc {
-    static SEQ: AtomicU32 = AtomicU32::new(0);
+    spawn_gateway_on(([127, 0, 0, 1], 0).into(), config_yaml)
+}
+
+/// [`spawn_gateway`] reporting to `notifications` as it would to systemd.
+pub fn spawn_gateway_notifying(config_yaml: &str, notifications: &Notifications) -> Proc {
+    let env = [("NOTIFY_SOCKET", notifications.path.as_os_str())];
+    start_gateway(([127, 0, 0, 1], 0).into(), config_yaml, &env)
+}
+
+/// [`spawn_gateway`] with `{listen}` replaced by `listen`: for a second process on the port of a
+/// running one (`SO_REUSEPORT`).
+pub fn spawn_gateway_on(listen: SocketAddr, config_yaml: &str) -> Proc {
+    start_gateway(listen, config_yaml, &[])
+}
+
+fn start_gateway(listen: SocketAddr, config_yaml: &str, env: &[(&str, &OsStr)]) -> Proc {
     assert!(
         config_yaml.contains("{listen}"),
         "the gateway config needs a {{listen}} placeholder"
     );
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let path = std::env::temp_dir().join(format!(
-        "llmproxy-test-{}-{}.yaml",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::write(&path, config_yaml.replace("{listen}", &addr.to_string()))
+    let path = unique_path("llmproxy-test").with_extension("yaml");
+    std::fs::write(&path, config_yaml.replace("{listen}", &listen.to_string()))
         .expect("write config");
     let file = path.to_str().expect("utf-8 temp path").to_string();
-    spawn(&["serve", "--config", &file], addr, Some(path))
+    spawn(&["serve", "--config", &file], env, Some(path))
+}
+
+/// systemd's notification socket, played by the test: a process started with `NOTIFY_SOCKET`
+/// set to `path` reports its states (`READY=1`, `RELOADING=1`, ...) here.
+pub struct Notifications {
+    socket: UnixDatagram,
+    pub path: PathBuf,
+}
+
+impl Notifications {
+    pub fn new() -> Notifications {
+        let path = unique_path("llmproxy-notify").with_extension("sock");
+        let socket = UnixDatagram::bind(&path).expect("bind the notification socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set timeout");
+        Notifications { socket, path }
+    }
+
+    /// Waits for the next notification containing `state`, passing over others.
+    pub fn expect(&self, state: &str) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = self
+                .socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {state} notification: {e}"));
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == state)
+            {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Notifications {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A port nothing listens on, held for as long as this lives: a bound socket that never listens,
+/// so connecting is refused and no other test's port-0 bind can be given the port. It has
+/// `SO_REUSEPORT`, so a server the test starts later may bind the port explicitly and take over.
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+pub fn closed_port() -> ClosedPort {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket.set_reuse_port(true).expect("SO_REUSEPORT");
+    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+    socket.bind(&any.into()).expect("bind 127.0.0.1:0");
+    let addr = socket
+        .local_addr()
+        .expect("local address")
+        .as_socket()
+        .expect("an IP address");
+    ClosedPort {
+        _socket: socket,
+        addr,
+    }
 }
 
 pub struct Response {
@@ -362,20 +497,6 @@ pub fn get(addr: SocketAddr, path: &str) -> Response {
     request(addr, &raw_request("GET", path, b"", &[]))
 }
 
-/// Like [`get`], but `None` while nothing listens or the connection fails.
-fn try_get(addr: SocketAddr, path: &str) -> Option<Response> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut c = Client {
-        reader: BufReader::new(stream),
-    };
-    c.reader
-        .get_mut()
-        .write_all(&raw_request("GET", path, b"", &[]))
-        .ok()?;
-    c.try_read_response()
-}
-
 /// Scrapes `/metrics` and sums the samples named exactly `name` (any labels).
 pub fn metric(addr: SocketAddr, name: &str) -> f64 {
     let r = get(addr, "/metrics");
@@ -423,4 +544,92 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// `tests/support/fixed_upstream.py` on a port of its choosing.
+pub fn spawn_fixed_upstream() -> Proc {
+    let mut cmd = Command::new("python3");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/fixed_upstream.py"
+    ))
+    .arg("0");
+    spawn_reporting(cmd)
+}
+
+/// One counter of a fixed upstream's `/fixed/stats`: `connections`, `requests` or `idle_closed`.
+pub fn fixed_stat(upstream: SocketAddr, name: &str) -> u64 {
+    get(upstream, "/fixed/stats").json()[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in the fixed upstream's stats"))
+}
+
+/// A server some tests need that a fresh clone's machine may not run. The tests build their
+/// URLs and DSNs from `host` and `port`, so this is the one place that says where it is.
+pub struct Service {
+    pub name: &'static str,
+    pub host: &'static str,
+    pub port: u16,
+}
+
+impl Service {
+    /// `host:port`.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// PostgreSQL, user `postgres` trusted, database `test`.
+pub const POSTGRES: Service = Service {
+    name: "PostgreSQL",
+    host: "127.0.0.1",
+    port: 5432,
+};
+/// MariaDB (or MySQL), user `root` with an empty password, database `test`.
+pub const MARIADB: Service = Service {
+    name: "MariaDB",
+    host: "127.0.0.1",
+    port: 3306,
+};
+pub const REDIS: Service = Service {
+    name: "Redis",
+    host: "127.0.0.1",
+    port: 6379,
+};
+
+/// Set to 1 (CI does) to make a test whose service is unreachable fail instead of skip.
+pub const REQUIRE_SERVICES: &str = "LLMPROXY_REQUIRE_SERVICES";
+
+/// Whether `service` accepts connections, for a test to run: `if !service_up(&REDIS) { return; }`.
+/// When it does not, the test is skipped with a SKIPPED line on stderr naming the service and its
+/// address, or, with `LLMPROXY_REQUIRE_SERVICES=1`, fails.
+pub fn service_up(service: &Service) -> bool {
+    let required = std::env::var(REQUIRE_SERVICES).is_ok_and(|v| v == "1");
+    check_service(service, required)
+}
+
+/// [`service_up`] with the requirement given rather than read from the environment.
+pub fn check_service(service: &Service, required: bool) -> bool {
+    let addr: SocketAddr = service.addr().parse().expect("a service address");
+    let reached = TcpStream::connect_timeout(&addr, Duration::from_secs(2));
+    let Err(e) = reached else {
+        return true;
+    };
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string();
+    assert!(
+        !required,
+        "{} at {addr} is unreachable ({e}) and {REQUIRE_SERVICES}=1: {test} needs it",
+        service.name
+    );
+    // Straight to the process's stderr: the test harness captures `eprintln!` of passing tests,
+    // and a skip must show in every run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {} at {addr} is unreachable ({e}); start it, or set {REQUIRE_SERVICES}=1 to make this a failure",
+        service.name
+    );
+    false
 }

@@ -1,16 +1,22 @@
 """A deliberately literal HTTP/1.1 upstream for relay tests: fixed bytes on the wire.
 
 Raw sockets, not http.server, so the tests control chunk boundaries, extensions, trailers and
-connection handling exactly. Usage: fixed_upstream.py PORT. Paths:
+connection handling exactly. Usage: fixed_upstream.py PORT (0: any free port); prints
+"ready 127.0.0.1:PORT" once listening. Paths:
   /v1/fixed/sse     chunked SSE in irregular chunks (an extension, a trailer), 50 ms apart
   /v1/fixed/json    Content-Length JSON
   /v1/fixed/close   body delimited by closing the connection (HTTP/1.0 style)
   /v1/fixed/idle    keep-alive response, then the server closes the idle connection after 100 ms
                     (what uvicorn does after its keep-alive timeout)
+  /fixed/stats      JSON {"connections": .., "requests": .., "idle_closed": ..}: connections that
+                    carried a request, requests read, idle connections closed by the server (the
+                    stats requests and their connections are not counted), so tests can tell a
+                    reused connection from a new one and wait for the idle close
 """
 import socket
 import sys
 import threading
+import json
 import time
 
 SSE_CHUNKS = [
@@ -19,6 +25,8 @@ SSE_CHUNKS = [
     b':3}\n\n',
     b"data: [DONE]\n\n",
 ]
+stats = {"connections": 0, "requests": 0, "idle_closed": 0}
+stats_lock = threading.Lock()
 JSON = b'{"id":"x","object":"chat.completion","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}'
 
 
@@ -43,13 +51,28 @@ def read_request(conn, buf):
     return path, rest[length:]
 
 
+def count(name):
+    with stats_lock:
+        stats[name] += 1
+
+
 def serve(conn):
     buf = b""
+    counted = False
     try:
         while True:
             path, buf = read_request(conn, buf)
             if path is None:
                 return
+            if path == "/fixed/stats":
+                with stats_lock:
+                    body = json.dumps(stats).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                continue
+            if not counted:
+                count("connections")
+                counted = True
+            count("requests")
             if path.startswith("/v1/fixed/sse"):
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-upstream: fixed\r\n\r\n")
                 for i, c in enumerate(SSE_CHUNKS):
@@ -68,6 +91,8 @@ def serve(conn):
                 try:
                     more = conn.recv(65536)
                 except socket.timeout:
+                    conn.close()
+                    count("idle_closed")
                     return
                 if not more:
                     return
@@ -86,6 +111,7 @@ def main():
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", int(sys.argv[1])))
     srv.listen(128)
+    print("ready %s:%d" % srv.getsockname(), flush=True)
     while True:
         conn, _ = srv.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

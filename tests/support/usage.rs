@@ -55,15 +55,21 @@ pub fn spool_records(spool: &Path) -> Vec<UsageRecord> {
         .unwrap_or_default()
 }
 
-/// `tests/support/webhook_receiver.py` on a port; dropping it kills it.
+/// `tests/support/webhook_receiver.py`; dropping it kills it.
 pub struct Receiver {
     child: Child,
-    pub port: u16,
+    pub addr: SocketAddr,
     pub out: PathBuf,
 }
 
 impl Receiver {
-    pub fn start(port: u16, out: &Path, fail_first: u32) -> Receiver {
+    /// On a port the kernel chooses.
+    pub fn start(out: &Path, fail_first: u32) -> Receiver {
+        Receiver::start_on(0, out, fail_first)
+    }
+
+    /// On `port`, which the test may hold closed until now (`common::closed_port`).
+    pub fn start_on(port: u16, out: &Path, fail_first: u32) -> Receiver {
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/webhook_receiver.py");
         let mut child = Command::new("python3")
@@ -79,16 +85,20 @@ impl Receiver {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .expect("receiver output");
-        assert_eq!(line.trim(), "ready", "webhook receiver did not start");
+        let addr = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("webhook receiver did not start: {line:?}"));
         Receiver {
             child,
-            port,
+            addr,
             out: out.to_path_buf(),
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/usage", self.port)
+        format!("http://{}/usage", self.addr)
     }
 
     /// Every POST received: `{"headers": {...}, "body": ..., "status": N}`.

@@ -5,7 +5,8 @@ Appends one JSON line per POST to --out: {"headers": {...lower-cased...}, "body"
 "raw": <body text as received>, "status": <status sent>}. --fail-first N answers the first N POSTs with 500 (still recorded).
 --count-only records {"records": <request_ids in the body>, "status": ...} instead, without parsing:
 the load tests' billing endpoint, which must not eat the CPU the gateway is measured on.
-Prints "ready" on stdout once listening.
+Prints "ready 127.0.0.1:PORT" on stdout once listening (--port 0: any free port). The socket has
+SO_REUSEPORT, so it can take over a port a test holds closed until then.
 """
 import argparse
 import json
@@ -55,6 +56,10 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-print("ready", flush=True)
+class Server(ThreadingHTTPServer):
+    allow_reuse_port = True
+
+
+server = Server(("127.0.0.1", args.port), Handler)
+print("ready %s:%d" % server.server_address, flush=True)
 server.serve_forever()
