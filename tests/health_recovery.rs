@@ -9,13 +9,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn mock_on(addr: SocketAddr) -> Proc {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llmproxy"));
-    cmd.args(["mock-llm", "--listen", &addr.to_string()])
-        .stderr(std::process::Stdio::null());
-    spawn_listening(cmd, addr)
-}
-
 fn backend_up(gw: &Proc, backend: SocketAddr) -> bool {
     let series = format!("llmproxy_backend_up{{backend=\"http://{backend}\"}} ");
     let text = get(gw.addr, "/metrics").text();
@@ -26,8 +19,10 @@ fn backend_up(gw: &Proc, backend: SocketAddr) -> bool {
 
 #[test]
 fn a_restarted_backend_ejected_by_requests_returns_when_its_check_passes() {
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let a = mock_on(addr);
+    // Held for the whole test, so that no one else takes the port while its backend is down.
+    let port = closed_port();
+    let addr = port.addr;
+    let a = spawn_mock_on(addr, &[]);
     let b = spawn_mock(&[]);
     // The checker needs 50 failed checks (10 s) to call `a` down; one refused request ejects it
     // for a minute.
@@ -46,7 +41,7 @@ fn a_restarted_backend_ejected_by_requests_returns_when_its_check_passes() {
         }),
         "the stopped backend was never ejected"
     );
-    let a = mock_on(addr);
+    let a = spawn_mock_on(addr, &[]);
     assert!(
         wait_until(Duration::from_secs(10), || backend_up(&gw, addr)),
         "the restarted backend stays out although its health check passes"

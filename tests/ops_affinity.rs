@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::Command;
 
 use common::*;
@@ -29,6 +28,16 @@ fn worker_cpus(pid: u32) -> Vec<String> {
     lists
 }
 
+/// The gateway under `taskset`, killed with the test.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn workers_are_pinned_inside_the_allowed_cpu_set() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -38,38 +47,43 @@ fn workers_are_pinned_inside_the_allowed_cpu_set() {
     }
     let last = (cpus - 1).to_string();
     let sim = spawn_mock(&[]);
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let path = std::env::temp_dir().join(format!("llmproxy-affinity-{}.yaml", std::process::id()));
+    let path = unique_path("llmproxy-affinity").with_extension("yaml");
     std::fs::write(
         &path,
         format!(
-            "listen: \"{addr}\"\nworkers: 2\ncpu_affinity: true\nbackends: [{{url: \"http://{}\"}}]\n",
+            "listen: \"127.0.0.1:0\"\nworkers: 2\ncpu_affinity: true\nbackends: [{{url: \"http://{}\"}}]\n",
             sim.addr
         ),
     )
     .unwrap();
-    let mut cmd = Command::new("taskset");
-    cmd.args([
-        "-c",
-        &last,
-        env!("CARGO_BIN_EXE_llmproxy"),
-        "serve",
-        "--config",
-    ])
-    .arg(&path);
-    let gw = spawn_listening(cmd, addr);
+    let ready = unique_path("llmproxy-affinity-ready");
+    let child = Command::new("taskset")
+        .args([
+            "-c",
+            &last,
+            env!("CARGO_BIN_EXE_llmproxy"),
+            "serve",
+            "--config",
+        ])
+        .arg(&path)
+        .arg("--ready-file")
+        .arg(&ready)
+        .spawn()
+        .expect("spawn taskset llmproxy");
+    let mut gw = Killed(child);
+    wait_ready(&mut gw.0, &ready);
     let _ = std::fs::remove_file(&path);
-    // Each worker pins itself first thing, before it listens; the second may start later.
+    let _ = std::fs::remove_file(&ready);
+    let pid = gw.0.id();
+    // Each worker pins itself first thing, before it listens.
     assert!(
-        wait_until(std::time::Duration::from_secs(10), || worker_cpus(
-            gw.child.id()
-        )
-        .len()
+        wait_until(std::time::Duration::from_secs(10), || worker_cpus(pid)
+            .len()
             == 2),
         "two worker threads: {:?}",
-        worker_cpus(gw.child.id())
+        worker_cpus(pid)
     );
-    let lists = worker_cpus(gw.child.id());
+    let lists = worker_cpus(pid);
     // Pinned by `worker % cpus` they would sit on CPUs 0 and 1, outside the set `taskset` gave.
     assert!(
         lists.iter().all(|l| *l == last),
