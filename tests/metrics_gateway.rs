@@ -50,10 +50,17 @@ fn known_traffic_gives_matching_counters_and_histograms() {
     );
     assert_eq!(r.status, 200);
 
-    // A request is counted just after its last byte is written, so the client can see the
-    // response a moment before the counters move: wait for all ten requests to be counted.
-    assert!(wait_until(std::time::Duration::from_secs(2), || {
-        metric(gw.addr, "llmproxy_requests_total") >= 10.0
+    // A request is counted just after its last byte is written, and leaves the in-flight gauge
+    // just after that, so the client can see the response a moment before the metrics move:
+    // wait for all ten requests to be counted and done (the scrape itself is in flight).
+    assert!(wait_until(std::time::Duration::from_secs(5), || {
+        let text = get(gw.addr, "/metrics").text();
+        let counted: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("llmproxy_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        counted >= 10.0 && series(&text, "llmproxy_in_flight_requests") == 1.0
     }));
     let r = get(gw.addr, "/metrics");
     assert_eq!(r.status, 200);
