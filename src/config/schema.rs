@@ -28,6 +28,7 @@ pub(super) const ROOT: Shape = Fields(&[
     ("busy_poll", Leaf),
     ("max_request_body", Leaf),
     ("max_header_size", Leaf),
+    ("max_connections", Leaf),
     ("shutdown_timeout", Leaf),
     (
         "timeouts",

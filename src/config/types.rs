@@ -55,6 +55,9 @@ pub struct Config {
     pub max_request_body: usize,
     /// Largest request line + headers accepted, in bytes (larger gets 431).
     pub max_header_size: usize,
+    /// Client connections open at once in the process; more are closed at accept. 0 in the
+    /// file: half the open-file limit, so accepting never runs the process out of descriptors.
+    pub max_connections: usize,
     /// How long to let in-flight requests finish after a shutdown signal.
     pub shutdown_timeout: Duration,
     pub timeouts: Timeouts,
@@ -196,6 +199,7 @@ pub(super) struct RawConfig {
     pub(super) busy_poll: DurationValue,
     pub(super) max_request_body: SizeValue,
     pub(super) max_header_size: SizeValue,
+    pub(super) max_connections: usize,
     pub(super) shutdown_timeout: DurationValue,
     pub(super) timeouts: RawTimeouts,
     pub(super) upstream: RawUpstream,
@@ -224,6 +228,7 @@ impl Default for RawConfig {
             busy_poll: DurationValue(Duration::ZERO),
             max_request_body: SizeValue(32 << 20),
             max_header_size: SizeValue(64 << 10),
+            max_connections: 0,
             shutdown_timeout: DurationValue(Duration::from_secs(30)),
             timeouts: RawTimeouts::default(),
             upstream: RawUpstream::default(),

@@ -119,6 +119,10 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         busy_poll: raw.busy_poll.0,
         max_request_body: raw.max_request_body.0,
         max_header_size: raw.max_header_size.0,
+        max_connections: match raw.max_connections {
+            0 => default_max_connections(),
+            n => n,
+        },
         shutdown_timeout: raw.shutdown_timeout.0,
         timeouts: Timeouts {
             connect: raw.timeouts.connect.0,
@@ -226,4 +230,22 @@ mod tests {
         assert!(check_metrics_path("/v1/metrics").is_err());
         assert!(check_metrics_path("/health").is_err());
     }
+}
+
+/// Half the process's open-file limit, less a reserve for listeners, logs, the spool and
+/// checkers: each proxied request may hold an upstream connection beside its client's.
+fn default_max_connections() -> usize {
+    // SAFETY: getrlimit writes into the struct it is given.
+    let soft = unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        limit.rlim_cur
+    };
+    (usize::try_from(soft)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(64)
+        / 2)
+    .max(16)
 }

@@ -250,6 +250,10 @@ pub struct WorkerMetrics {
     upstream_errors: [Counter; UpstreamErrorKind::ALL.len()],
     pub client_cancels: Counter,
     pub retries: Counter,
+    /// Client connections open on this worker (a gauge).
+    pub connections: Counter,
+    /// Connections closed at accept because the process had `max_connections` open.
+    pub connections_refused: Counter,
 }
 
 const REQUEST_SLOTS: usize = PATHS.len() * 2 * BACKEND_SLOTS * STATUS_SLOTS;
@@ -274,6 +278,8 @@ impl WorkerMetrics {
             upstream_errors: std::array::from_fn(|_| Counter::default()),
             client_cancels: Counter::default(),
             retries: Counter::default(),
+            connections: Counter::default(),
+            connections_refused: Counter::default(),
         }
     }
 
@@ -332,6 +338,13 @@ impl Registry {
 
     pub fn worker(&self, index: usize) -> &WorkerMetrics {
         &self.workers[index]
+    }
+
+    /// Client connections open in the process: one relaxed load per worker.
+    pub fn open_connections(&self) -> u64 {
+        self.workers
+            .iter()
+            .fold(0u64, |n, w| n.wrapping_add(w.connections.get()))
     }
 
     /// The label slot for a backend URL, stable across reloads so counters keep their series.

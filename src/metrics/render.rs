@@ -155,6 +155,24 @@ impl Registry {
 
         header(
             &mut out,
+            "llmproxy_connections_open",
+            "gauge",
+            "Client connections open.",
+        );
+        let _ = writeln!(out, "llmproxy_connections_open {}", self.open_connections());
+        header(
+            &mut out,
+            "llmproxy_connections_refused_total",
+            "counter",
+            "Client connections closed at accept: the process had max_connections open.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_connections_refused_total {}",
+            sum(&|w| w.connections_refused.get())
+        );
+        header(
+            &mut out,
             "llmproxy_client_cancels_total",
             "counter",
             "Requests whose client left before the response ended.",

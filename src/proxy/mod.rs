@@ -54,7 +54,7 @@ use conn::{respond_error, ClientConn, ClientReader, ClientWriter, Next};
 use outcome::RequestOutcome;
 use request_id::RequestId;
 use route::Route;
-use worker::{ActiveGuard, OpeningGuard};
+use worker::{ActiveGuard, ConnectionGuard, OpeningGuard};
 pub use worker::{Context, Generation};
 
 /// How long a draining worker waits between checks that its requests have finished.
@@ -68,10 +68,17 @@ pub fn serve_connection(
     peer: SocketAddr,
 ) -> impl std::future::Future<Output = ()> {
     let opening = OpeningGuard::enter(&ctx);
-    serve(ctx, stream, peer, opening)
+    let open = ConnectionGuard::enter(&ctx);
+    serve(ctx, stream, peer, opening, open)
 }
 
-async fn serve(ctx: Rc<Context>, stream: TcpStream, peer: SocketAddr, opening: OpeningGuard) {
+async fn serve(
+    ctx: Rc<Context>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    opening: OpeningGuard,
+    _open: ConnectionGuard,
+) {
     // Without it, a small response waits for the client's delayed ACK.
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();

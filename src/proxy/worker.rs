@@ -141,8 +141,29 @@ impl Context {
         self.opening.get()
     }
 
+    /// Client connections open in the whole process (every worker's gauge).
+    pub fn open_connections(&self) -> u64 {
+        self.registry.open_connections()
+    }
+
     pub(super) fn draining(&self) -> bool {
         self.shutdown.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts an open client connection (the `max_connections` cap), for its whole life.
+pub(super) struct ConnectionGuard(Rc<Context>);
+
+impl ConnectionGuard {
+    pub(super) fn enter(ctx: &Rc<Context>) -> Self {
+        ctx.metrics().connections.inc();
+        ConnectionGuard(ctx.clone())
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.metrics().connections.dec();
     }
 }
 

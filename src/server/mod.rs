@@ -306,15 +306,35 @@ async fn worker_main(
     let canceller = monoio::io::Canceller::new();
     let stop_accepting = canceller.handle();
     let accept = async {
+        let mut accept_errors = Throttle::default();
+        let mut refusals = Throttle::default();
         loop {
             match listener.cancelable_accept(stop_accepting.clone()).await {
                 Ok((stream, peer)) => {
+                    let cap = ctx.current().config.max_connections as u64;
+                    if ctx.open_connections() >= cap {
+                        // Closed at once: past the cap, a connection would only hold a
+                        // descriptor the admitted ones need.
+                        ctx.metrics().connections_refused.inc();
+                        drop(stream);
+                        if let Some(also) = refusals.due() {
+                            tracing::warn!(
+                                worker,
+                                max_connections = cap,
+                                refused_since_last = also,
+                                "connection refused: max_connections open"
+                            );
+                        }
+                        continue;
+                    }
                     monoio::spawn(proxy::serve_connection(ctx.clone(), stream, peer));
                 }
                 Err(_) if shutdown.load(Ordering::Relaxed) => {}
                 Err(e) => {
                     // Usually EMFILE: back off instead of spinning on the error.
-                    tracing::warn!(worker, "accept failed: {e}");
+                    if let Some(also) = accept_errors.due() {
+                        tracing::warn!(worker, failed_since_last = also, "accept failed: {e}");
+                    }
                     monoio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
@@ -608,5 +628,28 @@ fn allowed_cpus() -> Vec<usize> {
         (0..libc::CPU_SETSIZE as usize)
             .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
             .collect()
+    }
+}
+
+/// One warning per [`Throttle::EVERY`] for an event that can repeat thousands of times a second
+/// (accept errors at EMFILE, refused connections), with how many it stands for.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// `Some(events since the last warning)` when a warning is due now.
+    fn due(&mut self) -> Option<u64> {
+        self.since += 1;
+        let now = Instant::now();
+        if self.last.is_some_and(|at| now - at < Self::EVERY) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.since))
     }
 }
