@@ -211,6 +211,24 @@ fn check_log_level(level: &str) -> Result<(), String> {
     }
 }
 
+/// Half the process's open-file limit, less a reserve for listeners, logs, the spool and
+/// checkers: each proxied request may hold an upstream connection beside its client's.
+fn default_max_connections() -> usize {
+    // SAFETY: getrlimit writes into the struct it is given.
+    let soft = unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        limit.rlim_cur
+    };
+    (usize::try_from(soft)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(64)
+        / 2)
+    .max(16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,22 +248,4 @@ mod tests {
         assert!(check_metrics_path("/v1/metrics").is_err());
         assert!(check_metrics_path("/health").is_err());
     }
-}
-
-/// Half the process's open-file limit, less a reserve for listeners, logs, the spool and
-/// checkers: each proxied request may hold an upstream connection beside its client's.
-fn default_max_connections() -> usize {
-    // SAFETY: getrlimit writes into the struct it is given.
-    let soft = unsafe {
-        let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 1024;
-        }
-        limit.rlim_cur
-    };
-    (usize::try_from(soft)
-        .unwrap_or(usize::MAX)
-        .saturating_sub(64)
-        / 2)
-    .max(16)
 }
