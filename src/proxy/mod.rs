@@ -40,6 +40,7 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
+use crate::api::Api;
 use crate::auth::{Auth, KeyEntry};
 use crate::config::Affinity;
 use crate::config::Config;
@@ -802,6 +803,7 @@ async fn relay_with_retries(
             request_id: plan.request_id,
             client_keep_alive: plan.keep_alive,
             strip_usage: plan.strip_usage,
+            api: Api::of_path(c.head.path(&c.buf)).unwrap_or(Api::Other),
             extra_headers: plan.extra_headers,
             retry_status: if last { &[] } else { &retry.on_status },
             head_deadline: first_byte.into_iter().chain(deadline).min(),
@@ -1108,6 +1110,7 @@ fn account(ctx: &Context, gen: &Generation, c: &Client, request_id: &RequestId, 
         key: t.key.as_ref().map(|k| k.key_ref.clone()),
         model: info.model(&c.body).map(Cow::into_owned),
         endpoint: String::from_utf8_lossy(c.head.path(&c.buf)).into_owned(),
+        api: Api::of_path(c.head.path(&c.buf)).unwrap_or(Api::Other),
         is_stream: info.stream,
         backend_url: gen.upstreams.backend(backend).url_shared.clone(),
         status_code: progress.status,

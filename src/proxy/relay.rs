@@ -14,6 +14,7 @@ use monoio::net::TcpStream;
 
 use super::client_watch::ClientWatch;
 use super::Context;
+use crate::api::Api;
 use crate::error::GatewayError;
 use crate::http::{
     self, parse_response, BodyTracker, ClientBody, Framing, ResponseHead, UpstreamError,
@@ -46,6 +47,8 @@ pub struct Exchange<'a> {
     pub client_keep_alive: bool,
     /// The gateway added `include_usage` to the request: keep the usage-only event from the client.
     pub strip_usage: bool,
+    /// The API of the request path: how the meter reads the response.
+    pub api: Api,
     /// Complete header lines added to the client's response head (`x-ratelimit-*`).
     pub extra_headers: &'a [u8],
     /// Response statuses to hand back (as [`GatewayError::UpstreamStatus`]) instead of relaying,
@@ -182,7 +185,9 @@ pub async fn exchange(
         ClientBody::AsIs
     };
     let reframe = client_body != ClientBody::AsIs;
-    let meter = progress.meter.insert(Meter::new(head.event_stream, strip));
+    let meter = progress
+        .meter
+        .insert(Meter::new(ex.api, head.event_stream, strip));
     let mut tracker = BodyTracker::new(head.framing);
     let ends_with_close = match client_body {
         ClientBody::UntilClose => true,
