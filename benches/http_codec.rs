@@ -79,39 +79,47 @@ fn relay_chunks(c: &mut Criterion) {
 /// Bytes of each API's stream in [`meter_per_api`]: about 64 KiB, vLLM's events as it sends them.
 const STREAM_BYTES: usize = 64 * 1024;
 
+/// An API's stream as vLLM sends it: events before the tokens, token `i`'s event, and events
+/// after them (with usage).
+struct StreamShape {
+    open: &'static [&'static str],
+    token: fn(usize) -> String,
+    close: &'static [&'static str],
+}
+
 /// A stream of `api` as vLLM sends it, one event per read: its opening events, token events until
 /// [`STREAM_BYTES`], and its closing events with usage.
 fn api_stream(api: Api) -> Vec<Vec<u8>> {
-    let (open, token, close): (&[&str], fn(usize) -> String, &[&str]) = match api {
-        Api::Messages => (
-            &[
+    let StreamShape { open, token, close } = match api {
+        Api::Messages => StreamShape {
+            open: &[
                 "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"chatcmpl-5f0d\",\"content\":[],\"model\":\"qwen\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":12,\"output_tokens\":0}}}\n\n",
                 "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"content_block\":{\"type\":\"text\",\"text\":\"\"},\"index\":0}\n\n",
             ],
-            |i| format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"delta\":{{\"type\":\"text_delta\",\"text\":\"tok{i} \"}},\"index\":0}}\n\n"),
-            &[
+            token: |i| format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"delta\":{{\"type\":\"text_delta\",\"text\":\"tok{i} \"}},\"index\":0}}\n\n"),
+            close: &[
                 "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
                 "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":12,\"output_tokens\":600}}\n\n",
                 "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
             ],
-        ),
-        Api::Responses => (
-            &[
+        },
+        Api::Responses => StreamShape {
+            open: &[
                 "event: response.created\ndata: {\"response\":{\"id\":\"resp_5f0d\",\"created_at\":1732700000,\"model\":\"qwen\",\"object\":\"response\",\"output\":[],\"status\":\"in_progress\",\"usage\":null},\"sequence_number\":0,\"type\":\"response.created\"}\n\n",
             ],
-            |i| format!("event: response.output_text.delta\ndata: {{\"content_index\":0,\"delta\":\"tok{i} \",\"item_id\":\"msg_5f0d\",\"logprobs\":[],\"output_index\":0,\"sequence_number\":{i},\"type\":\"response.output_text.delta\"}}\n\n"),
-            &[
+            token: |i| format!("event: response.output_text.delta\ndata: {{\"content_index\":0,\"delta\":\"tok{i} \",\"item_id\":\"msg_5f0d\",\"logprobs\":[],\"output_index\":0,\"sequence_number\":{i},\"type\":\"response.output_text.delta\"}}\n\n"),
+            close: &[
                 "event: response.completed\ndata: {\"response\":{\"id\":\"resp_5f0d\",\"created_at\":1732700000,\"model\":\"qwen\",\"object\":\"response\",\"output\":[],\"status\":\"completed\",\"usage\":{\"input_tokens\":12,\"input_tokens_details\":{\"cached_tokens\":0},\"output_tokens\":600,\"output_tokens_details\":{\"reasoning_tokens\":0},\"total_tokens\":612}},\"sequence_number\":601,\"type\":\"response.completed\"}\n\n",
             ],
-        ),
-        _ => (
-            &["data: {\"id\":\"chatcmpl-5f0d\",\"object\":\"chat.completion.chunk\",\"created\":1732700000,\"model\":\"qwen\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n"],
-            |i| format!("data: {{\"id\":\"chatcmpl-5f0d\",\"object\":\"chat.completion.chunk\",\"created\":1732700000,\"model\":\"qwen\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"),
-            &[
+        },
+        _ => StreamShape {
+            open: &["data: {\"id\":\"chatcmpl-5f0d\",\"object\":\"chat.completion.chunk\",\"created\":1732700000,\"model\":\"qwen\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n"],
+            token: |i| format!("data: {{\"id\":\"chatcmpl-5f0d\",\"object\":\"chat.completion.chunk\",\"created\":1732700000,\"model\":\"qwen\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"),
+            close: &[
                 "data: {\"id\":\"chatcmpl-5f0d\",\"object\":\"chat.completion.chunk\",\"created\":1732700000,\"model\":\"qwen\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"total_tokens\":612,\"completion_tokens\":600}}\n\n",
                 "data: [DONE]\n\n",
             ],
-        ),
+        },
     };
     let mut events: Vec<Vec<u8>> = open.iter().map(|e| e.as_bytes().to_vec()).collect();
     let closing: usize = close.iter().map(|e| e.len()).sum();

@@ -295,10 +295,8 @@ impl Meter {
             return;
         };
         match name {
-            b"content_block_delta" => {
-                if carries_output(json, &*MESSAGES_OUTPUT_KEYS) {
-                    self.content_events += 1;
-                }
+            b"content_block_delta" if carries_output(json, &*MESSAGES_OUTPUT_KEYS) => {
+                self.content_events += 1
             }
             b"message_start" => keep(&mut self.message_start, json),
             b"message_delta" if carries_usage(json).is_some() => keep(&mut self.last_usage, json),
@@ -317,10 +315,10 @@ impl Meter {
             | b"response.refusal.delta"
             | b"response.reasoning_text.delta"
             | b"response.reasoning_summary_text.delta"
-            | b"response.function_call_arguments.delta" => {
-                if carries_output(json, std::slice::from_ref(&*DELTA_KEY)) {
-                    self.content_events += 1;
-                }
+            | b"response.function_call_arguments.delta"
+                if carries_output(json, std::slice::from_ref(&*DELTA_KEY)) =>
+            {
+                self.content_events += 1
             }
             b"response.completed" | b"response.incomplete" | b"response.failed" => {
                 keep(&mut self.last_usage, json)
