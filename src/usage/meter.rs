@@ -367,12 +367,16 @@ fn data_payload(event: &[u8]) -> Option<&[u8]> {
 /// `data:` line of an event, both trimmed.
 fn named_event(event: &[u8]) -> (Option<&[u8]>, Option<&[u8]>) {
     let (mut name, mut data) = (None, None);
-    for line in event.split(|&b| b == b'\n' || b == b'\r') {
+    let mut rest = event;
+    while !rest.is_empty() {
+        let line_end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
+        let line = &rest[..line_end];
         if let Some(v) = line.strip_prefix(b"event:") {
             name = Some(v.trim_ascii());
         } else if let (Some(v), None) = (line.strip_prefix(b"data:"), data) {
             data = Some(v.trim_ascii());
         }
+        rest = &rest[(line_end + 1).min(rest.len())..];
     }
     (name, data)
 }
