@@ -142,18 +142,19 @@ impl MessagesUsage {
             + self.cache_read_input_tokens.unwrap_or(0)
             + self.cache_creation_input_tokens.unwrap_or(0)
     }
-}
 
-impl From<MessagesUsage> for Tokens {
-    fn from(u: MessagesUsage) -> Self {
-        let (prompt, completion) = (u.prompt(), u.output_tokens.unwrap_or(0));
-        Tokens {
+    /// The tokens billed; none unless both input and output were reported (an empty or partial
+    /// usage is not a zero).
+    fn tokens(&self) -> Option<Tokens> {
+        let (prompt, completion) = (self.prompt(), self.output_tokens?);
+        self.input_tokens?;
+        Some(Tokens {
             prompt,
             completion,
             total: prompt + completion,
-            cached: u.cache_read_input_tokens.unwrap_or(0),
+            cached: self.cache_read_input_tokens.unwrap_or(0),
             reasoning: 0,
-        }
+        })
     }
 }
 
@@ -168,12 +169,10 @@ struct MessageStart {
     message: WithMessagesUsage,
 }
 
-/// OpenAI Responses usage.
+/// OpenAI Responses usage; both counts required, as for chat.
 #[derive(Deserialize)]
 struct ResponsesUsage {
-    #[serde(default)]
     input_tokens: u64,
-    #[serde(default)]
     output_tokens: u64,
     total_tokens: Option<u64>,
     input_tokens_details: Option<Details>,
@@ -222,11 +221,10 @@ pub fn parse_usage(api: Api, captured: &Captured) -> Option<Tokens> {
                 .ok()
                 .and_then(|s| s.message.usage)
                 .unwrap_or_default();
-            Some(start.updated(delta).into())
+            start.updated(delta).tokens()
         }
         (Api::Messages, Captured::Body { bytes, truncated }) => {
-            body_usage::<WithMessagesUsage, MessagesUsage>(bytes, *truncated, |b| b.usage)
-                .map(Tokens::from)
+            body_usage::<WithMessagesUsage, MessagesUsage>(bytes, *truncated, |b| b.usage)?.tokens()
         }
         (Api::Responses, Captured::Event(json)) => {
             let terminal = serde_json::from_slice::<ResponsesTerminal>(json).ok()?;
@@ -962,6 +960,18 @@ mod tests {
             "",
         );
         assert_eq!(parse_usage(Api::Messages, &cut), None);
+        let empty = body(r#"{"type":"message","content":[],"usage":{}}"#);
+        assert_eq!(
+            parse_usage(Api::Messages, &empty),
+            None,
+            "no counts is not a zero"
+        );
+        let empty = body(r#"{"object":"response","output":[],"usage":{"total_tokens":0}}"#);
+        assert_eq!(
+            parse_usage(Api::Responses, &empty),
+            None,
+            "no counts is not a zero"
+        );
         let r = accounted(dialect_event(Api::Messages, cut, 6));
         let r = r.record(false);
         assert_eq!((r.prompt_tokens, r.completion_tokens), (103, 6));
