@@ -552,7 +552,7 @@ fn reported_prompt(captured: &Captured) -> Option<u64> {
         .ok()?
         .message
         .usage?;
-    Some(usage.prompt())
+    usage.input_tokens.map(|_| usage.prompt())
 }
 
 /// An event as the ingest thread holds it until its batch is spooled: billed, and timestamped
