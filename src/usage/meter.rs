@@ -376,6 +376,9 @@ fn named_event(event: &[u8]) -> (Option<&[u8]>, Option<&[u8]>) {
         } else if let (Some(v), None) = (line.strip_prefix(b"data:"), data) {
             data = Some(v.trim_ascii());
         }
+        if name.is_some() && data.is_some() {
+            break;
+        }
         rest = &rest[(line_end + 1).min(rest.len())..];
     }
     (name, data)
