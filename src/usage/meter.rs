@@ -298,8 +298,10 @@ impl Meter {
             b"content_block_delta" if carries_output(json, &*MESSAGES_OUTPUT_KEYS) => {
                 self.content_events += 1
             }
-            b"message_start" => keep(&mut self.message_start, json),
-            b"message_delta" if carries_usage(json).is_some() => keep(&mut self.last_usage, json),
+            b"message_start" => keep(&mut self.message_start, first_line(json)),
+            b"message_delta" if carries_usage(json).is_some() => {
+                keep(&mut self.last_usage, first_line(json))
+            }
             _ => {}
         }
     }
@@ -321,7 +323,7 @@ impl Meter {
                 self.content_events += 1
             }
             b"response.completed" | b"response.incomplete" | b"response.failed" => {
-                keep(&mut self.last_usage, json)
+                keep(&mut self.last_usage, first_line(json))
             }
             _ => {}
         }
@@ -363,18 +365,30 @@ fn data_payload(event: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// The name (`event:` line; none means the SSE default, "message") and the JSON of the first
-/// `data:` line of an event, both trimmed.
+/// The name (`event:` line, trimmed; none means the SSE default, "message") of an event, and
+/// what follows its first `data:` up to the event's end: the JSON, then possibly more lines
+/// (take [`first_line`] to keep it). Output checks read it as it is: a key search over a line
+/// break or two finds the same keys, and sparing a scan of the data line keeps named events as
+/// cheap as chat's. vLLM, OpenAI and Anthropic write `event:` then `data:`: that order is read
+/// directly, any other in a pass over the lines.
 fn named_event(event: &[u8]) -> (Option<&[u8]>, Option<&[u8]>) {
+    if let Some(after) = event.strip_prefix(b"event:") {
+        let line_end = memchr::memchr2(b'\n', b'\r', after).unwrap_or(after.len());
+        let next = &after[line_end..];
+        let next = next.strip_prefix(b"\r").unwrap_or(next);
+        let next = next.strip_prefix(b"\n").unwrap_or(next);
+        if let Some(data) = next.strip_prefix(b"data:") {
+            return (Some(after[..line_end].trim_ascii()), Some(data));
+        }
+    }
     let (mut name, mut data) = (None, None);
     let mut rest = event;
     while !rest.is_empty() {
         let line_end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
-        let line = &rest[..line_end];
-        if let Some(v) = line.strip_prefix(b"event:") {
+        if let Some(v) = rest[..line_end].strip_prefix(b"event:") {
             name = Some(v.trim_ascii());
-        } else if let (Some(v), None) = (line.strip_prefix(b"data:"), data) {
-            data = Some(v.trim_ascii());
+        } else if let (Some(v), None) = (rest.strip_prefix(b"data:"), data) {
+            data = Some(v);
         }
         if name.is_some() && data.is_some() {
             break;
@@ -382,6 +396,12 @@ fn named_event(event: &[u8]) -> (Option<&[u8]>, Option<&[u8]>) {
         rest = &rest[(line_end + 1).min(rest.len())..];
     }
     (name, data)
+}
+
+/// The first line of `data` (as [`named_event`] gives it), trimmed: an event's JSON.
+fn first_line(data: &[u8]) -> &[u8] {
+    let line_end = memchr::memchr2(b'\n', b'\r', data).unwrap_or(data.len());
+    data[..line_end].trim_ascii()
 }
 
 /// `Some(usage_only)` when the event's JSON has a non-null `usage` object.
@@ -602,8 +622,9 @@ mod tests {
     }
 
     /// A Messages stream as vLLM sends it (`event:` before `data:`), with a `ping`, a comment,
-    /// an `id:` line, a thinking and a tool-input delta, an empty text delta and two
-    /// `message_delta`s (the last one counts). Returns the stream and its two kept payloads.
+    /// an `id:` line, a thinking and a tool-input delta, one with `data:` before `event:`, an
+    /// empty text delta, and `message_delta`s with and without usage (the last with it counts).
+    /// Returns the stream and its two kept payloads.
     fn messages_stream(eol: &str) -> (String, String, String) {
         let start = r#"{"type":"message_start","message":{"id":"m","content":[],"model":"x","usage":{"input_tokens":9,"cache_read_input_tokens":4,"output_tokens":1}}}"#;
         let last_delta = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":5}}"#;
@@ -622,6 +643,9 @@ mod tests {
             ),
             format!(
                 r#"event: content_block_delta{eol}data: {{"type":"content_block_delta","delta":{{"type":"input_json_delta","partial_json":"{{\"a"}},"index":1}}"#
+            ),
+            format!(
+                r#"data: {{"type":"content_block_delta","delta":{{"type":"text_delta","text":"x"}},"index":0}}{eol}event: content_block_delta"#
             ),
             format!(
                 r#"event: content_block_delta{eol}data: {{"type":"content_block_delta","delta":{{"type":"text_delta","text":""}},"index":0}}"#
@@ -686,7 +710,7 @@ mod tests {
             };
             for (cut, pieces) in cuts(stream.as_bytes()) {
                 let (events, captured) = observe_all(Api::Messages, pieces.into_iter());
-                assert_eq!(events, 3, "{eol:?} {cut}");
+                assert_eq!(events, 4, "{eol:?} {cut}");
                 assert_eq!(captured, expected, "{eol:?} {cut}");
             }
         }
