@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use llmproxy::api::Api;
 use llmproxy::usage::{
     Accounted, Billed, Captured, KeyRef, Outcome, Record, Spool, UsageEvent, UsageRecord,
 };
@@ -23,6 +24,7 @@ fn event(i: usize) -> UsageEvent {
         ))),
         model: Some("meta-llama/Llama-3-8b".into()),
         endpoint: "/v1/chat/completions".into(),
+        api: Api::ChatCompletions,
         is_stream: true,
         backend_url: Arc::from("http://vllm:8000"),
         status_code: 200,
@@ -48,6 +50,7 @@ fn record(i: usize) -> UsageRecord {
         api_key: Some("sk-te...001".into()),
         model: Some("meta-llama/Llama-3-8b".into()),
         endpoint: "/v1/chat/completions".into(),
+        api: "chat_completions".into(),
         is_stream: true,
         backend_url: "http://vllm:8000".into(),
         status_code: 200,

@@ -543,3 +543,268 @@ fn stream_after_a_non_stream_response_on_one_connection_starts_clean() {
     let first: serde_json::Value = serde_json::from_str(&events[0]).expect("first event is JSON");
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
 }
+
+/// The `event:` name and the JSON of each chunk of a named-event stream (one event per chunk).
+fn named_chunks(r: &Response) -> (Vec<(String, Value)>, bool) {
+    let (chunks, terminated) = r.chunks();
+    let events = chunks
+        .iter()
+        .map(|c| {
+            let text = std::str::from_utf8(c).unwrap();
+            let rest = text.strip_prefix("event: ").expect(text);
+            let (name, data) = rest.split_once("\ndata: ").expect(text);
+            assert_eq!(
+                data.matches("\n\n").count(),
+                1,
+                "one event per chunk: {text:?}"
+            );
+            let json: Value = serde_json::from_str(data.strip_suffix("\n\n").expect(text)).unwrap();
+            assert_eq!(json["type"], name, "{text}");
+            (name.to_string(), json)
+        })
+        .collect();
+    (events, terminated)
+}
+
+fn messages(stream: bool, max_tokens: u64) -> Value {
+    json!({"model": "mock-model", "max_tokens": max_tokens, "stream": stream,
+        "messages": [{"role": "user", "content": "Hello there, mock!"}]}) // 5 tokens
+}
+
+#[test]
+fn messages_stream_and_json_have_vllm_shape_and_usage() {
+    let m = spawn_mock(&[]);
+    let r = post_json(
+        m.addr,
+        "/v1/messages",
+        &messages(true, 100),
+        &[("x-mock-tokens", "3")],
+    );
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/event-stream; charset=utf-8")
+    );
+    let (events, terminated) = named_chunks(&r);
+    assert!(terminated);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    let start = &events[0].1["message"];
+    assert!(start["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(
+        start["usage"],
+        json!({"input_tokens": 5, "output_tokens": 0})
+    );
+    assert_eq!(
+        events[6].1["usage"],
+        json!({"input_tokens": 5, "output_tokens": 3})
+    );
+    assert_eq!(events[6].1["delta"]["stop_reason"], "end_turn");
+    let text: String = events[2..5]
+        .iter()
+        .map(|(_, e)| e["delta"]["text"].as_str().unwrap())
+        .collect();
+
+    let r = post_json(
+        m.addr,
+        "/v1/messages",
+        &messages(false, 100),
+        &[("x-mock-tokens", "3")],
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["content"], json!([{"type": "text", "text": text}]));
+    assert_eq!(
+        (&body["type"], &body["role"]),
+        (&json!("message"), &json!("assistant"))
+    );
+    assert_eq!(
+        body["usage"],
+        json!({"input_tokens": 5, "output_tokens": 3})
+    );
+    assert!(
+        body.get("stop_sequence").is_none(),
+        "vLLM leaves out nulls: {body}"
+    );
+
+    let body: Value =
+        serde_json::from_slice(&post_json(m.addr, "/v1/messages", &messages(false, 2), &[]).body)
+            .unwrap();
+    assert_eq!(
+        (&body["stop_reason"], &body["usage"]["output_tokens"]),
+        (&json!("max_tokens"), &json!(2))
+    );
+    // No tokens: no content block at all.
+    let r = post_json(
+        m.addr,
+        "/v1/messages",
+        &messages(true, 100),
+        &[("x-mock-tokens", "0")],
+    );
+    let names: Vec<String> = named_chunks(&r).0.into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["message_start", "message_delta", "message_stop"]);
+
+    let count = post_json(
+        m.addr,
+        "/v1/messages/count_tokens",
+        &messages(false, 1),
+        &[],
+    );
+    let count: Value = serde_json::from_slice(&count.body).unwrap();
+    assert_eq!(
+        count,
+        json!({"input_tokens": 5, "context_management": {"original_input_tokens": 5}})
+    );
+}
+
+#[test]
+fn messages_errors_take_the_anthropic_shape_vllm_gives_them() {
+    let m = spawn_mock(&[]);
+    let mut unknown = messages(false, 5);
+    unknown["model"] = json!("other");
+    let cases = [
+        ("/v1/messages", unknown.clone(), vec![], 404),
+        (
+            "/v1/messages",
+            json!({"model": "mock-model", "messages": []}),
+            vec![],
+            400,
+        ),
+        (
+            "/v1/messages",
+            messages(true, 5),
+            vec![("x-mock-status", "429")],
+            429,
+        ),
+        ("/v1/messages/count_tokens", unknown, vec![], 404),
+    ];
+    for (path, body, headers, status) in cases {
+        let r = post_json(m.addr, path, &body, &headers);
+        assert_eq!(r.status, status, "{path} {body}");
+        let e: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(e["type"], "error", "{e}");
+        assert!(
+            e["error"]["type"].is_string() && e["error"]["message"].is_string(),
+            "{e}"
+        );
+    }
+    // The OpenAI routes keep OpenAI's shape.
+    let r = post_json(
+        m.addr,
+        "/v1/responses",
+        &json!({"model": "other", "input": "x"}),
+        &[],
+    );
+    assert_eq!(r.status, 404);
+    let e: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(e["error"]["code"], 404);
+}
+
+#[test]
+fn responses_stream_and_json_have_vllm_shape_and_usage() {
+    let m = spawn_mock(&[]);
+    let body = json!({"model": "mock-model", "input": "Hello there, mock!", "stream": true});
+    let knobs = [("x-mock-tokens", "2"), ("x-mock-cached-tokens", "1")];
+    let r = post_json(m.addr, "/v1/responses", &body, &knobs);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/event-stream; charset=utf-8")
+    );
+    let (events, terminated) = named_chunks(&r);
+    assert!(terminated);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    for (i, (_, e)) in events.iter().enumerate() {
+        assert_eq!(e["sequence_number"], i, "{e}");
+    }
+    assert_eq!(events[0].1["response"]["usage"], Value::Null);
+    let done = &events[9].1["response"];
+    assert_eq!(done["status"], "completed");
+    assert_eq!(events[0].1["response"]["id"], done["id"]);
+    let usage = &done["usage"];
+    assert_eq!(
+        (&usage["input_tokens"], &usage["output_tokens"]),
+        (&json!(5), &json!(2))
+    );
+    assert_eq!(
+        (
+            &usage["total_tokens"],
+            &usage["input_tokens_details"]["cached_tokens"]
+        ),
+        (&json!(7), &json!(1))
+    );
+    assert_eq!(usage["output_tokens_details"]["reasoning_tokens"], 0);
+
+    let body = json!({"input": [{"role": "user", "content": [{"type": "input_text", "text": "Hello there, mock!"}]}], "max_output_tokens": 1});
+    let r = post_json(m.addr, "/v1/responses", &body, &[]);
+    let json: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(json["object"], "response");
+    assert_eq!(
+        (&json["status"], &json["incomplete_details"]["reason"]),
+        (&json!("incomplete"), &json!("max_output_tokens"))
+    );
+    assert_eq!(
+        (
+            &json["usage"]["input_tokens"],
+            &json["usage"]["output_tokens"]
+        ),
+        (&json!(5), &json!(1))
+    );
+    assert_eq!(json["output"][0]["content"][0]["text"], "hello ");
+}
+
+#[test]
+fn responses_lifecycle_events_precede_the_time_to_first_token() {
+    let m = spawn_mock(&[]);
+    let mut c = Client::connect(m.addr);
+    let body = json!({"model": "mock-model", "input": "hi", "stream": true}).to_string();
+    let start = Instant::now();
+    c.send(&raw_request(
+        "POST",
+        "/v1/responses",
+        body.as_bytes(),
+        &[("x-mock-ttft-ms", "400")],
+    ));
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(24).any(|w| w == b"event: response.in_progr") {
+        let n = c.stream().read(&mut buf).unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(400),
+        "created/in_progress wait for no token"
+    );
+    while !seen.windows(26).any(|w| w == b"response.output_text.delta") {
+        let n = c.stream().read(&mut buf).unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(start.elapsed() >= Duration::from_millis(400));
+}

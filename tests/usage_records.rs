@@ -572,3 +572,61 @@ fn an_upstream_error_answer_is_recorded_as_an_error_and_bills_nothing() {
     drop(gw);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Messages and Responses, streamed and not, through the gateway: every record exact, named by
+/// its api, with the numbers the simulator (vLLM's format) reported to the client.
+#[test]
+fn messages_and_responses_are_metered_exactly_in_their_own_dialect() {
+    let mock = spawn_mock(&["--tokens", "7"]);
+    let dir = temp_dir("dialects");
+    let spool = dir.join("usage.db");
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &spool, " []"));
+    let text = "Tell me about metering, please"; // 30 chars -> 8 tokens
+    let cached = [("x-mock-cached-tokens", "3")];
+    for stream in [false, true] {
+        let id = format!("messages-{stream}");
+        let body = json!({"model": "mock-model", "max_tokens": 100, "stream": stream,
+            "messages": [{"role": "user", "content": text}]});
+        let r = post_json(gw.addr, "/v1/messages", &body, &[("X-Request-Id", &id)]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let record = record_for(&spool, &id);
+        let tokens = (
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.total_tokens,
+        );
+        assert_eq!(tokens, (8, 7, 15), "{id}");
+        assert!(!record.usage_estimated, "{id}");
+        assert_eq!(
+            (record.api.as_str(), record.is_stream),
+            ("messages", stream)
+        );
+
+        let id = format!("responses-{stream}");
+        let body = json!({"model": "mock-model", "input": text, "stream": stream});
+        let headers = [cached[0], ("X-Request-Id", &id)];
+        let r = post_json(gw.addr, "/v1/responses", &body, &headers);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let record = record_for(&spool, &id);
+        let tokens = (
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.total_tokens,
+        );
+        assert_eq!((tokens, record.cached_tokens), ((8, 7, 15), 3), "{id}");
+        assert!(!record.usage_estimated, "{id}");
+        assert_eq!(
+            (record.api.as_str(), record.is_stream),
+            ("responses", stream)
+        );
+    }
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &chat(false, false),
+        &[("X-Request-Id", "chat-api")],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(record_for(&spool, "chat-api").api, "chat_completions");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use llmproxy::api::Api;
 use llmproxy::config::{self, Format, UsageHook};
 use llmproxy::usage::{Captured, KeyRef, Outcome, Reporter, UsageEvent};
 use usage::{spool_records, temp_dir, Receiver};
@@ -33,6 +34,7 @@ fn event(id: &str, captured: Captured) -> UsageEvent {
         ))),
         model: Some("m".into()),
         endpoint: "/v1/chat/completions".into(),
+        api: Api::ChatCompletions,
         is_stream: false,
         backend_url: Arc::from("http://b:8000"),
         status_code: 200,

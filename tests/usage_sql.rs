@@ -260,7 +260,8 @@ fn mariadb_reporter_holds_exact_sums() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A table made by an older llmproxy, without the columns added since (`client_request_id`).
+/// A table made by an older llmproxy, without the columns added since (`client_request_id`,
+/// `api`).
 const OLD_COLUMNS: &str = "request_id VARCHAR(191) NOT NULL UNIQUE, timestamp VARCHAR(191) NOT NULL, \
     key_name TEXT, user_id TEXT, api_key TEXT, model TEXT, endpoint TEXT NOT NULL, \
     is_stream BOOLEAN NOT NULL, backend_url TEXT NOT NULL, status_code BIGINT NOT NULL, \
@@ -317,19 +318,23 @@ fn an_older_table_gets_the_new_columns_and_keeps_its_rows() {
     );
     assert_eq!(r.status, 200);
 
-    let q = |t: &str| format!("SELECT client_request_id FROM {t} ORDER BY id");
-    let expected = vec![None, Some("new-1".to_string())];
+    type Row = (Option<String>, Option<String>);
+    let q = |t: &str| format!("SELECT client_request_id, api FROM {t} ORDER BY id");
+    let expected: Vec<Row> = vec![
+        (None, None),
+        (Some("new-1".into()), Some("chat_completions".into())),
+    ];
     let delivered = wait_until(Duration::from_secs(20), || {
-        let pg_rows: Vec<Option<String>> = pg
+        let pg_rows: Vec<Row> = pg
             .query(&q(&pg_table), &[])
-            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+            .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
             .unwrap_or_default();
-        let my_rows: Vec<Option<String>> = my.query(q(&my_table)).unwrap_or_default();
-        let lite_rows: Vec<Option<String>> = rusqlite::Connection::open(&sqlite)
+        let my_rows: Vec<Row> = my.query(q(&my_table)).unwrap_or_default();
+        let lite_rows: Vec<Row> = rusqlite::Connection::open(&sqlite)
             .ok()
             .and_then(|c| {
                 let mut stmt = c.prepare(&q("usage_records")).ok()?;
-                let rows = stmt.query_map([], |r| r.get(0)).ok()?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).ok()?;
                 rows.collect::<Result<Vec<_>, _>>().ok()
             })
             .unwrap_or_default();

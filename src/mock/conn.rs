@@ -14,7 +14,9 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 
+use super::anthropic::{self, Message};
 use super::openai::{self, ApiError, Generation, TokenKnobs};
+use super::responses::Response;
 use super::{metrics, Shared};
 use crate::error::GatewayError;
 use crate::http::{
@@ -75,6 +77,37 @@ enum Endpoint {
     Chat,
     Completions,
     Embeddings,
+    Messages,
+    CountTokens,
+    Responses,
+}
+
+impl Endpoint {
+    /// Its errors take the shape vLLM gives them on the Anthropic routes.
+    fn anthropic(self) -> bool {
+        matches!(self, Endpoint::Messages | Endpoint::CountTokens)
+    }
+}
+
+/// One generation of any API, as [`Conn`] paces it: a stream is its opening events (sent with the
+/// head), the events due with the first token (after the time to first token), one event per
+/// token (the inter-token latency apart), then its closing events; otherwise one JSON body.
+pub(super) trait Generated {
+    /// Index of the served model.
+    fn model(&self) -> usize;
+    fn stream(&self) -> bool;
+    /// Completion tokens (events that carry one).
+    fn steps(&self) -> u64;
+    fn opening_events(&self) -> usize {
+        0
+    }
+    fn opening_event(&self, _k: usize, _ev: &mut Vec<u8>) {}
+    fn first_events(&self) -> usize;
+    fn first_event(&self, k: usize, ev: &mut Vec<u8>);
+    fn step_event(&self, i: u64, ev: &mut Vec<u8>);
+    fn closing_events(&self) -> usize;
+    fn closing_event(&self, k: usize, ev: &mut Vec<u8>);
+    fn full_body(&self, out: &mut Vec<u8>);
 }
 
 /// Per-request knobs: `x-mock-*` headers over the process flags.
@@ -135,6 +168,14 @@ impl Knobs {
     }
 }
 
+/// What an inference request is answered with: a JSON body at once, or a generation.
+enum Answer {
+    Json(Vec<u8>),
+    OpenAi(Generation),
+    Messages(Message),
+    Responses(Response),
+}
+
 /// Counts a generation in `vllm:num_requests_running` while it lives.
 struct Running(&'static Shared, usize);
 
@@ -185,7 +226,7 @@ async fn serve(stream: TcpStream, sh: &'static Shared) {
             Ok(false) => return,
             Err(e) => {
                 let e = GatewayError::Request(e);
-                let body = ApiError::new(e.status(), e.message()).body();
+                let body = ApiError::new(e.status(), e.message()).body(false);
                 write_response(&mut c.out, e.status(), JSON, &[], &body, false);
                 c.flush().await;
                 return;
@@ -315,6 +356,9 @@ impl Conn {
             b"/v1/chat/completions" => Some(Endpoint::Chat),
             b"/v1/completions" => Some(Endpoint::Completions),
             b"/v1/embeddings" => Some(Endpoint::Embeddings),
+            b"/v1/messages" => Some(Endpoint::Messages),
+            b"/v1/messages/count_tokens" => Some(Endpoint::CountTokens),
+            b"/v1/responses" => Some(Endpoint::Responses),
             _ => None,
         };
         if path.starts_with(b"/v1/debug/echo") {
@@ -365,8 +409,8 @@ impl Conn {
         self.flush().await && keep
     }
 
-    async fn reply_error(&mut self, e: ApiError, keep: bool) -> bool {
-        let body = e.body();
+    async fn reply_error(&mut self, e: ApiError, ep: Endpoint, keep: bool) -> bool {
+        let body = e.body(ep.anthropic());
         self.reply(e.status, JSON, &[], &body, keep).await
     }
 
@@ -376,33 +420,40 @@ impl Conn {
             return self.cancelled();
         }
         if let Some(status) = sh.forced_failure(k.status) {
-            return self
-                .reply_error(
-                    ApiError::new(status, format!("Simulated failure (status {status}).")),
-                    keep,
-                )
-                .await;
+            let e = ApiError::new(status, format!("Simulated failure (status {status})."));
+            return self.reply_error(e, ep, keep).await;
         }
-        if ep == Endpoint::Embeddings {
-            return match openai::embeddings(sh, &self.body) {
-                Ok(body) => self.reply(200, JSON, &[], &body, keep).await,
-                Err(e) => self.reply_error(e, keep).await,
-            };
-        }
-        let g = match Generation::parse(sh, ep == Endpoint::Chat, &self.body, k.tokens) {
-            Ok(g) => g,
-            Err(e) => return self.reply_error(e, keep).await,
+        let body = &self.body;
+        let answer = match ep {
+            Endpoint::Embeddings => openai::embeddings(sh, body).map(Answer::Json),
+            Endpoint::CountTokens => anthropic::count_tokens(sh, body).map(Answer::Json),
+            Endpoint::Chat | Endpoint::Completions => {
+                Generation::parse(sh, ep == Endpoint::Chat, body, k.tokens).map(Answer::OpenAi)
+            }
+            Endpoint::Messages => Message::parse(sh, body, k.tokens).map(Answer::Messages),
+            Endpoint::Responses => Response::parse(sh, body, k.tokens).map(Answer::Responses),
         };
-        let _running = Running::new(sh, g.model);
-        if g.stream {
-            self.stream(&g, k, keep).await
+        match answer {
+            Ok(Answer::Json(json)) => self.reply(200, JSON, &[], &json, keep).await,
+            Ok(Answer::OpenAi(g)) => self.generate(&g, k, keep).await,
+            Ok(Answer::Messages(g)) => self.generate(&g, k, keep).await,
+            Ok(Answer::Responses(g)) => self.generate(&g, k, keep).await,
+            Err(e) => self.reply_error(e, ep, keep).await,
+        }
+    }
+
+    /// A generation, counted in `vllm:num_requests_running` while it runs.
+    async fn generate<G: Generated>(&mut self, g: &G, k: Knobs, keep: bool) -> bool {
+        let _running = Running::new(self.sh, g.model());
+        if g.stream() {
+            self.stream(g, k, keep).await
         } else {
-            self.complete(&g, k, keep).await
+            self.complete(g, k, keep).await
         }
     }
 
     /// A streamed generation: head, then each SSE event as its own chunk in its own write.
-    async fn stream(&mut self, g: &Generation, k: Knobs, keep: bool) -> bool {
+    async fn stream<G: Generated>(&mut self, g: &G, k: Knobs, keep: bool) -> bool {
         // `ev` may still hold the previous response's body on a kept-alive connection.
         self.ev.clear();
         self.out.clear();
@@ -413,15 +464,28 @@ impl Conn {
             self.out.extend_from_slice(b"Connection: close\r\n");
         }
         self.out.extend_from_slice(b"\r\n");
-        // The head leaves at once, as uvicorn sends it; when the first event is due now anyway it
-        // rides in the same write.
-        if k.ttft_ms > 0 && !(self.flush().await && self.wait(k.ttft_ms, false).await) {
-            return self.cancelled();
+        // The head leaves at once, as uvicorn sends it; when an event is due now anyway it rides
+        // in the same write.
+        for n in 0..g.opening_events() {
+            g.opening_event(n, &mut self.ev);
+            if !self.send_event(false).await {
+                return self.cancelled();
+            }
         }
-        if g.role_event(&mut self.ev) && !self.send_event(false).await {
-            return self.cancelled();
+        if k.ttft_ms > 0 {
+            let flushed = self.out.is_empty() || self.flush().await;
+            if !(flushed && self.wait(k.ttft_ms, false).await) {
+                return self.cancelled();
+            }
         }
-        for i in 0..g.steps {
+        for n in 0..g.first_events() {
+            g.first_event(n, &mut self.ev);
+            if !self.send_event(false).await {
+                return self.cancelled();
+            }
+        }
+        let steps = g.steps();
+        for i in 0..steps {
             if k.cut_after == Some(i) {
                 return self.cut().await;
             }
@@ -433,31 +497,25 @@ impl Conn {
                 return self.cancelled();
             }
         }
-        if k.cut_after == Some(g.steps) {
+        if k.cut_after == Some(steps) {
             return self.cut().await;
         }
-        if g.steps == 0 {
-            g.empty_finish_event(&mut self.ev);
-            if !self.send_event(false).await {
+        let closing = g.closing_events();
+        for n in 0..closing {
+            g.closing_event(n, &mut self.ev);
+            if !self.send_event(n + 1 == closing).await {
                 return self.cancelled();
             }
-        }
-        if g.usage_event(&mut self.ev) && !self.send_event(false).await {
-            return self.cancelled();
-        }
-        self.ev.extend_from_slice(b"data: [DONE]\n\n");
-        if !self.send_event(true).await {
-            return self.cancelled();
         }
         self.sh.streams_completed.fetch_add(1, Ordering::Relaxed);
         keep
     }
 
     /// A non-streamed generation: the whole body after the simulated generation time.
-    async fn complete(&mut self, g: &Generation, k: Knobs, keep: bool) -> bool {
+    async fn complete<G: Generated>(&mut self, g: &G, k: Knobs, keep: bool) -> bool {
         let ms = k
             .ttft_ms
-            .saturating_add(k.itl_ms.saturating_mul(g.steps.saturating_sub(1)));
+            .saturating_add(k.itl_ms.saturating_mul(g.steps().saturating_sub(1)));
         if ms > 0 && !self.wait(ms, true).await {
             return self.cancelled();
         }
@@ -548,10 +606,10 @@ fn peer_gone(fd: RawFd) -> bool {
     }
 }
 
+/// `n` in hexadecimal without leading zeros: a chunk size.
 fn push_hex(out: &mut Vec<u8>, n: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
-    for i in (0..digits).rev() {
-        out.push(HEX[(n >> (i * 4)) & 15]);
-    }
+    let mut digits = [0; 2 * size_of::<usize>()];
+    hex::encode_to_slice(n.to_be_bytes(), &mut digits).expect("two digits per byte");
+    let leading_zeros = (n.leading_zeros() / 4) as usize;
+    out.extend_from_slice(&digits[leading_zeros.min(digits.len() - 1)..]);
 }

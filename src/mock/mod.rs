@@ -2,14 +2,16 @@
 //! load benchmarks.
 //!
 //! Owns: its listeners and worker runtimes, vLLM's wire format for chat, completions, embeddings,
-//! models, health and metrics, and the fault knobs (flags, overridden per request by `x-mock-*`
-//! headers). It must behave like vLLM on the wire and stay cheap enough to be the "direct" baseline
+//! Anthropic Messages (and its token counting), OpenAI Responses, models, health and metrics, and
+//! the fault knobs (flags, overridden per request by `x-mock-*` headers). It must behave like vLLM on the wire and stay cheap enough to be the "direct" baseline
 //! in benchmarks, so it must not allocate per token, block a worker (delays are monoio timers), or
 //! parse HTTP itself (the codec in `crate::http` does).
 
+mod anthropic;
 mod conn;
 mod metrics;
 mod openai;
+mod responses;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -111,16 +113,8 @@ impl Shared {
         let a = splitmix64(self.id_seed.wrapping_add(n));
         let b = splitmix64(a ^ n);
         let mut out = [0u8; 32];
-        for (i, byte) in a
-            .to_be_bytes()
-            .iter()
-            .chain(b.to_be_bytes().iter())
-            .enumerate()
-        {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out[2 * i] = HEX[usize::from(byte >> 4)];
-            out[2 * i + 1] = HEX[usize::from(byte & 15)];
-        }
+        let bytes = (u128::from(a) << 64 | u128::from(b)).to_be_bytes();
+        hex::encode_to_slice(bytes, &mut out).expect("32 digits for 16 bytes");
         out
     }
 

@@ -8,12 +8,13 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::conn::Generated;
 use super::Shared;
 use crate::http::push_decimal;
 
 /// Deterministic output: token `i` is `WORDS[i % WORDS.len()]`. ASCII without JSON specials, so
 /// tokens are copied into JSON strings unescaped.
-const WORDS: [&str; 16] = [
+pub(super) const WORDS: [&str; 16] = [
     "hello ",
     "world ",
     "this ",
@@ -36,7 +37,8 @@ const ARG_VALUES: [&str; 4] = ["Paris", "London", "Tokyo", "Berlin"];
 /// Bytes per streamed tool-argument fragment.
 const ARG_FRAGMENT: usize = 8;
 
-/// An error answered with vLLM's body `{"error":{"message","type","param","code"}}`.
+/// An error answered with vLLM's body `{"error":{"message","type","param","code"}}`, or on the
+/// Anthropic routes with the body vLLM translates it to, `{"type":"error","error":{"type","message"}}`.
 #[derive(Debug)]
 pub(super) struct ApiError {
     pub status: u16,
@@ -51,7 +53,8 @@ impl ApiError {
         }
     }
 
-    pub fn body(&self) -> Vec<u8> {
+    /// The body; `anthropic`: in the Anthropic routes' shape.
+    pub fn body(&self, anthropic: bool) -> Vec<u8> {
         let phrase = crate::http::reason(self.status).replace(' ', "");
         let kind = if phrase.is_empty() {
             if self.status >= 500 {
@@ -64,15 +67,18 @@ impl ApiError {
         } else {
             phrase + "Error"
         };
-        serde_json::json!({
-            "error": {"message": self.message, "type": kind, "param": null, "code": self.status}
-        })
-        .to_string()
-        .into_bytes()
+        let body = if anthropic {
+            serde_json::json!({"type": "error", "error": {"type": kind, "message": self.message}})
+        } else {
+            serde_json::json!({
+                "error": {"message": self.message, "type": kind, "param": null, "code": self.status}
+            })
+        };
+        body.to_string().into_bytes()
     }
 }
 
-fn bad_json(e: serde_json::Error) -> ApiError {
+pub(super) fn bad_json(e: serde_json::Error) -> ApiError {
     ApiError::new(400, format!("Invalid request body: {e}"))
 }
 
@@ -142,14 +148,14 @@ struct ToolCall {
 
 /// One chat or text completion, rendered on demand event by event.
 pub(super) struct Generation {
-    pub model: usize,
-    pub stream: bool,
+    model: usize,
+    stream: bool,
     chat: bool,
     /// Streams: `data: {"id":..,"object":..,"created":..,"model":..,"choices":[`; non-streams the
     /// same without `data: `.
     prefix: Vec<u8>,
     /// Completion tokens: words, or for a tool call its header plus argument fragments.
-    pub steps: u64,
+    steps: u64,
     finish: &'static str,
     tool: Option<ToolCall>,
     prompt_tokens: u64,
@@ -173,19 +179,11 @@ impl Generation {
             let messages = req
                 .messages
                 .ok_or_else(|| ApiError::new(400, "Field required: messages"))?;
-            for m in &messages {
-                match &m.content {
-                    Some(Value::String(s)) => chars += s.chars().count() as u64,
-                    Some(Value::Array(parts)) => {
-                        for p in parts {
-                            if let Some(t) = p.get("text").and_then(Value::as_str) {
-                                chars += t.chars().count() as u64;
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
+            chars += messages
+                .iter()
+                .filter_map(|m| m.content.as_ref())
+                .map(text_chars)
+                .sum::<u64>();
         } else {
             match req
                 .prompt
@@ -264,19 +262,15 @@ impl Generation {
         })
     }
 
-    /// Chat's first event, `delta: {"role":"assistant","content":""}`; `None` for completions.
-    pub fn role_event(&self, ev: &mut Vec<u8>) -> bool {
-        if !self.chat {
-            return false;
-        }
+    /// Chat's first event, `delta: {"role":"assistant","content":""}`.
+    fn role_event(&self, ev: &mut Vec<u8>) {
         ev.extend_from_slice(&self.prefix);
         ev.extend_from_slice(b"{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]");
         self.end_event(ev, 0);
-        true
     }
 
     /// The event for completion token `i`; the last one carries `finish_reason`.
-    pub fn step_event(&self, i: u64, ev: &mut Vec<u8>) {
+    fn token_event(&self, i: u64, ev: &mut Vec<u8>) {
         ev.extend_from_slice(&self.prefix);
         ev.extend_from_slice(b"{\"index\":0,");
         match (&self.tool, self.chat) {
@@ -323,7 +317,7 @@ impl Generation {
     }
 
     /// A generation of zero tokens still ends its choice with a finish_reason.
-    pub fn empty_finish_event(&self, ev: &mut Vec<u8>) {
+    fn empty_finish_event(&self, ev: &mut Vec<u8>) {
         ev.extend_from_slice(&self.prefix);
         ev.extend_from_slice(if self.chat {
             b"{\"index\":0,\"delta\":{\"content\":\"\"},\"logprobs\":null,\"finish_reason\":\""
@@ -336,15 +330,11 @@ impl Generation {
     }
 
     /// The `"choices": []` usage event sent before `[DONE]` when `include_usage` asked for it.
-    pub fn usage_event(&self, ev: &mut Vec<u8>) -> bool {
-        if !self.include_usage {
-            return false;
-        }
+    fn usage_event(&self, ev: &mut Vec<u8>) {
         ev.extend_from_slice(&self.prefix);
         ev.extend_from_slice(b"],");
         self.push_usage(ev, self.steps, true);
         ev.extend_from_slice(b"}\n\n");
-        true
     }
 
     fn end_event(&self, ev: &mut Vec<u8>, completion_tokens: u64) {
@@ -378,7 +368,7 @@ impl Generation {
     }
 
     /// The whole non-streaming response body.
-    pub fn full_body(&self, out: &mut Vec<u8>) {
+    fn body(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.prefix);
         if self.chat {
             out.extend_from_slice(b"{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
@@ -411,7 +401,70 @@ impl Generation {
     }
 }
 
-fn word(i: u64) -> &'static [u8] {
+/// Chat: the role chunk first; completions: nothing before the tokens. After them: a zero-token
+/// generation's finish chunk, the usage chunk when asked for, and `[DONE]`.
+impl Generated for Generation {
+    fn model(&self) -> usize {
+        self.model
+    }
+
+    fn stream(&self) -> bool {
+        self.stream
+    }
+
+    fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    fn first_events(&self) -> usize {
+        usize::from(self.chat)
+    }
+
+    fn first_event(&self, _: usize, ev: &mut Vec<u8>) {
+        self.role_event(ev);
+    }
+
+    fn step_event(&self, i: u64, ev: &mut Vec<u8>) {
+        self.token_event(i, ev);
+    }
+
+    fn closing_events(&self) -> usize {
+        usize::from(self.steps == 0) + usize::from(self.include_usage) + 1
+    }
+
+    fn closing_event(&self, mut k: usize, ev: &mut Vec<u8>) {
+        if self.steps == 0 {
+            if k == 0 {
+                return self.empty_finish_event(ev);
+            }
+            k -= 1;
+        }
+        if self.include_usage && k == 0 {
+            return self.usage_event(ev);
+        }
+        ev.extend_from_slice(b"data: [DONE]\n\n");
+    }
+
+    fn full_body(&self, out: &mut Vec<u8>) {
+        self.body(out);
+    }
+}
+
+/// The characters of a message's `content`: a string, or the `text` of each of its parts.
+pub(super) fn text_chars(content: &Value) -> u64 {
+    match content {
+        Value::String(s) => s.chars().count() as u64,
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(|t| t.chars().count() as u64)
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// Token `i` of every simulated answer.
+pub(super) fn word(i: u64) -> &'static [u8] {
     WORDS[(i % WORDS.len() as u64) as usize].as_bytes()
 }
 
@@ -593,14 +646,14 @@ fn fnv1a_step(mut h: u64, b: &[u8]) -> u64 {
     h
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
 /// Appends `s` as the inside of a JSON string.
-fn push_json_escaped(out: &mut Vec<u8>, s: &str) {
+pub(super) fn push_json_escaped(out: &mut Vec<u8>, s: &str) {
     for &b in s.as_bytes() {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -609,10 +662,10 @@ fn push_json_escaped(out: &mut Vec<u8>, s: &str) {
             b'\r' => out.extend_from_slice(b"\\r"),
             b'\t' => out.extend_from_slice(b"\\t"),
             0..=0x1f => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
+                let mut digits = [0; 2];
+                hex::encode_to_slice([b], &mut digits).expect("two digits for one byte");
                 out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 15)]);
+                out.extend_from_slice(&digits);
             }
             _ => out.push(b),
         }

@@ -87,10 +87,13 @@ pub fn finish(
         );
     }
 
-    let (Some(usage), Some(ending), Some(backend)) = (&generation.usage, o.ending, backend) else {
+    let (Some(usage), Some(ending), Some(backend), Some(api)) =
+        (&generation.usage, o.ending, backend, o.api)
+    else {
         return;
     };
-    if !o.reached_backend() {
+    // Counting tokens generates nothing, and a request that never reached a backend cost none.
+    if !api.billed() || !o.reached_backend() {
         return;
     }
     let RequestOutcome {
@@ -128,6 +131,7 @@ pub fn finish(
         key: key.as_ref().map(|k| k.key_ref.clone()),
         model: model.map(str::to_owned),
         endpoint: String::from_utf8_lossy(path).into_owned(),
+        api,
         is_stream: stream,
         backend_url: generation.upstreams.backend(backend).url_shared.clone(),
         status_code: status,

@@ -279,6 +279,7 @@ async fn proxy<'r>(
         client_http10: c.head.http10,
         client_keep_alive: keep_alive,
         strip_usage,
+        api: api_or_other,
         extra_headers: admission.headers.as_bytes(),
         idle: generation.config.timeouts.idle,
         deadline: generation.config.timeouts.total.map(|t| started + t),

@@ -15,6 +15,7 @@ use monoio::net::TcpStream;
 
 use super::client_watch::ClientWatch;
 use super::Context;
+use crate::api::Api;
 use crate::error::GatewayError;
 use crate::http::{
     self, parse_response, BodyTracker, ClientBody, Framing, ResponseHead, UpstreamError,
@@ -59,6 +60,8 @@ pub struct Plan<'a> {
     pub client_keep_alive: bool,
     /// The gateway added `include_usage` to the request: keep the usage-only event from the client.
     pub strip_usage: bool,
+    /// The API of the request path: how the meter reads the response.
+    pub api: Api,
     /// Complete header lines added to the client's response head (`x-ratelimit-*`).
     pub extra_headers: &'a [u8],
     /// `timeouts.idle`: longest gap between body reads.
@@ -202,7 +205,9 @@ pub async fn exchange(
         ClientBody::AsIs
     };
     let reframe = client_body != ClientBody::AsIs;
-    let meter = progress.meter.insert(Meter::new(head.event_stream, strip));
+    let meter = progress
+        .meter
+        .insert(Meter::new(plan.api, head.event_stream, strip));
     let mut tracker = BodyTracker::new(head.framing);
     let ends_with_close = match client_body {
         ClientBody::UntilClose => true,

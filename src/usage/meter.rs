@@ -3,15 +3,20 @@
 //! - JSON bodies: a bounded copy (usage sits near the end of OpenAI responses, so an oversized
 //!   body keeps its tail); it is parsed later, on the reporter thread, never on a worker.
 //! - SSE bodies: an incremental scanner that finds event boundaries (blank lines, whatever the
-//!   line endings and however reads cut them), counts content events and keeps only the last
-//!   event that carries `usage`. Events are inspected where they lie in the relay buffer; only an
-//!   event split across two reads is carried over.
+//!   line endings and however reads cut them), counts content events and keeps only the events
+//!   that carry usage, as each API reports it: OpenAI chat/completions the last event with
+//!   `usage`; Anthropic Messages `message_start` and the last `message_delta` with `usage`;
+//!   OpenAI Responses the terminal `response.*` event. The last two are told apart by their
+//!   `event:` line. Events are inspected where they lie in the relay buffer; only an event split
+//!   across two reads is carried over.
 //! - Strip mode (the gateway asked the backend for usage on the client's behalf): the usage-only
 //!   event is metered but not forwarded, so the client sees exactly the events it asked for.
 
 use std::sync::LazyLock;
 
 use memchr::memmem::{self, Finder};
+
+use crate::api::Api;
 
 /// Largest non-streaming body copied whole; beyond it only the tail is kept.
 const MAX_BODY_COPY: usize = 1 << 20;
@@ -26,11 +31,37 @@ pub enum Captured {
     Nothing,
     /// A non-streaming body; `truncated` when only its tail was kept.
     Body { bytes: Vec<u8>, truncated: bool },
-    /// The JSON payload of the last SSE event that carried usage.
+    /// The JSON payload of the SSE event that carried usage: OpenAI chat/completions the last
+    /// one with `usage`, Responses the terminal `response.*` event.
     Event(Vec<u8>),
+    /// Anthropic Messages: the JSON payloads of `message_start` (input usage) and of the last
+    /// `message_delta` that carried `usage` (cumulative output); either may be empty.
+    MessageEvents { start: Vec<u8>, delta: Vec<u8> },
+}
+
+/// How an API's SSE events report usage and output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    /// OpenAI chat/completions and anything else: `data:` lines only.
+    OpenAi,
+    /// Anthropic Messages: named events (`event:` lines).
+    Messages,
+    /// OpenAI Responses: named events (`event:` lines).
+    Responses,
+}
+
+impl Dialect {
+    fn of(api: Api) -> Dialect {
+        match api {
+            Api::Messages => Dialect::Messages,
+            Api::Responses => Dialect::Responses,
+            _ => Dialect::OpenAi,
+        }
+    }
 }
 
 pub struct Meter {
+    dialect: Dialect,
     sse: bool,
     strip_usage: bool,
     /// JSON: the body copy. SSE: the incomplete event carried from the previous read.
@@ -39,28 +70,31 @@ pub struct Meter {
     truncated: bool,
     /// Where the previous payload left off in the line structure (boundaries straddle reads).
     eol: Eol,
+    /// The last event that carried usage (Messages: the last `message_delta` with `usage`).
     last_usage: Vec<u8>,
+    /// Messages: the `message_start` event.
+    message_start: Vec<u8>,
     content_events: u32,
 }
 
 impl Meter {
-    /// `sse`: the response is `text/event-stream`. `strip_usage`: remove usage-only events from
-    /// what the client receives (only honoured for SSE).
-    pub fn new(sse: bool, strip_usage: bool) -> Self {
+    /// `api`: the dialect of the response. `sse`: the response is `text/event-stream`.
+    /// `strip_usage`: remove usage-only events from what the client receives (only honoured for
+    /// SSE of OpenAI chat/completions, the only streams the gateway adds usage to).
+    pub fn new(api: Api, sse: bool, strip_usage: bool) -> Self {
+        let dialect = Dialect::of(api);
         Meter {
+            dialect,
             sse,
-            strip_usage: sse && strip_usage,
+            strip_usage: sse && strip_usage && dialect == Dialect::OpenAi,
             carry: Vec::new(),
             carry_overflow: false,
             truncated: false,
             eol: Eol::LineStart,
             last_usage: Vec::new(),
+            message_start: Vec::new(),
             content_events: 0,
         }
-    }
-
-    pub fn strips(&self) -> bool {
-        self.strip_usage
     }
 
     /// Content events seen so far: SSE events that carry generated output (non-empty content,
@@ -92,10 +126,17 @@ impl Meter {
 
     pub fn finish(self) -> Captured {
         if self.sse {
-            if self.last_usage.is_empty() {
-                Captured::Nothing
-            } else {
-                Captured::Event(self.last_usage)
+            match self.dialect {
+                Dialect::Messages
+                    if !(self.message_start.is_empty() && self.last_usage.is_empty()) =>
+                {
+                    Captured::MessageEvents {
+                        start: self.message_start,
+                        delta: self.last_usage,
+                    }
+                }
+                _ if self.last_usage.is_empty() => Captured::Nothing,
+                _ => Captured::Event(self.last_usage),
             }
         } else if self.carry.is_empty() {
             Captured::Nothing
@@ -215,22 +256,84 @@ impl Meter {
 
     /// One complete event, boundary included; whether it was forwarded.
     fn event(&mut self, event: &[u8], out: Option<&mut Vec<u8>>) -> bool {
-        let mut forward = true;
-        if let Some(json) = data_payload(event).filter(|j| !j.starts_with(b"[DONE]")) {
-            if let Some(usage_only) = carries_usage(json) {
-                self.last_usage.clear();
-                self.last_usage.extend_from_slice(json);
-                forward = !(usage_only && self.strip_usage);
+        let forward = match self.dialect {
+            Dialect::OpenAi => self.openai_event(event),
+            Dialect::Messages => {
+                self.messages_event(event);
+                true
             }
-            if carries_output(json) {
-                self.content_events += 1;
+            Dialect::Responses => {
+                self.responses_event(event);
+                true
             }
-        }
+        };
         if let (Some(out), true) = (out, forward) {
             out.extend_from_slice(event);
         }
         forward
     }
+
+    /// Chat/completions: keeps the last event with `usage`; whether to forward it.
+    fn openai_event(&mut self, event: &[u8]) -> bool {
+        let mut forward = true;
+        if let Some(json) = data_payload(event).filter(|j| !j.starts_with(b"[DONE]")) {
+            if let Some(usage_only) = carries_usage(json) {
+                keep(&mut self.last_usage, json);
+                forward = !(usage_only && self.strip_usage);
+            }
+            if carries_output(json, &*OUTPUT_KEYS) {
+                self.content_events += 1;
+            }
+        }
+        forward
+    }
+
+    /// Messages: `message_start` has the input usage, each `message_delta` the cumulative
+    /// output (so the last one counts), `content_block_delta` the generated output.
+    fn messages_event(&mut self, event: &[u8]) {
+        let (Some(name), Some(json)) = named_event(event) else {
+            return;
+        };
+        match name {
+            b"content_block_delta" if carries_output(json, &*MESSAGES_OUTPUT_KEYS) => {
+                self.content_events += 1
+            }
+            b"message_start" => keep(&mut self.message_start, first_line(json)),
+            b"message_delta" if carries_usage(json).is_some() => {
+                keep(&mut self.last_usage, first_line(json))
+            }
+            _ => {}
+        }
+    }
+
+    /// Responses: usage comes only in the terminal event, inside `response`; output in the
+    /// `*.delta` events of text, reasoning, refusals and function-call arguments.
+    fn responses_event(&mut self, event: &[u8]) {
+        let (Some(name), Some(json)) = named_event(event) else {
+            return;
+        };
+        match name {
+            b"response.output_text.delta"
+            | b"response.refusal.delta"
+            | b"response.reasoning_text.delta"
+            | b"response.reasoning_summary_text.delta"
+            | b"response.function_call_arguments.delta"
+                if carries_output(json, std::slice::from_ref(&*DELTA_KEY)) =>
+            {
+                self.content_events += 1
+            }
+            b"response.completed" | b"response.incomplete" | b"response.failed" => {
+                keep(&mut self.last_usage, first_line(json))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Replaces `kept` with `json`, reusing its allocation.
+fn keep(kept: &mut Vec<u8>, json: &[u8]) {
+    kept.clear();
+    kept.extend_from_slice(json);
 }
 
 /// The scanner's position in the line structure at the end of a payload.
@@ -262,6 +365,45 @@ fn data_payload(event: &[u8]) -> Option<&[u8]> {
     }
 }
 
+/// The name (`event:` line, trimmed; none means the SSE default, "message") of an event, and
+/// what follows its first `data:` up to the event's end: the JSON, then possibly more lines
+/// (take [`first_line`] to keep it). Output checks read it as it is: a key search over a line
+/// break or two finds the same keys, and sparing a scan of the data line keeps named events as
+/// cheap as chat's. vLLM, OpenAI and Anthropic write `event:` then `data:`: that order is read
+/// directly, any other in a pass over the lines.
+fn named_event(event: &[u8]) -> (Option<&[u8]>, Option<&[u8]>) {
+    if let Some(after) = event.strip_prefix(b"event:") {
+        let line_end = memchr::memchr2(b'\n', b'\r', after).unwrap_or(after.len());
+        let next = &after[line_end..];
+        let next = next.strip_prefix(b"\r").unwrap_or(next);
+        let next = next.strip_prefix(b"\n").unwrap_or(next);
+        if let Some(data) = next.strip_prefix(b"data:") {
+            return (Some(after[..line_end].trim_ascii()), Some(data));
+        }
+    }
+    let (mut name, mut data) = (None, None);
+    let mut rest = event;
+    while !rest.is_empty() {
+        let line_end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
+        if let Some(v) = rest[..line_end].strip_prefix(b"event:") {
+            name = Some(v.trim_ascii());
+        } else if let (Some(v), None) = (rest.strip_prefix(b"data:"), data) {
+            data = Some(v);
+        }
+        if name.is_some() && data.is_some() {
+            break;
+        }
+        rest = &rest[(line_end + 1).min(rest.len())..];
+    }
+    (name, data)
+}
+
+/// The first line of `data` (as [`named_event`] gives it), trimmed: an event's JSON.
+fn first_line(data: &[u8]) -> &[u8] {
+    let line_end = memchr::memchr2(b'\n', b'\r', data).unwrap_or(data.len());
+    data[..line_end].trim_ascii()
+}
+
 /// `Some(usage_only)` when the event's JSON has a non-null `usage` object.
 fn carries_usage(json: &[u8]) -> Option<bool> {
     let at = USAGE_KEY.find(json)?;
@@ -290,11 +432,17 @@ static OUTPUT_KEYS: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
     .map(Finder::new)
 });
 
-/// Whether an event's JSON carries generated output: a non-empty string under `content`,
-/// `reasoning_content`, `reasoning`, `text` or a tool call's `arguments`. Key searches, not a
-/// parse; a content token is found by the first.
-fn carries_output(json: &[u8]) -> bool {
-    OUTPUT_KEYS.iter().any(|key| {
+/// Messages `content_block_delta`: text, thinking and tool input deltas.
+static MESSAGES_OUTPUT_KEYS: LazyLock<[Finder<'static>; 3]> =
+    LazyLock::new(|| [&b"\"text\""[..], b"\"thinking\"", b"\"partial_json\""].map(Finder::new));
+/// Responses `*.delta` events.
+static DELTA_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delta\""));
+
+/// Whether an event's JSON carries generated output: a non-empty string under one of `keys`
+/// (chat: `content`, `reasoning_content`, `reasoning`, `text` or a tool call's `arguments`).
+/// Key searches, not a parse; a content token is found by the first key.
+fn carries_output(json: &[u8], keys: &[Finder<'static>]) -> bool {
+    keys.iter().any(|key| {
         key.find_iter(json)
             .any(|at| non_empty_string_follows(&json[at + key.needle().len()..]))
     })
@@ -346,7 +494,7 @@ mod tests {
     /// Feeds `pieces` through a fresh meter, as the relay does per read (strip mode: filter,
     /// then flush at the end). Returns what was forwarded, the content events and the capture.
     fn run<'a>(strip: bool, pieces: impl Iterator<Item = &'a [u8]>) -> (String, u32, Captured) {
-        let mut m = Meter::new(true, strip);
+        let mut m = Meter::new(Api::ChatCompletions, true, strip);
         let mut out = Vec::new();
         for p in pieces {
             if strip {
@@ -398,7 +546,7 @@ mod tests {
 
     #[test]
     fn flush_forwards_an_unterminated_event_unchanged() {
-        let mut m = Meter::new(true, true);
+        let mut m = Meter::new(Api::ChatCompletions, true, true);
         let mut out = Vec::new();
         m.filter(b"data: [DONE]\r\n\r\ndata: {\"x\"", &mut out);
         assert_eq!(out, b"data: [DONE]\r\n\r\n");
@@ -438,7 +586,7 @@ mod tests {
             .map(|j| (j, 1))
             .chain(none.iter().map(|j| (j, 0)))
         {
-            let mut m = Meter::new(true, false);
+            let mut m = Meter::new(Api::ChatCompletions, true, false);
             m.observe(format!("data: {json}\n\n").as_bytes());
             assert_eq!(m.content_events(), counted, "{json}");
         }
@@ -460,8 +608,7 @@ mod tests {
 
     #[test]
     fn body_copy_is_bounded_and_keeps_the_tail() {
-        let mut m = Meter::new(false, true);
-        assert!(!m.strips());
+        let mut m = Meter::new(Api::ChatCompletions, false, true);
         for _ in 0..40 {
             m.observe(&[b'x'; 64 * 1024]);
         }
@@ -472,5 +619,138 @@ mod tests {
         assert!(truncated);
         assert!(bytes.len() <= MAX_BODY_COPY);
         assert!(bytes.ends_with(b"\"usage\":{}}"));
+    }
+
+    /// A Messages stream as vLLM sends it (`event:` before `data:`), with a `ping`, a comment,
+    /// an `id:` line, a thinking and a tool-input delta, one with `data:` before `event:`, an
+    /// empty text delta, and `message_delta`s with and without usage (the last with it counts).
+    /// Returns the stream and its two kept payloads.
+    fn messages_stream(eol: &str) -> (String, String, String) {
+        let start = r#"{"type":"message_start","message":{"id":"m","content":[],"model":"x","usage":{"input_tokens":9,"cache_read_input_tokens":4,"output_tokens":1}}}"#;
+        let last_delta = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":5}}"#;
+        let events = [
+            format!("event: message_start{eol}data: {start}"),
+            format!(
+                r#"event: content_block_start{eol}data: {{"type":"content_block_start","index":0,"content_block":{{"type":"text","text":""}}}}"#
+            ),
+            format!(r#"event: ping{eol}data: {{"type": "ping"}}"#),
+            format!(
+                r#"event: content_block_delta{eol}data: {{"type":"content_block_delta","delta":{{"type":"text_delta","text":"hi"}},"index":0}}"#
+            ),
+            ": keep-alive".to_string(),
+            format!(
+                r#"id: 3{eol}event: content_block_delta{eol}data: {{"type":"content_block_delta","delta":{{"type":"thinking_delta","thinking":"hm"}},"index":0}}"#
+            ),
+            format!(
+                r#"event: content_block_delta{eol}data: {{"type":"content_block_delta","delta":{{"type":"input_json_delta","partial_json":"{{\"a"}},"index":1}}"#
+            ),
+            format!(
+                r#"data: {{"type":"content_block_delta","delta":{{"type":"text_delta","text":"x"}},"index":0}}{eol}event: content_block_delta"#
+            ),
+            format!(
+                r#"event: content_block_delta{eol}data: {{"type":"content_block_delta","delta":{{"type":"text_delta","text":""}},"index":0}}"#
+            ),
+            format!(
+                r#"event: message_delta{eol}data: {{"type":"message_delta","delta":{{}},"usage":{{"output_tokens":2}}}}"#
+            ),
+            format!(
+                r#"event: message_delta{eol}data: {{"type":"message_delta","delta":{{"stop_reason":null}}}}"#
+            ),
+            format!("event: message_delta{eol}data: {last_delta}"),
+            format!(r#"event: message_stop{eol}data: {{"type":"message_stop"}}"#),
+        ];
+        let stream = events.iter().map(|e| format!("{e}{eol}{eol}")).collect();
+        (stream, start.into(), last_delta.into())
+    }
+
+    /// A Responses stream: lifecycle events, text, reasoning and argument deltas (one empty),
+    /// and the terminal `response.completed`, whose payload is returned with the stream.
+    fn responses_stream(eol: &str) -> (String, String) {
+        let done = r#"{"response":{"id":"resp_1","status":"completed","usage":{"input_tokens":7,"input_tokens_details":{"cached_tokens":2},"output_tokens":3,"output_tokens_details":{"reasoning_tokens":1},"total_tokens":10}},"sequence_number":9,"type":"response.completed"}"#;
+        let delta = |name: &str, d: &str| {
+            format!(
+                r#"event: {name}{eol}data: {{"delta":"{d}","item_id":"i","output_index":0,"type":"{name}"}}"#
+            )
+        };
+        let events = [
+            format!(
+                r#"event: response.created{eol}data: {{"response":{{"id":"resp_1","status":"in_progress","usage":null}},"type":"response.created"}}"#
+            ),
+            delta("response.reasoning_text.delta", "hm"),
+            delta("response.output_text.delta", "hi"),
+            ": keep-alive".to_string(),
+            delta("response.output_text.delta", ""),
+            delta("response.reasoning_summary_text.delta", "so"),
+            delta("response.function_call_arguments.delta", "{\\\"a"),
+            format!(
+                r#"event: response.output_text.done{eol}data: {{"text":"hi","type":"response.output_text.done"}}"#
+            ),
+            format!("event: response.completed{eol}data: {done}"),
+        ];
+        let stream = events.iter().map(|e| format!("{e}{eol}{eol}")).collect();
+        (stream, done.into())
+    }
+
+    /// Feeds `pieces` to a fresh meter of `api` as the relay does without strip mode.
+    fn observe_all<'a>(api: Api, pieces: impl Iterator<Item = &'a [u8]>) -> (u32, Captured) {
+        let mut m = Meter::new(api, true, true);
+        for p in pieces {
+            m.observe(p);
+        }
+        (m.content_events(), m.finish())
+    }
+
+    #[test]
+    fn messages_streams_keep_message_start_and_the_last_message_delta_at_every_cut() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let (stream, start, delta) = messages_stream(eol);
+            let expected = Captured::MessageEvents {
+                start: start.into_bytes(),
+                delta: delta.into_bytes(),
+            };
+            for (cut, pieces) in cuts(stream.as_bytes()) {
+                let (events, captured) = observe_all(Api::Messages, pieces.into_iter());
+                assert_eq!(events, 4, "{eol:?} {cut}");
+                assert_eq!(captured, expected, "{eol:?} {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn responses_streams_keep_the_terminal_event_at_every_cut() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let (stream, done) = responses_stream(eol);
+            for (cut, pieces) in cuts(stream.as_bytes()) {
+                let (events, captured) = observe_all(Api::Responses, pieces.into_iter());
+                assert_eq!(events, 4, "{eol:?} {cut}");
+                assert_eq!(
+                    captured,
+                    Captured::Event(done.clone().into_bytes()),
+                    "{eol:?} {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn named_dialects_are_never_stripped_and_chat_events_mean_nothing_to_them() {
+        let (responses, _) = responses_stream("\n");
+        let mut m = Meter::new(Api::Responses, true, true);
+        let mut out = Vec::new();
+        m.filter(responses.as_bytes(), &mut out);
+        m.flush(&mut out);
+        assert_eq!(out, responses.as_bytes());
+        // A chat stream relayed on a Messages path: no named events, nothing kept.
+        let (chat, _) = stream("\n");
+        let (events, captured) = observe_all(Api::Messages, std::iter::once(chat.as_bytes()));
+        assert_eq!((events, captured), (0, Captured::Nothing));
+        let (messages, ..) = messages_stream("\n");
+        let cut = messages.find("event: message_delta").unwrap();
+        let (_, captured) =
+            observe_all(Api::Messages, std::iter::once(&messages.as_bytes()[..cut]));
+        let Captured::MessageEvents { start, delta } = captured else {
+            panic!("{captured:?}")
+        };
+        assert!(start.starts_with(b"{\"type\":\"message_start\"") && delta.is_empty());
     }
 }

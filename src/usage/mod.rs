@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::api::Api;
+
 pub use meter::{Captured, Meter};
 pub use record::{parse_usage, Accounted, Billed, Record, Tokens, UsageRecord};
 pub use reporter::{QuotaHook, Reporter, ReporterStats, UsageStats};
@@ -84,6 +86,8 @@ pub struct UsageEvent {
     pub key: Option<Arc<KeyRef>>,
     pub model: Option<String>,
     pub endpoint: String,
+    /// The API of `endpoint`: how its usage is read and its output estimated.
+    pub api: Api,
     pub is_stream: bool,
     pub backend_url: Arc<str>,
     /// The backend's status, or [`CLIENT_CLOSED`] when the client left before it answered.

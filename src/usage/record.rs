@@ -1,12 +1,15 @@
 //! The billing record: bills a worker's [`UsageEvent`] ([`Billed`]: token counts parsed from the
-//! captured body or SSE event, estimated when the backend reported none) and shows it as a
+//! captured body or SSE events in the dialect of its API, estimated from that dialect's output
+//! when the backend reported none) and shows it as a
 //! [`Record`] (key masked; timestamp in RFC 3339 UTC). Runs on the reporter thread only; it must
 //! not do I/O.
 
 use memchr::memmem;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{Captured, Outcome, UsageEvent, CLIENT_CLOSED};
+use crate::api::Api;
 use crate::time::Rfc3339;
 
 /// One request's usage, as spooled and delivered, over its string type: the ingest thread
@@ -29,6 +32,10 @@ pub struct Record<S> {
     pub api_key: Option<S>,
     pub model: Option<S>,
     pub endpoint: S,
+    /// The API (dialect) of the endpoint, [`Api::as_str`]. Empty in records spooled by a version
+    /// that predates it.
+    #[serde(default)]
+    pub api: S,
     pub is_stream: bool,
     pub backend_url: S,
     pub status_code: u16,
@@ -49,7 +56,7 @@ pub struct Record<S> {
 /// A record that owns its strings: what the spool gives back to the sinks.
 pub type UsageRecord = Record<String>;
 
-/// Token counts as OpenAI-compatible servers report them.
+/// Token counts as the record bills them (OpenAI's terms; other dialects are mapped to them).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Tokens {
     pub prompt: u64,
@@ -59,9 +66,10 @@ pub struct Tokens {
     pub reasoning: u64,
 }
 
+/// OpenAI chat/completions/embeddings usage. `prompt_tokens` is required: a `usage` without it
+/// is another API's (Responses' `input_tokens`, say), not a zero.
 #[derive(Deserialize)]
 struct RawUsage {
-    #[serde(default)]
     prompt_tokens: u64,
     #[serde(default)]
     completion_tokens: u64,
@@ -101,34 +109,165 @@ impl From<RawUsage> for Tokens {
     }
 }
 
-/// The usage the backend reported, if any.
-pub fn parse_usage(captured: &Captured) -> Option<Tokens> {
-    match captured {
-        Captured::Nothing => None,
-        Captured::Event(json) => serde_json::from_slice::<WithUsage>(json).ok()?.usage,
-        Captured::Body {
-            bytes,
-            truncated: false,
-        } => serde_json::from_slice::<WithUsage>(bytes).ok()?.usage,
-        Captured::Body {
-            bytes,
-            truncated: true,
-        } => usage_in_tail(bytes),
+/// Anthropic Messages usage. `input_tokens` excludes the tokens read from or written to the
+/// prompt cache, which Anthropic reports beside it.
+#[derive(Deserialize, Default)]
+struct MessagesUsage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+}
+
+impl MessagesUsage {
+    /// `later` over `self`, field by field: what a `message_delta` reports replaces what
+    /// `message_start` did (its counts are cumulative), absent or null fields do not.
+    fn updated(self, later: MessagesUsage) -> MessagesUsage {
+        MessagesUsage {
+            input_tokens: later.input_tokens.or(self.input_tokens),
+            output_tokens: later.output_tokens.or(self.output_tokens),
+            cache_read_input_tokens: later
+                .cache_read_input_tokens
+                .or(self.cache_read_input_tokens),
+            cache_creation_input_tokens: later
+                .cache_creation_input_tokens
+                .or(self.cache_creation_input_tokens),
+        }
     }
-    .map(Tokens::from)
+
+    /// The whole prompt: uncached input, cache reads and cache writes.
+    fn prompt(&self) -> u64 {
+        self.input_tokens.unwrap_or(0)
+            + self.cache_read_input_tokens.unwrap_or(0)
+            + self.cache_creation_input_tokens.unwrap_or(0)
+    }
+
+    /// The tokens billed; none unless both input and output were reported (an empty or partial
+    /// usage is not a zero).
+    fn tokens(&self) -> Option<Tokens> {
+        let (prompt, completion) = (self.prompt(), self.output_tokens?);
+        self.input_tokens?;
+        Some(Tokens {
+            prompt,
+            completion,
+            total: prompt + completion,
+            cached: self.cache_read_input_tokens.unwrap_or(0),
+            reasoning: 0,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct WithMessagesUsage {
+    usage: Option<MessagesUsage>,
+}
+
+/// `message_start`'s payload.
+#[derive(Deserialize)]
+struct MessageStart {
+    message: WithMessagesUsage,
+}
+
+/// OpenAI Responses usage; both counts required, as for chat.
+#[derive(Deserialize)]
+struct ResponsesUsage {
+    input_tokens: u64,
+    output_tokens: u64,
+    total_tokens: Option<u64>,
+    input_tokens_details: Option<Details>,
+    output_tokens_details: Option<Details>,
+}
+
+impl From<ResponsesUsage> for Tokens {
+    fn from(u: ResponsesUsage) -> Self {
+        Tokens {
+            prompt: u.input_tokens,
+            completion: u.output_tokens,
+            total: u.total_tokens.unwrap_or(u.input_tokens + u.output_tokens),
+            cached: u
+                .input_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+            reasoning: u
+                .output_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WithResponsesUsage {
+    usage: Option<ResponsesUsage>,
+}
+
+/// A terminal Responses event's payload: the response, with its usage.
+#[derive(Deserialize)]
+struct ResponsesTerminal {
+    response: WithResponsesUsage,
+}
+
+/// The usage the backend reported for a response of `api`, if any. A Messages stream without a
+/// `message_delta` that carries usage has not reported its output: none.
+pub fn parse_usage(api: Api, captured: &Captured) -> Option<Tokens> {
+    match (api, captured) {
+        (_, Captured::Nothing) => None,
+        (Api::Messages, Captured::MessageEvents { start, delta }) => {
+            let delta = serde_json::from_slice::<WithMessagesUsage>(delta)
+                .ok()?
+                .usage?;
+            let start = serde_json::from_slice::<MessageStart>(start)
+                .ok()
+                .and_then(|s| s.message.usage)
+                .unwrap_or_default();
+            start.updated(delta).tokens()
+        }
+        (Api::Messages, Captured::Body { bytes, truncated }) => {
+            body_usage::<WithMessagesUsage, MessagesUsage>(bytes, *truncated, |b| b.usage)?.tokens()
+        }
+        (Api::Responses, Captured::Event(json)) => {
+            let terminal = serde_json::from_slice::<ResponsesTerminal>(json).ok()?;
+            terminal.response.usage.map(Tokens::from)
+        }
+        (Api::Responses, Captured::Body { bytes, truncated }) => {
+            body_usage::<WithResponsesUsage, ResponsesUsage>(bytes, *truncated, |b| b.usage)
+                .map(Tokens::from)
+        }
+        (_, Captured::Event(json)) => serde_json::from_slice::<WithUsage>(json)
+            .ok()?
+            .usage
+            .map(Tokens::from),
+        (_, Captured::Body { bytes, truncated }) => {
+            body_usage::<WithUsage, RawUsage>(bytes, *truncated, |b| b.usage).map(Tokens::from)
+        }
+        (_, Captured::MessageEvents { .. }) => None,
+    }
+}
+
+/// The top-level `usage` of a JSON body (`B`, read with `usage`); of a body whose head was cut
+/// off, the value of its last `"usage"` key.
+fn body_usage<B: DeserializeOwned, U: DeserializeOwned>(
+    bytes: &[u8],
+    truncated: bool,
+    usage: impl FnOnce(B) -> Option<U>,
+) -> Option<U> {
+    if truncated {
+        usage_in_tail(bytes)
+    } else {
+        usage(serde_json::from_slice::<B>(bytes).ok()?)
+    }
 }
 
 /// A body whose head was cut off: parse just the value of its last `"usage"` key. The stream
 /// deserializer reads one value and ignores what follows it (the rest of the enclosing object).
-fn usage_in_tail(bytes: &[u8]) -> Option<RawUsage> {
+fn usage_in_tail<U: DeserializeOwned>(bytes: &[u8]) -> Option<U> {
     let at = memmem::rfind(bytes, b"\"usage\"")?;
     let rest = &bytes[at + 7..];
     let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
     if rest[colon] != b':' {
         return None;
     }
-    let mut values =
-        serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<RawUsage>();
+    let mut values = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<U>();
     values.next()?.ok()
 }
 
@@ -165,14 +304,76 @@ struct OutputFunction {
     arguments: Option<String>,
 }
 
-/// The completion estimate of a body without usage: the characters of its output text (content,
-/// reasoning, tool-call arguments, completions' text) / 4, rounded up. 0 if it does not parse.
-fn output_tokens_estimate(body: &[u8]) -> u64 {
-    let Ok(output) = serde_json::from_slice::<Output>(body) else {
-        return 0;
+/// Anthropic Messages output: `content` blocks.
+#[derive(Deserialize)]
+struct MessagesOutput {
+    #[serde(default)]
+    content: Vec<MessagesBlock>,
+}
+
+#[derive(Deserialize)]
+struct MessagesBlock {
+    text: Option<String>,
+    thinking: Option<String>,
+    /// A `tool_use` block's arguments.
+    input: Option<serde_json::Value>,
+}
+
+/// OpenAI Responses output: `output` items (messages, reasoning, function calls).
+#[derive(Deserialize)]
+struct ResponsesOutput {
+    #[serde(default)]
+    output: Vec<ResponsesItem>,
+}
+
+#[derive(Deserialize)]
+struct ResponsesItem {
+    /// Messages' `output_text` (and `refusal`) parts, reasoning's `reasoning_text` parts.
+    content: Option<Vec<ResponsesText>>,
+    /// Reasoning summaries.
+    summary: Option<Vec<ResponsesText>>,
+    /// Function calls.
+    arguments: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ResponsesText {
+    text: Option<String>,
+    refusal: Option<String>,
+}
+
+/// The completion estimate of a body of `api` without usage: the characters of its output
+/// (text, reasoning, tool-call arguments) / 4, rounded up. 0 if it does not parse.
+fn output_tokens_estimate(api: Api, body: &[u8]) -> u64 {
+    let chars = match api {
+        Api::Messages => serde_json::from_slice::<MessagesOutput>(body).map(|o| {
+            o.content
+                .iter()
+                .map(|b| {
+                    chars(b.text.as_ref())
+                        + chars(b.thinking.as_ref())
+                        + b.input
+                            .as_ref()
+                            .map_or(0, |i| i.to_string().chars().count())
+                })
+                .sum()
+        }),
+        Api::Responses => serde_json::from_slice::<ResponsesOutput>(body).map(|o| {
+            let texts = |t: &Option<Vec<ResponsesText>>| -> usize {
+                t.iter()
+                    .flatten()
+                    .map(|t| chars(t.text.as_ref()) + chars(t.refusal.as_ref()))
+                    .sum()
+            };
+            o.output
+                .iter()
+                .map(|i| texts(&i.content) + texts(&i.summary) + chars(i.arguments.as_ref()))
+                .sum()
+        }),
+        _ => serde_json::from_slice::<Output>(body)
+            .map(|o| o.choices.iter().map(OutputChoice::chars).sum()),
     };
-    let chars: usize = output.choices.iter().map(OutputChoice::chars).sum();
-    (chars as u64).div_ceil(4)
+    (chars.unwrap_or(0) as u64).div_ceil(4)
 }
 
 fn chars(s: Option<&String>) -> usize {
@@ -216,17 +417,17 @@ impl Billed {
         let (usage, outcome) = if refused {
             (Some(Tokens::default()), Outcome::Failed)
         } else {
-            (parse_usage(&event.captured), event.outcome)
+            (parse_usage(event.api, &event.captured), event.outcome)
         };
         let (tokens, estimated) = match usage {
             Some(t) => (t, false),
             None => {
-                let prompt = event.request_bytes / 4;
+                let prompt = reported_prompt(&event.captured).unwrap_or(event.request_bytes / 4);
                 let completion = match &event.captured {
                     Captured::Body {
                         bytes,
                         truncated: false,
-                    } => output_tokens_estimate(bytes),
+                    } => output_tokens_estimate(event.api, bytes),
                     _ => u64::from(event.content_events),
                 };
                 let t = Tokens {
@@ -244,6 +445,19 @@ impl Billed {
             outcome,
         }
     }
+}
+
+/// The prompt a stream reported before it stopped short of its usage: a Messages stream's
+/// `message_start` (the output is only known from the last `message_delta`).
+fn reported_prompt(captured: &Captured) -> Option<u64> {
+    let Captured::MessageEvents { start, .. } = captured else {
+        return None;
+    };
+    let usage = serde_json::from_slice::<MessageStart>(start)
+        .ok()?
+        .message
+        .usage?;
+    usage.input_tokens.map(|_| usage.prompt())
 }
 
 /// An event as the ingest thread holds it until its batch is spooled: billed, and timestamped
@@ -289,6 +503,7 @@ impl Accounted {
             api_key,
             model: event.model.as_deref(),
             endpoint: &event.endpoint,
+            api: event.api.as_str(),
             is_stream: event.is_stream,
             backend_url: &event.backend_url,
             status_code: event.status_code,
@@ -321,6 +536,7 @@ mod tests {
             key: None,
             model: None,
             endpoint: "/v1/chat/completions".into(),
+            api: Api::ChatCompletions,
             is_stream: false,
             backend_url: Arc::from("http://b"),
             status_code,
@@ -449,6 +665,7 @@ mod tests {
             api_key,
             model: event.model.clone(),
             endpoint: event.endpoint.clone(),
+            api: event.api.as_str().to_string(),
             is_stream: event.is_stream,
             backend_url: event.backend_url.to_string(),
             status_code: event.status_code,
@@ -552,17 +769,17 @@ mod tests {
             cached: 3,
             reasoning: 2,
         };
-        assert_eq!(parse_usage(&full), Some(expected));
+        assert_eq!(parse_usage(Api::ChatCompletions, &full), Some(expected));
         let tail = Captured::Body {
             bytes: body[20..].to_vec(),
             truncated: true,
         };
-        assert_eq!(parse_usage(&tail), Some(expected));
+        assert_eq!(parse_usage(Api::ChatCompletions, &tail), Some(expected));
         let event = Captured::Event(
             br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#.to_vec(),
         );
         assert_eq!(
-            parse_usage(&event),
+            parse_usage(Api::ChatCompletions, &event),
             Some(Tokens {
                 prompt: 1,
                 completion: 2,
@@ -574,7 +791,160 @@ mod tests {
             bytes: br#"{"usage":null}"#.to_vec(),
             truncated: false,
         };
-        assert_eq!(parse_usage(&null), None);
-        assert_eq!(parse_usage(&Captured::Nothing), None);
+        assert_eq!(parse_usage(Api::ChatCompletions, &null), None);
+        assert_eq!(parse_usage(Api::ChatCompletions, &Captured::Nothing), None);
+    }
+
+    fn dialect_event(api: Api, captured: Captured, content_events: u32) -> UsageEvent {
+        UsageEvent {
+            api,
+            ..event(200, captured, content_events)
+        }
+    }
+
+    #[test]
+    fn messages_usage_maps_cache_reads_and_writes_into_the_prompt() {
+        let tokens = |prompt, completion, cached| Tokens {
+            prompt,
+            completion,
+            total: prompt + completion,
+            cached,
+            reasoning: 0,
+        };
+        let json = br#"{"id":"msg_1","type":"message","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":10,"cache_read_input_tokens":30,"cache_creation_input_tokens":5,"output_tokens":7}}"#;
+        let full = body(std::str::from_utf8(json).unwrap());
+        assert_eq!(parse_usage(Api::Messages, &full), Some(tokens(45, 7, 30)));
+        let tail = Captured::Body {
+            bytes: json[30..].to_vec(),
+            truncated: true,
+        };
+        assert_eq!(parse_usage(Api::Messages, &tail), Some(tokens(45, 7, 30)));
+        // vLLM: no cache fields, `input_tokens` is the whole prompt; the delta repeats it.
+        let events = |start: &str, delta: &str| Captured::MessageEvents {
+            start: start.as_bytes().to_vec(),
+            delta: delta.as_bytes().to_vec(),
+        };
+        let vllm = events(
+            r#"{"type":"message_start","message":{"id":"chatcmpl-1","content":[],"usage":{"input_tokens":12,"output_tokens":0}}}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"input_tokens":12,"output_tokens":16}}"#,
+        );
+        assert_eq!(parse_usage(Api::Messages, &vllm), Some(tokens(12, 16, 0)));
+        // Anthropic: cache fields in message_start, output in the last delta; a delta's
+        // non-null fields replace message_start's, null ones do not.
+        let anthropic = events(
+            r#"{"type":"message_start","message":{"usage":{"input_tokens":3,"cache_read_input_tokens":100,"cache_creation_input_tokens":0,"output_tokens":1}}}"#,
+            r#"{"type":"message_delta","usage":{"output_tokens":40,"cache_read_input_tokens":null,"input_tokens":4}}"#,
+        );
+        assert_eq!(
+            parse_usage(Api::Messages, &anthropic),
+            Some(tokens(104, 40, 100))
+        );
+        // A stream cut before its message_delta: the prompt is exact, the output estimated.
+        let cut = events(
+            r#"{"type":"message_start","message":{"usage":{"input_tokens":3,"cache_read_input_tokens":100,"output_tokens":1}}}"#,
+            "",
+        );
+        assert_eq!(parse_usage(Api::Messages, &cut), None);
+        let empty = body(r#"{"type":"message","content":[],"usage":{}}"#);
+        assert_eq!(
+            parse_usage(Api::Messages, &empty),
+            None,
+            "no counts is not a zero"
+        );
+        let empty = body(r#"{"object":"response","output":[],"usage":{"total_tokens":0}}"#);
+        assert_eq!(
+            parse_usage(Api::Responses, &empty),
+            None,
+            "no counts is not a zero"
+        );
+        let r = accounted(dialect_event(Api::Messages, cut, 6));
+        let r = r.record(false);
+        assert_eq!((r.prompt_tokens, r.completion_tokens), (103, 6));
+        assert!(r.usage_estimated);
+        assert_eq!(r.api, "messages");
+    }
+
+    #[test]
+    fn responses_usage_is_read_from_the_body_and_the_terminal_event() {
+        let usage = r#"{"input_tokens":20,"input_tokens_details":{"cached_tokens":8,"input_tokens_per_turn":[20]},"output_tokens":16,"output_tokens_details":{"reasoning_tokens":4,"tool_output_tokens":0},"total_tokens":36}"#;
+        let expected = Tokens {
+            prompt: 20,
+            completion: 16,
+            total: 36,
+            cached: 8,
+            reasoning: 4,
+        };
+        let json = format!(
+            r#"{{"id":"resp_1","object":"response","output":[],"status":"completed","usage":{usage},"user":null}}"#
+        );
+        assert_eq!(parse_usage(Api::Responses, &body(&json)), Some(expected));
+        let tail = Captured::Body {
+            bytes: json.as_bytes()[40..].to_vec(),
+            truncated: true,
+        };
+        assert_eq!(parse_usage(Api::Responses, &tail), Some(expected));
+        let done = format!(
+            r#"{{"response":{{"id":"resp_1","usage":{usage}}},"sequence_number":7,"type":"response.completed"}}"#
+        );
+        let terminal = Captured::Event(done.into_bytes());
+        assert_eq!(parse_usage(Api::Responses, &terminal), Some(expected));
+        let failed = Captured::Event(
+            br#"{"response":{"status":"failed","usage":null},"type":"response.failed"}"#.to_vec(),
+        );
+        assert_eq!(parse_usage(Api::Responses, &failed), None);
+        // The same bytes read as chat usage are no usage at all, never a zero.
+        assert_eq!(parse_usage(Api::ChatCompletions, &body(&json)), None);
+        let r = accounted(dialect_event(Api::Responses, body(&json), 0));
+        let r = r.record(false);
+        assert_eq!(
+            (r.total_tokens, r.cached_tokens, r.usage_estimated),
+            (36, 8, false)
+        );
+        assert_eq!(r.api, "responses");
+    }
+
+    #[test]
+    fn dialect_bodies_without_usage_are_estimated_from_their_output() {
+        let cases = [
+            // 12 + 8 characters of text and thinking, 7 of tool input: 27 -> 7 tokens.
+            (
+                Api::Messages,
+                r#"{"type":"message","content":[{"type":"thinking","thinking":"hmm, so.","signature":"abc"},{"type":"text","text":"Hello world!"},{"type":"tool_use","id":"t","name":"f","input":{"a":1}}]}"#,
+                7,
+            ),
+            (
+                Api::Messages,
+                r#"{"type":"message","content":[],"usage":null}"#,
+                0,
+            ),
+            // Message text 5, reasoning 4 + summary 2, arguments 7: 18 -> 5 tokens.
+            (
+                Api::Responses,
+                r#"{"object":"response","output":[{"type":"reasoning","summary":[{"type":"summary_text","text":"ok"}],"content":[{"type":"reasoning_text","text":"abcd"}]},{"type":"message","content":[{"type":"output_text","text":"hello","annotations":[]}]},{"type":"function_call","name":"f","arguments":"{\"a\":1}"}]}"#,
+                5,
+            ),
+            (
+                Api::Responses,
+                r#"{"object":"response","output":[{"type":"message","content":[{"type":"refusal","refusal":"no"}]}],"usage":null}"#,
+                1,
+            ),
+        ];
+        for (api, json, completion) in cases {
+            let r = accounted(dialect_event(api, body(json), 0));
+            let r = r.record(false);
+            assert!(r.usage_estimated, "{json}");
+            assert_eq!(
+                (r.prompt_tokens, r.completion_tokens),
+                (10, completion),
+                "{json}"
+            );
+            assert_eq!(r.api, api.as_str());
+        }
+        // Streams without usage: the content events the meter counted.
+        for api in [Api::Messages, Api::Responses] {
+            let r = accounted(dialect_event(api, Captured::Nothing, 5));
+            let r = r.record(false);
+            assert_eq!((r.completion_tokens, r.usage_estimated), (5, true));
+        }
     }
 }

@@ -280,6 +280,7 @@ mod tests {
             api_key: None,
             model: Some("m".into()),
             endpoint: "/v1/chat/completions".into(),
+            api: "chat_completions".into(),
             is_stream: true,
             backend_url: "http://b".into(),
             status_code: 200,

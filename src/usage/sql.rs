@@ -29,8 +29,9 @@ enum Kind {
     Bool,
 }
 
-/// Inserted columns, in order, and whether they may be NULL.
-const COLUMNS: [(&str, Kind, bool); 20] = [
+/// Inserted columns, in order, and whether they may be NULL. Columns added after the first
+/// release go last: `ALTER TABLE ... ADD COLUMN` appends, so new and upgraded tables agree.
+const COLUMNS: [(&str, Kind, bool); 21] = [
     ("request_id", Kind::Key, false),
     ("client_request_id", Kind::Text, true),
     ("timestamp", Kind::Short, false),
@@ -51,6 +52,7 @@ const COLUMNS: [(&str, Kind, bool); 20] = [
     ("reasoning_tokens", Kind::Int, false),
     ("usage_estimated", Kind::Bool, false),
     ("status", Kind::Short, false),
+    ("api", Kind::Short, false),
 ];
 
 fn column_names() -> String {
@@ -74,7 +76,7 @@ enum Val<'a> {
     Bool(bool),
 }
 
-fn values<S: AsRef<str>>(r: &Record<S>) -> [Val<'_>; 20] {
+fn values<S: AsRef<str>>(r: &Record<S>) -> [Val<'_>; 21] {
     use Val::{Bool, Int, Text};
     let int = |v: u64| Int(Some(v as i64));
     fn text<S: AsRef<str>>(v: &S) -> Val<'_> {
@@ -104,6 +106,7 @@ fn values<S: AsRef<str>>(r: &Record<S>) -> [Val<'_>; 20] {
         int(r.reasoning_tokens),
         Bool(r.usage_estimated),
         text(&r.status),
+        text(&r.api),
     ]
 }
 
@@ -129,7 +132,7 @@ impl Row<'_> {
         }
     }
 
-    fn values(&self) -> [Val<'_>; 20] {
+    fn values(&self) -> [Val<'_>; 21] {
         match self {
             Row::Borrowed(r) => values(r),
             Row::Owned(r) => values(r),
@@ -421,7 +424,7 @@ fn insert_new_postgres(
 
 /// One row of COPY's text format: tab-separated, `\N` for NULL, `t`/`f` for booleans, and
 /// backslash escapes for the characters the format gives a meaning to.
-fn push_copy_line(values: [Val<'_>; 20], out: &mut Vec<u8>) {
+fn push_copy_line(values: [Val<'_>; 21], out: &mut Vec<u8>) {
     use std::io::Write;
     for (i, value) in values.into_iter().enumerate() {
         if i > 0 {
@@ -508,6 +511,7 @@ mod tests {
             api_key: None,
             model: Some("m"),
             endpoint: "/v1/chat/completions",
+            api: "chat_completions",
             is_stream: true,
             backend_url: "http://b",
             status_code: 200,
@@ -531,6 +535,7 @@ mod tests {
         assert_eq!(fields[3], "team");
         assert_eq!((fields[4], fields[8], fields[12]), (r"\N", "t", r"\N"));
         assert_eq!(fields[13], "7");
+        assert_eq!(fields[20], "chat_completions");
     }
 
     #[test]
@@ -538,16 +543,16 @@ mod tests {
         let pg = postgres_insert_sql("t");
         assert!(pg.contains("unnest($1::text[], $2::text[],"), "{pg}");
         assert!(
-            pg.contains("$9::bool[]") && pg.contains("$20::text[])"),
+            pg.contains("$9::bool[]") && pg.contains("$21::text[])"),
             "{pg}"
         );
         assert!(pg.ends_with("ON CONFLICT (request_id) DO NOTHING"));
         assert!(!pg.contains('?'));
         let my = insert_sql(DbDriver::Mysql, "t", 1);
         assert!(my.starts_with("INSERT IGNORE INTO t (request_id, client_request_id, timestamp,"));
-        assert_eq!(my.matches('?').count(), 20);
+        assert_eq!(my.matches('?').count(), 21);
         let lite = insert_sql(DbDriver::Sqlite, "t", 3);
         assert!(lite.starts_with("INSERT OR IGNORE INTO"));
-        assert_eq!(lite.matches('?').count(), 60);
+        assert_eq!(lite.matches('?').count(), 63);
     }
 }
