@@ -120,6 +120,24 @@ fn sdks_are_billed_exactly_on_every_dialect() {
         assert_eq!(r.total_tokens, prompt + completion, "{id}");
         assert!(prompt > 0, "{id}: {usage}");
     }
+    // The metrics count records by API: every record above is exact, none for count_tokens.
+    let text = get(gw.addr, "/metrics").text();
+    let records = |api: &str, estimated: bool| {
+        let series = format!(
+            "llmproxy_usage_records_by_api_total{{api=\"{api}\",estimated=\"{estimated}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {series}in {text}"))
+    };
+    assert!(records("messages", false) >= 2, "{text}");
+    assert!(records("responses", false) >= 2, "{text}");
+    assert!(records("embeddings", false) >= 1, "{text}");
+    assert_eq!(
+        records("count_tokens", false) + records("count_tokens", true),
+        0
+    );
     // Counting tokens generates nothing: relayed, never billed.
     assert!(!spool_records(&spool)
         .iter()

@@ -6,6 +6,7 @@ use std::fmt::Write;
 use super::{
     Histogram, Registry, Rejection, UpstreamErrorKind, WorkerMetrics, PATHS, STATUSES, STATUS_SLOTS,
 };
+use crate::api::Api;
 use crate::upstream::Backends;
 
 pub const CONTENT_TYPE: &[u8] = b"text/plain; version=0.0.4; charset=utf-8";
@@ -273,6 +274,46 @@ impl Registry {
             "llmproxy_usage_records_total{{estimated=\"true\"}} {}",
             stats.map_or(0, |s| s.estimated.load(Relaxed))
         );
+        header(
+            out,
+            "llmproxy_usage_tokens_by_api_total",
+            "counter",
+            "Tokens used, by API and type.",
+        );
+        for api in Api::ALL {
+            let usage = stats.map(|s| &s.by_api[api.index()]);
+            for (t, v) in [
+                ("prompt", usage.map_or(0, |u| u.prompt_tokens.load(Relaxed))),
+                (
+                    "completion",
+                    usage.map_or(0, |u| u.completion_tokens.load(Relaxed)),
+                ),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "llmproxy_usage_tokens_by_api_total{{api=\"{}\",type=\"{t}\"}} {v}",
+                    api.as_str()
+                );
+            }
+        }
+        header(
+            out,
+            "llmproxy_usage_records_by_api_total",
+            "counter",
+            "Usage records made, by API and whether their tokens were estimated.",
+        );
+        for api in Api::ALL {
+            let usage = stats.map(|s| &s.by_api[api.index()]);
+            let records = usage.map_or(0, |u| u.records.load(Relaxed));
+            let estimated = usage.map_or(0, |u| u.estimated.load(Relaxed)).min(records);
+            for (e, v) in [("false", records - estimated), ("true", estimated)] {
+                let _ = writeln!(
+                    out,
+                    "llmproxy_usage_records_by_api_total{{api=\"{}\",estimated=\"{e}\"}} {v}",
+                    api.as_str()
+                );
+            }
+        }
         header(
             out,
             "llmproxy_usage_events_dropped_total",

@@ -24,6 +24,7 @@ use super::spool::{Spool, Spooled};
 use super::sql::SqlSink;
 use super::webhook::WebhookSink;
 use super::{UsageEvent, UsageSender};
+use crate::api::Api;
 use crate::config::{Reporter as ReporterConfig, ReporterKind, UsageHook};
 
 /// Called on the ingest thread with each request's raw key and billed tokens, before its record
@@ -54,11 +55,22 @@ pub struct UsageStats {
     pub completion_tokens: AtomicU64,
     /// Records with estimated tokens (the backend reported none).
     pub estimated: AtomicU64,
+    /// The same counts per API, by [`Api::index`].
+    pub by_api: [ApiUsage; Api::ALL.len()],
     /// Events dropped because the channel was full (the counter the workers' senders share).
     pub dropped: Arc<AtomicU64>,
     /// Failed spool writes (each retried until it succeeds).
     pub spool_errors: AtomicU64,
     pub reporters: Vec<ReporterStats>,
+}
+
+/// One API's records and tokens.
+#[derive(Debug, Default)]
+pub struct ApiUsage {
+    pub records: AtomicU64,
+    pub estimated: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
 }
 
 /// One reporter's counters. For webhooks these are the seed's `llmproxy_webhook_success_total`
@@ -263,8 +275,15 @@ impl Ingest {
             .fetch_add(billed.tokens.prompt, Ordering::Relaxed);
         s.completion_tokens
             .fetch_add(billed.tokens.completion, Ordering::Relaxed);
+        let api = &s.by_api[event.api.index()];
+        api.records.fetch_add(1, Ordering::Relaxed);
+        api.prompt_tokens
+            .fetch_add(billed.tokens.prompt, Ordering::Relaxed);
+        api.completion_tokens
+            .fetch_add(billed.tokens.completion, Ordering::Relaxed);
         if billed.estimated {
             s.estimated.fetch_add(1, Ordering::Relaxed);
+            api.estimated.fetch_add(1, Ordering::Relaxed);
         }
         // The record may carry the key masked; charging needs the key itself.
         if let (Some(quota), Some(key)) = (&self.quota, &event.key) {
