@@ -622,9 +622,9 @@ mod tests {
         assert_eq!((ok.status, ok.total_tokens), ("ok", 10));
     }
 
-    /// The record as it was built before records borrowed from their event (a `String` per
-    /// field, the key masked and the time formatted per request): the reference that the
-    /// spooled JSON must match byte for byte.
+    /// The record built the plain way (a `String` per field, the key masked and the time
+    /// formatted per request): the reference that the borrowed record's spooled JSON must match
+    /// byte for byte.
     fn owned_record(event: &UsageEvent, include_raw_key: bool) -> UsageRecord {
         let Billed {
             tokens,

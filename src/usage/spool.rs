@@ -78,8 +78,8 @@ impl Spool {
         // as much. The WAL file is cut back to 64 MiB after each.
         conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
-        // No AUTOINCREMENT and no index but the row id: together they would cost about a third
-        // of an insert. Ids still never go back, because pruning always keeps the newest row (a
+        // No AUTOINCREMENT and no index but the row id: each costs insert time. Ids still never
+        // go back, because pruning always keeps the newest row (a
         // plain row id is the largest one + 1), and time ranges are found by bisecting ids
         // ([`Spool::first_id_at`]). A file that has the time index `records_spooled` loses it,
         // as nothing reads it; one whose table has AUTOINCREMENT keeps it, and ids behave alike.
