@@ -33,6 +33,8 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         report(at, positive(value.0.as_nanos()));
     }
     report("log.level", check_log_level(&raw.log.level));
+    report("log.flush_interval", positive(raw.log.flush_interval.0));
+    report("log.buffer_size", check_log_buffer(raw.log.buffer_size.0));
     report("metrics.path", check_metrics_path(&raw.metrics.path));
     let admin_listen = parse_listen(&raw.admin.listen);
     report(
@@ -146,11 +148,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         health_check,
         retry,
         model_aliases: raw.model_aliases.into_iter().collect(),
-        log: LogConfig {
-            level: raw.log.level,
-            format: raw.log.format,
-            access: raw.log.access,
-        },
+        log: LogConfig::from(raw.log),
         metrics: MetricsConfig {
             enabled: raw.metrics.enabled,
             path: raw.metrics.path,
@@ -173,6 +171,16 @@ fn positive<T: Default + PartialEq>(value: T) -> Result<(), String> {
         Err("must be greater than 0".into())
     } else {
         Ok(())
+    }
+}
+
+/// A worker's access log buffer: room for many lines, small next to the worker's memory.
+fn check_log_buffer(size: usize) -> Result<(), String> {
+    const RANGE: std::ops::RangeInclusive<usize> = (4 << 10)..=(64 << 20);
+    if RANGE.contains(&size) {
+        Ok(())
+    } else {
+        Err(format!("{size} bytes: must be between 4KiB and 64MiB"))
     }
 }
 
