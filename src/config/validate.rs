@@ -228,6 +228,14 @@ mod tests {
     }
 
     #[test]
+    fn log_buffer_size_is_bounded() {
+        assert!(check_log_buffer(64 << 10).is_ok());
+        assert!(check_log_buffer(4 << 10).is_ok());
+        assert!(check_log_buffer(4095).is_err());
+        assert!(check_log_buffer((64 << 20) + 1).is_err());
+    }
+
+    #[test]
     fn metrics_path_is_checked() {
         assert!(check_metrics_path("/metrics").is_ok());
         assert!(check_metrics_path("metrics").is_err());

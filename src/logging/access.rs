@@ -4,9 +4,10 @@
 //! The log thread writes each buffer with one `write(2)` (see the parent module).
 //!
 //! Why a request costs nothing measurable: the line is a few hundred bytes appended to memory
-//! the worker already owns (a thread-local, so no lock and no atomic; the capacity is kept, so
-//! no allocation); digits, escapes and the timestamp are written by hand (the date part is
-//! formatted once a second), so no `fmt` machinery and no `tracing` event. There is no syscall,
+//! the worker already owns (a thread-local, so no lock and no shared cache line; the capacity is
+//! kept, so no allocation); digits, escapes and the timestamp are written by hand (the date part
+//! is formatted once a second), so no `fmt` machinery and no `tracing` event. Reading the clock
+//! (vDSO) is the only call out. There is no syscall,
 //! no channel send and no wake-up of another thread per line: those happen once per buffer
 //! (hundreds of lines at the default 64 KiB) or once per interval, and the hand-over is a
 //! `try_send` that drops the buffer's lines (counted) instead of waiting when the log thread is
@@ -114,6 +115,7 @@ pub struct AccessLine<'a> {
 
 /// The calling worker's lines not yet handed over.
 struct WorkerBuffer {
+    sink: &'static Sink,
     bytes: Vec<u8>,
     lines: u64,
     clock: Clock,
@@ -126,7 +128,8 @@ thread_local! {
 impl WorkerBuffer {
     /// Hands the lines to the log thread and continues in a recycled buffer. When the log
     /// thread is behind, the lines are dropped (and counted) and the buffer is reused.
-    fn hand_over(&mut self, sink: &Sink) {
+    fn hand_over(&mut self) {
+        let sink = self.sink;
         let batch = Batch {
             lines: std::mem::take(&mut self.lines),
             bytes: std::mem::take(&mut self.bytes),
@@ -150,25 +153,31 @@ pub fn write(line: &AccessLine<'_>) {
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
         return;
     }
-    let Some(sink) = SINK.get() else {
-        return;
-    };
     BUFFER.with_borrow_mut(|buffer| {
-        let buffer = buffer.get_or_insert_with(|| WorkerBuffer {
-            bytes: sink.fresh_buffer(),
-            lines: 0,
-            clock: Clock::new(),
-        });
+        if buffer.is_none() {
+            let Some(sink) = SINK.get() else {
+                return;
+            };
+            *buffer = Some(WorkerBuffer {
+                sink,
+                bytes: sink.fresh_buffer(),
+                lines: 0,
+                clock: Clock::new(),
+            });
+        }
+        let Some(buffer) = buffer else {
+            return;
+        };
         append(
             &mut buffer.bytes,
             &mut buffer.clock,
-            sink.format,
+            buffer.sink.format,
             line,
             SystemTime::now(),
         );
         buffer.lines += 1;
-        if buffer.bytes.len() >= sink.buffer_size {
-            buffer.hand_over(sink);
+        if buffer.bytes.len() >= buffer.sink.buffer_size {
+            buffer.hand_over();
         }
     });
 }
@@ -183,7 +192,7 @@ pub async fn flush_every_interval() {
         monoio::time::sleep(sink.flush_interval).await;
         BUFFER.with_borrow_mut(|buffer| {
             if let Some(buffer) = buffer.as_mut().filter(|b| b.lines > 0) {
-                buffer.hand_over(sink);
+                buffer.hand_over();
             }
         });
     }
@@ -192,9 +201,6 @@ pub async fn flush_every_interval() {
 /// Hands over the calling worker's last lines, waiting for room if the log thread is behind:
 /// called once the worker has drained, so SIGTERM loses no line.
 pub fn flush_on_exit() {
-    let Some(sink) = SINK.get() else {
-        return;
-    };
     let Some(buffer) = BUFFER.take().filter(|b| b.lines > 0) else {
         return;
     };
@@ -202,7 +208,7 @@ pub fn flush_on_exit() {
         lines: buffer.lines,
         bytes: buffer.bytes,
     };
-    if let Err(e) = sink.filled.send_timeout(batch, EXIT_WAIT) {
+    if let Err(e) = buffer.sink.filled.send_timeout(batch, EXIT_WAIT) {
         count_dropped(e.into_inner().lines);
     }
 }
