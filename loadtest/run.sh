@@ -93,16 +93,19 @@ rss_tree_kib() {
   echo "$total"
 }
 
-write_nginx_conf() { # DIR LISTEN_PORT BACKEND_PORT WORKERS
-  local d=$1
+# ACCESS_LOG "off" turns the access log off; "default" writes it as nginx does by default
+# (format combined, no buffer), to a file in DIR instead of Debian's /var/log/nginx/access.log.
+write_nginx_conf() { # DIR LISTEN_PORT BACKEND_PORT WORKERS ACCESS_LOG
+  local d=$1 access_log="access_log $1/access.log combined;"
   mkdir -p "$d"; chmod 755 "$d"
+  [[ $5 == off ]] && access_log="access_log off;"
   cat >"$d/nginx.conf" <<EOF
 worker_processes $4;
 pid $d/nginx.pid;
 error_log $d/error.log warn;
 events { worker_connections 4096; }
 http {
-    access_log off;
+    $access_log
     client_body_temp_path $d/client_body;
     proxy_temp_path $d/proxy;
     fastcgi_temp_path $d/fastcgi;
@@ -124,6 +127,17 @@ http {
         }
     }
 }
+EOF
+}
+
+# llmproxy as shipped: only what any config must say, so the access log is on (to stderr, which
+# `start` sends to a file).
+write_default_conf() { # FILE LISTEN_PORT BACKEND_PORT WORKERS
+  cat >"$1" <<EOF
+listen: "127.0.0.1:$2"
+workers: $4
+backends:
+  - url: "http://127.0.0.1:$3"
 EOF
 }
 
@@ -166,8 +180,8 @@ smoke() { # LABEL PORT stream|plain
 # Brings up simulator + llmproxy (bare and governed) + nginx for one part. Sets PORT_<target>.
 phase_up() { # TAG GATEWAY_WORKERS SIM_ARGS...
   local tag=$1 gw=$2; shift 2
-  local ports; ports=$("$PROBE" free-ports 5)
-  read -r PORT_direct PORT_llmproxy PORT_nginx PORT_governed PORT_busy <<<"$ports"
+  local ports; ports=$("$PROBE" free-ports 7)
+  read -r PORT_direct PORT_llmproxy PORT_nginx PORT_governed PORT_busy PORT_default PORT_nginx_log <<<"$ports"
   start "sim-$tag" "$SIM" mock-llm --listen "127.0.0.1:$PORT_direct" --workers "$SIM_WORKERS" "$@"
   await_port "sim-$tag" "$PORT_direct"
   curl -fsS --max-time 5 "http://127.0.0.1:$PORT_direct/health" >/dev/null \
@@ -179,12 +193,18 @@ phase_up() { # TAG GATEWAY_WORKERS SIM_ARGS...
   write_proxy_conf "$WORK/busy-$tag.yaml" "$PORT_busy" "$PORT_direct" "$gw"
   echo "busy_poll: $BUSY_POLL" >>"$WORK/busy-$tag.yaml"
   start "busy-$tag" "$LLMPROXY" serve --config "$WORK/busy-$tag.yaml"
-  write_nginx_conf "$WORK/nginx-$tag" "$PORT_nginx" "$PORT_direct" "$gw"
+  write_default_conf "$WORK/default-$tag.yaml" "$PORT_default" "$PORT_direct" "$gw"
+  start "default-$tag" "$LLMPROXY" serve --config "$WORK/default-$tag.yaml"
+  write_nginx_conf "$WORK/nginx-$tag" "$PORT_nginx" "$PORT_direct" "$gw" off
   start_nginx "nginx-$tag" "$WORK/nginx-$tag"
+  write_nginx_conf "$WORK/nginx_log-$tag" "$PORT_nginx_log" "$PORT_direct" "$gw" default
+  start_nginx "nginx_log-$tag" "$WORK/nginx_log-$tag"
   await_port "llmproxy-$tag" "$PORT_llmproxy"
   await_port "governed-$tag" "$PORT_governed"
   await_port "busy-$tag" "$PORT_busy"
   await_port "nginx-$tag" "$PORT_nginx"
+  await_port "default-$tag" "$PORT_default"
+  await_port "nginx_log-$tag" "$PORT_nginx_log"
 }
 
 # Metering must keep up: once the governed gateway's reporters have drained (or 60 s passed),
@@ -208,10 +228,11 @@ metering_check() { # TAG
   psql "$PG_DSN" -qc "DELETE FROM $GOV_TABLE" >/dev/null 2>&1 || true
 }
 
-phase_down() { stop "nginx-$1" "busy-$1" "governed-$1" "llmproxy-$1" "sim-$1"; }
+phase_down() { stop "nginx_log-$1" "default-$1" "nginx-$1" "busy-$1" "governed-$1" "llmproxy-$1" "sim-$1"; }
 
-# busy = the bare relay with `busy_poll` on.
-TARGETS=(direct llmproxy governed nginx busy)
+# busy = the bare relay with `busy_poll` on; default = llmproxy as shipped (access log on);
+# nginx_log = nginx with its default access_log.
+TARGETS=(direct llmproxy governed nginx busy default nginx_log)
 # Target order for round R (1-based): rotated so that no target is always first or last.
 order() { local r=$(( ($1 - 1) % ${#TARGETS[@]} )); echo "${TARGETS[@]:$r} ${TARGETS[@]:0:$r}"; }
 port_of() { local v="PORT_$1"; echo "${!v}"; }
@@ -308,7 +329,7 @@ REPORT=$(jq -rs \
   def signed: if . == null then "–" elif . >= 0 then "+" + (round | tostring) else (round | tostring) end;
   def mib: (. / 1024 * 10 | round) / 10 | tostring;
   . as $all
-  | ["direct","llmproxy","governed","nginx","busy"] as $T
+  | ["direct","llmproxy","governed","nginx","busy","default","nginx_log"] as $T
   | def wrk($part): [ $T[] as $t | [$all[] | select(.part==$part and .target==$t)] as $rs
       | {t:$t, rps:([$rs[].rps]|median), p50:([$rs[].p50_us]|median), p90:([$rs[].p90_us]|median),
          p99:([$rs[].p99_us]|median),
@@ -354,7 +375,8 @@ REPORT=$(jq -rs \
     "",
     "- llmproxy / nginx throughput: **\(($W[1].rps / $W[3].rps)|r2)**; governed / llmproxy: **\(($W[2].rps / $W[1].rps)|r2)**; governed / nginx: **\(($W[2].rps / $W[3].rps)|r2)**",
     "- llmproxy / direct throughput: \(($W[1].rps / $W[0].rps)|r2); nginx / direct: \(($W[3].rps / $W[0].rps)|r2)",
-    "- governed = llmproxy with a key checked, per-key limits (requests_per_minute, max_concurrent), and metering to the SQLite spool, a webhook and PostgreSQL; busy = llmproxy with `busy_poll: \($busy)`",
+    "- As shipped, access logs on: default / nginx_log throughput: **\(($W[5].rps / $W[6].rps)|r2)**; access log on / off: llmproxy \(($W[5].rps / $W[1].rps)|r2), nginx \(($W[6].rps / $W[3].rps)|r2)",
+    "- governed = llmproxy with a key checked, per-key limits (requests_per_minute, max_concurrent), and metering to the SQLite spool, a webhook and PostgreSQL; busy = llmproxy with `busy_poll: \($busy)`; default = llmproxy with its default config (access log on, to stderr: a file here); nginx_log = nginx with its default `access_log` (combined, unbuffered, to a file)",
     "",
     "## (a1) Non-streaming at concurrency 1: the latency a gateway adds",
     "",
@@ -365,6 +387,8 @@ REPORT=$(jq -rs \
     ( $W1[] | "| \(.t) | \(.rps|r0) | \(.p50|r0) | \(.p90|r0) | \(.p99|r0) | "
         + (if .t=="direct" then "– | – | – | " else "\((.p50-$w1d.p50)|signed) | \((.p90-$w1d.p90)|signed) | \((.p99-$w1d.p99)|signed) | " end)
         + "\(.err) |" ),
+    "",
+    "- Access log on vs off at concurrency 1, added p50: llmproxy \(($W1[5].p50-$W1[1].p50)|signed) µs, nginx \(($W1[6].p50-$W1[3].p50)|signed) µs",
     "",
     ( $concs[] as $c |
       "## (b) Streaming, concurrency \($c): time to first `data:` event",

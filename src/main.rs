@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use llmproxy::config::{self, Config, LogFormat};
+use llmproxy::config::{self, Config, LogConfig};
 use llmproxy::logging;
 use llmproxy::server::Reload;
 
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::MockLlm(opts)) => {
-            let _log = logging::init("info", LogFormat::Text);
+            let _log = logging::init(&LogConfig::default());
             exit(llmproxy::mock::run(opts).map_err(|e| format!("mock-llm: {e}")))
         }
         Some(Command::Check) => exit(check(cli.config.as_deref())),
@@ -118,7 +118,7 @@ fn check(path: Option<&Path>) -> Result<(), String> {
 
 fn serve(path: Option<&Path>, ready_file: Option<&Path>) -> Result<(), String> {
     let cfg = load(path)?;
-    let (set_log_level, _flush) = logging::init(&cfg.log.level, cfg.log.format);
+    let (set_log_level, _flush) = logging::init(&cfg.log).map_err(|e| format!("llmproxy: {e}"))?;
     let reload = Reload {
         config_path: path.map(Path::to_path_buf),
         set_log_level,
@@ -192,7 +192,7 @@ fn usage(config: Option<&Path>, args: UsageArgs) -> Result<(), String> {
 fn demo() -> Result<(), String> {
     let cfg =
         config::parse(config::DEMO_CONFIG, config::Format::Yaml).map_err(|e| e.to_string())?;
-    let (set_log_level, _flush) = logging::init(&cfg.log.level, cfg.log.format);
+    let (set_log_level, _flush) = logging::init(&cfg.log).map_err(|e| format!("llmproxy: {e}"))?;
     let backend = cfg.backends[0].host_header.clone();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut sim = std::process::Command::new(exe)

@@ -98,7 +98,14 @@ pub(super) const ROOT: Shape = Fields(&[
     ("model_aliases", Leaf),
     (
         "log",
-        Fields(&[("level", Leaf), ("format", Leaf), ("access", Leaf)]),
+        Fields(&[
+            ("level", Leaf),
+            ("format", Leaf),
+            ("access", Leaf),
+            ("access_path", Leaf),
+            ("buffer_size", Leaf),
+            ("flush_interval", Leaf),
+        ]),
     ),
     ("metrics", Fields(&[("enabled", Leaf), ("path", Leaf)])),
     (

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -145,6 +146,19 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// One `access` line per request (target `access`, level info).
     pub access: bool,
+    /// The file access lines are appended to; `None`: stderr, with the other log lines.
+    pub access_path: Option<PathBuf>,
+    /// A worker hands its access lines on once this many bytes are buffered.
+    pub buffer_size: usize,
+    /// ... or at the latest this long after they were written.
+    pub flush_interval: Duration,
+}
+
+/// Defaults of [`RawLog`]: for commands that log before (or without) a config file.
+impl Default for LogConfig {
+    fn default() -> Self {
+        RawLog::default().into()
+    }
 }
 
 /// Prometheus exposition (key `metrics`).
@@ -320,6 +334,9 @@ pub(super) struct RawLog {
     pub(super) level: String,
     pub(super) format: LogFormat,
     pub(super) access: bool,
+    pub(super) access_path: Option<String>,
+    pub(super) buffer_size: SizeValue,
+    pub(super) flush_interval: DurationValue,
 }
 
 impl Default for RawLog {
@@ -328,6 +345,22 @@ impl Default for RawLog {
             level: "info".to_string(),
             format: LogFormat::Text,
             access: true,
+            access_path: None,
+            buffer_size: SizeValue(64 << 10),
+            flush_interval: DurationValue(Duration::from_secs(1)),
+        }
+    }
+}
+
+impl From<RawLog> for LogConfig {
+    fn from(raw: RawLog) -> LogConfig {
+        LogConfig {
+            level: raw.level,
+            format: raw.format,
+            access: raw.access,
+            access_path: raw.access_path.filter(|p| !p.is_empty()).map(PathBuf::from),
+            buffer_size: raw.buffer_size.0,
+            flush_interval: raw.flush_interval.0,
         }
     }
 }

@@ -33,6 +33,8 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         report(at, positive(value.0.as_nanos()));
     }
     report("log.level", check_log_level(&raw.log.level));
+    report("log.flush_interval", positive(raw.log.flush_interval.0));
+    report("log.buffer_size", check_log_buffer(raw.log.buffer_size.0));
     report("metrics.path", check_metrics_path(&raw.metrics.path));
     let admin_listen = parse_listen(&raw.admin.listen);
     report(
@@ -150,11 +152,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         health_check,
         retry,
         model_aliases: raw.model_aliases.into_iter().collect(),
-        log: LogConfig {
-            level: raw.log.level,
-            format: raw.log.format,
-            access: raw.log.access,
-        },
+        log: LogConfig::from(raw.log),
         metrics: MetricsConfig {
             enabled: raw.metrics.enabled,
             path: raw.metrics.path,
@@ -177,6 +175,16 @@ fn positive<T: Default + PartialEq>(value: T) -> Result<(), String> {
         Err("must be greater than 0".into())
     } else {
         Ok(())
+    }
+}
+
+/// A worker's access log buffer: room for many lines, small next to the worker's memory.
+fn check_log_buffer(size: usize) -> Result<(), String> {
+    const RANGE: std::ops::RangeInclusive<usize> = (4 << 10)..=(64 << 20);
+    if RANGE.contains(&size) {
+        Ok(())
+    } else {
+        Err(format!("{size} bytes: must be between 4KiB and 64MiB"))
     }
 }
 
@@ -239,6 +247,14 @@ mod tests {
         assert!(check_log_level("info,llmproxy=debug").is_ok());
         assert!(check_log_level("inof").is_err());
         assert!(check_log_level("").is_err());
+    }
+
+    #[test]
+    fn log_buffer_size_is_bounded() {
+        assert!(check_log_buffer(64 << 10).is_ok());
+        assert!(check_log_buffer(4 << 10).is_ok());
+        assert!(check_log_buffer(4095).is_err());
+        assert!(check_log_buffer((64 << 20) + 1).is_err());
     }
 
     #[test]

@@ -194,6 +194,18 @@ impl Registry {
 
         self.render_usage(&mut out);
 
+        header(
+            &mut out,
+            "llmproxy_log_lines_dropped_total",
+            "counter",
+            "Log lines (access and diagnostic) dropped instead of blocking a worker: the log thread was behind or a write failed (a full disk).",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_log_lines_dropped_total {}",
+            crate::logging::lines_dropped()
+        );
+
         gauge_header(&mut out, "llmproxy_info", "Build and runtime information.");
         let driver = *self.io_driver.lock().unwrap_or_else(|e| e.into_inner());
         let _ = writeln!(

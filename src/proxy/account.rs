@@ -1,7 +1,8 @@
 //! Phase 8, account: runs once per request the gateway did not answer on its own behalf (health
 //! and metrics are not accounted), after its response is written or abandoned. Reads the
 //! request's [`RequestOutcome`] and nothing else to update the metrics, write the access log line
-//! and hand the usage event to the reporter. It must stay cheap: no I/O, one channel send.
+//! and hand the usage event to the reporter. It must stay cheap: no I/O, one channel send (the
+//! access line goes into the worker's buffer, see [`crate::logging::access`]).
 
 use std::time::{Instant, SystemTime};
 
@@ -10,6 +11,7 @@ use super::outcome::RequestOutcome;
 use super::request_id::RequestId;
 use super::{Context, Generation};
 use crate::error::GatewayError;
+use crate::logging::access::{self, AccessLine};
 use crate::metrics;
 use crate::usage::{Captured, Outcome, UsageEvent};
 
@@ -69,22 +71,19 @@ pub fn finish(
     let model = o.has_model.then_some(c.model.as_str());
 
     if generation.config.log.access {
-        let ms = |d: std::time::Duration| d.as_micros() as f64 / 1000.0;
-        tracing::info!(
-            target: "access",
-            request_id = request_id.as_str(),
-            key = o.key.as_ref().map_or("-", |k| k.key_ref.name.as_str()),
-            model = model.unwrap_or("-"),
-            path = metrics::PATHS[path_slot],
-            stream = o.stream,
-            status = o.status,
-            bytes = p.bytes,
-            ttft_ms = ttft.map_or(-1.0, ms),
-            total_ms = ms(now - o.started),
-            backend = backend.map_or("-", |b| generation.upstreams.backend(b).url.as_str()),
-            retries = o.retries,
-            "request"
-        );
+        access::write(&AccessLine {
+            request_id: request_id.as_str(),
+            key: o.key.as_ref().map_or("-", |k| k.key_ref.name.as_str()),
+            model: model.unwrap_or("-"),
+            path: metrics::PATHS[path_slot],
+            stream: o.stream,
+            status: o.status,
+            bytes: p.bytes,
+            ttft,
+            total: now - o.started,
+            backend: backend.map_or("-", |b| generation.upstreams.backend(b).url.as_str()),
+            retries: o.retries,
+        });
     }
 
     let (Some(usage), Some(ending), Some(backend), Some(api)) =

@@ -24,7 +24,7 @@ use crate::auth::Auth;
 use crate::config::{self, Config, IoDriver};
 use crate::limits::{LimitSet, RedisRates};
 use crate::live::{Live, Snapshot};
-use crate::logging::SetLogLevel;
+use crate::logging::{access as access_log, SetLogLevel};
 use crate::metrics::Registry;
 use crate::proxy::{self, Context};
 use crate::upstream::{self, Backends};
@@ -293,6 +293,7 @@ async fn worker_main(
     let mut ctx = Context::new(control.live.clone(), registry, shutdown.clone(), worker);
     ctx.shared_rates = shared.shared_rates;
     let ctx = Rc::new(ctx);
+    monoio::spawn(access_log::flush_every_interval());
     if !config.busy_poll.is_zero() {
         if driver == "io_uring" {
             monoio::spawn(crate::busy_poll::poller(config.busy_poll));
@@ -378,11 +379,12 @@ async fn worker_main(
             "shutdown_timeout reached; closing running requests"
         );
     }
+    access_log::flush_on_exit();
 }
 
 /// First SIGTERM/SIGINT starts the drain; another one a second or more later exits at once.
 /// (Tools like `timeout` signal the process and then its whole group: one intent, two signals.)
-/// SIGHUP reloads the config.
+/// SIGHUP reopens the access log file and reloads the config.
 fn install_signal_handler(control: Arc<Control>) -> io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
@@ -392,6 +394,7 @@ fn install_signal_handler(control: Arc<Control>) -> io::Result<()> {
             let mut first: Option<Instant> = None;
             for sig in signals.forever() {
                 if sig == SIGHUP {
+                    crate::logging::reopen_access_log();
                     // The outcome is logged by reload_config.
                     let _ = reload_config(&control);
                     continue;
@@ -549,6 +552,18 @@ fn warn_restart_only(running: &Config, next: &Config) {
         ("cpu_affinity", running.cpu_affinity != next.cpu_affinity),
         ("busy_poll", running.busy_poll != next.busy_poll),
         ("log.format", running.log.format != next.log.format),
+        (
+            "log.access_path",
+            running.log.access_path != next.log.access_path,
+        ),
+        (
+            "log.buffer_size",
+            running.log.buffer_size != next.log.buffer_size,
+        ),
+        (
+            "log.flush_interval",
+            running.log.flush_interval != next.log.flush_interval,
+        ),
         ("admin.enabled", running.admin.enabled != next.admin.enabled),
         ("admin.listen", running.admin.listen != next.admin.listen),
         // The Redis connection behind shared rates is made once.
