@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::hash;
 use super::pool::{self, ConnectError, UpstreamConn};
 use super::{Backend, Backends};
 use crate::config::{Affinity, Config, HealthCheck, Strategy};
@@ -153,7 +154,7 @@ impl WorkerUpstreams {
         let list = &self.backends.list;
         let chosen = (0..list.len())
             .filter(|&i| candidates & (1 << i) != 0)
-            .max_by_key(|&i| hash(key, i as u64))?;
+            .max_by_key(|&i| hash::rendezvous(key, i))?;
         let (sum, n) = (0..list.len())
             .filter(|&i| candidates & (1 << i) != 0)
             .fold((0u32, 0u32), |(s, n), i| (s + list[i].in_flight(), n + 1));
@@ -289,14 +290,4 @@ impl WorkerUpstreams {
             p.sweep();
         }
     }
-}
-
-/// FNV-1a of the key, mixed with the backend index.
-fn hash(key: &[u8], backend: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ backend.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    for &b in key {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^ (h >> 29)
 }

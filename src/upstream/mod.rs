@@ -10,6 +10,7 @@
 
 mod balance;
 mod checker;
+mod hash;
 mod pool;
 
 use std::net::{SocketAddr, ToSocketAddrs};
