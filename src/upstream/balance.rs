@@ -161,7 +161,7 @@ impl WorkerUpstreams {
             Some(chosen) => (chosen, None),
             None => self.by_strategy(candidates, blocks),
         };
-        if cache_aware {
+        if cache_aware && !blocks.is_empty() {
             list[chosen].blocks.record(blocks, prefix::tick(now_ms()));
         }
         list[chosen].in_flight.fetch_add(1, Ordering::Relaxed);
