@@ -34,7 +34,7 @@ pub use auth::{
     PipelineMode, ProviderConfig, QuotaPeriod,
 };
 pub use limits::{LimitSpec, RateLimitConfig, SharedLimits};
-pub use routing::{Affinity, HealthCheck, Retry, Routing, Strategy};
+pub use routing::{Affinity, CacheAware, HealthCheck, Retry, Routing, Strategy};
 pub use types::{
     AdminConfig, Backend, Config, IoDriver, LogConfig, LogFormat, MetricsConfig, Secret, Timeouts,
     UpstreamConfig,

@@ -23,6 +23,9 @@ pub enum Strategy {
     Latency,
     /// Least loaded by each backend's vLLM `/metrics` (queue, running, KV cache).
     LeastLoad,
+    /// The backend that probably holds the prompt's prefix in its KV cache, unless load is
+    /// imbalanced (sgl-router's `cache_aware` rule); tuned by `routing.cache_aware`.
+    CacheAware,
 }
 
 /// Requests with the same affinity key go to the same backend (to keep prefix caches warm).
@@ -34,13 +37,31 @@ pub enum Affinity {
     User,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
     pub strategy: Strategy,
     pub affinity: Option<Affinity>,
-    /// How often `least_load` scrapes each backend's metrics, and where.
+    /// How often `least_load` and `cache_aware` scrape each backend's metrics, and where.
     pub load_interval: Duration,
     pub load_path: String,
+    pub cache_aware: CacheAware,
+}
+
+/// `routing.cache_aware`: how prompts are cut into blocks, how many blocks each backend's index
+/// remembers, and when load overrides a prefix match. The decision thresholds default to
+/// sgl-router's (`cache_threshold` 0.3, `balance_abs_threshold` 64, `balance_rel_threshold` 1.5).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheAware {
+    /// Bytes of prompt JSON per block (a multiple of 8); about 4 bytes make a token.
+    pub block_bytes: usize,
+    /// Blocks remembered per backend: its KV cache in tokens × 4 / `block_bytes`, roughly.
+    pub index_blocks: usize,
+    /// The smallest share of the prompt's blocks a backend must hold to win on its match.
+    pub threshold: f64,
+    /// Load is imbalanced when max − min exceeds this ...
+    pub balance_abs: f64,
+    /// ... and max exceeds this many times min; then the least loaded backend wins.
+    pub balance_rel: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +99,31 @@ pub(super) struct RawRouting {
     pub load_balance: Option<Strategy>,
     pub affinity: Option<RawAffinity>,
     pub least_load: RawLeastLoad,
+    pub cache_aware: RawCacheAware,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawCacheAware {
+    pub block_bytes: usize,
+    pub index_blocks: usize,
+    pub threshold: f64,
+    pub balance_abs: u32,
+    pub balance_rel: f64,
+}
+
+impl Default for RawCacheAware {
+    fn default() -> Self {
+        RawCacheAware {
+            // 64 tokens or so; vLLM's KV blocks hold 16.
+            block_bytes: 256,
+            // 2 MiB of prompt text, about 500k tokens: one large GPU's KV cache for an 8B model.
+            index_blocks: 8192,
+            threshold: 0.3,
+            balance_abs: 64,
+            balance_rel: 1.5,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -190,6 +236,41 @@ pub(super) fn routing(
         affinity,
         load_interval: raw.least_load.interval.0,
         load_path: raw.least_load.path,
+        cache_aware: cache_aware(raw.cache_aware, report),
+    }
+}
+
+fn cache_aware(raw: RawCacheAware, report: &mut dyn FnMut(&str, Result<(), String>)) -> CacheAware {
+    if raw.block_bytes == 0 || raw.block_bytes % 8 != 0 || raw.block_bytes > 1 << 20 {
+        report(
+            "routing.cache_aware.block_bytes",
+            Err("must be a multiple of 8 from 8 to 1048576".into()),
+        );
+    }
+    if !(8..=1 << 30).contains(&raw.index_blocks) {
+        report(
+            "routing.cache_aware.index_blocks",
+            Err("must be from 8 to 1073741824".into()),
+        );
+    }
+    if !(0.0..=1.0).contains(&raw.threshold) {
+        report(
+            "routing.cache_aware.threshold",
+            Err("must be a share from 0 to 1".into()),
+        );
+    }
+    if raw.balance_rel.is_nan() || raw.balance_rel < 1.0 {
+        report(
+            "routing.cache_aware.balance_rel",
+            Err("must be at least 1".into()),
+        );
+    }
+    CacheAware {
+        block_bytes: raw.block_bytes.clamp(8, 1 << 20) / 8 * 8,
+        index_blocks: raw.index_blocks.clamp(8, 1 << 30),
+        threshold: raw.threshold,
+        balance_abs: f64::from(raw.balance_abs),
+        balance_rel: raw.balance_rel,
     }
 }
 

@@ -68,6 +68,16 @@ pub(super) const ROOT: Shape = Fields(&[
             ("load_balance", Leaf),
             ("affinity", Fields(&[("header", Leaf), ("field", Leaf)])),
             ("least_load", Fields(&[("interval", Leaf), ("path", Leaf)])),
+            (
+                "cache_aware",
+                Fields(&[
+                    ("block_bytes", Leaf),
+                    ("index_blocks", Leaf),
+                    ("threshold", Leaf),
+                    ("balance_abs", Leaf),
+                    ("balance_rel", Leaf),
+                ]),
+            ),
         ]),
     ),
     (

@@ -40,7 +40,7 @@ pub enum LogFormat {
 }
 
 /// A loaded, validated configuration; every default is already applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Address to accept clients on. Go style ":8000" means 0.0.0.0:8000.
     pub listen: SocketAddr,

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::upstream::{PrefixReason, PrefixRoute};
+
 /// Backend label slots, slot 0 being "none" (the request never reached the pick phase) and the
 /// last one "other" (more distinct backend URLs than slots were ever configured, across reloads).
 pub const BACKEND_SLOTS: usize = 32;
@@ -254,6 +256,11 @@ pub struct WorkerMetrics {
     pub connections: Counter,
     /// Connections closed at accept because the process had `max_connections` open.
     pub connections_refused: Counter,
+    /// `cache_aware` decisions by [`PrefixReason`], and the share of the prompt the chosen
+    /// backend held: its sum in thousandths and its count (prompts of at least one block).
+    prefix_routes: [Counter; PrefixReason::ALL.len()],
+    prefix_share_milli: Counter,
+    prefix_share_count: Counter,
 }
 
 const REQUEST_SLOTS: usize = PATHS.len() * 2 * BACKEND_SLOTS * STATUS_SLOTS;
@@ -280,6 +287,9 @@ impl WorkerMetrics {
             retries: Counter::default(),
             connections: Counter::default(),
             connections_refused: Counter::default(),
+            prefix_routes: std::array::from_fn(|_| Counter::default()),
+            prefix_share_milli: Counter::default(),
+            prefix_share_count: Counter::default(),
         }
     }
 
@@ -305,6 +315,16 @@ impl WorkerMetrics {
 
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.upstream_errors[kind as usize].inc();
+    }
+
+    /// Counts one `cache_aware` decision.
+    pub fn prefix_route(&self, route: PrefixRoute) {
+        self.prefix_routes[route.reason as usize].inc();
+        if route.blocks > 0 {
+            self.prefix_share_milli
+                .add(u64::from(route.matched) * 1000 / u64::from(route.blocks));
+            self.prefix_share_count.inc();
+        }
     }
 }
 

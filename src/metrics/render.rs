@@ -7,7 +7,7 @@ use super::{
     Histogram, Registry, Rejection, UpstreamErrorKind, WorkerMetrics, PATHS, STATUSES, STATUS_SLOTS,
 };
 use crate::api::Api;
-use crate::upstream::Backends;
+use crate::upstream::{Backends, PrefixReason};
 
 pub const CONTENT_TYPE: &[u8] = b"text/plain; version=0.0.4; charset=utf-8";
 
@@ -191,6 +191,34 @@ impl Registry {
             "Attempts sent again: on another backend (retry policy) or on a fresh connection after a stale pooled one failed.",
         );
         let _ = writeln!(out, "llmproxy_retries_total {}", sum(&|w| w.retries.get()));
+
+        header(
+            &mut out,
+            "llmproxy_cache_aware_routes_total",
+            "counter",
+            "Backends cache_aware chose, by reason: the longest prefix match, the load guard, or no match (least loaded).",
+        );
+        for r in PrefixReason::ALL {
+            let v = sum(&|w| w.prefix_routes[r as usize].get());
+            let _ = writeln!(
+                out,
+                "llmproxy_cache_aware_routes_total{{reason=\"{}\"}} {v}",
+                r.as_str()
+            );
+        }
+        header(
+            &mut out,
+            "llmproxy_cache_aware_matched_share",
+            "summary",
+            "Share of a prompt's blocks the backend cache_aware chose already held (prompts of at least one block).",
+        );
+        let share = sum(&|w| w.prefix_share_milli.get());
+        let _ = writeln!(
+            out,
+            "llmproxy_cache_aware_matched_share_sum {}\nllmproxy_cache_aware_matched_share_count {}",
+            share as f64 / 1000.0,
+            sum(&|w| w.prefix_share_count.get())
+        );
 
         self.render_usage(&mut out);
 
@@ -440,6 +468,13 @@ mod tests {
         r.worker(1).request(PATHS.len() - 1, false, None, 404);
         r.worker(0).ttft.observe(Duration::from_millis(7));
         r.worker(1).ttft.observe(Duration::from_millis(400_000));
+        for (matched, reason) in [(3, PrefixReason::PrefixMatch), (0, PrefixReason::NoMatch)] {
+            r.worker(1).prefix_route(crate::upstream::PrefixRoute {
+                reason,
+                blocks: 4,
+                matched,
+            });
+        }
         let config = crate::config::parse(
             "backends: [{url: 'http://127.0.0.1:1'}]",
             crate::config::Format::Yaml,
@@ -455,6 +490,10 @@ mod tests {
         assert!(text.contains("llmproxy_ttft_ms_bucket{le=\"+Inf\"} 2\n"));
         assert!(text.contains("llmproxy_ttft_ms_count 2\n"));
         assert!(text.contains("llmproxy_ttft_ms_sum 400007\n"));
+        assert!(text.contains("llmproxy_cache_aware_routes_total{reason=\"prefix_match\"} 1\n"));
+        assert!(text.contains("llmproxy_cache_aware_routes_total{reason=\"load_guard\"} 0\n"));
+        assert!(text.contains("llmproxy_cache_aware_matched_share_sum 0.75\n"));
+        assert!(text.contains("llmproxy_cache_aware_matched_share_count 2\n"));
         assert!(text.contains("llmproxy_info{version=\""));
     }
 }

@@ -1,9 +1,22 @@
 //! Request-body inspection: finds the few top-level fields of an OpenAI request the gateway acts on
-//! (`model`, `stream`, `stream_options.include_usage`, `user`) by scanning the JSON once, without
+//! (`model`, `stream`, `stream_options.include_usage`, `user`, and the prompt's [`PROMPT_FIELDS`]
+//! for `cache_aware` routing) by scanning the JSON once, without
 //! building a document or allocating. Also the byte-level edit that asks a backend for streaming
 //! usage without re-serialising the client's JSON.
 
 use std::ops::Range;
+
+/// The top-level members that make up the prompt a backend caches, in the order it renders them:
+/// Anthropic's `system`, Responses' `instructions`, `tools`, then the conversation (`messages`,
+/// Responses' `input`, completions' `prompt`). A request has a few of them.
+pub const PROMPT_FIELDS: [&[u8]; 6] = [
+    b"system",
+    b"instructions",
+    b"tools",
+    b"messages",
+    b"input",
+    b"prompt",
+];
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RequestInfo {
@@ -17,6 +30,8 @@ pub struct RequestInfo {
     /// `stream_options.include_usage` literal value.
     pub include_usage: Option<(bool, Range<usize>)>,
     pub user: Option<Range<usize>>,
+    /// Raw JSON value of each of [`PROMPT_FIELDS`], in its order; empty when absent.
+    pub prompt: [Range<usize>; PROMPT_FIELDS.len()],
     /// Position of the closing brace of the top-level object.
     pub end: usize,
     /// The object has at least one member.
@@ -92,6 +107,12 @@ impl RequestInfo {
         if let Some((_, r)) = &mut self.include_usage {
             shift_range(r);
         }
+        // A prompt value can end where an insertion starts (before the closing brace): it does
+        // not take in what was inserted.
+        for r in &mut self.prompt {
+            let end = if r.end > from { moved(r.end) } else { r.end };
+            *r = moved(r.start)..end;
+        }
         self.end = moved(self.end);
     }
 }
@@ -133,7 +154,11 @@ pub fn inspect(body: &[u8]) -> Option<RequestInfo> {
             b"stream_options" if &body[value.clone()] == b"null" => {
                 info.stream_options_null = Some(value);
             }
-            _ => {}
+            key => {
+                if let Some(at) = PROMPT_FIELDS.iter().position(|f| *f == key) {
+                    info.prompt[at] = value;
+                }
+            }
         }
     }
 }
@@ -412,8 +437,8 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true, "{s}");
         let fresh = inspect(&b).unwrap();
         assert_eq!(
-            (&info.model, &info.user, info.end),
-            (&fresh.model, &fresh.user, fresh.end),
+            (&info.model, &info.user, &info.prompt, info.end),
+            (&fresh.model, &fresh.user, &fresh.prompt, fresh.end),
             "{s}"
         );
         s
@@ -434,9 +459,25 @@ mod tests {
     }
 
     #[test]
+    fn the_prompt_fields_are_found_in_render_order() {
+        let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"m","system":"be brief","tools":[{"name":"t"}],"max_tokens":9}"#;
+        let info = inspect(body).unwrap();
+        let found: Vec<&[u8]> = info.prompt.iter().map(|r| &body[r.clone()]).collect();
+        let want: [&[u8]; 6] = [
+            br#""be brief""#,
+            b"",
+            br#"[{"name":"t"}]"#,
+            br#"[{"role":"user","content":"hi"}]"#,
+            b"",
+            b"",
+        ];
+        assert_eq!(found, want);
+    }
+
+    #[test]
     fn replacing_the_model_keeps_the_other_ranges() {
         for served in ["m", "a-much-longer-served-name"] {
-            let mut b = br#"{"model":"public","user":"u-1","stream":true}"#.to_vec();
+            let mut b = br#"{"model":"public","user":"u-1","stream":true,"prompt":"p"}"#.to_vec();
             let mut info = inspect(&b).unwrap();
             info.replace_model(&mut b, served);
             let fresh = inspect(&b).unwrap();

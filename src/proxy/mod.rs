@@ -291,6 +291,7 @@ async fn proxy<'r>(
         client_ip: &c.ip,
         model: outcome.has_model.then_some(c.model.as_str()),
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
+        prompt: pick::prompt(&c.body, &info),
     };
     let attempted = retry::relay_with_retries(
         ctx,

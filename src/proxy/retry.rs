@@ -15,7 +15,9 @@ use super::relay::{self, Exchange, Plan, Progress, Relayed};
 use super::{Context, Generation};
 use crate::error::GatewayError;
 use crate::http::RequestHead;
-use crate::upstream::InFlight;
+use crate::upstream::{InFlight, PickRequest};
+
+use super::inspect::PROMPT_FIELDS;
 
 /// Retries allowed as a share of requests, per worker: each request deposits a fraction of a
 /// token, each retry spends one. During an outage, retries stay a bounded fraction of traffic
@@ -64,6 +66,8 @@ pub struct Request<'a> {
     pub client_ip: &'a str,
     pub model: Option<&'a str>,
     pub affinity_key: Option<&'a [u8]>,
+    /// The prompt's raw JSON values, for `cache_aware` routing.
+    pub prompt: [&'a [u8]; PROMPT_FIELDS.len()],
 }
 
 /// The last attempt's ending, and the backend it went to (still counted in flight).
@@ -91,7 +95,13 @@ pub async fn relay_with_retries(
     let mut tried = 0u64;
     let mut attempt = 1;
     loop {
-        let in_flight = match pick::pick(generation, req.model, req.affinity_key, tried) {
+        let pick_request = PickRequest {
+            model: req.model,
+            affinity_key: req.affinity_key,
+            tried,
+            prompt: &req.prompt,
+        };
+        let in_flight = match pick::pick(generation, ctx.metrics(), &pick_request) {
             Ok(f) => f,
             Err(e) => {
                 return Attempted {

@@ -1,14 +1,17 @@
 //! Choosing a backend for one request, on one worker: model routing, affinity, then the
-//! configured strategy over the backends that can take the request now.
+//! configured strategy over the backends that can take the request now (`cache_aware` decides
+//! over the shared prefix index of [`super::prefix`]).
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::hash;
 use super::pool::{self, ConnectError, UpstreamConn};
-use super::{Backend, Backends};
-use crate::config::{Affinity, Config, HealthCheck, Strategy};
+use super::prefix::{self, PrefixRoute, Reason};
+use super::{now_ms, Backend, Backends};
+use crate::config::{Affinity, CacheAware, Config, HealthCheck, Strategy};
 
 /// Latency estimates decay with this time constant when a backend gets no traffic, so a backend
 /// that was slow once is probed again rather than starved forever.
@@ -21,6 +24,8 @@ pub struct PickRequest<'a> {
     pub affinity_key: Option<&'a [u8]>,
     /// Backends already tried by this request (bit i = backend i); avoided while others exist.
     pub tried: u64,
+    /// The prompt's raw JSON values in the order a backend renders them, for `cache_aware`.
+    pub prompt: &'a [&'a [u8]],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +40,8 @@ pub enum PickError {
 pub struct InFlight {
     backends: Arc<Backends>,
     pub index: usize,
+    /// How `cache_aware` chose the backend, when it did.
+    pub route: Option<PrefixRoute>,
 }
 
 impl Drop for InFlight {
@@ -50,6 +57,9 @@ pub struct WorkerUpstreams {
     pub backends: Arc<Backends>,
     strategy: Strategy,
     affinity: Option<Affinity>,
+    cache_aware: CacheAware,
+    /// The current request's prompt blocks (kept to reuse its allocation).
+    blocks: RefCell<Vec<u64>>,
     pub health: HealthCheck,
     pools: Vec<pool::Pool>,
     connect_timeout: Duration,
@@ -67,6 +77,8 @@ impl WorkerUpstreams {
         WorkerUpstreams {
             strategy: config.routing.strategy,
             affinity: config.routing.affinity.clone(),
+            cache_aware: config.routing.cache_aware.clone(),
+            blocks: RefCell::new(Vec::new()),
             health: config.health_check.clone(),
             pools: (0..n)
                 .map(|_| {
@@ -135,15 +147,69 @@ impl WorkerUpstreams {
         if candidates == 0 {
             return Err(PickError::NoneAvailable);
         }
-        let chosen = req
+        let blocks = &mut *self.blocks.borrow_mut();
+        blocks.clear();
+        let cache_aware = self.strategy == Strategy::CacheAware;
+        if cache_aware {
+            let model = req.model.unwrap_or_default().as_bytes();
+            prefix::chain(model, req.prompt, self.cache_aware.block_bytes, blocks);
+        }
+        let (chosen, route) = match req
             .affinity_key
             .and_then(|key| self.by_affinity(key, candidates))
-            .unwrap_or_else(|| self.by_strategy(candidates));
+        {
+            Some(chosen) => (chosen, None),
+            None => self.by_strategy(candidates, blocks),
+        };
+        if cache_aware && !blocks.is_empty() {
+            list[chosen].blocks.record(blocks, prefix::tick(now_ms()));
+        }
         list[chosen].in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(InFlight {
             backends: self.backends.clone(),
             index: chosen,
+            route,
         })
+    }
+
+    /// sgl-router's rule: the least loaded when load is imbalanced; else the backend holding the
+    /// longest prefix when it covers `threshold` of the prompt; else the least loaded. Load is
+    /// in flight across workers plus the scraped `least_load` score.
+    fn by_prefix(&self, blocks: &[u64], candidates: u64) -> (usize, PrefixRoute) {
+        let tuning = &self.cache_aware;
+        let list = &self.backends.list;
+        let load = |i: usize| list[i].load_score() + f64::from(list[i].in_flight());
+        let ids = || (0..list.len()).filter(move |&i| candidates & (1 << i) != 0);
+        let (min, max) = ids().fold((f64::MAX, 0f64), |(lo, hi), i| {
+            (lo.min(load(i)), hi.max(load(i)))
+        });
+        let route = |reason, chosen: usize, matched: Option<usize>| PrefixRoute {
+            reason,
+            blocks: blocks.len() as u32,
+            matched: matched.unwrap_or_else(|| list[chosen].blocks.matched(blocks)) as u32,
+        };
+        if prefix::imbalanced(min, max, tuning) {
+            let chosen = self.least_by(candidates, load);
+            return (chosen, route(Reason::LoadGuard, chosen, None));
+        }
+        let mut longest = 0;
+        let mut holders = 0u64;
+        for i in ids() {
+            let matched = list[i].blocks.matched(blocks);
+            if matched > longest {
+                (longest, holders) = (matched, 0);
+            }
+            if matched == longest {
+                holders |= 1 << i;
+            }
+        }
+        if prefix::match_wins(longest, blocks.len(), tuning) {
+            let chosen = self.least_by(holders, load);
+            (chosen, route(Reason::PrefixMatch, chosen, Some(longest)))
+        } else {
+            let chosen = self.least_by(candidates, load);
+            (chosen, route(Reason::NoMatch, chosen, None))
+        }
     }
 
     /// Rendezvous hashing: the same key maps to the same backend while it stays a candidate, and
@@ -153,7 +219,7 @@ impl WorkerUpstreams {
         let list = &self.backends.list;
         let chosen = (0..list.len())
             .filter(|&i| candidates & (1 << i) != 0)
-            .max_by_key(|&i| hash(key, i as u64))?;
+            .max_by_key(|&i| hash::rendezvous(key, i))?;
         let (sum, n) = (0..list.len())
             .filter(|&i| candidates & (1 << i) != 0)
             .fold((0u32, 0u32), |(s, n), i| (s + list[i].in_flight(), n + 1));
@@ -161,10 +227,15 @@ impl WorkerUpstreams {
         (list[chosen].in_flight() <= 2 * mean + 2).then_some(chosen)
     }
 
-    fn by_strategy(&self, candidates: u64) -> usize {
+    /// The strategy's choice, and how `cache_aware` made it. `blocks` are the prompt's.
+    fn by_strategy(&self, candidates: u64, blocks: &[u64]) -> (usize, Option<PrefixRoute>) {
         let list = &self.backends.list;
         let ids = || (0..list.len()).filter(move |&i| candidates & (1 << i) != 0);
-        match self.strategy {
+        let chosen = match self.strategy {
+            Strategy::CacheAware => {
+                let (chosen, route) = self.by_prefix(blocks, candidates);
+                return (chosen, Some(route));
+            }
             Strategy::RoundRobin => self.round_robin(candidates),
             Strategy::Weighted => {
                 let mut current = self.current.borrow_mut();
@@ -204,7 +275,8 @@ impl WorkerUpstreams {
                     a
                 }
             }
-        }
+        };
+        (chosen, None)
     }
 
     fn round_robin(&self, candidates: u64) -> usize {
@@ -289,21 +361,6 @@ impl WorkerUpstreams {
             p.sweep();
         }
     }
-}
-
-/// FNV-1a of the key, mixed with the backend index through splitmix64's finalizer. FNV alone
-/// carries a difference in the key's last bytes only into higher bits, and the comparison of
-/// whole values then follows the shared prefix: the finalizer lets every key bit decide.
-fn hash(key: &[u8], backend: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for &b in key {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    let mut z = h ^ backend.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! The checker threads, off the worker cores: one per backend, each on its own schedule, so a
 //! backend that hangs until the timeout delays no other backend's verdict. Each round it
 //! - runs the active health check (`health_check`) and publishes the backend's verdict,
-//! - scrapes vLLM's `/metrics` for `least_load` (waiting and running requests, KV-cache use).
+//! - scrapes vLLM's `/metrics` for `least_load` and `cache_aware` (waiting and running requests,
+//!   KV-cache use),
+//! - forgets the prompt blocks `cache_aware` sent to a backend that turns unhealthy.
 //!
 //! With several backends or aliases, one more thread merges the backends' `/v1/models` lists
 //! into the gateway's own answer.
@@ -26,15 +28,18 @@ const RETIRED_POLL: Duration = Duration::from_millis(250);
 /// Starts the checker threads the config asks for. They end once `backends` is retired.
 pub fn spawn_checker(backends: Arc<Backends>, config: &Config) {
     let health = config.health_check.clone();
-    let least_load = config.routing.strategy == Strategy::LeastLoad;
+    let scrape_load = matches!(
+        config.routing.strategy,
+        Strategy::LeastLoad | Strategy::CacheAware
+    );
     let merge_models = backends.list.len() > 1 || !backends.aliases.is_empty();
-    if health.active || least_load {
+    if health.active || scrape_load {
         let mut period = if health.active {
             health.interval
         } else {
             Duration::from_secs(10)
         };
-        if least_load {
+        if scrape_load {
             period = period.min(config.routing.load_interval);
         }
         for index in 0..backends.list.len() {
@@ -42,7 +47,7 @@ pub fn spawn_checker(backends: Arc<Backends>, config: &Config) {
                 backends: Arc::clone(&backends),
                 index,
                 health: health.clone(),
-                load_path: least_load.then(|| config.routing.load_path.clone()),
+                load_path: scrape_load.then(|| config.routing.load_path.clone()),
                 period,
             };
             let spawned = std::thread::Builder::new()
@@ -79,7 +84,7 @@ struct BackendWatch {
     backends: Arc<Backends>,
     index: usize,
     health: HealthCheck,
-    /// The metrics path to scrape, with `least_load`.
+    /// The metrics path to scrape, with `least_load` and `cache_aware`.
     load_path: Option<String>,
     period: Duration,
 }
@@ -140,6 +145,7 @@ fn publish_health(b: &Backend, ok: bool, ok_streak: u32, fail_streak: u32, polic
     } else if !ok && was && fail_streak >= policy.unhealthy_threshold {
         b.healthy.store(false, Ordering::Relaxed);
         tracing::warn!(backend = %b.url, "backend unhealthy: removed from rotation");
+        b.blocks.clear();
     }
 }
 

@@ -10,7 +10,9 @@
 
 mod balance;
 mod checker;
+mod hash;
 mod pool;
+mod prefix;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -20,8 +22,10 @@ use std::time::{Duration, Instant};
 pub use balance::{InFlight, PickError, PickRequest, WorkerUpstreams};
 pub use checker::spawn_checker;
 pub use pool::{ConnectError, UpstreamConn};
+pub use prefix::{PrefixRoute, Reason as PrefixReason};
 
-use crate::config::{Config, HealthCheck, Secret};
+use crate::config::{Config, HealthCheck, Secret, Strategy};
+use prefix::BlockIndex;
 
 /// Milliseconds since the process started: a clock every thread can compare through atomics.
 fn now_ms() -> u64 {
@@ -60,6 +64,8 @@ pub struct Backend {
     in_flight: AtomicU32,
     /// `least_load` score from the backend's metrics (f64 bits); lower is less loaded.
     load: AtomicU64,
+    /// The prompt blocks `cache_aware` sent here; empty with other strategies.
+    blocks: BlockIndex,
 }
 
 impl Backend {
@@ -147,6 +153,8 @@ impl Backend {
             let until = now_ms() + policy.ejection_time.as_millis() as u64;
             if self.ejected_until.swap(until, Ordering::Relaxed) == 0 {
                 tracing::warn!(backend = %self.url, failures, "backend ejected after consecutive failures");
+                // It may come back restarted, its cache empty.
+                self.blocks.clear();
             }
         }
     }
@@ -189,6 +197,10 @@ impl Backends {
     /// Builds the backend list and resolves host names. Names that do not resolve yet are retried
     /// on a background thread (never on a worker) until they do; meanwhile they take no traffic.
     pub fn new(config: &Config) -> Arc<Backends> {
+        let index_blocks = match config.routing.strategy {
+            Strategy::CacheAware => config.routing.cache_aware.index_blocks,
+            _ => 0,
+        };
         let list = config
             .backends
             .iter()
@@ -219,6 +231,7 @@ impl Backends {
                     unreachable: AtomicBool::new(false),
                     in_flight: AtomicU32::new(0),
                     load: AtomicU64::new(0f64.to_bits()),
+                    blocks: BlockIndex::new(index_blocks),
                 }
             })
             .collect();
