@@ -354,5 +354,11 @@ fn reload_replaces_the_health_checkers_instead_of_adding_some() {
         post_json(gw.addr, "/v1/chat/completions", &body, &[]).status,
         200
     );
-    assert_eq!(requests_to(gw.addr, one.addr), 1.0);
+    // Counted just after the response is written: wait for it rather than race it.
+    assert!(
+        wait_until(Duration::from_secs(10), || requests_to(gw.addr, one.addr)
+            == 1.0),
+        "requests counted to the remaining backend: {}",
+        requests_to(gw.addr, one.addr)
+    );
 }

@@ -458,7 +458,15 @@ fn stale_pooled_connection_is_retried_once() {
     }
     // The first idle request reused the open connection; each later one met a stale pooled
     // connection, was retried once on a new one, and reached the upstream only there.
-    assert_eq!(metric(gw.addr, "llmproxy_retries_total"), 2.0);
+    // Counted just after the response is written.
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(
+            gw.addr,
+            "llmproxy_retries_total"
+        ) == 2.0),
+        "retries: {}",
+        metric(gw.addr, "llmproxy_retries_total")
+    );
     assert_eq!(fixed_stat(up.addr, "requests"), 5);
     assert_eq!(fixed_stat(up.addr, "connections"), 3);
 }
