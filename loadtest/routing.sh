@@ -15,7 +15,7 @@ usage: loadtest/routing.sh [options]
                        with routing.affinity.header X-Conversation (each conversation on one backend)
   --workloads "W..."   uniform and/or skewed (default both)
   --backends N         simulated backends (default 4)
-  --kv-blocks B        KV-cache blocks per backend (default 1280)
+  --kv-blocks B        KV-cache blocks per backend (default 2048)
   --block-tokens T     tokens per block (default 16)
   --prefill-us US      prefill per uncached prompt token, µs (default 100)
   --max-running R      running sequences per backend, the rest wait (default 4)
@@ -23,10 +23,10 @@ usage: loadtest/routing.sh [options]
   --itl-ms MS          time per generated token (default 5)
   --tenants T          tenants, each with its own system prompt (default 16)
   --users U            conversations per tenant (default 4)
-  --turns K            turns per conversation (default 5)
-  --system-tokens S    system prompt per tenant, tokens (default 2000)
-  --question-tokens Q  new user text per turn, tokens (default 64)
-  --answer-tokens A    assistant text added to the history per turn, tokens (default 64)
+  --turns K            turns per conversation (default 6)
+  --system-tokens S    system prompt per tenant, tokens (default 1000)
+  --question-tokens Q  new user text per turn, tokens (default 96)
+  --answer-tokens A    assistant text added to the history per turn, tokens (default 96)
   --concurrency C      client threads, one request in flight each (default 16)
   --hot-share P        skewed run: share of the conversations that are tenant 0's (default 0.6)
   --quick              --users 2 --turns 3
@@ -40,8 +40,8 @@ EOF
 
 ORIG_CMD="loadtest/routing.sh${*:+ $*}"
 STRATEGIES="round_robin least_load cache_aware oracle"; WORKLOADS="uniform skewed"
-BACKENDS=4; KV_BLOCKS=1280; BLOCK_TOKENS=16; PREFILL_US=100; MAX_RUNNING=4; TOKENS=16; ITL_MS=5
-TENANTS=16; USERS=4; TURNS=5; SYSTEM_TOKENS=2000; QUESTION_TOKENS=64; ANSWER_TOKENS=64
+BACKENDS=4; KV_BLOCKS=2048; BLOCK_TOKENS=16; PREFILL_US=100; MAX_RUNNING=4; TOKENS=16; ITL_MS=5
+TENANTS=16; USERS=4; TURNS=6; SYSTEM_TOKENS=1000; QUESTION_TOKENS=96; ANSWER_TOKENS=96
 CONCURRENCY=16; HOT_SHARE=0.6; WORKERS=2; LLMPROXY_ARG=""; BUILD=1; KEEP=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
