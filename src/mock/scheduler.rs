@@ -11,7 +11,9 @@
 //! pinned until the response ends or the client leaves.
 //!
 //! Also owns the counters vLLM's `/metrics` reports for this: requests waiting, KV-cache usage and
-//! the prefix-cache queries and hits in tokens, each request counted once, when it is admitted.
+//! the prefix-cache queries and hits in tokens. vLLM's `KVCacheManager.get_computed_blocks` adds
+//! the request's prompt tokens to the queries and its cached tokens to the hits at each lookup;
+//! here a request is looked up, and counted, once: when it is admitted.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -181,9 +183,10 @@ impl Future for Admission {
         st.running += 1;
         let tokens = self.prompt.tokens;
         let cached = (cached_blocks * sched.block_tokens) as u64;
+        let caching = st.cache.is_some();
         let m = &mut st.models[self.model];
         m.waiting -= 1;
-        if held.is_some() {
+        if caching {
             m.queries += tokens;
             m.hits += cached;
         }
