@@ -7,13 +7,21 @@
 //! `i % tenants`'s. Turn `k` of a conversation sends the tenant's system prompt, the `k` earlier
 //! questions and answers, and a new question, as one streaming chat request. Texts are made of
 //! lowercase words drawn from a seeded generator, 4 bytes per token as the simulator counts them;
-//! they differ between tenants (and conversations) from their first bytes. Each of `--concurrency`
-//! threads owns the conversations `i ≡ thread (mod C)` and sends them turn after turn, all first
-//! turns first, so other conversations' requests pass between two turns of one conversation (a
-//! user reading and typing). `--header NAME` sends the conversation's id in that header.
+//! system prompts differ between tenants from their first bytes.
+//!
+//! Conversations wait in one first-in first-out queue; each of `--concurrency` threads takes the
+//! next, sends its next turn, and puts it back at the end once answered (or drops it after its
+//! last turn). So between two turns of a conversation the other waiting conversations' requests
+//! pass (a user reading and typing), and a conversation's turns go out on whichever thread is free:
+//! a thread's own connection or rhythm says nothing about which conversation it carries. (With
+//! each thread owning fixed conversations, a closed loop makes least-loaded routing sticky for
+//! free: the backend a thread's request just left is the least loaded one when its next request
+//! comes.) `--header NAME` sends the conversation's id in that header.
 //!
 //! Prints one JSON line: requests, errors, TTFT p50/p90/p99/mean (µs), wall time and requests/s.
 
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use super::{connect, die, pct, usage, Conn};
@@ -178,24 +186,29 @@ pub fn conversations(args: &[String]) {
     let systems: Vec<String> = (0..o.tenants)
         .map(|t| text(splitmix64(t as u64 + 1), o.system_tokens))
         .collect();
-    let c = o.concurrency.min(n);
-    let mut owned: Vec<Vec<Conversation>> = (0..c).map(|_| Vec::new()).collect();
-    for i in 0..n {
-        let seed = splitmix64(0x1000 + i as u64);
-        owned[i % c].push(Conversation {
-            id: format!("{seed:016x}"),
-            system: systems[tenant_of(i)].clone(),
-            history: String::new(),
-            turn: 0,
-            seed,
-        });
-    }
+    let queue = Queue {
+        state: Mutex::new(QueueState {
+            ready: (0..n)
+                .map(|i| {
+                    let seed = splitmix64(0x1000 + i as u64);
+                    Conversation {
+                        id: format!("{seed:016x}"),
+                        system: systems[tenant_of(i)].clone(),
+                        history: String::new(),
+                        turn: 0,
+                        seed,
+                    }
+                })
+                .collect(),
+            in_flight: 0,
+        }),
+        changed: Condvar::new(),
+    };
     let wall = Instant::now();
     let outcomes: Vec<Outcome> = std::thread::scope(|s| {
-        let o = &o;
-        let handles: Vec<_> = owned
-            .into_iter()
-            .map(|mut mine| s.spawn(move || run(o, &mut mine)))
+        let (o, queue) = (&o, &queue);
+        let handles: Vec<_> = (0..o.concurrency.min(n))
+            .map(|_| s.spawn(move || run(o, queue)))
             .collect();
         handles
             .into_iter()
@@ -238,40 +251,78 @@ pub fn conversations(args: &[String]) {
     }
 }
 
-/// One client thread: every turn of its conversations, one request at a time on one keep-alive
-/// connection (reopened after an error).
-fn run(o: &Opts, mine: &mut [Conversation]) -> Outcome {
+/// Conversations waiting for their next turn, and how many are being answered.
+struct Queue {
+    state: Mutex<QueueState>,
+    changed: Condvar,
+}
+
+struct QueueState {
+    ready: VecDeque<Conversation>,
+    in_flight: usize,
+}
+
+impl Queue {
+    /// The next conversation to send a turn of; None once every conversation has had its turns.
+    fn take(&self) -> Option<Conversation> {
+        let mut st = self.state.lock().expect("queue lock");
+        loop {
+            if let Some(conv) = st.ready.pop_front() {
+                st.in_flight += 1;
+                return Some(conv);
+            }
+            if st.in_flight == 0 {
+                return None;
+            }
+            st = self.changed.wait(st).expect("queue lock");
+        }
+    }
+
+    /// A turn was answered: the conversation queues for its next one, or leaves after its last.
+    fn done(&self, conv: Conversation, turns: usize) {
+        let mut st = self.state.lock().expect("queue lock");
+        st.in_flight -= 1;
+        if (conv.turn as usize) < turns {
+            st.ready.push_back(conv);
+        }
+        self.changed.notify_all();
+    }
+}
+
+/// One client thread: turns of whichever conversation is next, one request at a time on one
+/// keep-alive connection (reopened after an error).
+fn run(o: &Opts, queue: &Queue) -> Outcome {
     let mut out = Outcome::default();
     let mut conn: Option<Conn> = None;
-    for _ in 0..o.turns {
-        for conv in mine.iter_mut() {
-            let req = conv.request(o);
-            conv.advance(o);
-            if conn.is_none() {
-                match connect(&o.addr) {
-                    Ok(s) => conn = Some(Conn::new(s)),
-                    Err(e) => {
-                        out.errors += 1;
-                        out.first_error.get_or_insert(format!("connect: {e}"));
-                        continue;
-                    }
-                }
-            }
-            let c = conn.as_mut().expect("connected above");
-            match c.one(&req) {
-                Ok((sample, keep)) => {
-                    out.ttft_us.push(sample.ttft_us);
-                    if !keep {
-                        conn = None;
-                    }
-                }
+    while let Some(mut conv) = queue.take() {
+        let req = conv.request(o);
+        conv.advance(o);
+        if conn.is_none() {
+            match connect(&o.addr) {
+                Ok(s) => conn = Some(Conn::new(s)),
                 Err(e) => {
                     out.errors += 1;
-                    out.first_error.get_or_insert(e);
-                    conn = None;
+                    out.first_error.get_or_insert(format!("connect: {e}"));
+                    queue.done(conv, o.turns);
+                    continue;
                 }
             }
         }
+        let c = conn.as_mut().expect("connected above");
+        match c.one(&req) {
+            Ok((sample, keep)) => {
+                out.ttft_us.push(sample.ttft_us);
+                if !keep {
+                    conn = None;
+                }
+            }
+            Err(e) => {
+                out.errors += 1;
+                out.first_error.get_or_insert(e);
+                conn = None;
+            }
+        }
+        queue.done(conv, o.turns);
     }
     out
 }
