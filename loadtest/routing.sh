@@ -154,7 +154,7 @@ for workload in $WORKLOADS; do
     if ! "$LLMPROXY" --config "$WORK/gw-$strategy.yaml" check >"$WORK/check-$strategy.txt" 2>&1; then
       if [[ $strategy == cache_aware ]]; then
         log "skipping cache_aware: this gateway rejects it ($(tail -n1 "$WORK/check-$strategy.txt"))"
-        SKIPPED+=("cache_aware (the gateway at $LLMPROXY rejects \`load_balance: cache_aware\`: it lands with the cache branch)")
+        (( ${#SKIPPED[@]} )) || SKIPPED+=("cache_aware (the gateway at $LLMPROXY rejects \`load_balance: cache_aware\`: it lands with the cache branch)")
         continue
       fi
       cat "$WORK/check-$strategy.txt" >&2; die "config for $strategy rejected"
