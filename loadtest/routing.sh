@@ -261,9 +261,10 @@ for ax, (title, value) in zip(axes, panels):
     ax.set_xticklabels(workloads)
     ax.set_title(title)
     ax.set_ylim(bottom=0)
-axes[0].legend(fontsize=8)
+handles, labels = axes[0].get_legend_handles_labels()
+fig.legend(handles, labels, loc="lower center", ncol=len(strategies), fontsize=9)
 fig.suptitle(sys.argv[3], fontsize=8)
-fig.tight_layout()
+fig.tight_layout(rect=(0, 0.07, 1, 1))
 fig.savefig(sys.argv[2], dpi=110)
 PYEOF
 
