@@ -808,3 +808,162 @@ fn responses_lifecycle_events_precede_the_time_to_first_token() {
     }
     assert!(start.elapsed() >= Duration::from_millis(400));
 }
+
+/// Sends a streamed chat request and returns the time until its first `data:` event.
+fn time_to_first_event(addr: std::net::SocketAddr, body: &Value) -> Duration {
+    let mut c = Client::connect(addr);
+    let start = Instant::now();
+    c.send(&raw_request("POST", CHAT, body.to_string().as_bytes(), &[]));
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(6).any(|w| w == b"data: ") {
+        let n = c.stream().read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended before its first event");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    start.elapsed()
+}
+
+/// A conversation turn: a long system prompt (4,000 bytes, about 1,000 tokens) and `user`.
+fn long_prefix_chat(user: &str) -> Value {
+    json!({
+        "model": "mock-model",
+        "stream": true,
+        "messages": [
+            {"role": "system", "content": "You are a careful assistant. ".repeat(138)},
+            {"role": "user", "content": user},
+        ],
+    })
+}
+
+#[test]
+fn a_cached_prefix_cuts_the_time_to_first_token_and_counts_as_hits() {
+    // 1,000 uncached tokens at 300 us each: 300 ms of prefill for the first request.
+    let m = spawn_mock(&["--kv-blocks", "256", "--prefill-us-per-token", "300"]);
+    assert_eq!(metric(m.addr, "vllm:prefix_cache_queries_total"), 0.0);
+    let cold = time_to_first_event(m.addr, &long_prefix_chat("What is a KV cache?"));
+    let queried = metric(m.addr, "vllm:prefix_cache_queries_total");
+    assert!(queried > 1000.0, "{queried} tokens queried");
+    assert_eq!(metric(m.addr, "vllm:prefix_cache_hits_total"), 0.0);
+
+    let warm = time_to_first_event(m.addr, &long_prefix_chat("And a prefix cache?"));
+    let hits = metric(m.addr, "vllm:prefix_cache_hits_total");
+    // The system prompt's full blocks hit; the user turn after them is computed.
+    assert!(hits >= 1000.0 - 16.0, "{hits} tokens hit");
+    assert!(metric(m.addr, "vllm:prefix_cache_queries_total") > queried + hits);
+    assert!(
+        cold >= Duration::from_millis(300),
+        "cold first token {cold:?}"
+    );
+    assert!(warm * 4 < cold, "warm {warm:?} against cold {cold:?}");
+    // The blocks were released with the responses; they stay cached but count as free.
+    assert!(wait_until(Duration::from_secs(2), || metric(
+        m.addr,
+        "vllm:kv_cache_usage_perc"
+    ) == 0.0));
+}
+
+#[test]
+fn every_generating_api_reuses_the_prefix_it_sent_before() {
+    let m = spawn_mock(&["--kv-blocks", "512", "--prefill-us-per-token", "1"]);
+    let system = "Answer in French. ".repeat(60);
+    let requests = [
+        (
+            CHAT,
+            json!({"model": "mock-model", "messages": [
+                {"role": "system", "content": system}, {"role": "user", "content": "hi"}]}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "mock-model", "prompt": format!("{system} hi")}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "mock-model", "max_tokens": 8, "system": system, "stream": true,
+                "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "mock-model", "instructions": system, "input": "hi"}),
+        ),
+    ];
+    for (path, body) in &requests {
+        let hits = metric(m.addr, "vllm:prefix_cache_hits_total");
+        for _ in 0..2 {
+            assert_eq!(post_json(m.addr, path, body, &[]).status, 200, "{path}");
+        }
+        let gained = metric(m.addr, "vllm:prefix_cache_hits_total") - hits;
+        assert!(gained >= 240.0, "{path}: the repeat hit {gained} tokens");
+    }
+}
+
+#[test]
+fn a_prompt_larger_than_the_kv_cache_is_refused() {
+    let m = spawn_mock(&["--kv-blocks", "4", "--block-tokens", "16"]);
+    let r = post_json(m.addr, CHAT, &long_prefix_chat("hi"), &[]);
+    assert_eq!(r.status, 400);
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("maximum context length is 64 tokens"),
+        "{message}"
+    );
+}
+
+#[test]
+fn max_running_makes_the_rest_wait_first_come_first_served() {
+    let m = spawn_mock(&["--max-running", "1", "--itl-ms", "20", "--tokens", "500"]);
+    let body = chat(true, json!({})).to_string();
+    let mut first = Client::connect(m.addr);
+    first.send(&raw_request("POST", CHAT, body.as_bytes(), &[]));
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        m.addr,
+        "vllm:num_requests_running"
+    ) == 1.0));
+    let mut second = Client::connect(m.addr);
+    second.send(&raw_request(
+        "POST",
+        CHAT,
+        body.as_bytes(),
+        &[("x-mock-tokens", "2")],
+    ));
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        m.addr,
+        "vllm:num_requests_waiting"
+    ) == 1.0));
+    assert_eq!(metric(m.addr, "vllm:num_requests_running"), 1.0);
+    // The first leaving frees its slot: the second runs to its end.
+    drop(first);
+    let r = second.read_response();
+    assert_eq!(r.status, 200);
+    assert!(r.chunks().1, "the waiting stream completes");
+    assert_eq!(metric(m.addr, "vllm:num_requests_waiting"), 0.0);
+
+    // A client that leaves while waiting leaves the queue.
+    let mut holder = Client::connect(m.addr);
+    holder.send(&raw_request("POST", CHAT, body.as_bytes(), &[]));
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        m.addr,
+        "vllm:num_requests_running"
+    ) == 1.0));
+    let mut quitter = Client::connect(m.addr);
+    quitter.send(&raw_request("POST", CHAT, body.as_bytes(), &[]));
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        m.addr,
+        "vllm:num_requests_waiting"
+    ) == 1.0));
+    drop(quitter);
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        m.addr,
+        "vllm:num_requests_waiting"
+    ) == 0.0));
+    assert_eq!(metric(m.addr, "vllm:num_requests_running"), 1.0);
+}
+
+#[test]
+fn without_scheduling_flags_no_prefix_cache_is_reported() {
+    let m = spawn_mock(&["--waiting", "3", "--kv-cache-usage", "0.5"]);
+    let text = get(m.addr, "/metrics").text();
+    assert!(!text.contains("prefix_cache"), "{text}");
+    assert_eq!(metric(m.addr, "vllm:num_requests_waiting"), 3.0);
+    assert_eq!(metric(m.addr, "vllm:kv_cache_usage_perc"), 0.5);
+}

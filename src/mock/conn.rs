@@ -15,8 +15,10 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 
 use super::anthropic::{self, Message};
+use super::kv_cache::PromptBlocks;
 use super::openai::{self, ApiError, Generation, TokenKnobs};
 use super::responses::Response;
+use super::scheduler::Admitted;
 use super::{metrics, Shared};
 use crate::error::GatewayError;
 use crate::http::{
@@ -176,7 +178,8 @@ enum Answer {
     Responses(Response),
 }
 
-/// Counts a generation in `vllm:num_requests_running` while it lives.
+/// Counts a generation in `vllm:num_requests_running` while it lives (from its admission when the
+/// scheduler is on).
 struct Running(&'static Shared, usize);
 
 impl Running {
@@ -190,6 +193,13 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.0.running[self.1].fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A generation the scheduler admitted: its running slot and KV blocks, held until the response
+/// ends or the client leaves.
+struct Scheduled {
+    _admitted: Admitted,
+    _running: Running,
 }
 
 struct Conn {
@@ -435,25 +445,76 @@ impl Conn {
         };
         match answer {
             Ok(Answer::Json(json)) => self.reply(200, JSON, &[], &json, keep).await,
-            Ok(Answer::OpenAi(g)) => self.generate(&g, k, keep).await,
-            Ok(Answer::Messages(g)) => self.generate(&g, k, keep).await,
-            Ok(Answer::Responses(g)) => self.generate(&g, k, keep).await,
+            Ok(Answer::OpenAi(g)) => self.generate(&g, k, ep, keep).await,
+            Ok(Answer::Messages(g)) => self.generate(&g, k, ep, keep).await,
+            Ok(Answer::Responses(g)) => self.generate(&g, k, ep, keep).await,
             Err(e) => self.reply_error(e, ep, keep).await,
         }
     }
 
-    /// A generation, counted in `vllm:num_requests_running` while it runs.
-    async fn generate<G: Generated>(&mut self, g: &G, k: Knobs, keep: bool) -> bool {
-        let _running = Running::new(self.sh, g.model());
+    /// A generation, counted in `vllm:num_requests_running` while it runs. With the scheduler
+    /// its prompt is read in blocks first (a prompt the KV cache cannot hold is refused).
+    async fn generate<G: Generated>(&mut self, g: &G, k: Knobs, ep: Endpoint, keep: bool) -> bool {
+        let prompt = match &self.sh.scheduler {
+            Some(s) => match s.prompt(g.model(), &self.body) {
+                Ok(p) => Some(p),
+                Err(e) => return self.reply_error(e, ep, keep).await,
+            },
+            None => None,
+        };
+        // Without the scheduler a generation runs from its start.
+        let _running = prompt.is_none().then(|| Running::new(self.sh, g.model()));
         if g.stream() {
-            self.stream(g, k, keep).await
+            self.stream(g, k, prompt, keep).await
         } else {
-            self.complete(g, k, keep).await
+            self.complete(g, k, prompt, keep).await
         }
     }
 
+    /// Waits until the first token is due: with the scheduler, for admission and the prefill
+    /// of the uncached prompt; then `after` more. None when the client left meanwhile; otherwise
+    /// what keeps the generation admitted (None without the scheduler).
+    async fn first_token(
+        &self,
+        model: usize,
+        prompt: Option<PromptBlocks>,
+        after: Duration,
+        check_end: bool,
+    ) -> Option<Option<Scheduled>> {
+        let (scheduled, from) = match (prompt, &self.sh.scheduler) {
+            (Some(p), Some(sched)) => {
+                let fd = self.stream.as_raw_fd();
+                let mut admission = std::pin::pin!(sched.admit(model, p));
+                let admitted = loop {
+                    monoio::select! {
+                        a = &mut admission => break a,
+                        _ = monoio::time::sleep(WATCH_SLICE) => if peer_gone(fd) {
+                            return None;
+                        },
+                    }
+                };
+                let from = admitted.prefilled_at;
+                let scheduled = Scheduled {
+                    _admitted: admitted,
+                    _running: Running::new(self.sh, model),
+                };
+                (Some(scheduled), from)
+            }
+            _ => (None, Instant::now()),
+        };
+        self.wait_until(from + after, check_end)
+            .await
+            .then_some(scheduled)
+    }
+
     /// A streamed generation: head, then each SSE event as its own chunk in its own write.
-    async fn stream<G: Generated>(&mut self, g: &G, k: Knobs, keep: bool) -> bool {
+    async fn stream<G: Generated>(
+        &mut self,
+        g: &G,
+        k: Knobs,
+        prompt: Option<PromptBlocks>,
+        keep: bool,
+    ) -> bool {
         // `ev` may still hold the previous response's body on a kept-alive connection.
         self.ev.clear();
         self.out.clear();
@@ -472,10 +533,15 @@ impl Conn {
                 return self.cancelled();
             }
         }
-        if k.ttft_ms > 0 {
-            let flushed = self.out.is_empty() || self.flush().await;
-            if !(flushed && self.wait(k.ttft_ms, false).await) {
+        let mut _scheduled = None;
+        if prompt.is_some() || k.ttft_ms > 0 {
+            if !(self.out.is_empty() || self.flush().await) {
                 return self.cancelled();
+            }
+            let ttft = Duration::from_millis(k.ttft_ms);
+            match self.first_token(g.model(), prompt, ttft, false).await {
+                Some(s) => _scheduled = s,
+                None => return self.cancelled(),
             }
         }
         for n in 0..g.first_events() {
@@ -512,12 +578,23 @@ impl Conn {
     }
 
     /// A non-streamed generation: the whole body after the simulated generation time.
-    async fn complete<G: Generated>(&mut self, g: &G, k: Knobs, keep: bool) -> bool {
+    async fn complete<G: Generated>(
+        &mut self,
+        g: &G,
+        k: Knobs,
+        prompt: Option<PromptBlocks>,
+        keep: bool,
+    ) -> bool {
         let ms = k
             .ttft_ms
             .saturating_add(k.itl_ms.saturating_mul(g.steps().saturating_sub(1)));
-        if ms > 0 && !self.wait(ms, true).await {
-            return self.cancelled();
+        let mut _scheduled = None;
+        if prompt.is_some() || ms > 0 {
+            let generation = Duration::from_millis(ms);
+            match self.first_token(g.model(), prompt, generation, true).await {
+                Some(s) => _scheduled = s,
+                None => return self.cancelled(),
+            }
         }
         self.ev.clear();
         g.full_body(&mut self.ev);
@@ -567,8 +644,13 @@ impl Conn {
     /// kernel buffer of a closed connection and the cancel would go uncounted. Streams notice on
     /// their next failed write. A peek consumes nothing, so pipelined requests stay queued.
     async fn wait(&self, ms: u64, check_end: bool) -> bool {
+        self.wait_until(Instant::now() + Duration::from_millis(ms), check_end)
+            .await
+    }
+
+    /// [`Conn::wait`] until `deadline`.
+    async fn wait_until(&self, deadline: Instant, check_end: bool) -> bool {
         let fd = self.stream.as_raw_fd();
-        let deadline = Instant::now() + Duration::from_millis(ms);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -1,5 +1,6 @@
 //! `/metrics` in Prometheus text format: vLLM's scheduler gauges under their vLLM names (what a
-//! gateway's load-aware routing scrapes) plus the simulator's own counters (what tests assert on).
+//! gateway's load-aware routing scrapes), vLLM's prefix-cache counters when the KV cache is
+//! simulated, plus the simulator's own counters (what tests assert on).
 
 use std::sync::atomic::Ordering;
 
@@ -8,6 +9,12 @@ use super::Shared;
 pub(super) fn render(sh: &Shared, out: &mut Vec<u8>) {
     use std::fmt::Write;
     let mut s = String::with_capacity(1024);
+    let (cache_usage, scheduled) = match &sh.scheduler {
+        Some(sched) => sched.stats(),
+        None => (None, Vec::new()),
+    };
+    let waiting = |m: usize| sh.opts.waiting + scheduled.get(m).map_or(0, |st| st.waiting);
+    let kv_usage = cache_usage.unwrap_or(sh.opts.kv_cache_usage);
     let gauges: [(&str, &str); 4] = [
         (
             "vllm:num_requests_running",
@@ -36,13 +43,41 @@ pub(super) fn render(sh: &Shared, out: &mut Vec<u8>) {
                     "{name}{{model_name=\"{label}\"}} {}",
                     sh.running[m].load(Ordering::Relaxed)
                 ),
-                1 => writeln!(s, "{name}{{model_name=\"{label}\"}} {}", sh.opts.waiting),
-                _ => writeln!(
+                1 => writeln!(s, "{name}{{model_name=\"{label}\"}} {}", waiting(m)),
+                _ => writeln!(s, "{name}{{model_name=\"{label}\"}} {kv_usage}"),
+            };
+        }
+    }
+    // vLLM declares these as prometheus_client Counters named `vllm:prefix_cache_queries` and
+    // `vllm:prefix_cache_hits` (vllm/v1/metrics/loggers.py); the client exposes counters with a
+    // `_total` suffix.
+    if cache_usage.is_some() {
+        let counters = [
+            (
+                "vllm:prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                false,
+            ),
+            (
+                "vllm:prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                true,
+            ),
+        ];
+        for (name, help, hits) in counters {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (m, model) in sh.opts.models.iter().enumerate() {
+                let label = escape_label(model);
+                let _ = writeln!(
                     s,
                     "{name}{{model_name=\"{label}\"}} {}",
-                    sh.opts.kv_cache_usage
-                ),
-            };
+                    if hits {
+                        scheduled[m].hits
+                    } else {
+                        scheduled[m].queries
+                    }
+                );
+            }
         }
     }
     let counters = [

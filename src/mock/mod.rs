@@ -3,15 +3,19 @@
 //!
 //! Owns: its listeners and worker runtimes, vLLM's wire format for chat, completions, embeddings,
 //! Anthropic Messages (and its token counting), OpenAI Responses, models, health and metrics, and
-//! the fault knobs (flags, overridden per request by `x-mock-*` headers). It must behave like vLLM on the wire and stay cheap enough to be the "direct" baseline
+//! the fault knobs (flags, overridden per request by `x-mock-*` headers), and, when asked for, an
+//! engine model for routing measurements (`scheduler`: admission, a prefix-caching KV cache in
+//! `kv_cache`, prefill time). It must behave like vLLM on the wire and stay cheap enough to be the "direct" baseline
 //! in benchmarks, so it must not allocate per token, block a worker (delays are monoio timers), or
 //! parse HTTP itself (the codec in `crate::http` does).
 
 mod anthropic;
 mod conn;
+mod kv_cache;
 mod metrics;
 mod openai;
 mod responses;
+mod scheduler;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -63,12 +67,29 @@ pub struct MockOptions {
     /// Length of embedding vectors.
     #[arg(long, default_value_t = 8)]
     pub embedding_dim: usize,
-    /// Value reported as `vllm:num_requests_waiting`.
+    /// Added to `vllm:num_requests_waiting` (which otherwise counts requests queued for
+    /// `--max-running` or KV-cache room).
     #[arg(long, default_value_t = 0)]
     pub waiting: u64,
-    /// Value reported as `vllm:kv_cache_usage_perc` and `vllm:gpu_cache_usage_perc` (0.0-1.0).
+    /// Value reported as `vllm:kv_cache_usage_perc` and `vllm:gpu_cache_usage_perc` (0.0-1.0)
+    /// unless `--kv-blocks` is given (then the cache's real usage).
     #[arg(long, default_value_t = 0.0)]
     pub kv_cache_usage: f64,
+    /// KV-cache blocks of this instance: turns on the prefix cache (LRU, chained block hashes,
+    /// `vllm:prefix_cache_queries`/`_hits`). Prompts are approximated as 4 bytes per token.
+    #[arg(long, value_name = "N")]
+    pub kv_blocks: Option<usize>,
+    /// Tokens per KV-cache block (vLLM's `--block-size`, 16 by default on GPUs).
+    #[arg(long, default_value_t = 16)]
+    pub block_tokens: usize,
+    /// Prefill cost of each uncached prompt token, in microseconds, paid one prompt after another;
+    /// 100 (an 8B model on one GPU) when --kv-blocks or --max-running is given, else none.
+    #[arg(long, value_name = "US")]
+    pub prefill_us_per_token: Option<u64>,
+    /// Generations running at once; the rest wait, first come first served (vLLM's
+    /// `--max-num-seqs`). Unlimited by default.
+    #[arg(long, value_name = "N")]
+    pub max_running: Option<usize>,
 }
 
 /// State every worker reads; counters are process-wide atomics because workers share them.
@@ -76,8 +97,10 @@ struct Shared {
     opts: MockOptions,
     /// Unix seconds at start, the `created` of every model.
     started: u64,
-    /// In-flight generations per model, indexed like `opts.models`.
+    /// Generations past admission per model, indexed like `opts.models`.
     running: Vec<AtomicI64>,
+    /// Admission, KV cache and prefill timing; None unless a scheduling flag is given.
+    scheduler: Option<scheduler::Scheduler>,
     /// Inference requests still to fail under `--fail-first`.
     fail_left: AtomicU64,
     ids: AtomicU64,
@@ -96,6 +119,7 @@ impl Shared {
         Shared {
             started: now.as_secs(),
             running: opts.models.iter().map(|_| AtomicI64::new(0)).collect(),
+            scheduler: scheduler::Scheduler::new(&opts),
             fail_left: AtomicU64::new(opts.fail_first.unwrap_or(0)),
             ids: AtomicU64::new(0),
             id_seed: now.as_nanos() as u64 ^ u64::from(std::process::id()) << 32,
@@ -151,6 +175,12 @@ pub fn run(opts: MockOptions) -> std::io::Result<()> {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             "at least one --model is needed",
+        ));
+    }
+    if opts.block_tokens == 0 || opts.kv_blocks == Some(0) || opts.max_running == Some(0) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--block-tokens, --kv-blocks and --max-running must be positive",
         ));
     }
     let workers = opts.workers.max(1);

@@ -23,6 +23,13 @@
 //! requests on another connection and records their TTFT (steady state; default 500, 0: none).
 //! Prints one JSON line (see `soak`), including the probe's own CPU time.
 //!
+//! `probe conversations --addr HOST:PORT [--tenants T] [--users U] [--turns K] [--system-tokens S]
+//!            [--question-tokens Q] [--answer-tokens A] [--max-tokens M] [--concurrency C]
+//!            [--hot-share P] [--header NAME] [--label L]`
+//!
+//! A multi-tenant, multi-turn chat workload with long shared system prompts (see `conversations`);
+//! prints one JSON line with TTFT percentiles and requests/s.
+//!
 //! `probe free-ports N`      prints N distinct currently free TCP ports on 127.0.0.1.
 //! `probe wait HOST:PORT MS` waits until HOST:PORT accepts a TCP connection (exit 1 on timeout).
 
@@ -31,6 +38,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::exit;
 use std::time::{Duration, Instant};
 
+mod conversations;
 mod soak;
 
 fn usage() -> ! {
@@ -39,6 +47,9 @@ fn usage() -> ! {
          [--max-tokens T] [--label L] [--auth TOKEN]\n       probe soak --addr HOST:PORT --streams N [--ramp-ms R] [--tokens T] \
          [--check words|count] [--rss-pid PID] [--rss-interval-ms MS] [--timeout-ms MS] [--steady-requests M] \
          [--label L] [--auth TOKEN]\n       \
+         probe conversations --addr HOST:PORT [--tenants T] [--users U] [--turns K] [--system-tokens S] \
+         [--question-tokens Q] [--answer-tokens A] [--max-tokens M] [--concurrency C] [--hot-share P] \
+         [--header NAME] [--label L]\n       \
          probe free-ports N\n       probe wait HOST:PORT TIMEOUT_MS"
     );
     exit(2)
@@ -58,6 +69,7 @@ fn main() {
         }
         Some("stream") => stream(&args[1..]),
         Some("soak") => soak::soak(&args[1..]),
+        Some("conversations") => conversations::conversations(&args[1..]),
         _ => usage(),
     }
 }
@@ -271,14 +283,7 @@ fn run_thread(addr: &str, req: &[u8], warmup: usize, count: usize) -> ThreadResu
         }
         if conn.is_none() {
             match connect(addr) {
-                Ok(s) => {
-                    conn = Some(Conn {
-                        s,
-                        buf: vec![0; 64 * 1024],
-                        lo: 0,
-                        hi: 0,
-                    })
-                }
+                Ok(s) => conn = Some(Conn::new(s)),
                 Err(e) => {
                     note_error(&mut res, format!("connect: {e}"));
                     std::thread::sleep(Duration::from_millis(10));
@@ -330,6 +335,15 @@ enum Framing {
 }
 
 impl Conn {
+    fn new(s: TcpStream) -> Conn {
+        Conn {
+            s,
+            buf: vec![0; 64 * 1024],
+            lo: 0,
+            hi: 0,
+        }
+    }
+
     /// Reads more bytes into the buffer; returns the instant the read returned.
     fn fill(&mut self) -> Result<Instant, String> {
         if self.lo == self.hi {
