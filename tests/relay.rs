@@ -187,17 +187,7 @@ fn forwarded_request_keeps_target_and_end_to_end_headers() {
     assert_eq!(echo["method"], "POST");
     assert_eq!(echo["target"], "/v1/debug/echo/x?a=1&b=%20two");
     assert_eq!(echo["body"], "{\"k\":1}");
-    let headers: Vec<(String, String)> = echo["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h[0].as_str().unwrap().to_ascii_lowercase(),
-                h[1].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let headers = echoed_headers(&r);
     let get = |n: &str| {
         headers
             .iter()
