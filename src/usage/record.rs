@@ -88,7 +88,7 @@ impl From<RawUsage> for Tokens {
             completion: u.completion_tokens,
             total: u
                 .total_tokens
-                .unwrap_or(u.prompt_tokens + u.completion_tokens),
+                .unwrap_or(u.prompt_tokens.saturating_add(u.completion_tokens)),
             cached: u
                 .prompt_tokens_details
                 .and_then(|d| d.cached_tokens)
@@ -576,5 +576,16 @@ mod tests {
         };
         assert_eq!(parse_usage(&null), None);
         assert_eq!(parse_usage(&Captured::Nothing), None);
+    }
+
+    #[test]
+    fn counts_too_large_to_add_saturate() {
+        // Found by fuzz/fuzz_targets/usage_record.rs: the total of two huge counts overflowed.
+        let body = br#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":2}}"#;
+        let captured = Captured::Body {
+            bytes: body.to_vec(),
+            truncated: false,
+        };
+        assert_eq!(parse_usage(&captured).map(|t| t.total), Some(u64::MAX));
     }
 }
