@@ -41,7 +41,10 @@ fuzz_target!(|input: &[u8]| {
     };
     match object.get("model") {
         Some(Value::String(read)) => {
-            assert!(decoded && model == *read, "the gateway reads model {model:?}, the backend {read:?}")
+            assert!(
+                decoded && model == *read,
+                "the gateway reads model {model:?}, the backend {read:?}"
+            )
         }
         Some(_) => {} // not a string: the backend refuses the request
         None => assert_eq!(info.model, None, "a model the backend does not read"),
@@ -54,13 +57,23 @@ fuzz_target!(|input: &[u8]| {
     let mut edited_info = info.clone();
     if request_stream_usage(&mut edited, &mut edited_info) {
         let value = still_json(&edited, &edited_info);
-        assert_eq!(value["stream_options"]["include_usage"], Value::Bool(true), "usage not asked for");
-        assert_eq!(value["model"], object.get("model").cloned().unwrap_or(Value::Null));
+        assert_eq!(
+            value["stream_options"]["include_usage"],
+            Value::Bool(true),
+            "usage not asked for"
+        );
+        assert_eq!(
+            value["model"],
+            object.get("model").cloned().unwrap_or(Value::Null)
+        );
     } else {
         // Already asked for: the member the scan found is the one the backend reads.
         let (_, at) = info.include_usage.clone().expect("usage left unasked");
         let read = &object.get("stream_options").unwrap_or(&Value::Null)["include_usage"];
-        assert_eq!(serde_json::from_slice::<Value>(&body[at]).ok().as_ref(), Some(read));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body[at]).ok().as_ref(),
+            Some(read)
+        );
     }
 
     for served in SERVED {
@@ -77,9 +90,21 @@ fuzz_target!(|input: &[u8]| {
 
 /// Every range lies inside the body and is ordered; `end` is the top-level closing brace.
 fn check_ranges(info: &RequestInfo, body: &[u8]) {
-    let ranges = [&info.model, &info.stream_options, &info.stream_options_null, &info.user];
-    for range in ranges.into_iter().flatten().chain(info.include_usage.as_ref().map(|(_, r)| r)) {
-        assert!(range.start <= range.end && range.end <= body.len(), "{range:?} outside the body");
+    let ranges = [
+        &info.model,
+        &info.stream_options,
+        &info.stream_options_null,
+        &info.user,
+    ];
+    for range in ranges
+        .into_iter()
+        .flatten()
+        .chain(info.include_usage.as_ref().map(|(_, r)| r))
+    {
+        assert!(
+            range.start <= range.end && range.end <= body.len(),
+            "{range:?} outside the body"
+        );
     }
     if !info.form {
         assert_eq!(body.get(info.end), Some(&b'}'));
@@ -88,8 +113,17 @@ fn check_ranges(info: &RequestInfo, body: &[u8]) {
 
 /// An edited body: valid JSON, and scanned afresh, the same ranges as its edited info.
 fn still_json(body: &[u8], info: &RequestInfo) -> Value {
-    let value = serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("the edit broke the JSON ({e}): {}", String::from_utf8_lossy(body)));
-    assert_eq!(inspect(body).as_ref(), Some(info), "{}", String::from_utf8_lossy(body));
+    let value = serde_json::from_slice(body).unwrap_or_else(|e| {
+        panic!(
+            "the edit broke the JSON ({e}): {}",
+            String::from_utf8_lossy(body)
+        )
+    });
+    assert_eq!(
+        inspect(body).as_ref(),
+        Some(info),
+        "{}",
+        String::from_utf8_lossy(body)
+    );
     value
 }

@@ -14,7 +14,11 @@ const MAX_HEAD: usize = 4096;
 fuzz_target!(|buf: &[u8]| {
     // Reused like a connection reuses it: a second parse must not see the first one's state.
     let mut head = RequestHead::default();
-    let _ = parse_request(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n", MAX_HEAD, &mut head);
+    let _ = parse_request(
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n",
+        MAX_HEAD,
+        &mut head,
+    );
     let Ok(true) = parse_request(buf, MAX_HEAD, &mut head) else {
         return;
     };
@@ -46,7 +50,10 @@ fuzz_target!(|buf: &[u8]| {
             assert!(transfer_encodings.is_empty());
             assert!(n > 0);
             for v in &lengths {
-                assert_eq!(std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()), Some(n));
+                assert_eq!(
+                    std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()),
+                    Some(n)
+                );
             }
         }
         Framing::Empty => {
@@ -62,7 +69,10 @@ fuzz_target!(|buf: &[u8]| {
     let path = head.path(buf);
     for segment in path.split(|&b| b == b'/') {
         let unescaped = String::from_utf8_lossy(&segment.to_ascii_lowercase()).replace("%2e", ".");
-        assert!(unescaped != "." && unescaped != "..", "dot segment in {path:?}");
+        assert!(
+            unescaped != "." && unescaped != "..",
+            "dot segment in {path:?}"
+        );
     }
 
     // The same head arriving in pieces: a prefix is never judged before its end arrives.

@@ -56,7 +56,11 @@ fuzz_target!(|input: &[u8]| {
     }
 
     let bodiless = head_request || matches!(head.status, 100..=199 | 204 | 304);
-    for body in [ClientBody::AsIs, ClientBody::Chunked, ClientBody::UntilClose] {
+    for body in [
+        ClientBody::AsIs,
+        ClientBody::Chunked,
+        ClientBody::UntilClose,
+    ] {
         let mut sent = client_head.clone();
         head.push_framing(&mut sent, body);
         sent.extend_from_slice(b"\r\n");
@@ -77,12 +81,19 @@ fuzz_target!(|input: &[u8]| {
 
     let body = &buf[head.head_len..];
     let whole = track(head.framing, std::iter::once(body));
-    assert_eq!(whole, track(head.framing, reads(plan, body)), "the reads' cuts changed the verdict");
+    assert_eq!(
+        whole,
+        track(head.framing, reads(plan, body)),
+        "the reads' cuts changed the verdict"
+    );
     match (head.framing, whole) {
         (Framing::Empty, Ok(found)) => assert_eq!(found, (Vec::new(), 0, true)),
         (Framing::Length(n), Ok((payload, taken, done))) => {
             let len = body.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-            assert_eq!((&payload[..], taken, done), (&body[..len], len, len as u64 == n));
+            assert_eq!(
+                (&payload[..], taken, done),
+                (&body[..len], len, len as u64 == n)
+            );
         }
         (Framing::UntilClose, Ok((payload, taken, done))) => {
             assert_eq!((&payload[..], taken, done), (body, body.len(), false))

@@ -41,19 +41,37 @@ fn check(new_meter: impl Fn(bool) -> Meter, plan: &[u8], body: &[u8]) {
     let cut = |strip, filter| run(new_meter(strip), filter, reads(plan, body));
 
     let observed = whole(false, false);
-    assert_eq!(observed, cut(false, false), "observe: the cuts changed the count or the capture");
+    assert_eq!(
+        observed,
+        cut(false, false),
+        "observe: the cuts changed the count or the capture"
+    );
     assert!(observed.0.is_empty());
 
     let stripped = whole(true, true);
-    assert_eq!(stripped, cut(true, true), "strip: the cuts changed what was forwarded");
-    assert_eq!((stripped.1, &stripped.2), (observed.1, &observed.2), "strip metered differently");
+    assert_eq!(
+        stripped,
+        cut(true, true),
+        "strip: the cuts changed what was forwarded"
+    );
+    assert_eq!(
+        (stripped.1, &stripped.2),
+        (observed.1, &observed.2),
+        "strip metered differently"
+    );
     assert!(stripped.0.len() <= body.len());
     if observed.2 == Captured::Nothing {
-        assert!(stripped.0 == body, "strip removed bytes but captured no usage");
+        assert!(
+            stripped.0 == body,
+            "strip removed bytes but captured no usage"
+        );
     }
 
     let passed = cut(false, true);
-    assert!(passed.0 == body, "a meter that does not strip changed the stream");
+    assert!(
+        passed.0 == body,
+        "a meter that does not strip changed the stream"
+    );
     assert_eq!((passed.1, &passed.2), (observed.1, &observed.2));
 }
 
@@ -69,7 +87,10 @@ fuzz_target!(|input: &[u8]| {
     let expected = if body.is_empty() {
         Captured::Nothing
     } else {
-        Captured::Body { bytes: body.to_vec(), truncated: false }
+        Captured::Body {
+            bytes: body.to_vec(),
+            truncated: false,
+        }
     };
     assert_eq!((copied.1, copied.2), (0, expected));
 });

@@ -23,13 +23,15 @@ fuzz_target!(|input: &[u8]| {
         return;
     }
     let (prefix, bytes) = input.split_at(PREFIX);
-    let number = |at: std::ops::Range<usize>| {
-        prefix[at].iter().fold(0u64, |n, &b| n << 8 | u64::from(b))
-    };
+    let number =
+        |at: std::ops::Range<usize>| prefix[at].iter().fold(0u64, |n, &b| n << 8 | u64::from(b));
     let captured = match prefix[0] % 4 {
         0 => Captured::Nothing,
         1 => Captured::Event(bytes.to_vec()),
-        kind => Captured::Body { bytes: bytes.to_vec(), truncated: kind == 3 },
+        kind => Captured::Body {
+            bytes: bytes.to_vec(),
+            truncated: kind == 3,
+        },
     };
     let status_code = number(1..3) as u16;
     let content_events = number(3..7) as u32;
@@ -39,9 +41,11 @@ fuzz_target!(|input: &[u8]| {
     // The usage parser skips the other members unchecked (invalid UTF-8 in a string there does not
     // stop it), so it is compared only with JSON that `serde_json` reads whole.
     let whole_json = match &captured {
-        Captured::Event(json) | Captured::Body { bytes: json, truncated: false } => {
-            serde_json::from_slice::<serde_json::Value>(json).ok()
-        }
+        Captured::Event(json)
+        | Captured::Body {
+            bytes: json,
+            truncated: false,
+        } => serde_json::from_slice::<serde_json::Value>(json).ok(),
         _ => None,
     };
     if let (Some(tokens), Some(value)) = (reported, whole_json) {
@@ -76,13 +80,19 @@ fuzz_target!(|input: &[u8]| {
     let billed = Billed::of(&event);
     let tokens = billed.tokens;
     if status_code != CLIENT_CLOSED && !(200..300).contains(&status_code) {
-        assert_eq!((tokens.total, billed.estimated, billed.outcome), (0, false, Outcome::Failed));
+        assert_eq!(
+            (tokens.total, billed.estimated, billed.outcome),
+            (0, false, Outcome::Failed)
+        );
     } else if billed.estimated {
         assert!(reported.is_none());
         assert_eq!(tokens.prompt, request_bytes / 4);
         assert_eq!(tokens.total, tokens.prompt + tokens.completion);
         match &event.captured {
-            Captured::Body { bytes, truncated: false } => {
+            Captured::Body {
+                bytes,
+                truncated: false,
+            } => {
                 assert!(tokens.completion <= (bytes.len() as u64).div_ceil(4))
             }
             _ => assert_eq!(tokens.completion, u64::from(content_events)),
@@ -95,5 +105,8 @@ fuzz_target!(|input: &[u8]| {
     let record = accounted.record(false);
     let json = serde_json::to_string(&record).expect("a record serializes");
     let back: UsageRecord = serde_json::from_str(&json).expect("a spooled record parses back");
-    assert_eq!(serde_json::to_value(&back).ok(), serde_json::to_value(&record).ok());
+    assert_eq!(
+        serde_json::to_value(&back).ok(),
+        serde_json::to_value(&record).ok()
+    );
 });
