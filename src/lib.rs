@@ -29,3 +29,10 @@ pub mod server;
 pub mod time;
 pub mod upstream;
 pub mod usage;
+
+/// Internals the fuzz targets (`fuzz/`) drive directly, compiled only with the `fuzzing` feature:
+/// the product's public API stays as it is, and what fuzzing reaches into is listed here, once.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    pub use crate::proxy::inspect::{inspect, inspect_form, request_stream_usage, RequestInfo};
+}

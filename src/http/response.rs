@@ -90,6 +90,11 @@ pub fn parse_response(
     let (Some(status), Some(version)) = (res.code, res.version) else {
         return Err(UpstreamError::Malformed);
     };
+    // httparse takes any three digits; a status below 100 is no HTTP status (RFC 9110 §15), and
+    // the client would receive it restated without its leading zeros: "HTTP/1.1 2 OK".
+    if status < 100 {
+        return Err(UpstreamError::Malformed);
+    }
 
     let mut content_length = None;
     let mut chunked = false;
@@ -286,6 +291,23 @@ mod tests {
             parse_response(raw, 8192, false, &mut out).unwrap_err(),
             UpstreamError::AmbiguousFraming
         );
+    }
+
+    #[test]
+    fn status_below_100_is_malformed() {
+        // Found by fuzz/fuzz_targets/response.rs: "002" was relayed to the client as "2".
+        let mut out = Vec::new();
+        for raw in [
+            "HTTP/1.1 002 Me\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 099 X\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse_response(raw.as_bytes(), 8192, false, &mut out).unwrap_err(),
+                UpstreamError::Malformed,
+                "{raw:?}"
+            );
+        }
+        assert!(parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", 8192, false, &mut out).is_ok());
     }
 
     #[test]

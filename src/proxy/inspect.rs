@@ -4,6 +4,7 @@
 //! building a document or allocating. Also the byte-level edit that asks a backend for streaming
 //! usage without re-serialising the client's JSON.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// The top-level members that make up the prompt a backend caches, in the order it renders them:
@@ -27,7 +28,7 @@ pub struct RequestInfo {
     pub stream_options: Option<Range<usize>>,
     /// `stream_options: null`, the literal's range.
     pub stream_options_null: Option<Range<usize>>,
-    /// `stream_options.include_usage` literal value.
+    /// `stream_options.include_usage` (its last member): whether it reads as true, its value.
     pub include_usage: Option<(bool, Range<usize>)>,
     pub user: Option<Range<usize>>,
     /// Raw JSON value of each of [`PROMPT_FIELDS`], in its order; empty when absent.
@@ -139,20 +140,19 @@ pub fn inspect(body: &[u8]) -> Option<RequestInfo> {
         s.ws();
         let value = s.value()?;
         info.has_members = true;
-        match &body[key] {
-            b"model" if body[value.start] == b'"' => {
-                info.model = Some(value.start + 1..value.end - 1)
-            }
-            b"user" if body[value.start] == b'"' => {
-                info.user = Some(value.start + 1..value.end - 1)
-            }
+        // A repeated member replaces the earlier one, as in the JSON parsers backends use.
+        let string = (body[value.start] == b'"').then(|| value.start + 1..value.end - 1);
+        match &*member_name(body, key) {
+            b"model" => info.model = string,
+            b"user" => info.user = string,
             b"stream" => info.stream = lax_bool(&body[value]) == Some(true),
-            b"stream_options" if body[value.start] == b'{' => {
-                info.include_usage = find_bool(body, value.clone(), b"include_usage");
-                info.stream_options = Some(value);
-            }
-            b"stream_options" if &body[value.clone()] == b"null" => {
-                info.stream_options_null = Some(value);
+            b"stream_options" => {
+                let object = body[value.start] == b'{';
+                info.include_usage = object
+                    .then(|| last_flag(body, value.clone(), b"include_usage"))
+                    .flatten();
+                info.stream_options_null = (&body[value.clone()] == b"null").then(|| value.clone());
+                info.stream_options = object.then_some(value);
             }
             key => {
                 if let Some(at) = PROMPT_FIELDS.iter().position(|f| *f == key) {
@@ -248,17 +248,19 @@ fn form_field_name(headers: &[u8]) -> Option<&[u8]> {
     })
 }
 
-/// The value of boolean member `name` of the object at `obj`.
-fn find_bool(body: &[u8], obj: Range<usize>, name: &[u8]) -> Option<(bool, Range<usize>)> {
+/// The last member `name` of the object at `obj` (the one a backend reads): whether its value
+/// reads as true, and the value's range.
+fn last_flag(body: &[u8], obj: Range<usize>, name: &[u8]) -> Option<(bool, Range<usize>)> {
     let mut s = Scanner {
         b: &body[..obj.end],
         i: obj.start + 1,
     };
     let mut first = true;
+    let mut found = None;
     loop {
         s.ws();
         if s.peek()? == b'}' {
-            return None;
+            return found;
         }
         if !first {
             s.eat(b',')?;
@@ -270,9 +272,22 @@ fn find_bool(body: &[u8], obj: Range<usize>, name: &[u8]) -> Option<(bool, Range
         s.eat(b':')?;
         s.ws();
         let v = s.value()?;
-        if &body[key] == name {
-            return lax_bool(&body[v.clone()]).map(|b| (b, v));
+        if *member_name(body, key) == *name {
+            found = Some((lax_bool(&body[v.clone()]) == Some(true), v));
         }
+    }
+}
+
+/// The name of the member whose key is at `key` (between the quotes), escapes decoded: a backend
+/// reads `"mod\u0065l"` as `model`, so the gateway must too. Copies only a name with escapes.
+fn member_name(body: &[u8], key: Range<usize>) -> Cow<'_, [u8]> {
+    let raw = &body[key.clone()];
+    if !raw.contains(&b'\\') {
+        return Cow::Borrowed(raw);
+    }
+    match serde_json::from_slice::<String>(&body[key.start - 1..key.end + 1]) {
+        Ok(name) => Cow::Owned(name.into_bytes()),
+        Err(_) => Cow::Borrowed(raw),
     }
 }
 
@@ -305,6 +320,17 @@ pub fn request_stream_usage(body: &mut Vec<u8>, info: &mut RequestInfo) -> bool 
     };
     body.splice(at.clone(), insert.iter().copied());
     info.shift(at.end, insert.len() as isize - at.len() as isize);
+    // `info` now describes what the edit wrote: `include_usage: true`, inside a `stream_options`
+    // object the edit wrote too when the insert holds one.
+    if let Some(value) = memchr::memmem::find(insert, b"true") {
+        let value = at.start + value;
+        info.include_usage = Some((true, value..value + 4));
+    }
+    if let Some(object) = memchr::memchr(b'{', insert) {
+        info.stream_options = Some(at.start + object..at.start + insert.len());
+        info.stream_options_null = None;
+    }
+    info.has_members = true;
     true
 }
 
@@ -435,13 +461,48 @@ mod tests {
         let s = String::from_utf8(b.clone()).unwrap();
         let v: serde_json::Value = serde_json::from_str(&s).expect("edit keeps valid JSON");
         assert_eq!(v["stream_options"]["include_usage"], true, "{s}");
-        let fresh = inspect(&b).unwrap();
-        assert_eq!(
-            (&info.model, &info.user, &info.prompt, info.end),
-            (&fresh.model, &fresh.user, &fresh.prompt, fresh.end),
-            "{s}"
-        );
+        assert_eq!(inspect(&b), Some(info), "{s}");
         s
+    }
+
+    #[test]
+    fn member_names_are_read_as_the_backend_reads_them() {
+        // Found by fuzz/fuzz_targets/inspect.rs: an escaped name hid the model from the gateway
+        // (no alias, no model policy), and an earlier duplicate decided what a backend ignores.
+        let body = br#"{"mod\u0065l":"secret","stream":true}"#;
+        assert_eq!(
+            model(&inspect(body).unwrap(), body).as_deref(),
+            Some("secret")
+        );
+        let body = br#"{"model":"a","model":5,"user":"u","user":null}"#;
+        let info = inspect(body).unwrap();
+        assert_eq!((info.model, info.user), (None, None));
+        for body in [
+            r#"{"stream_options":{"include_usage":true,"include_usage":false}}"#,
+            r#"{"stream_options":{"include_usage":null}}"#,
+            r#"{"stream_options":{"include_\u0075sage":false}}"#,
+            r#"{"stream_options":null,"stream_options":{}}"#,
+            r#"{"stream_options":{"include_usage":true},"stream_options":null}"#,
+        ] {
+            let edited = edited(body);
+            let value: serde_json::Value = serde_json::from_str(&edited).unwrap();
+            assert_eq!(value["stream_options"]["include_usage"], true, "{edited}");
+        }
+    }
+
+    #[test]
+    fn the_edited_info_describes_what_the_edit_wrote() {
+        // Found by fuzz/fuzz_targets/inspect.rs: after the edit, the info still said the body had
+        // no members and no `stream_options`.
+        for body in [
+            "{}",
+            r#"{"stream":true}"#,
+            r#"{"stream_options":null}"#,
+            r#"{"stream_options":{}}"#,
+            r#"{"stream_options":{"include_usage":false}}"#,
+        ] {
+            edited(body);
+        }
     }
 
     #[test]

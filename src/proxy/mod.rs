@@ -28,7 +28,7 @@ mod body;
 mod client_watch;
 mod conn;
 mod forward;
-mod inspect;
+pub(crate) mod inspect;
 mod outcome;
 mod pick;
 mod read;

@@ -96,7 +96,7 @@ impl From<RawUsage> for Tokens {
             completion: u.completion_tokens,
             total: u
                 .total_tokens
-                .unwrap_or(u.prompt_tokens + u.completion_tokens),
+                .unwrap_or(u.prompt_tokens.saturating_add(u.completion_tokens)),
             cached: u
                 .prompt_tokens_details
                 .and_then(|d| d.cached_tokens)
@@ -137,9 +137,11 @@ impl MessagesUsage {
 
     /// The whole prompt: uncached input, cache reads and cache writes.
     fn prompt(&self) -> u64 {
-        self.input_tokens.unwrap_or(0)
-            + self.cache_read_input_tokens.unwrap_or(0)
-            + self.cache_creation_input_tokens.unwrap_or(0)
+        // Saturating: the counts are the backend's, and a sum must not wrap.
+        self.input_tokens
+            .unwrap_or(0)
+            .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
+            .saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
     }
 
     /// The tokens billed; none unless both input and output were reported (an empty or partial
@@ -150,7 +152,7 @@ impl MessagesUsage {
         Some(Tokens {
             prompt,
             completion,
-            total: prompt + completion,
+            total: prompt.saturating_add(completion),
             cached: self.cache_read_input_tokens.unwrap_or(0),
             reasoning: 0,
         })
@@ -183,7 +185,9 @@ impl From<ResponsesUsage> for Tokens {
         Tokens {
             prompt: u.input_tokens,
             completion: u.output_tokens,
-            total: u.total_tokens.unwrap_or(u.input_tokens + u.output_tokens),
+            total: u
+                .total_tokens
+                .unwrap_or(u.input_tokens.saturating_add(u.output_tokens)),
             cached: u
                 .input_tokens_details
                 .and_then(|d| d.cached_tokens)
@@ -945,6 +949,40 @@ mod tests {
             let r = accounted(dialect_event(api, Captured::Nothing, 5));
             let r = r.record(false);
             assert_eq!((r.completion_tokens, r.usage_estimated), (5, true));
+        }
+    }
+
+    #[test]
+    fn counts_too_large_to_add_saturate() {
+        // Found by fuzz/fuzz_targets/usage_record.rs: the total of two huge counts overflowed.
+        let body = br#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":2}}"#;
+        let captured = Captured::Body {
+            bytes: body.to_vec(),
+            truncated: false,
+        };
+        assert_eq!(
+            parse_usage(Api::ChatCompletions, &captured).map(|t| t.total),
+            Some(u64::MAX)
+        );
+        let huge = u64::MAX;
+        for (api, body) in [
+            (
+                Api::Messages,
+                format!(
+                    r#"{{"usage":{{"input_tokens":{huge},"cache_read_input_tokens":{huge},"output_tokens":{huge}}}}}"#
+                ),
+            ),
+            (
+                Api::Responses,
+                format!(r#"{{"usage":{{"input_tokens":{huge},"output_tokens":{huge}}}}}"#),
+            ),
+        ] {
+            let captured = Captured::Body {
+                bytes: body.into_bytes(),
+                truncated: false,
+            };
+            let tokens = parse_usage(api, &captured).expect("usage");
+            assert_eq!((tokens.prompt, tokens.total), (huge, huge), "{api:?}");
         }
     }
 }
