@@ -48,8 +48,11 @@ pub struct Routing {
 }
 
 /// `routing.cache_aware`: how prompts are cut into blocks, how many blocks each backend's index
-/// remembers, and when load overrides a prefix match. The decision thresholds default to
-/// sgl-router's (`cache_threshold` 0.3, `balance_abs_threshold` 64, `balance_rel_threshold` 1.5).
+/// remembers, and when load overrides a prefix match. The decision rule is sgl-router's, and so
+/// are `threshold` (0.3) and `balance_rel` (1.5); `balance_abs` is 8, not its 64: with 64 the
+/// guard never trips on backends that run a few dozen sequences, and one hot prefix piles its
+/// traffic onto one backend (loadtest/routing.sh, skewed); at hundreds of sequences the relative
+/// condition decides anyway.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheAware {
     /// Bytes of prompt JSON per block (a multiple of 8); about 4 bytes make a token.
@@ -120,7 +123,7 @@ impl Default for RawCacheAware {
             // 2 MiB of prompt text, about 500k tokens: one large GPU's KV cache for an 8B model.
             index_blocks: 8192,
             threshold: 0.3,
-            balance_abs: 64,
+            balance_abs: 8,
             balance_rel: 1.5,
         }
     }
