@@ -9,6 +9,9 @@ use common::*;
 
 #[test]
 fn openai_sdk_classifies_auth_and_limit_refusals() {
+    if !python_has(&["openai"]) {
+        return;
+    }
     let mock = spawn_mock(&[]);
     let db = std::env::temp_dir().join(format!("llmproxy-sdk-{}.db", std::process::id()));
     let gw = spawn_gateway(&format!(

@@ -14,28 +14,6 @@ use common::*;
 use serde_json::Value;
 use usage::*;
 
-/// Whether python3 can import `modules`; without them the test skips, loudly, unless CI
-/// (`LLMPROXY_REQUIRE_SERVICES=1`) requires it.
-fn python_has(modules: &[&str]) -> bool {
-    let ok = Command::new("python3")
-        .arg("-c")
-        .arg(format!("import {}", modules.join(", ")))
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let required = std::env::var("LLMPROXY_REQUIRE_SERVICES").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "python3 cannot import {modules:?} and LLMPROXY_REQUIRE_SERVICES=1"
-        );
-        eprintln!(
-            "SKIPPED: python3 cannot import {modules:?} (pip install {})",
-            modules.join(" ")
-        );
-    }
-    ok
-}
-
 #[test]
 fn sdks_are_billed_exactly_on_every_dialect() {
     if !python_has(&["anthropic", "openai"]) {

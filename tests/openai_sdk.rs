@@ -9,6 +9,9 @@ use common::*;
 
 #[test]
 fn openai_python_sdk_works_through_the_gateway() {
+    if !python_has(&["openai"]) {
+        return;
+    }
     let sim = spawn_mock(&["--tokens", "8"]);
     let gw = spawn_gateway(&format!(
         "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n",

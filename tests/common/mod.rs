@@ -633,3 +633,32 @@ pub fn check_service(service: &Service, required: bool) -> bool {
     );
     false
 }
+
+/// Whether `python3` can import `modules` (the SDKs some tests drive). Without them the test
+/// skips, loudly, unless [`REQUIRE_SERVICES`] is set, which makes it fail instead.
+pub fn python_has(modules: &[&str]) -> bool {
+    let imported = Command::new("python3")
+        .arg("-c")
+        .arg(format!("import {}", modules.join(", ")))
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if imported {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string();
+    let required = std::env::var(REQUIRE_SERVICES).is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "python3 cannot import {modules:?} and {REQUIRE_SERVICES}=1: {test} needs it"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: python3 cannot import {modules:?} (python3 -m pip install {}); set {REQUIRE_SERVICES}=1 to make this a failure",
+        modules.join(" ")
+    );
+    false
+}
