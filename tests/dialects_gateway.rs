@@ -7,13 +7,6 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-fn temp_db(tag: &str) -> String {
-    std::env::temp_dir()
-        .join(format!("llmproxy-dialects-{tag}-{}.db", std::process::id()))
-        .display()
-        .to_string()
-}
-
 fn gateway(backend: std::net::SocketAddr, tag: &str) -> Proc {
     spawn_gateway(&format!(
         r#"
@@ -26,7 +19,7 @@ api_keys:
   - {{key: "sk-audio", allowed_models: ["whisper-1"]}}
   - {{key: "sk-any"}}
 "#,
-        temp_db(tag)
+        unique_path(&format!("llmproxy-dialects-{tag}")).display()
     ))
 }
 
