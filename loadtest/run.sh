@@ -162,6 +162,18 @@ write_governed_conf() { # FILE LISTEN_PORT BACKEND_PORT WORKERS WEBHOOK_PORT TAG
   append_metering_conf "$1" "$WORK/spool-$6.db" "$5" "$PG_DSN" "$GOV_TABLE"
 }
 
+# The governed path's own cost, apart from the sinks': keys and limits alone, and those plus
+# metering into the SQLite spool with no reporter (no webhook or PostgreSQL process sharing the cores).
+write_keys_conf() { # FILE LISTEN_PORT BACKEND_PORT WORKERS TAG
+  write_proxy_conf "$1" "$2" "$3" "$4"
+  append_keys_conf "$1" "$GOV_KEY" "$WORK/quota-keys-$5.db"
+}
+write_spool_conf() { # FILE LISTEN_PORT BACKEND_PORT WORKERS TAG
+  write_proxy_conf "$1" "$2" "$3" "$4"
+  append_keys_conf "$1" "$GOV_KEY" "$WORK/quota-spool-$5.db"
+  printf 'usage_hook:\n  enabled: true\n  spool_path: "%s"\n' "$WORK/spool-only-$5.db" >>"$1"
+}
+
 # Two requests on one keep-alive connection: both must be 200 with the expected content.
 smoke() { # LABEL PORT stream|plain
   local out body=$BODY_NS want='"choices"' url="http://127.0.0.1:$2/v1/chat/completions"
@@ -180,8 +192,9 @@ smoke() { # LABEL PORT stream|plain
 # Brings up simulator + llmproxy (bare and governed) + nginx for one part. Sets PORT_<target>.
 phase_up() { # TAG GATEWAY_WORKERS SIM_ARGS...
   local tag=$1 gw=$2; shift 2
-  local ports; ports=$("$PROBE" free-ports 7)
-  read -r PORT_direct PORT_llmproxy PORT_nginx PORT_governed PORT_busy PORT_default PORT_nginx_log <<<"$ports"
+  local ports; ports=$("$PROBE" free-ports 9)
+  read -r PORT_direct PORT_llmproxy PORT_nginx PORT_governed PORT_busy PORT_default PORT_nginx_log \
+    PORT_keys PORT_spool <<<"$ports"
   start "sim-$tag" "$SIM" mock-llm --listen "127.0.0.1:$PORT_direct" --workers "$SIM_WORKERS" "$@"
   await_port "sim-$tag" "$PORT_direct"
   curl -fsS --max-time 5 "http://127.0.0.1:$PORT_direct/health" >/dev/null \
@@ -195,6 +208,10 @@ phase_up() { # TAG GATEWAY_WORKERS SIM_ARGS...
   start "busy-$tag" "$LLMPROXY" serve --config "$WORK/busy-$tag.yaml"
   write_default_conf "$WORK/default-$tag.yaml" "$PORT_default" "$PORT_direct" "$gw"
   start "default-$tag" "$LLMPROXY" serve --config "$WORK/default-$tag.yaml"
+  write_keys_conf "$WORK/keys-$tag.yaml" "$PORT_keys" "$PORT_direct" "$gw" "$tag"
+  start "keys-$tag" "$LLMPROXY" serve --config "$WORK/keys-$tag.yaml"
+  write_spool_conf "$WORK/spool-$tag.yaml" "$PORT_spool" "$PORT_direct" "$gw" "$tag"
+  start "spool-$tag" "$LLMPROXY" serve --config "$WORK/spool-$tag.yaml"
   write_nginx_conf "$WORK/nginx-$tag" "$PORT_nginx" "$PORT_direct" "$gw" off
   start_nginx "nginx-$tag" "$WORK/nginx-$tag"
   write_nginx_conf "$WORK/nginx_log-$tag" "$PORT_nginx_log" "$PORT_direct" "$gw" default
@@ -205,6 +222,8 @@ phase_up() { # TAG GATEWAY_WORKERS SIM_ARGS...
   await_port "nginx-$tag" "$PORT_nginx"
   await_port "default-$tag" "$PORT_default"
   await_port "nginx_log-$tag" "$PORT_nginx_log"
+  await_port "keys-$tag" "$PORT_keys"
+  await_port "spool-$tag" "$PORT_spool"
 }
 
 # Metering must keep up: once the governed gateway's reporters have drained (or 60 s passed),
@@ -228,11 +247,12 @@ metering_check() { # TAG
   psql "$PG_DSN" -qc "DELETE FROM $GOV_TABLE" >/dev/null 2>&1 || true
 }
 
-phase_down() { stop "nginx_log-$1" "default-$1" "nginx-$1" "busy-$1" "governed-$1" "llmproxy-$1" "sim-$1"; }
+phase_down() { stop "spool-$1" "keys-$1" "nginx_log-$1" "default-$1" "nginx-$1" "busy-$1" "governed-$1" "llmproxy-$1" "sim-$1"; }
 
 # busy = the bare relay with `busy_poll` on; default = llmproxy as shipped (access log on);
-# nginx_log = nginx with its default access_log.
-TARGETS=(direct llmproxy governed nginx busy default nginx_log)
+# nginx_log = nginx with its default access_log; keys = keys and limits, no metering; spool =
+# keys, limits and metering into the spool with no reporter.
+TARGETS=(direct llmproxy governed nginx busy default nginx_log keys spool)
 # Target order for round R (1-based): rotated so that no target is always first or last.
 order() { local r=$(( ($1 - 1) % ${#TARGETS[@]} )); echo "${TARGETS[@]:$r} ${TARGETS[@]:0:$r}"; }
 port_of() { local v="PORT_$1"; echo "${!v}"; }
@@ -329,7 +349,7 @@ REPORT=$(jq -rs \
   def signed: if . == null then "–" elif . >= 0 then "+" + (round | tostring) else (round | tostring) end;
   def mib: (. / 1024 * 10 | round) / 10 | tostring;
   . as $all
-  | ["direct","llmproxy","governed","nginx","busy","default","nginx_log"] as $T
+  | ["direct","llmproxy","governed","nginx","busy","default","nginx_log","keys","spool"] as $T
   | def wrk($part): [ $T[] as $t | [$all[] | select(.part==$part and .target==$t)] as $rs
       | {t:$t, rps:([$rs[].rps]|median), p50:([$rs[].p50_us]|median), p90:([$rs[].p90_us]|median),
          p99:([$rs[].p99_us]|median),
@@ -376,7 +396,8 @@ REPORT=$(jq -rs \
     "- llmproxy / nginx throughput: **\(($W[1].rps / $W[3].rps)|r2)**; governed / llmproxy: **\(($W[2].rps / $W[1].rps)|r2)**; governed / nginx: **\(($W[2].rps / $W[3].rps)|r2)**",
     "- llmproxy / direct throughput: \(($W[1].rps / $W[0].rps)|r2); nginx / direct: \(($W[3].rps / $W[0].rps)|r2)",
     "- As shipped, access logs on: default / nginx_log throughput: **\(($W[5].rps / $W[6].rps)|r2)**; access log on / off: llmproxy \(($W[5].rps / $W[1].rps)|r2), nginx \(($W[6].rps / $W[3].rps)|r2)",
-    "- governed = llmproxy with a key checked, per-key limits (requests_per_minute, max_concurrent), and metering to the SQLite spool, a webhook and PostgreSQL; busy = llmproxy with `busy_poll: \($busy)`; default = llmproxy with its default config (access log on, to stderr: a file here); nginx_log = nginx with its default `access_log` (combined, unbuffered, to a file)",
+    "- The governed path without its sinks: keys and limits / llmproxy: **\(($W[7].rps / $W[1].rps)|r2)**; keys, limits and metering to the spool only / llmproxy: **\(($W[8].rps / $W[1].rps)|r2)**",
+    "- governed = llmproxy with a key checked, per-key limits (requests_per_minute, max_concurrent), and metering to the SQLite spool, a webhook and PostgreSQL; busy = llmproxy with `busy_poll: \($busy)`; default = llmproxy with its default config (access log on, to stderr: a file here); nginx_log = nginx with its default `access_log` (combined, unbuffered, to a file); keys = governed without metering; spool = governed with metering into the SQLite spool and no reporter",
     "",
     "## (a1) Non-streaming at concurrency 1: the latency a gateway adds",
     "",
