@@ -91,7 +91,8 @@ pub struct Progress {
     pub meter: Option<Meter>,
     /// Response bytes written to the client (head included).
     pub bytes: u64,
-    /// When the request was handed to an upstream connection (last attempt).
+    /// When the request was handed to an upstream connection, set once the whole request was
+    /// written (last attempt); `None`: no backend received it.
     pub sent_upstream: Option<Instant>,
     /// When the backend's response head was complete.
     pub upstream_head: Option<Instant>,
@@ -150,8 +151,20 @@ pub async fn exchange(
         let mut up = conn?;
         let may_retry = up.reused && !fresh_only;
         let sent_at = Instant::now();
-        progress.sent_upstream = Some(sent_at);
-        let (sent, req) = up.stream.write_all(mem::take(request)).await;
+        // The request's write counts toward the head's deadline and is raced with the client:
+        // a backend that stops reading must not hold the request once the socket buffers fill.
+        // Given up, the buffer goes with the write (the next attempt writes a new one).
+        let write = watch.race(up.stream.write_all(mem::take(request)));
+        let written = match ex.head_deadline {
+            None => write.await,
+            Some(at) => match monoio::time::timeout_at(at.into(), write).await {
+                Ok(w) => w,
+                Err(_) => return Err(GatewayError::UpstreamTimeout),
+            },
+        };
+        let Some((sent, req)) = written else {
+            return Ok(Relayed::ClientGone);
+        };
         *request = req;
         if sent.is_err() {
             if may_retry {
@@ -161,6 +174,8 @@ pub async fn exchange(
             }
             return Err(GatewayError::UpstreamConnect);
         }
+        // From here the backend has the request: whatever happens next, it is accounted.
+        progress.sent_upstream = Some(sent_at);
         let head = read_response_head(&mut up, watch, plan.head_request, resp_head);
         let head = match ex.head_deadline {
             None => head.await,
