@@ -7,8 +7,10 @@
 //!   replaced, counted in response bytes from that request on, so a pooled connection's earlier
 //!   responses do not count;
 //! - for everything, with [`FaultProxy::cut`]: every open connection is reset and new ones are
-//!   reset as soon as they are accepted, until [`FaultProxy::restore`]. The server itself keeps
-//!   running: shared services (PostgreSQL) are made unreachable without being stopped.
+//!   reset as soon as they are accepted, until [`FaultProxy::restore`]; or with
+//!   [`FaultProxy::hang`], a black hole: open connections forward nothing more, ever, and new
+//!   ones are accepted and never answered, until restored. The server itself keeps running:
+//!   shared services (PostgreSQL, Redis) are made unreachable without being stopped.
 //!
 //! Kinds: `reset:N` (forward N response bytes, then reset both sides), `fin:N` (forward N
 //! bytes, then half-close toward the client: a FIN, the proxy still reads), `stall:N` (forward
@@ -64,6 +66,9 @@ struct Shared {
     target: SocketAddr,
     obey: bool,
     cut: AtomicBool,
+    hanging: AtomicBool,
+    /// [`FaultProxy::hang`] calls so far: a connection opened before the latest is a black hole.
+    hangs: AtomicU64,
     /// Both sockets of every connection still open, to reset them on [`FaultProxy::cut`].
     open: Mutex<Vec<(Weak<TcpStream>, Weak<TcpStream>)>>,
     accepted: AtomicU64,
@@ -95,6 +100,8 @@ impl FaultProxy {
             target,
             obey,
             cut: AtomicBool::new(false),
+            hanging: AtomicBool::new(false),
+            hangs: AtomicU64::new(0),
             open: Mutex::new(Vec::new()),
             accepted: AtomicU64::new(0),
             faults: AtomicU64::new(0),
@@ -105,6 +112,10 @@ impl FaultProxy {
                 s.accepted.fetch_add(1, Ordering::Relaxed);
                 if s.cut.load(Ordering::SeqCst) {
                     reset(&conn);
+                    continue;
+                }
+                if s.hanging.load(Ordering::SeqCst) {
+                    std::thread::spawn(move || swallow(&conn));
                     continue;
                 }
                 let s = s.clone();
@@ -125,8 +136,16 @@ impl FaultProxy {
         }
     }
 
+    /// Makes every open connection a black hole and holds new ones unanswered, until
+    /// [`FaultProxy::restore`] (the connections opened before stay black holes).
+    pub fn hang(&self) {
+        self.shared.hanging.store(true, Ordering::SeqCst);
+        self.shared.hangs.fetch_add(1, Ordering::SeqCst);
+    }
+
     pub fn restore(&self) {
         self.shared.cut.store(false, Ordering::SeqCst);
+        self.shared.hanging.store(false, Ordering::SeqCst);
     }
 
     /// Connections accepted so far.
@@ -144,6 +163,12 @@ impl FaultProxy {
 fn reset(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
     let _ = s.shutdown(Shutdown::Read);
+}
+
+/// Reads and drops whatever `conn` sends until it closes; answers nothing.
+fn swallow(mut conn: &TcpStream) {
+    let mut buf = [0u8; 4096];
+    while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
 }
 
 /// The fault armed on one connection and the response bytes forwarded since it was armed.
@@ -169,6 +194,7 @@ fn relay(shared: Arc<Shared>, client: TcpStream) {
         .unwrap()
         .push((Arc::downgrade(&client), Arc::downgrade(&server)));
     let armed = Arc::new(Mutex::new(Armed::default()));
+    let born = shared.hangs.load(Ordering::SeqCst);
     {
         let (client, server, armed, shared) = (
             client.clone(),
@@ -176,19 +202,28 @@ fn relay(shared: Arc<Shared>, client: TcpStream) {
             armed.clone(),
             shared.clone(),
         );
-        std::thread::spawn(move || upstream(&shared, &client, &server, &armed));
+        std::thread::spawn(move || upstream(&shared, &client, &server, &armed, born));
     }
-    downstream(&shared, &client, &server, &armed);
+    downstream(&shared, &client, &server, &armed, born);
 }
 
 /// Client to server: arms the fault a request names before the request reaches the server.
-fn upstream(shared: &Shared, client: &TcpStream, server: &TcpStream, armed: &Mutex<Armed>) {
+fn upstream(
+    shared: &Shared,
+    client: &TcpStream,
+    server: &TcpStream,
+    armed: &Mutex<Armed>,
+    born: u64,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match (&*client).read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if shared.hangs.load(Ordering::SeqCst) > born {
+            continue;
+        }
         // A new request (the gateway sends one only after the last response ended) arms the
         // fault it names, or disarms the last one.
         if shared.obey && starts_request(&buf[..n]) {
@@ -207,13 +242,22 @@ fn upstream(shared: &Shared, client: &TcpStream, server: &TcpStream, armed: &Mut
 }
 
 /// Server to client, applying the armed fault.
-fn downstream(shared: &Shared, client: &TcpStream, server: &TcpStream, armed: &Mutex<Armed>) {
+fn downstream(
+    shared: &Shared,
+    client: &TcpStream,
+    server: &TcpStream,
+    armed: &Mutex<Armed>,
+    born: u64,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match (&*server).read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if shared.hangs.load(Ordering::SeqCst) > born {
+            continue;
+        }
         let mut a = armed.lock().unwrap();
         let Some(fault) = a.fault else {
             drop(a);
@@ -293,6 +337,11 @@ fn downstream(shared: &Shared, client: &TcpStream, server: &TcpStream, armed: &M
             }
             Fault::Trickle(_) | Fault::Garbage => unreachable!(),
         }
+        return;
+    }
+    if shared.hangs.load(Ordering::SeqCst) > born {
+        // A black hole does not pass the server's close on either.
+        wait_client_gone(armed);
         return;
     }
     let _ = client.shutdown(Shutdown::Write);
