@@ -49,7 +49,7 @@ struct Rig {
 }
 
 /// Timeouts short enough for a test, long enough for a loaded machine.
-const TIMEOUTS: &str = "timeouts: {connect: 500ms, first_byte: 2s, idle: 2s}\n";
+const TIMEOUTS: &str = "timeouts: {connect: 2s, first_byte: 4s, idle: 4s}\n";
 
 fn rig(name: &str, extra: &str) -> Rig {
     let tokens = TOKENS.to_string();
@@ -375,7 +375,7 @@ fn a_stream_longer_than_the_total_timeout_is_cut() {
     let gw = spawn_gateway(&gateway_config(
         &format!("  - url: \"http://{}\"\n", mock.addr),
         &spool,
-        "timeouts: {total: 1s}\n",
+        "timeouts: {total: 2s}\n",
     ));
     let r = send(gw.addr, "total", true, "");
     // The barrier must not take the total's cut: it asks for a short answer.
@@ -481,7 +481,7 @@ fn a_connect_that_hangs_times_out_as_504_without_a_record() {
     let dir = temp_dir("connect-timeout");
     let spool = dir.join("usage.db");
     let (_mock, gw) =
-        dead_backend_gateway(dead, &spool, "timeouts: {connect: 300ms, first_byte: 2s}\n");
+        dead_backend_gateway(dead, &spool, "timeouts: {connect: 500ms, first_byte: 4s}\n");
     let r = dead_model_request(gw.addr, "connect");
     assert_error(&r, 504, "upstream_connect_timeout");
     // No backend received the request: nothing to account.
@@ -504,7 +504,7 @@ fn a_backend_that_accepts_and_never_answers_times_out_as_504() {
     });
     let dir = temp_dir("silent");
     let spool = dir.join("usage.db");
-    let (_mock, gw) = dead_backend_gateway(dead, &spool, "timeouts: {first_byte: 1s}\n");
+    let (_mock, gw) = dead_backend_gateway(dead, &spool, "timeouts: {first_byte: 3s}\n");
     let r = dead_model_request(gw.addr, "silent");
     assert_error(&r, 504, "upstream_timeout");
     assert_unanswered(&one_record(gw.addr, &spool, "silent"), 504);
@@ -620,7 +620,7 @@ fn a_backend_that_never_reads_a_large_request_times_out_as_504() {
     });
     let dir = temp_dir("deaf");
     let spool = dir.join("usage.db");
-    let (_mock, gw) = dead_backend_gateway(dead, &spool, "timeouts: {first_byte: 1s}\n");
+    let (_mock, gw) = dead_backend_gateway(dead, &spool, "timeouts: {first_byte: 3s}\n");
     let body = json!({
         "model": "dead",
         "messages": [{"role": "user", "content": "x".repeat(8 << 20)}],
