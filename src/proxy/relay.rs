@@ -151,38 +151,41 @@ pub async fn exchange(
         let mut up = conn?;
         let may_retry = up.reused && !fresh_only;
         let sent_at = Instant::now();
-        // The request's write counts toward the head's deadline and is raced with the client:
-        // a backend that stops reading must not hold the request once the socket buffers fill.
-        // Given up, the buffer goes with the write (the next attempt writes a new one).
-        let write = watch.race(up.stream.write_all(mem::take(request)));
-        let written = match ex.head_deadline {
-            None => write.await,
-            Some(at) => match monoio::time::timeout_at(at.into(), write).await {
-                Ok(w) => w,
+        // The request's write and the head's read share one deadline and are raced with the
+        // client: a backend that stops reading must not hold the request once the socket
+        // buffers fill. Given up, the buffer goes with the write (a retry writes a new one).
+        let attempt = async {
+            let (sent, req) = watch.race(up.stream.write_all(mem::take(request))).await?;
+            *request = req;
+            if sent.is_err() {
+                return Some(Err(()));
+            }
+            // From here the backend has the request: whatever happens next, it is accounted.
+            progress.sent_upstream = Some(sent_at);
+            Some(Ok(read_response_head(
+                &mut up,
+                watch,
+                plan.head_request,
+                resp_head,
+            )
+            .await))
+        };
+        let attempt = match ex.head_deadline {
+            None => attempt.await,
+            Some(at) => match monoio::time::timeout_at(at.into(), attempt).await {
+                Ok(a) => a,
                 Err(_) => return Err(GatewayError::UpstreamTimeout),
             },
         };
-        let Some((sent, req)) = written else {
-            return Ok(Relayed::ClientGone);
-        };
-        *request = req;
-        if sent.is_err() {
-            if may_retry {
+        let head = match attempt {
+            None => return Ok(Relayed::ClientGone),
+            Some(Err(())) if may_retry => {
                 fresh_only = true;
                 progress.retries += 1;
                 continue;
             }
-            return Err(GatewayError::UpstreamConnect);
-        }
-        // From here the backend has the request: whatever happens next, it is accounted.
-        progress.sent_upstream = Some(sent_at);
-        let head = read_response_head(&mut up, watch, plan.head_request, resp_head);
-        let head = match ex.head_deadline {
-            None => head.await,
-            Some(at) => match monoio::time::timeout_at(at.into(), head).await {
-                Ok(h) => h,
-                Err(_) => return Err(GatewayError::UpstreamTimeout),
-            },
+            Some(Err(())) => return Err(GatewayError::UpstreamConnect),
+            Some(Ok(head)) => head,
         };
         if let Some(Ok(_)) = &head {
             upstreams.observe_latency(ex.backend, sent_at.elapsed());
