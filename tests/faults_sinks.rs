@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use common::{
     closed_port, metric, raw_request, service_up, spawn_gateway, spawn_gateway_logging, spawn_mock,
-    unique_name, wait_until, Client, REDIS, REQUIRE_SERVICES,
+    unique_name, wait_until, Client, Service, MARIADB, POSTGRES, REDIS, REQUIRE_SERVICES,
 };
 use fault_proxy::FaultProxy;
 use serde_json::{json, Value};
@@ -205,10 +205,10 @@ fn webhook_outage(freeze: bool) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Rows per request id in `table`, read from PostgreSQL directly (not through the proxy).
+/// Rows per request id in `table`, read from the database directly (not through the proxy).
 fn pg_rows(table: &str) -> HashMap<String, i64> {
-    let mut pg = postgres::Client::connect(&pg_dsn(common::POSTGRES.port), postgres::NoTls)
-        .expect("PostgreSQL");
+    let mut pg =
+        postgres::Client::connect(&pg_dsn(POSTGRES.port), postgres::NoTls).expect("PostgreSQL");
     let rows = match pg.query(
         &format!("SELECT request_id, count(*) FROM {table} GROUP BY request_id"),
         &[],
@@ -226,25 +226,77 @@ fn pg_dsn(port: u16) -> String {
     format!("host=127.0.0.1 port={port} user=postgres dbname=test connect_timeout=2")
 }
 
+/// Over TCP only: the client otherwise moves to the server's Unix socket once it has asked
+/// for its path, past the fault proxy.
+fn mysql_url(port: u16) -> String {
+    format!("mysql://root@127.0.0.1:{port}/test?prefer_socket=false")
+}
+
+fn mysql_rows(table: &str) -> HashMap<String, i64> {
+    use mysql::prelude::Queryable;
+    let opts = mysql::Opts::from_url(&mysql_url(MARIADB.port)).unwrap();
+    let mut my = mysql::Conn::new(opts).expect("MariaDB");
+    my.query::<(String, i64), _>(format!(
+        "SELECT request_id, count(*) FROM {table} GROUP BY request_id"
+    ))
+    .map(|rows| rows.into_iter().collect())
+    .unwrap_or_default()
+}
+
 /// The usage database sink's PostgreSQL becomes unreachable (every connection reset, new ones
 /// too) while traffic flows, then comes back.
 #[test]
 fn postgres_sink_cut_off_under_load_then_back() {
-    if !service_up(&common::POSTGRES) {
+    if !service_up(&POSTGRES) {
         return;
     }
-    let pg: SocketAddr = common::POSTGRES.addr().parse().unwrap();
-    let proxy = FaultProxy::start(pg);
-    let mock = spawn_mock(&["--tokens", "3"]);
-    let dir = temp_dir("sink-pg");
     let table = unique_table("faults_pg");
+    sql_sink_cut_off(
+        &POSTGRES,
+        &table,
+        |port| ("postgres", pg_dsn(port)),
+        pg_rows,
+    );
+    let mut pg =
+        postgres::Client::connect(&pg_dsn(POSTGRES.port), postgres::NoTls).expect("PostgreSQL");
+    let _ = pg.batch_execute(&format!("DROP TABLE IF EXISTS {table}"));
+}
+
+/// The same with MariaDB.
+#[test]
+fn mariadb_sink_cut_off_under_load_then_back() {
+    if !service_up(&MARIADB) {
+        return;
+    }
+    let table = unique_table("faults_my");
+    sql_sink_cut_off(
+        &MARIADB,
+        &table,
+        |port| ("mysql", mysql_url(port)),
+        mysql_rows,
+    );
+    use mysql::prelude::Queryable;
+    let opts = mysql::Opts::from_url(&mysql_url(MARIADB.port)).unwrap();
+    let mut my = mysql::Conn::new(opts).expect("MariaDB");
+    let _ = my.query_drop(format!("DROP TABLE IF EXISTS {table}"));
+}
+
+/// A database usage sink behind the fault proxy, cut off while traffic flows, then back: every
+/// record stored exactly once, and never counted delivered before it was stored.
+fn sql_sink_cut_off(
+    service: &Service,
+    table: &str,
+    dsn: impl Fn(u16) -> (&'static str, String),
+    rows: impl Fn(&str) -> HashMap<String, i64>,
+) {
+    let proxy = FaultProxy::start(service.addr().parse().unwrap());
+    let mock = spawn_mock(&["--tokens", "3"]);
+    let dir = temp_dir("sink-sql");
+    let (driver, dsn) = dsn(proxy.addr.port());
     let sink = reporter(
-        "pg",
+        "db",
         "database",
-        &format!(
-            "      database: {{driver: postgres, dsn: \"{}\", table: {table}}}\n",
-            pg_dsn(proxy.addr.port())
-        ),
+        &format!("      database: {{driver: {driver}, dsn: \"{dsn}\", table: {table}}}\n"),
     );
     let gw = spawn_gateway(&gateway_yaml(mock.addr, &dir.join("usage.db"), &sink));
     let delivered = || metric(gw.addr, "llmproxy_usage_delivered_total");
@@ -265,7 +317,7 @@ fn postgres_sink_cut_off_under_load_then_back() {
         load.wait_for(60);
         // Counted delivered only once committed: the table holds at least that many rows.
         let claimed = delivered();
-        let stored: i64 = pg_rows(&table).values().sum();
+        let stored: i64 = rows(table).values().sum();
         assert!(
             claimed <= stored as f64,
             "{claimed} claimed, {stored} stored"
@@ -276,17 +328,12 @@ fn postgres_sink_cut_off_under_load_then_back() {
         load.stop.store(true, Ordering::Relaxed);
     });
     let ids = load.ids();
-    let all = wait_until(Duration::from_secs(40), || {
-        pg_rows(&table).len() >= ids.len()
-    });
-    let rows = pg_rows(&table);
-    assert!(all, "{} of {} records stored", rows.len(), ids.len());
-    assert_eq!(rows.keys().cloned().collect::<HashSet<_>>(), ids);
-    assert!(rows.values().all(|n| *n == 1), "a record stored twice");
+    let all = wait_until(Duration::from_secs(40), || rows(table).len() >= ids.len());
+    let stored = rows(table);
+    assert!(all, "{} of {} records stored", stored.len(), ids.len());
+    assert_eq!(stored.keys().cloned().collect::<HashSet<_>>(), ids);
+    assert!(stored.values().all(|n| *n == 1), "a record stored twice");
     assert!(wait_until(Duration::from_secs(5), || delivered() == ids.len() as f64));
-    let mut pg = postgres::Client::connect(&pg_dsn(common::POSTGRES.port), postgres::NoTls)
-        .expect("PostgreSQL");
-    let _ = pg.batch_execute(&format!("DROP TABLE IF EXISTS {table}"));
     let _ = std::fs::remove_dir_all(dir);
 }
 
