@@ -92,7 +92,7 @@ pub struct Timeouts {
     pub client_body: Duration,
     /// Idle time allowed between requests on a client keep-alive connection.
     pub keepalive: Duration,
-    /// Request sent -> response head received (then 504); `None`: no limit.
+    /// From the start of the request's write to the response head (then 504); `None`: no limit.
     pub first_byte: Option<Duration>,
     /// Longest gap between two reads of a response body (then the stream is cut).
     pub idle: Option<Duration>,

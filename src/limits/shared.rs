@@ -3,7 +3,10 @@
 //! The same GCRA as [`super::Rate`], run as one Lua script in Redis so that every instance takes
 //! from one allowance atomically (all scopes of a request or none), timed by Redis's own clock.
 //! Redis calls block, so they run on a few std threads; the worker awaits the answer as a future.
-//! While Redis is unreachable, each instance falls back to its local rates (logged).
+//! While Redis is unreachable, each instance falls back to its local rates (logged). A Redis
+//! that hangs instead of refusing costs each call its 1 s timeout, so after a failure the
+//! [`Breaker`] answers locally at once and lets one call a second probe Redis: requests never
+//! queue behind a dead Redis.
 //!
 //! Concurrency caps are shared as leases: one sorted-set member per running request, scored by
 //! its expiry. A renewal thread extends the leases this instance holds; a crashed instance's
@@ -16,7 +19,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -68,6 +71,51 @@ return 1
 
 /// How long a lease lives without renewal (a crashed instance's slots free up after this).
 const LEASE_TTL_MS: u64 = 15_000;
+/// After a failed Redis call, how long calls fall back to local limits before one probes again.
+const PROBE_EVERY_MS: u64 = 1_000;
+
+/// Shared by the Redis threads: open (answering locally) from a failure until one probe call
+/// succeeds.
+struct Breaker {
+    since: Instant,
+    /// Milliseconds since `since` until which calls answer locally; 0: closed (use Redis).
+    open_until: AtomicU64,
+}
+
+impl Breaker {
+    fn now(&self) -> u64 {
+        self.since.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether this call may go to Redis: always while closed; while open, only the one call
+    /// that claims the next probe.
+    fn admit(&self) -> bool {
+        let until = self.open_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let now = self.now();
+        now >= until
+            && self
+                .open_until
+                .compare_exchange(
+                    until,
+                    now + PROBE_EVERY_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    fn failed(&self) {
+        self.open_until
+            .store(self.now() + PROBE_EVERY_MS, Ordering::Relaxed);
+    }
+
+    fn succeeded(&self) {
+        self.open_until.store(0, Ordering::Relaxed);
+    }
+}
 
 /// What Redis said about one request.
 pub enum Remote {
@@ -144,11 +192,15 @@ impl RedisRates {
                 .name("llmproxy-rl-renew".into())
                 .spawn(move || renew_loop(&client, &held))?;
         }
+        let breaker = Arc::new(Breaker {
+            since: Instant::now(),
+            open_until: AtomicU64::new(0),
+        });
         for i in 0..threads.max(1) {
-            let (client, rx) = (client.clone(), rx.clone());
+            let (client, rx, breaker) = (client.clone(), rx.clone(), breaker.clone());
             std::thread::Builder::new()
                 .name(format!("llmproxy-rl{i}"))
-                .spawn(move || serve(&client, &rx))?;
+                .spawn(move || serve(&client, &rx, &breaker))?;
         }
         let instance = std::collections::hash_map::RandomState::new()
             .build_hasher()
@@ -232,14 +284,24 @@ impl Future for TakeFuture {
     }
 }
 
-fn serve(client: &redis::Client, jobs: &Receiver<Job>) {
+fn serve(client: &redis::Client, jobs: &Receiver<Job>, breaker: &Breaker) {
     let script = redis::Script::new(SCRIPT);
     let mut conn: Option<redis::Connection> = None;
     // Logged once per outage per thread, not once per request.
     let mut down = false;
     let acquire = redis::Script::new(ACQUIRE);
     for job in jobs {
-        let (answer, reply) = match job {
+        if !breaker.admit() {
+            match job {
+                Job::Take { reply, .. } | Job::Acquire { reply, .. } => {
+                    answer(&reply, Remote::Unavailable);
+                }
+                // Unreleased leases expire on their own within LEASE_TTL_MS.
+                Job::Release { .. } => {}
+            }
+            continue;
+        }
+        let (result, reply) = match job {
             Job::Take { scopes, reply } => (run(client, &mut conn, &script, &scopes), reply),
             Job::Acquire {
                 slots,
@@ -260,20 +322,23 @@ fn serve(client: &redis::Client, jobs: &Receiver<Job>) {
                 if released.is_err() {
                     // Unreleased leases expire on their own within LEASE_TTL_MS.
                     conn = None;
+                    breaker.failed();
                 }
                 continue;
             }
         };
-        let answer = match answer {
+        let remote = match result {
             Ok(a) => {
                 if down {
                     tracing::info!("redis rate limit available again");
                 }
                 down = false;
+                breaker.succeeded();
                 a
             }
             Err(e) => {
                 conn = None;
+                breaker.failed();
                 if !down {
                     tracing::warn!("redis rate limit unavailable, using local limits: {e}");
                 }
@@ -281,14 +346,18 @@ fn serve(client: &redis::Client, jobs: &Receiver<Job>) {
                 Remote::Unavailable
             }
         };
-        let waker = {
-            let mut state = reply.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.0 = Some(answer);
-            state.1.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        answer(&reply, remote);
+    }
+}
+
+fn answer(reply: &Reply, remote: Remote) {
+    let waker = {
+        let mut state = reply.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 = Some(remote);
+        state.1.take()
+    };
+    if let Some(w) = waker {
+        w.wake();
     }
 }
 

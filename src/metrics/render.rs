@@ -367,6 +367,17 @@ impl Registry {
         );
         header(
             out,
+            "llmproxy_usage_spool_errors_total",
+            "counter",
+            "Failed spool writes (a full disk, an unwritable file); each batch is retried until it is written.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_usage_spool_errors_total {}",
+            stats.map_or(0, |s| s.spool_errors.load(Relaxed))
+        );
+        header(
+            out,
             "llmproxy_usage_delivered_total",
             "counter",
             "Usage records delivered, per reporter.",

@@ -101,10 +101,12 @@ impl RequestOutcome {
         self.in_flight.as_ref().map(|f| f.index)
     }
 
-    /// Whether a backend answered or generated anything billable: requests that never reached
-    /// one cost nothing.
+    /// Whether a backend received the request (on the last attempt): each such request gets
+    /// exactly one usage record, also when the backend then failed before answering (an
+    /// `error` record that bills nothing, so records reconcile with the backends' own counts).
+    /// A request no backend received (connect failed, no backend, the client left first) has
+    /// none.
     pub fn reached_backend(&self) -> bool {
-        self.in_flight.is_some()
-            && !(self.progress.status == 0 && self.ending == Some(Outcome::Failed))
+        self.in_flight.is_some() && self.progress.sent_upstream.is_some()
     }
 }

@@ -91,7 +91,8 @@ pub struct Progress {
     pub meter: Option<Meter>,
     /// Response bytes written to the client (head included).
     pub bytes: u64,
-    /// When the request was handed to an upstream connection (last attempt).
+    /// When the request was handed to an upstream connection, set once the whole request was
+    /// written (last attempt); `None`: no backend received it.
     pub sent_upstream: Option<Instant>,
     /// When the backend's response head was complete.
     pub upstream_head: Option<Instant>,
@@ -150,24 +151,41 @@ pub async fn exchange(
         let mut up = conn?;
         let may_retry = up.reused && !fresh_only;
         let sent_at = Instant::now();
-        progress.sent_upstream = Some(sent_at);
-        let (sent, req) = up.stream.write_all(mem::take(request)).await;
-        *request = req;
-        if sent.is_err() {
-            if may_retry {
+        // The request's write and the head's read share one deadline and are raced with the
+        // client: a backend that stops reading must not hold the request once the socket
+        // buffers fill. Given up, the buffer goes with the write (a retry writes a new one).
+        let attempt = async {
+            let (sent, req) = watch.race(up.stream.write_all(mem::take(request))).await?;
+            *request = req;
+            if sent.is_err() {
+                return Some(Err(()));
+            }
+            // From here the backend has the request: whatever happens next, it is accounted.
+            progress.sent_upstream = Some(sent_at);
+            Some(Ok(read_response_head(
+                &mut up,
+                watch,
+                plan.head_request,
+                resp_head,
+            )
+            .await))
+        };
+        let attempt = match ex.head_deadline {
+            None => attempt.await,
+            Some(at) => match monoio::time::timeout_at(at.into(), attempt).await {
+                Ok(a) => a,
+                Err(_) => return Err(GatewayError::UpstreamTimeout),
+            },
+        };
+        let head = match attempt {
+            None => return Ok(Relayed::ClientGone),
+            Some(Err(())) if may_retry => {
                 fresh_only = true;
                 progress.retries += 1;
                 continue;
             }
-            return Err(GatewayError::UpstreamConnect);
-        }
-        let head = read_response_head(&mut up, watch, plan.head_request, resp_head);
-        let head = match ex.head_deadline {
-            None => head.await,
-            Some(at) => match monoio::time::timeout_at(at.into(), head).await {
-                Ok(h) => h,
-                Err(_) => return Err(GatewayError::UpstreamTimeout),
-            },
+            Some(Err(())) => return Err(GatewayError::UpstreamConnect),
+            Some(Ok(head)) => head,
         };
         if let Some(Ok(_)) = &head {
             upstreams.observe_latency(ex.backend, sent_at.elapsed());

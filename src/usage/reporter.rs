@@ -370,9 +370,22 @@ fn deliver_loop(
     let mut final_deadline: Option<Instant> = None;
     // Since when a batch short of `batch_size` has been waiting for more records.
     let mut short_since: Option<Instant> = None;
+    // The last row of a delivered batch whose cursor could not be written (a full disk):
+    // nothing more is delivered until it is, or that batch would be sent again.
+    let mut unacked: Option<i64> = None;
     loop {
         if final_deadline.is_some_and(|d| Instant::now() >= d) {
             break;
+        }
+        if let Some(last) = unacked {
+            if spool.ack(name, last).is_err() {
+                match nudges.recv_timeout(IDLE_POLL) {
+                    // Shutdown: the batch is re-sent at the next start (idempotently).
+                    Err(RecvTimeoutError::Disconnected) => return,
+                    _ => continue,
+                }
+            }
+            unacked = None;
         }
         let backlog = spool.backlog(name).unwrap_or(0);
         stats.backlog.store(backlog, Ordering::Relaxed);
@@ -406,8 +419,11 @@ fn deliver_loop(
                 Ok(()) => {
                     let last = rows[rows.len() - 1].id;
                     if let Err(e) = spool.ack(name, last) {
-                        // Delivered but not recorded: it will be re-sent (idempotently).
-                        tracing::error!(reporter = name, "usage cursor update failed: {e}");
+                        tracing::error!(
+                            reporter = name,
+                            "usage cursor update failed, delivery waits until it is written: {e}"
+                        );
+                        unacked = Some(last);
                     }
                     stats
                         .delivered

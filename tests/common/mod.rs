@@ -91,6 +91,16 @@ pub fn wait_ready(child: &mut Child, ready_file: &Path) -> Listening {
 
 /// Runs `llmproxy <args> --ready-file FILE` with `env` added and waits until it listens.
 fn spawn(args: &[&str], env: &[(&str, &OsStr)], config: Option<PathBuf>) -> Proc {
+    spawn_logging(args, env, config, Stdio::inherit())
+}
+
+/// [`spawn`] with the process's log (stderr) sent to `stderr`.
+fn spawn_logging(
+    args: &[&str],
+    env: &[(&str, &OsStr)],
+    config: Option<PathBuf>,
+    stderr: Stdio,
+) -> Proc {
     let ready_file = unique_path("llmproxy-ready");
     let mut child = Command::new(env!("CARGO_BIN_EXE_llmproxy"))
         .args(args)
@@ -99,6 +109,7 @@ fn spawn(args: &[&str], env: &[(&str, &OsStr)], config: Option<PathBuf>) -> Proc
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("spawn llmproxy");
     let listening = wait_ready(&mut child, &ready_file);
@@ -169,7 +180,15 @@ pub fn spawn_gateway_on(listen: SocketAddr, config_yaml: &str) -> Proc {
     start_gateway(listen, config_yaml, &[])
 }
 
-fn start_gateway(listen: SocketAddr, config_yaml: &str, env: &[(&str, &OsStr)]) -> Proc {
+/// [`spawn_gateway`] writing its log (stderr) to the file `log`, for a test that reads it.
+pub fn spawn_gateway_logging(config_yaml: &str, log: &Path) -> Proc {
+    let file = std::fs::File::create(log).expect("create the log file");
+    let path = gateway_config_file(([127, 0, 0, 1], 0).into(), config_yaml);
+    let arg = path.to_str().expect("utf-8 temp path").to_string();
+    spawn_logging(&["serve", "--config", &arg], &[], Some(path), file.into())
+}
+
+fn gateway_config_file(listen: SocketAddr, config_yaml: &str) -> PathBuf {
     assert!(
         config_yaml.contains("{listen}"),
         "the gateway config needs a {{listen}} placeholder"
@@ -177,6 +196,11 @@ fn start_gateway(listen: SocketAddr, config_yaml: &str, env: &[(&str, &OsStr)]) 
     let path = unique_path("llmproxy-test").with_extension("yaml");
     std::fs::write(&path, config_yaml.replace("{listen}", &listen.to_string()))
         .expect("write config");
+    path
+}
+
+fn start_gateway(listen: SocketAddr, config_yaml: &str, env: &[(&str, &OsStr)]) -> Proc {
+    let path = gateway_config_file(listen, config_yaml);
     let file = path.to_str().expect("utf-8 temp path").to_string();
     spawn(&["serve", "--config", &file], env, Some(path))
 }

@@ -97,6 +97,11 @@ impl Receiver {
         }
     }
 
+    /// The receiver's process id, for a test that signals it (SIGSTOP, SIGCONT).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}/usage", self.addr)
     }
