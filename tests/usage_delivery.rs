@@ -229,6 +229,63 @@ fn records_survive_sigkill_while_the_webhook_is_down() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `durability: sync` (the default): a request's record is in the spool before its last byte
+/// reaches the client, so a SIGKILL right after the last answer loses nothing. Several clients
+/// at once, streams and plain bodies, so that commits are grouped across connections.
+#[test]
+fn every_answered_request_survives_sigkill_right_after_its_answer() {
+    let mock = spawn_mock(&["--tokens", "3"]);
+    let dir = temp_dir("kill-sync");
+    let spool = dir.join("usage.db");
+    let webhook_port = closed_port();
+    let url = format!("http://{}/usage", webhook_port.addr);
+    let config = gateway_yaml(
+        mock.addr,
+        &spool,
+        &webhook_reporter(&url, "      retry: 0\n      batch_size: 50\n"),
+    );
+    let (clients, per_client) = (4, 60);
+    let mut ids = Vec::new();
+    {
+        let gw = spawn_gateway(&config);
+        std::thread::scope(|s| {
+            let answered: Vec<_> = (0..clients)
+                .map(|t| {
+                    s.spawn(move || {
+                        (0..per_client)
+                            .map(|i| {
+                                let id = format!("s-{t}-{i}");
+                                let r = post_json(
+                                    gw.addr,
+                                    "/v1/chat/completions",
+                                    &chat(i % 2 == 0),
+                                    &[("X-Request-Id", &id)],
+                                );
+                                assert_eq!(r.status, 200, "{id}");
+                                id
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for a in answered {
+                ids.extend(a.join().unwrap());
+            }
+        });
+        // Dropping the process handle sends SIGKILL, right after the last answer.
+    }
+    let receiver = Receiver::start_on(webhook_port.addr.port(), &dir.join("posts.jsonl"), 0);
+    let _gw = spawn_gateway(&config);
+    let delivered = wait_until(Duration::from_secs(30), || {
+        accepted(&receiver.posts()).len() == ids.len()
+    });
+    let counts = accepted(&receiver.posts());
+    let missing: Vec<&String> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
+    assert!(delivered, "{} records lost: {missing:?}", missing.len());
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn sigterm_drains_into_the_spool_and_usage_prints_totals() {
     let mock = spawn_mock(&["--tokens", "6"]);

@@ -40,7 +40,7 @@ pub use types::{
     UpstreamConfig,
 };
 pub use units::parse_duration;
-pub use usage::{Database, Reporter, ReporterKind, UsageHook, Webhook};
+pub use usage::{Database, Durability, Reporter, ReporterKind, UsageHook, Webhook};
 
 pub use crate::db::DbDriver;
 
