@@ -207,7 +207,8 @@ impl Thread {
             }
             self.take_inbox();
             self.trim();
-            let backlog = (self.last_id.load(Ordering::Acquire) - self.cursor).max(0) as u64;
+            let last_id = self.last_id.load(Ordering::Acquire);
+            let backlog = (last_id - self.cursor).max(0) as u64;
             let stats = &self.stats.reporters[self.index];
             stats
                 .backlog
@@ -263,8 +264,14 @@ impl Thread {
                     continue;
                 }
                 if read_back.is_empty() {
-                    // Pruned or never there (a stale `last_id`): nothing to catch up on.
-                    self.last_id.store(self.cursor, Ordering::Release);
+                    // Pruned or never there (a stale `last_id`): nothing to catch up on,
+                    // unless the ingest thread spooled more meanwhile.
+                    let _ = self.last_id.compare_exchange(
+                        last_id,
+                        self.cursor,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
                     continue;
                 }
                 let rows = std::mem::take(&mut read_back);

@@ -381,7 +381,7 @@ impl Ingest {
             }
         }
         self.last_id
-            .store(rows.id(rows.len() - 1), Ordering::Release);
+            .fetch_max(rows.id(rows.len() - 1), Ordering::AcqRel);
         if self.batches.is_empty() {
             return;
         }
