@@ -229,7 +229,7 @@ fn records_survive_sigkill_while_the_webhook_is_down() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// `durability: sync` (the default): a request's record is in the spool before its last byte
+/// `durability: sync`: a request's record is in the spool before its last byte
 /// reaches the client, so a SIGKILL right after the last answer loses nothing. Several clients
 /// at once, streams and plain bodies, so that commits are grouped across connections.
 #[test]
@@ -243,7 +243,9 @@ fn every_answered_request_survives_sigkill_right_after_its_answer() {
         mock.addr,
         &spool,
         &webhook_reporter(&url, "      retry: 0\n      batch_size: 50\n"),
-    );
+    )
+    .replace("  enabled: true\n", "  enabled: true\n  durability: sync\n");
+    assert!(config.contains("durability: sync"));
     let (clients, per_client) = (4, 60);
     let mut ids = Vec::new();
     {

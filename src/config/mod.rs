@@ -524,11 +524,11 @@ health_check:
         assert_eq!(hook.spool_path, PathBuf::from("./data/usage.db"));
         assert_eq!(hook.retention, Duration::from_secs(7 * 86_400));
         assert_eq!(hook.channel_capacity, 262_144);
-        assert_eq!(hook.durability, super::Durability::Sync);
-        let hook = yaml("backends: [{url: 'http://b'}]\nusage_hook: {durability: async}")
+        assert_eq!(hook.durability, super::Durability::Async);
+        let hook = yaml("backends: [{url: 'http://b'}]\nusage_hook: {durability: sync}")
             .unwrap()
             .usage_hook;
-        assert_eq!(hook.durability, super::Durability::Async);
+        assert_eq!(hook.durability, super::Durability::Sync);
         let error = yaml("backends: [{url: 'http://b'}]\nusage_hook: {durability: fsync}")
             .unwrap_err()
             .to_string();

@@ -110,7 +110,7 @@ impl Default for RawUsageHook {
             retention: DurationValue(Duration::from_secs(7 * 86_400)),
             // Over 2 s of records at 100k req/s: rides out a slow spool fsync without drops.
             channel_capacity: 262_144,
-            durability: Durability::Sync,
+            durability: Durability::Async,
             reporters: Vec::new(),
         }
     }
