@@ -7,6 +7,9 @@
 //!   memory, to every delivery thread. It also prunes the spool.
 //! - One delivery thread per reporter ([`super::delivery`]) delivers those batches and reads the
 //!   spool only to catch up (after an outage, a restart, a batch it had no room for).
+//! - One checkpoint thread copies the WAL into the database file every [`CHECKPOINT_RECORDS`]
+//!   records (with an fsync): a checkpoint on the ingest thread would hold every commit, and
+//!   with `durability: sync` every response, for its duration.
 //!
 //! Records are delivered at least once: a crash between delivery and cursor update re-sends,
 //! which the webhook's `Idempotency-Key` and the database's unique `request_id` absorb.
@@ -45,6 +48,8 @@ const INGEST_TICK: Duration = Duration::from_millis(20);
 /// Events taken from the channel per spool transaction, at most.
 const MAX_BATCH: usize = 4096;
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Records spooled between two checkpoints: about SQLite's 10,000 WAL pages (~40 MiB).
+const CHECKPOINT_RECORDS: usize = 40_000;
 
 /// Counters for the metrics endpoint; all monotonic except `backlog`.
 #[derive(Debug, Default)]
@@ -113,8 +118,24 @@ impl Reporter {
         };
         let spool = hook
             .enabled
-            .then(|| Spool::open(&hook.spool_path).map_err(spool_error))
+            .then(|| {
+                Spool::open(&hook.spool_path)
+                    .and_then(Spool::without_checkpoints)
+                    .map_err(spool_error)
+            })
             .transpose()?;
+        let checkpoints = match &spool {
+            Some(_) => {
+                let spool = Spool::open(&hook.spool_path).map_err(spool_error)?;
+                // Capacity 1: a pending request already says "checkpoint".
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                std::thread::Builder::new()
+                    .name("llmproxy-spool".into())
+                    .spawn(move || checkpoint_loop(spool, rx))?;
+                Some(tx)
+            }
+            None => None,
+        };
         let reporters = if hook.enabled {
             &hook.reporters[..]
         } else {
@@ -167,6 +188,8 @@ impl Reporter {
             rx,
             spool,
             batches,
+            checkpoints,
+            spooled: 0,
             commits: commits.clone(),
             marks: vec![0; workers.max(1)],
             last_id,
@@ -236,6 +259,10 @@ struct Ingest {
     spool: Option<Spool>,
     /// Each delivery thread's inbox of freshly spooled batches.
     batches: Vec<Sender<Arc<Batch>>>,
+    /// Asks the checkpoint thread for a checkpoint.
+    checkpoints: Option<Sender<()>>,
+    /// Records spooled since the last checkpoint request.
+    spooled: usize,
     commits: Option<Arc<Commits>>,
     /// Per worker, the highest event number in the batch being written.
     marks: Vec<u64>,
@@ -382,6 +409,13 @@ impl Ingest {
         }
         self.last_id
             .fetch_max(rows.id(rows.len() - 1), Ordering::AcqRel);
+        self.spooled += rows.len();
+        if self.spooled >= CHECKPOINT_RECORDS {
+            if let Some(c) = &self.checkpoints {
+                let _ = c.try_send(());
+            }
+            self.spooled = 0;
+        }
         if self.batches.is_empty() {
             return;
         }
@@ -404,6 +438,23 @@ impl Ingest {
             Ok(0) => {}
             Ok(n) => tracing::debug!(rows = n, "usage spool pruned"),
             Err(e) => tracing::warn!("usage spool prune failed: {e}"),
+        }
+    }
+}
+
+/// The checkpoint thread: a checkpoint when the ingest thread asks, and one a minute (an idle
+/// spool's WAL goes into the file too); a last one when the ingest thread has exited.
+fn checkpoint_loop(spool: Spool, requests: Receiver<()>) {
+    loop {
+        let last = matches!(
+            requests.recv_timeout(PRUNE_EVERY),
+            Err(RecvTimeoutError::Disconnected)
+        );
+        if let Err(e) = spool.checkpoint() {
+            tracing::warn!("usage spool checkpoint failed: {e}");
+        }
+        if last {
+            return;
         }
     }
 }

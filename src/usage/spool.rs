@@ -247,12 +247,19 @@ impl Spool {
             .query_row([], |row| row.get(0))
     }
 
-    /// For a connection that only reads rows and moves cursors: its commits never run a
-    /// checkpoint (the ingest connection's commits do), so an acknowledgement stays one small
-    /// WAL append.
+    /// For the connections that write (the ingest thread's, the cursors'): their commits never
+    /// run a checkpoint, which the reporter's checkpoint thread runs instead
+    /// ([`Spool::checkpoint`]), so a commit stays one WAL append.
     pub fn without_checkpoints(self) -> rusqlite::Result<Spool> {
         self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(self)
+    }
+
+    /// Copies what it can of the WAL into the database file without waiting for (or stopping)
+    /// the writer: the ingest thread's commits go on meanwhile.
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
     }
 
     /// Marks every row up to `last_id` delivered for `reporter`.
