@@ -229,6 +229,132 @@ fn records_survive_sigkill_while_the_webhook_is_down() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `durability: sync`: a request's record is in the spool before its last byte
+/// reaches the client, so a SIGKILL right after the last answer loses nothing. Several clients
+/// at once, streams and plain bodies, so that commits are grouped across connections.
+#[test]
+fn every_answered_request_survives_sigkill_right_after_its_answer() {
+    let mock = spawn_mock(&["--tokens", "3"]);
+    let dir = temp_dir("kill-sync");
+    let spool = dir.join("usage.db");
+    let webhook_port = closed_port();
+    let url = format!("http://{}/usage", webhook_port.addr);
+    let config = gateway_yaml(
+        mock.addr,
+        &spool,
+        &webhook_reporter(&url, "      retry: 0\n      batch_size: 50\n"),
+    )
+    .replace("  enabled: true\n", "  enabled: true\n  durability: sync\n");
+    assert!(config.contains("durability: sync"));
+    let (clients, per_client) = (4, 60);
+    let mut ids = Vec::new();
+    {
+        let gw = spawn_gateway(&config);
+        std::thread::scope(|s| {
+            let answered: Vec<_> = (0..clients)
+                .map(|t| {
+                    s.spawn(move || {
+                        (0..per_client)
+                            .map(|i| {
+                                let id = format!("s-{t}-{i}");
+                                let r = post_json(
+                                    gw.addr,
+                                    "/v1/chat/completions",
+                                    &chat(i % 2 == 0),
+                                    &[("X-Request-Id", &id)],
+                                );
+                                assert_eq!(r.status, 200, "{id}");
+                                id
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for a in answered {
+                ids.extend(a.join().unwrap());
+            }
+        });
+        // Dropping the process handle sends SIGKILL, right after the last answer.
+    }
+    let receiver = Receiver::start_on(webhook_port.addr.port(), &dir.join("posts.jsonl"), 0);
+    let _gw = spawn_gateway(&config);
+    let delivered = wait_until(Duration::from_secs(30), || {
+        accepted(&receiver.posts()).len() == ids.len()
+    });
+    let counts = accepted(&receiver.posts());
+    let missing: Vec<&String> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
+    assert!(delivered, "{} records lost: {missing:?}", missing.len());
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A reload that points the reporter at another webhook: the replaced reporter's delivery
+/// stops before the new one delivers, so the old sink gets no record of a request answered
+/// after the reload, and every record reaches one of the two exactly once.
+#[test]
+fn a_reload_sends_no_new_record_to_the_old_sink() {
+    let mock = spawn_mock(&["--tokens", "2"]);
+    let dir = temp_dir("reload");
+    let spool = dir.join("usage.db");
+    let old = Receiver::start(&dir.join("old.jsonl"), 0);
+    let new = Receiver::start(&dir.join("new.jsonl"), 0);
+    let notes = common::Notifications::new();
+    let gw = common::spawn_gateway_notifying(
+        &gateway_yaml(mock.addr, &spool, &webhook_reporter(&old.url(), "")),
+        &notes,
+    );
+    notes.expect("READY=1");
+    let send = |prefix: &str, n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let id = format!("{prefix}-{i}");
+                let r = post_json(
+                    gw.addr,
+                    "/v1/chat/completions",
+                    &chat(i % 2 == 0),
+                    &[("X-Request-Id", &id)],
+                );
+                assert_eq!(r.status, 200, "{id}");
+                id
+            })
+            .collect()
+    };
+    let before = send("before", 30);
+    let file = gw.config.as_ref().unwrap();
+    let text = std::fs::read_to_string(file).unwrap();
+    std::fs::write(file, text.replace(&old.url(), &new.url())).unwrap();
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
+    notes.expect("RELOADING=1");
+    notes.expect("READY=1");
+    // Requests keep coming while the replaced reporter winds down.
+    let after: Vec<String> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..2)
+            .map(|t| s.spawn(move || send(&format!("after-{t}"), 60)))
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    });
+    let all = before.len() + after.len();
+    let delivered = wait_until(Duration::from_secs(30), || {
+        accepted(&old.posts()).len() + accepted(&new.posts()).len() >= all
+    });
+    let (to_old, to_new) = (accepted(&old.posts()), accepted(&new.posts()));
+    assert!(delivered, "old: {to_old:?}, new: {to_new:?}");
+    let late: Vec<&String> = after.iter().filter(|id| to_old.contains_key(*id)).collect();
+    assert!(
+        late.is_empty(),
+        "records of the new config sent to the old sink: {late:?}"
+    );
+    for id in before.iter().chain(&after) {
+        let n = to_old.get(id).unwrap_or(&0) + to_new.get(id).unwrap_or(&0);
+        assert_eq!(n, 1, "{id}: old {to_old:?}, new {to_new:?}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn sigterm_drains_into_the_spool_and_usage_prints_totals() {
     let mock = spawn_mock(&["--tokens", "6"]);

@@ -66,6 +66,7 @@ fn quota_hook_stats_masking_and_drain_on_shutdown() {
     let seen = charged.clone();
     let reporter = Reporter::start(
         &hook(&spool, ""),
+        1,
         Some(Box::new(move |key, tokens| {
             // The hook gets the key itself even though the record carries it masked.
             assert_eq!(key, "sk-test-key-001");
@@ -75,9 +76,9 @@ fn quota_hook_stats_masking_and_drain_on_shutdown() {
     .unwrap();
     let sender = reporter.sender();
     for i in 0..1000 {
-        sender.send(event(&format!("r-{i}"), body(3, 4)));
+        sender.send(0, event(&format!("r-{i}"), body(3, 4)));
     }
-    sender.send(event("r-estimated", Captured::Nothing));
+    sender.send(0, event("r-estimated", Captured::Nothing));
     let stats = reporter.stats().clone();
     drop(sender);
     reporter.shutdown();
@@ -99,8 +100,9 @@ fn quota_hook_stats_masking_and_drain_on_shutdown() {
 
     // include_raw_key: the key as the client sent it.
     let raw_spool = dir.join("raw.db");
-    let reporter = Reporter::start(&hook(&raw_spool, "  include_raw_key: true\n"), None).unwrap();
-    reporter.sender().send(event("raw", body(1, 1)));
+    let reporter =
+        Reporter::start(&hook(&raw_spool, "  include_raw_key: true\n"), 1, None).unwrap();
+    reporter.sender().send(0, event("raw", body(1, 1)));
     reporter.shutdown();
     assert_eq!(
         spool_records(&raw_spool)[0].api_key.as_deref(),
@@ -114,12 +116,13 @@ fn full_channel_drops_and_counts() {
     let dir = temp_dir("drops");
     let reporter = Reporter::start(
         &hook(&dir.join("usage.db"), "  channel_capacity: 1\n"),
+        1,
         None,
     )
     .unwrap();
     let sender = reporter.sender();
     for i in 0..20_000 {
-        sender.send(event(&format!("d-{i}"), body(1, 1)));
+        sender.send(0, event(&format!("d-{i}"), body(1, 1)));
     }
     let stats = reporter.stats().clone();
     drop(sender);
@@ -143,11 +146,11 @@ fn a_stuck_reporter_does_not_delay_another() {
          - {{name: live, type: webhook, url: \"{}\", batch_size: 50}}\n",
         receiver.url()
     );
-    let reporter = Reporter::start(&hook(&dir.join("usage.db"), &extra), None).unwrap();
+    let reporter = Reporter::start(&hook(&dir.join("usage.db"), &extra), 1, None).unwrap();
     let start = Instant::now();
     let sender = reporter.sender();
     for i in 0..100 {
-        sender.send(event(&format!("i-{i}"), body(2, 2)));
+        sender.send(0, event(&format!("i-{i}"), body(2, 2)));
     }
     let stats = reporter.stats().clone();
     let live = &stats.reporters[1];

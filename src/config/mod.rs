@@ -40,7 +40,7 @@ pub use types::{
     UpstreamConfig,
 };
 pub use units::parse_duration;
-pub use usage::{Database, Reporter, ReporterKind, UsageHook, Webhook};
+pub use usage::{Database, Durability, Reporter, ReporterKind, UsageHook, Webhook};
 
 pub use crate::db::DbDriver;
 
@@ -524,6 +524,18 @@ health_check:
         assert_eq!(hook.spool_path, PathBuf::from("./data/usage.db"));
         assert_eq!(hook.retention, Duration::from_secs(7 * 86_400));
         assert_eq!(hook.channel_capacity, 262_144);
+        assert_eq!(hook.durability, super::Durability::Async);
+        let hook = yaml("backends: [{url: 'http://b'}]\nusage_hook: {durability: sync}")
+            .unwrap()
+            .usage_hook;
+        assert_eq!(hook.durability, super::Durability::Sync);
+        let error = yaml("backends: [{url: 'http://b'}]\nusage_hook: {durability: fsync}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("unknown variant `fsync`, expected `sync` or `async`"),
+            "{error}"
+        );
 
         let config = yaml(
             "backends: [{url: 'http://b'}]\nusage_hook:\n  enabled: true\n  retention: 2h\n  reporters:\n    \

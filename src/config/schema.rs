@@ -136,6 +136,7 @@ pub(super) const ROOT: Shape = Fields(&[
             ("spool_path", Leaf),
             ("retention", Leaf),
             ("channel_capacity", Leaf),
+            ("durability", Leaf),
             (
                 "reporters",
                 List(&Fields(&[

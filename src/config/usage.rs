@@ -29,8 +29,22 @@ pub struct UsageHook {
     pub retention: Duration,
     /// Bound of the worker -> reporter channel; a full channel drops (and counts) records.
     pub channel_capacity: usize,
+    /// When a response's last bytes may leave relative to its record's spool commit.
+    pub durability: Durability,
     /// Enabled reporters only; disabled ones are validated and then left out.
     pub reporters: Vec<Reporter>,
+}
+
+/// `usage_hook.durability`: what a response's last bytes wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// The last bytes wait until the record is committed to the spool (group commit across
+    /// workers): an answered request's record survives a process kill.
+    Sync,
+    /// The last bytes leave at once; the record reaches the spool within the ingest tick
+    /// (20 ms), and a process kill in between loses it.
+    Async,
 }
 
 /// One usage reporter (items of `usage_hook.reporters`).
@@ -82,6 +96,7 @@ pub(super) struct RawUsageHook {
     spool_path: PathBuf,
     retention: DurationValue,
     channel_capacity: usize,
+    durability: Durability,
     reporters: Vec<RawReporter>,
 }
 
@@ -95,6 +110,7 @@ impl Default for RawUsageHook {
             retention: DurationValue(Duration::from_secs(7 * 86_400)),
             // Over 2 s of records at 100k req/s: rides out a slow spool fsync without drops.
             channel_capacity: 262_144,
+            durability: Durability::Async,
             reporters: Vec::new(),
         }
     }
@@ -256,6 +272,7 @@ pub(super) fn build(
         spool_path: raw.spool_path,
         retention: raw.retention.0,
         channel_capacity: raw.channel_capacity,
+        durability: raw.durability,
         reporters,
     }
 }

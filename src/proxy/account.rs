@@ -2,7 +2,8 @@
 //! and metrics are not accounted), after its response is written or abandoned. Reads the
 //! request's [`RequestOutcome`] and nothing else to update the metrics, write the access log line
 //! and hand the usage event to the reporter. It must stay cheap: no I/O, one channel send (the
-//! access line goes into the worker's buffer, see [`crate::logging::access`]).
+//! access line goes into the worker's buffer, see [`crate::logging::access`]). With
+//! `usage_hook.durability: sync` it returns the future the response's last bytes wait on.
 
 use std::time::{Instant, SystemTime};
 
@@ -13,7 +14,7 @@ use super::{Context, Generation};
 use crate::error::GatewayError;
 use crate::logging::access::{self, AccessLine};
 use crate::metrics;
-use crate::usage::{Captured, Outcome, UsageEvent};
+use crate::usage::{Captured, Committed, Outcome, UsageEvent};
 
 /// A request whose head could not be read: counted, with its rejection.
 pub fn unparsed(ctx: &Context, e: &GatewayError) {
@@ -30,7 +31,7 @@ pub fn finish(
     c: &ClientConn,
     request_id: &RequestId,
     outcome: RequestOutcome,
-) {
+) -> Option<Committed> {
     let now = Instant::now();
     let m = ctx.metrics();
     let o = &outcome;
@@ -89,11 +90,11 @@ pub fn finish(
     let (Some(usage), Some(ending), Some(backend), Some(api)) =
         (&generation.usage, o.ending, backend, o.api)
     else {
-        return;
+        return None;
     };
     // Counting tokens generates nothing, and a request that never reached a backend cost none.
     if !api.billed() || !o.reached_backend() {
-        return;
+        return None;
     }
     let RequestOutcome {
         progress,
@@ -123,22 +124,25 @@ pub fn finish(
     } else {
         (request_id.as_str().to_owned(), None)
     };
-    usage.send(UsageEvent {
-        request_id: billing_id,
-        client_request_id,
-        started_at: SystemTime::now() - started.elapsed(),
-        key: key.as_ref().map(|k| k.key_ref.clone()),
-        model: model.map(str::to_owned),
-        endpoint: String::from_utf8_lossy(path).into_owned(),
-        api,
-        is_stream: stream,
-        backend_url: generation.upstreams.backend(backend).url_shared.clone(),
-        status_code: status,
-        latency: started.elapsed(),
-        ttft,
-        outcome: ending,
-        captured,
-        content_events,
-        request_bytes: c.body.len() as u64,
-    });
+    usage.send(
+        ctx.worker(),
+        UsageEvent {
+            request_id: billing_id,
+            client_request_id,
+            started_at: SystemTime::now() - started.elapsed(),
+            key: key.as_ref().map(|k| k.key_ref.clone()),
+            model: model.map(str::to_owned),
+            endpoint: String::from_utf8_lossy(path).into_owned(),
+            api,
+            is_stream: stream,
+            backend_url: generation.upstreams.backend(backend).url_shared.clone(),
+            status_code: status,
+            latency: started.elapsed(),
+            ttft,
+            outcome: ending,
+            captured,
+            content_events,
+            request_bytes: c.body.len() as u64,
+        },
+    )
 }

@@ -160,7 +160,8 @@ async fn handle_request<'r>(
             // A body we did not read would be taken for the next request.
             let keep = keep_alive && c.head.framing() == Framing::Empty;
             let next = respond_error(wr, &mut c.out, &err, None, request_id.as_bytes(), keep).await;
-            account::finish(ctx, &generation, c, &request_id, outcome);
+            // Nothing reached a backend: no record to wait for.
+            drop(account::finish(ctx, &generation, c, &request_id, outcome));
             next
         }
         route @ (Route::ModelList | Route::Proxy(_)) => {
@@ -178,8 +179,17 @@ async fn handle_request<'r>(
                 &mut armed,
             )
             .await;
-            account::finish(ctx, &generation, c, &request_id, outcome);
-            next
+            let held = outcome.progress.held;
+            if let Some(committed) = account::finish(ctx, &generation, c, &request_id, outcome) {
+                committed.await;
+            }
+            if held {
+                // `durability: sync`: the response's last bytes, now that its record is spooled.
+                let keep = matches!(next, Next::KeepAlive);
+                conn::write_out(wr, &mut c.resp_head, keep).await
+            } else {
+                next
+            }
         }
     };
     c.consume_head();
@@ -283,6 +293,10 @@ async fn proxy<'r>(
         extra_headers: admission.headers.as_bytes(),
         idle: generation.config.timeouts.idle,
         deadline: generation.config.timeouts.total.map(|t| started + t),
+        hold_last: generation
+            .usage
+            .as_ref()
+            .is_some_and(|u| u.waits_for_commit()),
     };
     let request = retry::Request {
         buf: &c.buf,

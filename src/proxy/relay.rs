@@ -68,6 +68,9 @@ pub struct Plan<'a> {
     pub idle: Option<Duration>,
     /// `timeouts.total`: end of the whole exchange.
     pub deadline: Option<Instant>,
+    /// `usage_hook.durability: sync`: the response's last bytes are not written but left in
+    /// `resp_head` ([`Progress::held`]), to go out once the usage record is committed.
+    pub hold_last: bool,
 }
 
 /// One attempt: the request's plan, the backend and what this attempt may hand back.
@@ -102,6 +105,8 @@ pub struct Progress {
     pub upstream_done: Option<Instant>,
     /// Times the request was sent again on a fresh connection after a stale pooled one failed.
     pub retries: u32,
+    /// The response is complete but its last bytes wait in `resp_head` ([`Plan::hold_last`]).
+    pub held: bool,
 }
 
 enum HeadError {
@@ -276,10 +281,15 @@ pub async fn exchange(
         progress.first_byte = Some(written);
     }
     progress.bytes += resp_head.len() as u64;
-    let (sent, h) = client.write_all(mem::take(resp_head)).await;
-    *resp_head = h;
-    if sent.is_err() {
-        return Ok(Relayed::ClientGone);
+    if plan.hold_last && tracker.is_done() {
+        // The whole response came with its head: all of it waits for the record.
+        progress.held = true;
+    } else {
+        let (sent, h) = client.write_all(mem::take(resp_head)).await;
+        *resp_head = h;
+        if sent.is_err() {
+            return Ok(Relayed::ClientGone);
+        }
     }
     // Inter-token gaps: one clock read per relayed write of an event stream. It is a vDSO call
     // (no syscall), small next to the write itself, and the only way to see the backend's pacing.
@@ -347,6 +357,14 @@ pub async fn exchange(
                 continue;
             };
             progress.bytes += (out.len() - start) as u64;
+            if plan.hold_last && end {
+                resp_head.clear();
+                resp_head.extend_from_slice(&out[start..]);
+                *request = out;
+                progress.held = true;
+                progress.first_byte.get_or_insert_with(Instant::now);
+                break;
+            }
             let (sent, slice) = client.write_all(out.slice(start..)).await;
             *request = slice.into_inner();
             if end_of_body {
@@ -363,6 +381,13 @@ pub async fn exchange(
             // Bytes past the end of the response mean the backend is out of step: never reuse it.
             upstream_reusable &= body == n;
             progress.bytes += body as u64;
+            if plan.hold_last && tracker.is_done() {
+                resp_head.clear();
+                resp_head.extend_from_slice(&up.buf[..body]);
+                progress.held = true;
+                progress.first_byte.get_or_insert_with(Instant::now);
+                break;
+            }
             let (sent, slice) = client.write_all(mem::take(&mut up.buf).slice(..body)).await;
             up.buf = slice.into_inner();
             sent

@@ -126,6 +126,11 @@ impl Context {
         self.current.borrow().clone()
     }
 
+    /// This worker's index (0-based).
+    pub(super) fn worker(&self) -> usize {
+        self.worker
+    }
+
     /// This worker's metrics block (written only by this thread).
     pub fn metrics(&self) -> &WorkerMetrics {
         self.registry.worker(self.worker)

@@ -451,7 +451,7 @@ fn start_reporter(
             }
         })
     });
-    Reporter::start(hook, charge).map(Some)
+    Reporter::start(hook, config.workers, charge).map(Some)
 }
 
 /// Keys (with their providers and quota store) and global limits for one config generation.
@@ -510,10 +510,11 @@ fn reload_config(control: &Control) -> Result<u64, String> {
                                 .attach_usage(new.as_ref().map(|r| r.stats().clone()));
                             let sender = new.as_ref().map(Reporter::sender);
                             if let Some(old) = std::mem::replace(&mut *reporter, new) {
-                                // Finishes once the requests still holding its channel are done.
+                                // Its delivery stops now; its ingest finishes once the
+                                // requests still holding its channel are done.
                                 let _ = std::thread::Builder::new()
                                     .name("llmproxy-retire".into())
-                                    .spawn(move || old.shutdown());
+                                    .spawn(move || old.retire());
                             }
                             sender
                         }

@@ -2,10 +2,15 @@
 //! reporters (spool, webhook, SQL) by one reporter thread.
 //!
 //! Worker side ([`Meter`], [`UsageEvent`], [`UsageSender`]): capture bytes while relaying and hand
-//! one event per request to a bounded channel; never parse, never block, never do I/O. Everything
-//! else happens on the reporter's threads ([`Reporter`]): parsing usage into a [`Record`]
-//! (`record`), the SQLite outbox (`spool`), and delivery (`webhook`, `sql`).
+//! one event per request to a bounded channel; never parse, never block, never do I/O. With
+//! `durability: sync` a request also gets a [`Committed`] future to await before its last bytes
+//! (`commit`). Everything else happens on the reporter's threads ([`Reporter`]): parsing usage
+//! into a [`Record`] (`record`), the SQLite outbox (`spool`), and delivery (`batch`, `webhook`,
+//! `sql`).
 
+mod batch;
+mod commit;
+mod delivery;
 mod meter;
 mod record;
 mod reporter;
@@ -19,6 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::api::Api;
 
+pub use commit::{Commits, Committed, Ticket};
 pub use meter::{Captured, Meter};
 pub use record::{parse_usage, Accounted, Billed, Record, Tokens, UsageRecord};
 pub use reporter::{QuotaHook, Reporter, ReporterStats, UsageStats};
@@ -103,25 +109,49 @@ pub struct UsageEvent {
     pub request_bytes: u64,
 }
 
+/// What travels from a worker to the ingest thread: the event, and its number when the worker
+/// waits for its commit.
+pub type Sent = (UsageEvent, Option<Ticket>);
+
 /// The workers' end of the channel to the reporter thread.
 #[derive(Clone)]
 pub struct UsageSender {
-    tx: crossbeam_channel::Sender<UsageEvent>,
+    tx: crossbeam_channel::Sender<Sent>,
     dropped: Arc<AtomicU64>,
+    /// `durability: sync` with a spool: the commit marks requests wait on.
+    commits: Option<Arc<Commits>>,
 }
 
 impl UsageSender {
-    pub fn new(tx: crossbeam_channel::Sender<UsageEvent>, dropped: Arc<AtomicU64>) -> Self {
-        UsageSender { tx, dropped }
+    pub fn new(
+        tx: crossbeam_channel::Sender<Sent>,
+        dropped: Arc<AtomicU64>,
+        commits: Option<Arc<Commits>>,
+    ) -> Self {
+        UsageSender {
+            tx,
+            dropped,
+            commits,
+        }
+    }
+
+    /// `durability: sync`: [`UsageSender::send`] gives a future to wait on.
+    pub fn waits_for_commit(&self) -> bool {
+        self.commits.is_some()
     }
 
     /// Never blocks: a full channel drops the event, counts it and logs (every 1000th drop).
-    pub fn send(&self, event: UsageEvent) {
-        if self.tx.try_send(event).is_err() {
+    /// With `durability: sync`, the future that completes once the record is committed to the
+    /// spool (`worker`: the sending worker's index); `None` when there is nothing to wait for.
+    pub fn send(&self, worker: usize, event: UsageEvent) -> Option<Committed> {
+        let ticket = self.commits.as_ref().map(|c| c.next(worker));
+        if self.tx.try_send((event, ticket)).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed);
             if n % 1000 == 0 {
                 tracing::error!(dropped = n + 1, "usage channel full: usage events dropped");
             }
+            return None;
         }
+        Some(self.commits.as_ref()?.wait(ticket?))
     }
 }

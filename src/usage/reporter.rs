@@ -1,50 +1,55 @@
 //! The reporter: owns the threads behind the usage channel. Never runs on a worker core.
 //!
 //! - One ingest thread receives [`UsageEvent`]s in batches, bills them, counts tokens, calls the
-//!   quota hook, writes the batch's records (borrowed from the events) to the spool in one
-//!   transaction and nudges the delivery threads. It also prunes the spool.
-//! - One delivery thread per reporter reads its backlog from the spool after its own cursor,
-//!   delivers, and advances the cursor. Threads, not a scheduler: the clients (ureq, postgres,
-//!   mysql, rusqlite) block, so a reporter stuck in a timeout or a long backoff must hold only
-//!   its own thread; another reporter's delivery never waits on it.
+//!   quota hook, and writes the batch's records (borrowed from the events) to the spool in one
+//!   transaction: a group commit for every worker's records of the moment. Then it raises the
+//!   workers' commit marks (`durability: sync`, [`super::commit`]) and hands the batch, in
+//!   memory, to every delivery thread. It also prunes the spool.
+//! - One delivery thread per reporter ([`super::delivery`]) delivers those batches and reads the
+//!   spool only to catch up (after an outage, a restart, a batch it had no room for).
+//! - One checkpoint thread copies the WAL into the database file every [`CHECKPOINT_RECORDS`]
+//!   records (with an fsync): a checkpoint on the ingest thread would hold every commit, and
+//!   with `durability: sync` every response, for its duration.
 //!
 //! Records are delivered at least once: a crash between delivery and cursor update re-sends,
 //! which the webhook's `Idempotency-Key` and the database's unique `request_id` absorb.
+//!
+//! What a spooled record survives: the spool runs in WAL mode with `synchronous=NORMAL`, so a
+//! commit is a write(2) into the WAL, in the OS page cache, and no fsync: it survives the
+//! process being killed (kill -9, OOM, panic) but not an OS crash or power loss, which can lose
+//! the commits since the last checkpoint (the database itself stays consistent).
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
+use super::batch::Batch;
+use super::commit::Commits;
+use super::delivery::{self, Delivery};
 use super::record::{Accounted, Billed};
-use super::spool::{Spool, Spooled};
-use super::sql::SqlSink;
-use super::webhook::WebhookSink;
-use super::{UsageEvent, UsageSender};
+use super::spool::{Rows, Spool};
+use super::{Sent, UsageSender};
 use crate::api::Api;
-use crate::config::{Reporter as ReporterConfig, ReporterKind, UsageHook};
+use crate::config::{Durability, ReporterKind, UsageHook};
 
 /// Called on the ingest thread with each request's raw key and billed tokens, before its record
 /// is spooled (quota and token-rate accounting). Must be quick: it runs once per request.
 pub type QuotaHook = Box<dyn Fn(&str, u64) + Send>;
 
-/// How often the ingest thread collects events from the channel: each collection is one spool
-/// transaction, whose fixed cost is worth spreading over a hundred records or more at load.
+/// With `durability: async`, how often the ingest thread collects events from the channel:
+/// each collection is one spool transaction, whose fixed cost is worth spreading over a
+/// hundred records or more at load, and a worker's send never has a sleeping thread to wake.
+/// With `sync` it waits on the channel instead: a response's last bytes wait for the commit.
 const INGEST_TICK: Duration = Duration::from_millis(20);
 /// Events taken from the channel per spool transaction, at most.
 const MAX_BATCH: usize = 4096;
-/// First wait after a failed delivery; doubles per consecutive failure up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// An idle delivery thread re-reads the spool this often even without a nudge (a row spooled
-/// by a previous run, a missed nudge).
-const IDLE_POLL: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// At shutdown, delivery threads keep delivering the backlog for at most this long.
-const FINAL_DELIVERY: Duration = Duration::from_secs(5);
+/// Records spooled between two checkpoints: about SQLite's 10,000 WAL pages (~40 MiB).
+const CHECKPOINT_RECORDS: usize = 40_000;
 
 /// Counters for the metrics endpoint; all monotonic except `backlog`.
 #[derive(Debug, Default)]
@@ -88,41 +93,49 @@ pub struct ReporterStats {
     pub backlog: AtomicU64,
 }
 
-/// The running reporter. [`Reporter::shutdown`] after the workers have stopped.
+/// The running reporter. [`Reporter::shutdown`] after the workers have stopped, or
+/// [`Reporter::retire`] when a reload replaces it.
 pub struct Reporter {
-    tx: Sender<UsageEvent>,
+    tx: Sender<Sent>,
     stats: Arc<UsageStats>,
+    commits: Option<Arc<Commits>>,
     ingest: JoinHandle<()>,
-    delivery: Vec<JoinHandle<()>>,
-}
-
-enum Sink {
-    Webhook(WebhookSink),
-    Sql(SqlSink),
-}
-
-impl Sink {
-    fn deliver(&mut self, rows: &[Spooled]) -> Result<(), String> {
-        match self {
-            Sink::Webhook(w) => w.deliver(rows),
-            Sink::Sql(s) => s.deliver(rows),
-        }
-    }
+    delivery: Vec<Delivery>,
 }
 
 impl Reporter {
-    /// Opens the spool (failing start-up if it cannot) and starts the threads. With
-    /// `hook.enabled` false the reporter only charges keys through `quota` (authentication's
-    /// token rates and quotas need usage even when reporting is off): nothing is spooled or
-    /// delivered.
-    pub fn start(hook: &UsageHook, quota: Option<QuotaHook>) -> io::Result<Reporter> {
+    /// Opens the spool (failing start-up if it cannot) and starts the threads; `workers`: how
+    /// many workers send (one commit mark each). With `hook.enabled` false the reporter only
+    /// charges keys through `quota` (authentication's token rates and quotas need usage even
+    /// when reporting is off): nothing is spooled or delivered.
+    pub fn start(
+        hook: &UsageHook,
+        workers: usize,
+        quota: Option<QuotaHook>,
+    ) -> io::Result<Reporter> {
         let spool_error = |e: rusqlite::Error| {
             io::Error::other(format!("usage spool {}: {e}", hook.spool_path.display()))
         };
         let spool = hook
             .enabled
-            .then(|| Spool::open(&hook.spool_path).map_err(spool_error))
+            .then(|| {
+                Spool::open(&hook.spool_path)
+                    .and_then(Spool::without_checkpoints)
+                    .map_err(spool_error)
+            })
             .transpose()?;
+        let checkpoints = match &spool {
+            Some(_) => {
+                let spool = Spool::open(&hook.spool_path).map_err(spool_error)?;
+                // Capacity 1: a pending request already says "checkpoint".
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                std::thread::Builder::new()
+                    .name("llmproxy-spool".into())
+                    .spawn(move || checkpoint_loop(spool, rx))?;
+                Some(tx)
+            }
+            None => None,
+        };
         let reporters = if hook.enabled {
             &hook.reporters[..]
         } else {
@@ -144,27 +157,42 @@ impl Reporter {
                 .collect(),
             ..UsageStats::default()
         });
+        let last_id = Arc::new(AtomicI64::new(match &spool {
+            Some(s) => s.last_id().map_err(spool_error)?,
+            None => 0,
+        }));
 
-        let mut nudges = Vec::new();
+        let mut batches = Vec::new();
         let mut delivery = Vec::new();
         for (index, config) in reporters.iter().enumerate() {
-            let spool = Spool::open(&hook.spool_path).map_err(spool_error)?;
-            // Capacity 1: a pending nudge already says "look again".
-            let (nudge_tx, nudge_rx) = crossbeam_channel::bounded(1);
-            nudges.push(nudge_tx);
-            let (config, stats) = (config.clone(), stats.clone());
-            delivery.push(
-                std::thread::Builder::new()
-                    .name(format!("llmproxy-usage-{index}"))
-                    .spawn(move || deliver_loop(config, spool, nudge_rx, stats, index))?,
-            );
+            let spool = Spool::open(&hook.spool_path)
+                .and_then(Spool::without_checkpoints)
+                .map_err(spool_error)?;
+            let (d, tx) = Delivery::start(
+                config.clone(),
+                &hook.spool_path,
+                spool,
+                stats.clone(),
+                index,
+                last_id.clone(),
+            )?;
+            batches.push(tx);
+            delivery.push(d);
         }
 
+        let commits =
+            (spool.is_some() && hook.durability == Durability::Sync).then(|| Commits::new(workers));
         let (tx, rx) = crossbeam_channel::bounded(hook.channel_capacity);
         let ingest = Ingest {
+            wait: commits.is_some(),
             rx,
             spool,
-            nudges,
+            batches,
+            checkpoints,
+            spooled: 0,
+            commits: commits.clone(),
+            marks: vec![0; workers.max(1)],
+            last_id,
             quota,
             stats: stats.clone(),
             include_raw_key: hook.include_raw_key,
@@ -177,6 +205,7 @@ impl Reporter {
         Ok(Reporter {
             tx,
             stats,
+            commits,
             ingest,
             delivery,
         })
@@ -184,7 +213,11 @@ impl Reporter {
 
     /// A sender for one worker's [`crate::proxy::Context`].
     pub fn sender(&self) -> UsageSender {
-        UsageSender::new(self.tx.clone(), self.stats.dropped.clone())
+        UsageSender::new(
+            self.tx.clone(),
+            self.stats.dropped.clone(),
+            self.commits.clone(),
+        )
     }
 
     pub fn stats(&self) -> &Arc<UsageStats> {
@@ -193,30 +226,55 @@ impl Reporter {
 
     /// Call once every sender is gone (the workers have joined): the ingest thread drains the
     /// channel into the spool and exits; delivery threads then deliver what they can within
-    /// [`FINAL_DELIVERY`]. One still inside a slow delivery after that is left behind (the
-    /// process is exiting); its rows stay spooled for the next start.
+    /// [`delivery::FINAL_DELIVERY`]. One still inside a slow delivery after that is left behind
+    /// (the process is exiting); its rows stay spooled for the next start.
     pub fn shutdown(self) {
         drop(self.tx);
         if self.ingest.join().is_err() {
             tracing::error!("usage ingest thread panicked");
         }
-        let deadline = Instant::now() + FINAL_DELIVERY + Duration::from_secs(1);
-        while Instant::now() < deadline && !self.delivery.iter().all(JoinHandle::is_finished) {
+        let deadline = Instant::now() + delivery::FINAL_DELIVERY + Duration::from_secs(1);
+        while Instant::now() < deadline && !self.delivery.iter().all(Delivery::is_finished) {
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// A reload replaced this reporter: its delivery threads stop now (after the delivery in
+    /// progress, if any) and hand their cursors over to the new reporter's threads of the same
+    /// name, which deliver everything after them, this reporter's last records included. A
+    /// reporter the new config no longer has stops delivering here too. The ingest thread goes
+    /// on spooling the records of requests still running on the old config until their
+    /// senders are gone (call from a thread that may wait for that).
+    pub fn retire(self) {
+        for d in &self.delivery {
+            d.stop();
+        }
+        self.shutdown();
     }
 }
 
 struct Ingest {
-    rx: Receiver<UsageEvent>,
+    rx: Receiver<Sent>,
     /// `None` when records only charge keys.
     spool: Option<Spool>,
-    nudges: Vec<Sender<()>>,
+    /// Each delivery thread's inbox of freshly spooled batches.
+    batches: Vec<Sender<Arc<Batch>>>,
+    /// Asks the checkpoint thread for a checkpoint.
+    checkpoints: Option<Sender<()>>,
+    /// Records spooled since the last checkpoint request.
+    spooled: usize,
+    commits: Option<Arc<Commits>>,
+    /// Per worker, the highest event number in the batch being written.
+    marks: Vec<u64>,
+    /// The newest row this reporter spooled (the delivery threads' backlog gauge).
+    last_id: Arc<AtomicI64>,
     quota: Option<QuotaHook>,
     stats: Arc<UsageStats>,
     include_raw_key: bool,
     reporters: Vec<String>,
     retention: Duration,
+    /// `durability: sync`: wait on the channel rather than tick.
+    wait: bool,
 }
 
 impl Ingest {
@@ -227,47 +285,68 @@ impl Ingest {
             .checked_sub(PRUNE_EVERY)
             .unwrap_or_else(Instant::now);
         loop {
-            // Polled, never waited on: a worker's send then never has a sleeping thread to wake,
-            // so metering costs the request path no syscall, and batches grow with the load.
-            std::thread::sleep(INGEST_TICK);
             let mut disconnected = false;
-            while batch.len() < MAX_BATCH {
+            if self.wait {
+                // Group commit: whatever arrived while the last batch was being written goes
+                // into the next one. A wake-up costs the sender only when this thread sleeps.
+                match self.rx.recv_timeout(PRUNE_EVERY) {
+                    Ok(sent) => self.take(sent, &mut batch),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => disconnected = true,
+                }
+            } else {
+                // Polled, never waited on: a worker's send then never has a sleeping thread
+                // to wake, so metering costs the request path no syscall, and batches grow
+                // with the load.
+                std::thread::sleep(INGEST_TICK);
+            }
+            while !disconnected && batch.len() < MAX_BATCH {
                 match self.rx.try_recv() {
-                    Ok(event) => {
-                        if let Some(accounted) = self.bill(event) {
-                            batch.push(accounted);
-                        }
-                    }
+                    Ok(sent) => self.take(sent, &mut batch),
                     Err(TryRecvError::Empty) => break,
                     // Every sender is gone and the channel is empty: shutdown.
-                    Err(TryRecvError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
+                    Err(TryRecvError::Disconnected) => disconnected = true,
                 }
             }
             if !batch.is_empty() {
-                self.spool_batch(&batch);
-                // Exact counts come from the delivery threads; this keeps the gauge current
-                // while one is stuck in a slow delivery.
-                for r in &self.stats.reporters {
-                    r.backlog.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                }
-                batch.clear();
-                for nudge in &self.nudges {
-                    let _ = nudge.try_send(());
-                }
+                self.spool_batch(std::mem::take(&mut batch));
+                batch.reserve(MAX_BATCH);
             }
+            self.release_marks();
             self.prune(&mut last_prune);
             if disconnected {
                 break;
             }
         }
-        // Dropping the nudge senders tells the delivery threads to finish.
+        // Dropping the batch senders tells the delivery threads to finish.
+    }
+
+    /// Bills one event and keeps it for the batch when records are spooled.
+    fn take(&mut self, (event, ticket): Sent, batch: &mut Vec<Accounted>) {
+        if let Some(t) = ticket {
+            let mark = &mut self.marks[t.worker];
+            *mark = (*mark).max(t.seq);
+        }
+        if let Some(accounted) = self.bill(event) {
+            batch.push(accounted);
+        }
+    }
+
+    /// The events taken so far are committed (or were not to be spooled): their requests go on.
+    fn release_marks(&mut self) {
+        let Some(commits) = &self.commits else {
+            return;
+        };
+        for (worker, mark) in self.marks.iter_mut().enumerate() {
+            if *mark > 0 {
+                commits.committed(worker, *mark);
+                *mark = 0;
+            }
+        }
     }
 
     /// Counts and charges one request; the event to spool, when records are spooled.
-    fn bill(&self, event: UsageEvent) -> Option<Accounted> {
+    fn bill(&self, event: super::UsageEvent) -> Option<Accounted> {
         let billed = Billed::of(&event);
         let s = &self.stats;
         s.records.fetch_add(1, Ordering::Relaxed);
@@ -293,26 +372,56 @@ impl Ingest {
     }
 
     /// Retries until the batch is written: these records exist nowhere else. Meanwhile the
-    /// channel fills and further events are dropped (and counted) rather than held in memory.
-    fn spool_batch(&mut self, batch: &[Accounted]) {
+    /// channel fills and further events are dropped (and counted) rather than held in memory,
+    /// and requests waiting for a commit are let go. Then the batch goes to the delivery
+    /// threads; one whose inbox is full catches up from the spool later.
+    fn spool_batch(&mut self, batch: Vec<Accounted>) {
         let Some(spool) = &mut self.spool else {
             return;
         };
-        let records: Vec<_> = batch
-            .iter()
-            .map(|a| a.record(self.include_raw_key))
-            .collect();
-        let mut logged = false;
-        while let Err(e) = spool.insert(&records) {
-            self.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
-            if !logged {
-                tracing::error!(
-                    records = batch.len(),
-                    "usage spool write failed, retrying: {e}"
-                );
-                logged = true;
+        let mut rows = Rows::default();
+        {
+            let records: Vec<_> = batch
+                .iter()
+                .map(|a| a.record(self.include_raw_key))
+                .collect();
+            let mut logged = false;
+            while let Err(e) = spool.insert_rows(&records, &mut rows) {
+                self.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(commits) = &self.commits {
+                    commits.set_failing(true);
+                }
+                if !logged {
+                    tracing::error!(
+                        records = batch.len(),
+                        "usage spool write failed, retrying: {e}"
+                    );
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(500));
             }
-            std::thread::sleep(Duration::from_millis(500));
+            if logged {
+                tracing::info!("usage spool writes work again");
+                if let Some(commits) = &self.commits {
+                    commits.set_failing(false);
+                }
+            }
+        }
+        self.last_id
+            .fetch_max(rows.id(rows.len() - 1), Ordering::AcqRel);
+        self.spooled += rows.len();
+        if self.spooled >= CHECKPOINT_RECORDS {
+            if let Some(c) = &self.checkpoints {
+                let _ = c.try_send(());
+            }
+            self.spooled = 0;
+        }
+        if self.batches.is_empty() {
+            return;
+        }
+        let batch = Arc::new(Batch::spooled(rows, batch, self.include_raw_key));
+        for inbox in &self.batches {
+            let _ = inbox.try_send(batch.clone());
         }
     }
 
@@ -333,163 +442,19 @@ impl Ingest {
     }
 }
 
-/// `FIRST_BACKOFF * 2^(failures-1)`, capped, with "equal jitter" (a random half of it) so that
-/// reporters failing together do not retry in lockstep.
-fn backoff(failures: u32, rng: &mut u64) -> Duration {
-    let full = FIRST_BACKOFF
-        .saturating_mul(1 << failures.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF);
-    // xorshift64: jitter needs no cryptographic randomness.
-    *rng ^= *rng << 13;
-    *rng ^= *rng >> 7;
-    *rng ^= *rng << 17;
-    let half = full / 2;
-    half + half.mul_f64((*rng % 1_000_000) as f64 / 1_000_000.0)
-}
-
-fn deliver_loop(
-    config: ReporterConfig,
-    spool: Spool,
-    nudges: Receiver<()>,
-    stats: Arc<UsageStats>,
-    index: usize,
-) {
-    let name = config.name.as_str();
-    let batch_size = config.batch_size;
-    let mut sink = match config.kind {
-        ReporterKind::Webhook(w) => Sink::Webhook(WebhookSink::new(w, batch_size)),
-        ReporterKind::Database(d) => Sink::Sql(SqlSink::new(d)),
-    };
-    let stats = &stats.reporters[index];
-    let mut rng = (super::spool::now_ms() as u64)
-        ^ (std::process::id() as u64).rotate_left(32)
-        ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        | 1;
-    let mut failures = 0u32;
-    // Set once the ingest thread has exited: deliver what is left until then.
-    let mut final_deadline: Option<Instant> = None;
-    // Since when a batch short of `batch_size` has been waiting for more records.
-    let mut short_since: Option<Instant> = None;
-    // The last row of a delivered batch whose cursor could not be written (a full disk):
-    // nothing more is delivered until it is, or that batch would be sent again.
-    let mut unacked: Option<i64> = None;
+/// The checkpoint thread: a checkpoint when the ingest thread asks, and one a minute (an idle
+/// spool's WAL goes into the file too); a last one when the ingest thread has exited.
+fn checkpoint_loop(spool: Spool, requests: Receiver<()>) {
     loop {
-        if final_deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
+        let last = matches!(
+            requests.recv_timeout(PRUNE_EVERY),
+            Err(RecvTimeoutError::Disconnected)
+        );
+        if let Err(e) = spool.checkpoint() {
+            tracing::warn!("usage spool checkpoint failed: {e}");
         }
-        if let Some(last) = unacked {
-            if spool.ack(name, last).is_err() {
-                match nudges.recv_timeout(IDLE_POLL) {
-                    // Shutdown: the batch is re-sent at the next start (idempotently).
-                    Err(RecvTimeoutError::Disconnected) => return,
-                    _ => continue,
-                }
-            }
-            unacked = None;
-        }
-        let backlog = spool.backlog(name).unwrap_or(0);
-        stats.backlog.store(backlog, Ordering::Relaxed);
-        let linger = if backlog > 0 && backlog < batch_size as u64 && final_deadline.is_none() {
-            let since = *short_since.get_or_insert_with(Instant::now);
-            config.batch_timeout.saturating_sub(since.elapsed())
-        } else {
-            Duration::ZERO
-        };
-        let rows = if linger.is_zero() {
-            short_since = None;
-            match spool.pending(name, batch_size) {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::error!(reporter = name, "usage spool read failed: {e}");
-                    Vec::new()
-                }
-            }
-        } else {
-            Vec::new()
-        };
-        let wait = if !linger.is_zero() {
-            linger
-        } else if rows.is_empty() {
-            if final_deadline.is_some() {
-                break;
-            }
-            IDLE_POLL
-        } else {
-            match sink.deliver(&rows) {
-                Ok(()) => {
-                    let last = rows[rows.len() - 1].id;
-                    if let Err(e) = spool.ack(name, last) {
-                        tracing::error!(
-                            reporter = name,
-                            "usage cursor update failed, delivery waits until it is written: {e}"
-                        );
-                        unacked = Some(last);
-                    }
-                    stats
-                        .delivered
-                        .fetch_add(rows.len() as u64, Ordering::Relaxed);
-                    if failures > 0 {
-                        tracing::info!(reporter = name, "usage delivery recovered");
-                    }
-                    failures = 0;
-                    continue;
-                }
-                Err(e) => {
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                    failures += 1;
-                    let wait = backoff(failures, &mut rng);
-                    tracing::warn!(
-                        reporter = name,
-                        records = rows.len(),
-                        failures,
-                        retry_in_ms = wait.as_millis() as u64,
-                        "usage delivery failed: {e}"
-                    );
-                    if final_deadline.is_some() {
-                        break;
-                    }
-                    wait
-                }
-            }
-        };
-        // Sleep until `wait` is over. A nudge (records were spooled) ends an idle wait, and a
-        // short batch's wait once the batch is full; never a backoff.
-        let until = Instant::now() + wait;
-        loop {
-            match nudges.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                Ok(()) if failures > 0 => continue,
-                Ok(()) if linger.is_zero() => break,
-                Ok(()) if spool.backlog(name).unwrap_or(0) >= batch_size as u64 => break,
-                Ok(()) => continue,
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    if final_deadline.is_none() {
-                        final_deadline = Some(Instant::now() + FINAL_DELIVERY);
-                    }
-                    // During a backoff at shutdown, give up: the rows stay spooled.
-                    if failures > 0 {
-                        return;
-                    }
-                    break;
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_with_jitter_and_caps() {
-        let mut rng = 0x1234_5678_9abc_def1;
-        for failures in 1..40 {
-            let full = FIRST_BACKOFF
-                .saturating_mul(1 << (failures - 1).min(16))
-                .min(MAX_BACKOFF);
-            let d = backoff(failures, &mut rng);
-            assert!(d >= full / 2 && d <= full, "{failures}: {d:?}");
+        if last {
+            return;
         }
     }
 }

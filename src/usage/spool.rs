@@ -31,8 +31,56 @@ impl Spooled {
 
 pub struct Spool {
     conn: Connection,
-    /// Each inserted record's JSON, in turn: one buffer, not a String per record.
-    json: Vec<u8>,
+}
+
+/// Spooled rows as the sinks take them: each row's id and JSON, the JSONs in one buffer.
+/// Filled by [`Spool::insert_rows`] (rows just written) or [`Spool::read_after`] (read back).
+#[derive(Debug, Default)]
+pub struct Rows {
+    ids: Vec<i64>,
+    json: String,
+    /// Where each row's JSON ends in `json`.
+    ends: Vec<usize>,
+}
+
+impl Rows {
+    fn clear(&mut self) {
+        self.ids.clear();
+        self.json.clear();
+        self.ends.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn id(&self, i: usize) -> i64 {
+        self.ids[i]
+    }
+
+    pub fn json(&self, i: usize) -> &str {
+        &self.json[self.start(i)..self.ends[i]]
+    }
+
+    /// Bytes of JSON of rows `range` together.
+    pub fn json_len(&self, range: std::ops::Range<usize>) -> usize {
+        if range.is_empty() {
+            return 0;
+        }
+        self.ends[range.end - 1] - self.start(range.start)
+    }
+
+    fn start(&self, i: usize) -> usize {
+        if i == 0 {
+            0
+        } else {
+            self.ends[i - 1]
+        }
+    }
 }
 
 /// Grouping for [`Spool::totals`].
@@ -101,10 +149,7 @@ impl Spool {
                  last_id INTEGER NOT NULL
              );",
         )?;
-        Ok(Spool {
-            conn,
-            json: Vec::new(),
-        })
+        Ok(Spool { conn })
     }
 
     /// Writes a batch in one transaction (one commit for the whole batch is what makes
@@ -113,8 +158,18 @@ impl Spool {
     where
         S: AsRef<str> + Serialize,
     {
+        let mut rows = Rows::default();
+        self.insert_rows(records, &mut rows)
+    }
+
+    /// [`Spool::insert`], keeping what was written in `rows` (cleared first): each record's row
+    /// id and JSON, for the sinks to take from memory instead of reading the spool back.
+    pub fn insert_rows<S>(&mut self, records: &[Record<S>], rows: &mut Rows) -> rusqlite::Result<()>
+    where
+        S: AsRef<str> + Serialize,
+    {
+        rows.clear();
         let now = now_ms();
-        let json = &mut self.json;
         let tx = self.conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
@@ -123,8 +178,10 @@ impl Spool {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             for r in records {
-                json.clear();
-                serde_json::to_writer(&mut *json, r).expect("a record always serialises");
+                let start = rows.json.len();
+                // SAFETY: serde_json writes UTF-8 only (strings it escapes are UTF-8 already).
+                let bytes = unsafe { rows.json.as_mut_vec() };
+                serde_json::to_writer(&mut *bytes, r).expect("a record always serialises");
                 stmt.execute(params![
                     now,
                     r.key_name.as_ref().map(AsRef::as_ref),
@@ -134,8 +191,10 @@ impl Spool {
                     r.total_tokens as i64,
                     r.usage_estimated,
                     // serde_json writes UTF-8: bound as text without a check.
-                    ToSqlOutput::Borrowed(ValueRef::Text(json)),
+                    ToSqlOutput::Borrowed(ValueRef::Text(&rows.json.as_bytes()[start..])),
                 ])?;
+                rows.ids.push(tx.last_insert_rowid());
+                rows.ends.push(rows.json.len());
             }
         }
         tx.commit()
@@ -166,6 +225,43 @@ impl Spool {
         rows.collect()
     }
 
+    /// Up to `limit` rows after row `after`, oldest first, into `rows` (cleared first).
+    pub fn read_after(&self, after: i64, limit: usize, rows: &mut Rows) -> rusqlite::Result<()> {
+        rows.clear();
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, record FROM records WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+        let mut found = stmt.query(params![after, limit as i64])?;
+        while let Some(row) = found.next()? {
+            rows.ids.push(row.get(0)?);
+            rows.json.push_str(row.get_ref(1)?.as_str()?);
+            rows.ends.push(rows.json.len());
+        }
+        Ok(())
+    }
+
+    /// The newest row's id (0 when the spool is empty).
+    pub fn last_id(&self) -> rusqlite::Result<i64> {
+        self.conn
+            .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM records")?
+            .query_row([], |row| row.get(0))
+    }
+
+    /// For the connections that write (the ingest thread's, the cursors'): their commits never
+    /// run a checkpoint, which the reporter's checkpoint thread runs instead
+    /// ([`Spool::checkpoint`]), so a commit stays one WAL append.
+    pub fn without_checkpoints(self) -> rusqlite::Result<Spool> {
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(self)
+    }
+
+    /// Copies what it can of the WAL into the database file without waiting for (or stopping)
+    /// the writer: the ingest thread's commits go on meanwhile.
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+    }
+
     /// Marks every row up to `last_id` delivered for `reporter`.
     pub fn ack(&self, reporter: &str, last_id: i64) -> rusqlite::Result<()> {
         self.conn
@@ -181,11 +277,7 @@ impl Spool {
     /// cursor are never pruned, so this is a subtraction, not a scan of the backlog.
     pub fn backlog(&self, reporter: &str) -> rusqlite::Result<u64> {
         let after = self.cursor(reporter)?;
-        let last: i64 = self
-            .conn
-            .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM records")?
-            .query_row([], |row| row.get(0))?;
-        Ok(last.saturating_sub(after).max(0) as u64)
+        Ok(self.last_id()?.saturating_sub(after).max(0) as u64)
     }
 
     /// Deletes rows older than `retention` that every one of `reporters` has delivered. The

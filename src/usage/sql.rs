@@ -6,7 +6,8 @@
 //!   violation; the batch then goes again as one prepared `INSERT ... SELECT FROM unnest(arrays)
 //!   ON CONFLICT DO NOTHING`, the same statement whatever the batch size.
 //!
-//! Records are read back from the spool with their strings borrowed from its JSON.
+//! Records handed over in memory are inserted as they are; records read back from the spool
+//! have their strings borrowed from its JSON.
 //!
 //! Blocking clients by design: it runs on its reporter's own delivery thread, never on a worker.
 //! It must not log the DSN (it may carry a password) nor record contents.
@@ -14,7 +15,7 @@
 use crate::config::Database;
 use crate::db::{self, DbDriver};
 
-use super::spool::Spooled;
+use super::batch::{self, Span};
 use super::{Record, UsageRecord};
 
 /// What a column holds, which decides its SQL type per driver.
@@ -110,23 +111,27 @@ fn values<S: AsRef<str>>(r: &Record<S>) -> [Val<'_>; 21] {
     ]
 }
 
-/// A spooled record read back for insertion: its strings borrowed from the spooled JSON, or
-/// owned when one of them holds a JSON escape (a client's `X-Request-Id` with a quote, say).
+/// A record for insertion: in memory, or read back with its strings borrowed from the
+/// spooled JSON, or owned when one of them holds a JSON escape (a client's `X-Request-Id` with
+/// a quote, say).
 enum Row<'a> {
     Borrowed(Record<&'a str>),
     Owned(UsageRecord),
 }
 
-impl Row<'_> {
-    fn read(spooled: &Spooled) -> Option<Row<'_>> {
-        if let Ok(r) = serde_json::from_str(&spooled.json) {
+impl<'a> Row<'a> {
+    fn read(row: batch::Row<'a>) -> Option<Row<'a>> {
+        if let Some(r) = row.record {
             return Some(Row::Borrowed(r));
         }
-        match spooled.record() {
+        if let Ok(r) = serde_json::from_str(row.json) {
+            return Some(Row::Borrowed(r));
+        }
+        match serde_json::from_str::<UsageRecord>(row.json) {
             Ok(r) => Some(Row::Owned(r)),
             // Only a hand-edited spool gets here; skipping beats blocking the reporter forever.
             Err(e) => {
-                tracing::error!(row = spooled.id, "unreadable spool row skipped: {e}");
+                tracing::error!(row = row.id, "unreadable spool row skipped: {e}");
                 None
             }
         }
@@ -305,8 +310,8 @@ impl SqlSink {
         })
     }
 
-    pub fn deliver(&mut self, spooled: &[Spooled]) -> Result<(), String> {
-        let rows: Vec<Row> = spooled.iter().filter_map(Row::read).collect();
+    pub fn deliver(&mut self, spans: &[Span]) -> Result<(), String> {
+        let rows: Vec<Row> = batch::rows(spans).filter_map(Row::read).collect();
         if rows.is_empty() {
             return Ok(());
         }

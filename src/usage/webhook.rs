@@ -12,7 +12,7 @@ use sha2::Sha256;
 
 use serde::Deserialize;
 
-use super::spool::Spooled;
+use super::batch::{self, Span};
 use crate::config::Webhook;
 
 /// The one field a delivery reads from a spooled record.
@@ -56,27 +56,37 @@ impl WebhookSink {
 
     /// One delivery: 1 + `retry` attempts of the same POST. The body is the records' spooled
     /// JSON as stored, joined into an array for a batch: nothing is parsed or re-serialised.
-    pub fn deliver(&mut self, rows: &[Spooled]) -> Result<(), String> {
-        let Some(first) = rows.first() else {
+    pub fn deliver(&mut self, spans: &[Span]) -> Result<(), String> {
+        let mut rows = batch::rows(spans);
+        let Some(first) = rows.next() else {
             return Ok(());
         };
-        let idempotency_key = serde_json::from_str::<RequestId>(&first.json)
-            .map_err(|e| format!("spooled record {}: {e}", first.id))?
-            .request_id;
+        let idempotency_key = match &first.record {
+            Some(r) => r.request_id.to_owned(),
+            None => {
+                serde_json::from_str::<RequestId>(first.json)
+                    .map_err(|e| format!("spooled record {}: {e}", first.id))?
+                    .request_id
+            }
+        };
         let body = if self.batch {
-            let mut body =
-                Vec::with_capacity(rows.iter().map(|r| r.json.len() + 1).sum::<usize>() + 1);
+            let mut body = Vec::with_capacity(
+                spans
+                    .iter()
+                    .map(|s| s.batch.rows.json_len(s.start..s.end) + s.end - s.start)
+                    .sum::<usize>()
+                    + 2,
+            );
             body.push(b'[');
-            for (i, row) in rows.iter().enumerate() {
-                if i > 0 {
-                    body.push(b',');
-                }
+            body.extend_from_slice(first.json.as_bytes());
+            for row in rows {
+                body.push(b',');
                 body.extend_from_slice(row.json.as_bytes());
             }
             body.push(b']');
             body
         } else {
-            debug_assert_eq!(rows.len(), 1);
+            debug_assert_eq!(batch::count(spans), 1);
             first.json.as_bytes().to_vec()
         };
         let signature = self.config.secret.as_deref().map(|s| sign(s, &body));
