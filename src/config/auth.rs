@@ -99,7 +99,8 @@ pub enum ProviderConfig {
     /// Keys created through the admin API (`admin.key_store`, stored hashed); appended to the
     /// pipeline when the admin API is enabled.
     KeyStore {
-        path: String,
+        /// A SQLite path, or a `postgres://` or `mysql://` URL.
+        location: Secret,
     },
 }
 

@@ -47,6 +47,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             Err("must be at least 16 characters when the admin API is enabled".into()),
         );
     }
+    report("admin.key_store", check_key_store(&raw.admin.key_store));
     let id_header = raw.upstream.request_id_header.trim();
     if !id_header
         .bytes()
@@ -103,7 +104,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         .filter(|a| raw.admin.enabled && a.mode == PipelineMode::FirstMatch)
     {
         auth.pipeline.push(ProviderConfig::KeyStore {
-            path: raw.admin.key_store.clone(),
+            location: Secret(raw.admin.key_store.clone()),
         });
     }
     if !issues.is_empty() {
@@ -161,7 +162,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             enabled: raw.admin.enabled,
             listen: admin_listen.ok()?,
             token: raw.admin.token,
-            key_store: raw.admin.key_store,
+            key_store: Secret(raw.admin.key_store),
         },
         usage_hook,
         auth,
@@ -237,9 +238,37 @@ fn default_max_connections() -> usize {
     .max(16)
 }
 
+/// A `postgres://` or `mysql://` key store must be a URL its client reads (the message never
+/// repeats it: it may hold a password); anything else is a SQLite path.
+fn check_key_store(location: &str) -> Result<(), String> {
+    match crate::db::DbDriver::of(location) {
+        crate::db::DbDriver::Sqlite if location.trim().is_empty() => {
+            Err("must be a SQLite path, or a postgres:// or mysql:// URL".into())
+        }
+        crate::db::DbDriver::Sqlite => Ok(()),
+        crate::db::DbDriver::Postgres => location
+            .parse::<postgres::Config>()
+            .map(|_| ())
+            .map_err(|e| format!("cannot read the PostgreSQL URL: {e}")),
+        crate::db::DbDriver::Mysql => mysql::Opts::from_url(location)
+            .map(|_| ())
+            .map_err(|e| format!("cannot read the MySQL URL: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_store_locations_are_checked() {
+        assert!(check_key_store("./data/keys.db").is_ok());
+        assert!(check_key_store("postgres://postgres@127.0.0.1:5432/test").is_ok());
+        assert!(check_key_store("mysql://root@127.0.0.1:3306/test").is_ok());
+        let e = check_key_store("mysql://root:hunter2@127.0.0.1:x/test").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(check_key_store("").is_err());
+    }
 
     #[test]
     fn log_level_is_checked() {
