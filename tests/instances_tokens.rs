@@ -157,6 +157,19 @@ fn redis_get(url: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Deletes a test's keys from the shared Redis (the "forever" quota total never expires).
+fn forget(url: &str, prefix: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut conn)
+        .unwrap();
+    if !keys.is_empty() {
+        redis::cmd("DEL").arg(keys).query::<()>(&mut conn).unwrap();
+    }
+}
+
 /// The key's quota total in Redis for the "forever" period.
 fn quota_key(prefix: &str) -> String {
     // FNV-1a 64 of the key, as the gateway names it.
@@ -215,6 +228,8 @@ fn total_quota_holds_across_two_instances_within_the_bound() {
         );
         assert_eq!(r.json()["error"]["code"], "insufficient_quota");
     }
+    drop((a, b));
+    forget(&url, &prefix);
 }
 
 #[test]
@@ -247,6 +262,8 @@ fn tokens_per_minute_holds_across_two_instances_within_the_bound() {
         "consumed {used} > {allowance} + {bound}"
     );
     assert!(used < 2 * TPM, "consumed {used}: the rate was not shared");
+    drop((a, b));
+    forget(&url, &prefix);
 }
 
 /// A private `redis-server` on a unix socket in a temp dir: stopped and started again by the
