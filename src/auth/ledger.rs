@@ -388,3 +388,123 @@ fn expiry_secs(period: Option<QuotaPeriod>) -> u64 {
         Some(QuotaPeriod::Monthly) => 63 * 86_400,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LimitSpec;
+    use crate::limits::LimitSet;
+    use std::io::Write as _;
+
+    fn live(key_id: &str, tpm: u64) -> Arc<KeyLive> {
+        let spec = LimitSpec {
+            tokens_per_minute: Some(tpm),
+            ..LimitSpec::default()
+        };
+        Arc::new(KeyLive {
+            limits: Some(Arc::new(LimitSet::new(&spec, format!("key:{key_id}")))),
+            used: AtomicU64::new(0),
+            period: AtomicU64::new(0),
+            name: "test".into(),
+            key_id: key_id.into(),
+            quota_period: None,
+            shared: true,
+            active: AtomicBool::new(false),
+        })
+    }
+
+    fn ledger() -> Ledger {
+        Ledger {
+            pending: Mutex::default(),
+            watched: Mutex::default(),
+            stats: Arc::default(),
+            stop: Mutex::default(),
+        }
+    }
+
+    fn sync(url: &str, prefix: &str, instance: &str) -> Sync {
+        Sync {
+            client: redis::Client::open(url).unwrap(),
+            conn: None,
+            script: redis::Script::new(SYNC),
+            marker: format!("{prefix}ledger:{instance}"),
+            prefix: prefix.into(),
+            seq: 0,
+            batch: None,
+            reads: HashMap::new(),
+        }
+    }
+
+    /// A batch whose answer was lost is resent unchanged: Redis applies it once. Another
+    /// instance reading the key sees the shared total and debt.
+    #[test]
+    fn a_batch_resent_after_a_lost_answer_is_applied_once() {
+        let url = "redis://127.0.0.1:6379/";
+        let reached = redis::Client::open(url)
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)));
+        let Ok(mut conn) = reached else {
+            let required = std::env::var("LLMPROXY_REQUIRE_SERVICES").is_ok_and(|v| v == "1");
+            assert!(!required, "Redis at 127.0.0.1:6379 is unreachable");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED ledger test: no Redis at 127.0.0.1:6379"
+            );
+            return;
+        };
+        let prefix = format!("llmproxy-ledger-test-{}-{}:", std::process::id(), now_ns());
+        let (one, two) = (ledger(), ledger());
+        let (mut sync_one, mut sync_two) = (sync(url, &prefix, "one"), sync(url, &prefix, "two"));
+        // One token a second: the 42 tokens charged stay visible as debt for 42 s.
+        let here = live("k", 60);
+        one.charge(&here, 0, 40);
+        sync_one.round(&one);
+        assert_eq!(one.stats.unsent.load(Ordering::Relaxed), 0);
+        // The same batch again, as after an answer lost on the way back.
+        let mut keys = HashMap::new();
+        keys.insert(
+            "k".to_string(),
+            Pending {
+                live: here.clone(),
+                rate: 40,
+                quota: vec![(0, 40)],
+            },
+        );
+        sync_one.batch = Some(Batch {
+            seq: sync_one.seq,
+            taken: Instant::now(),
+            keys,
+            tokens: 0,
+        });
+        sync_one.round(&one);
+        let total: u64 = redis::cmd("GET")
+            .arg(format!("{prefix}quota:k:0"))
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(total, 40, "a resent batch was applied twice");
+        one.charge(&here, 0, 2);
+        sync_one.round(&one);
+
+        // The other instance has served the key but charged nothing: it reads the totals.
+        let there = live("k", 60);
+        two.watch(&there);
+        there.active.store(true, Ordering::Relaxed);
+        sync_two.round(&two);
+        assert_eq!(there.used.load(Ordering::Relaxed), 42);
+        // Both instances see the same debt: the shared one.
+        let left = |l: &KeyLive| {
+            let rate = l.limits.as_ref().unwrap().tokens.as_ref().unwrap();
+            rate.peek(now_ns()).remaining
+        };
+        let (left_here, left_there) = (left(&here), left(&there));
+        assert!(
+            left_there < 40 && left_here.abs_diff(left_there) <= 1,
+            "tokens left: {left_here} here, {left_there} there"
+        );
+
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query(&mut conn)
+            .unwrap();
+        redis::cmd("DEL").arg(keys).query::<()>(&mut conn).unwrap();
+    }
+}
