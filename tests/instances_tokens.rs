@@ -370,6 +370,12 @@ fn redis_outage_goes_local_then_reconciles_every_token_once() {
     );
     let gws = [&a, &b];
     let requests = |n: usize| drive(&gws, |seen, _| seen.done.len() >= n);
+    assert!(
+        wait_until(Duration::from_secs(20), || gws
+            .iter()
+            .all(|g| metric(g.addr, "llmproxy_shared_accounting_up") == 1.0)),
+        "an idle instance does not say it reaches Redis"
+    );
 
     let before = requests(20);
     settled(&gws, &url, prefix, before.tokens());

@@ -230,7 +230,10 @@ impl Sync {
                 });
             }
         }
-        if self.batch.is_none() && self.reads.is_empty() {
+        // Idle: nothing to send or read, but an instance not known to reach Redis (at start,
+        // in an outage) still tries, so that `up` says how it is.
+        if self.batch.is_none() && self.reads.is_empty() && ledger.stats.up.load(Ordering::Relaxed)
+        {
             return;
         }
         let mut conn = self.conn.take();
