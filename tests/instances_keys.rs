@@ -1,7 +1,8 @@
 //! Several gateway instances sharing one admin key store (`admin.key_store` a `postgres://` or
 //! `mysql://` URL): a key created through one instance's admin API authenticates at the other
-//! within `auth.cache.ttl`, and a key deleted through one is refused by both within it. Each test
-//! makes its own database on the shared server and drops it afterwards.
+//! within `auth.cache.ttl`, and a key deleted through one is refused by both within it. The quota
+//! store (`auth.quota_path`) in such a database hands a new instance the consumption another
+//! one saved. Each test makes its own database on the shared server and drops it afterwards.
 
 mod common;
 
@@ -88,6 +89,36 @@ fn shared_store(key_store: &str) {
     assert_eq!(chat(&a, "sk-static-key-000001"), 200);
 }
 
+/// A key spends its quota at one instance; one started afterwards on the same store refuses it.
+fn shared_quota_store(location: &str, saved: impl Fn() -> Option<i64>) {
+    let sim = spawn_mock(&["--tokens", "10"]);
+    let config = format!(
+        "listen: \"{{listen}}\"\nbackends:\n  - url: \"http://{}\"\n\
+         auth:\n  enabled: true\n  storage: \"file\"\n  quota_path: \"{location}\"\n\
+         api_keys:\n  - key: \"sk-quota-store-0001\"\n    name: \"q\"\n    total_quota: 30\n",
+        sim.addr
+    );
+    let first = spawn_gateway(&config);
+    let spent = wait_until(Duration::from_secs(20), || {
+        chat(&first, "sk-quota-store-0001") == 429
+    });
+    assert!(spent, "the quota was never spent");
+    let used = metric(first.addr, "llmproxy_usage_tokens_total") as i64;
+    assert!(used >= 30, "{used} tokens used");
+    assert!(
+        wait_until(Duration::from_secs(20), || saved() == Some(used)),
+        "the store holds {:?}, the instance used {used}",
+        saved()
+    );
+    drop(first);
+    let second = spawn_gateway(&config);
+    assert_eq!(
+        chat(&second, "sk-quota-store-0001"),
+        429,
+        "a new instance hands the key its quota back"
+    );
+}
+
 #[test]
 fn a_key_store_in_postgres_is_shared_by_two_instances() {
     if !service_up(&POSTGRES) {
@@ -109,6 +140,63 @@ fn a_key_store_in_postgres_is_shared_by_two_instances() {
     ));
     admin_conn
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .unwrap();
+}
+
+#[test]
+fn a_quota_store_in_postgres_outlives_the_instance_that_saved_it() {
+    if !service_up(&POSTGRES) {
+        return;
+    }
+    let db = unique_name("llmproxy_quota");
+    let base = format!(
+        "host={} port={} user=postgres",
+        POSTGRES.host, POSTGRES.port
+    );
+    let mut admin_conn = postgres::Client::connect(&format!("{base} dbname=test"), postgres::NoTls)
+        .expect("connect to PostgreSQL");
+    admin_conn
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .unwrap();
+    let dsn = format!("{base} dbname={db}");
+    shared_quota_store(
+        &format!(
+            "postgres://postgres@{}:{}/{db}",
+            POSTGRES.host, POSTGRES.port
+        ),
+        || {
+            let mut c = postgres::Client::connect(&dsn, postgres::NoTls).ok()?;
+            c.query_opt("SELECT used FROM key_quota", &[])
+                .ok()??
+                .get::<_, Option<i64>>(0)
+        },
+    );
+    admin_conn
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .unwrap();
+}
+
+#[test]
+fn a_quota_store_in_mariadb_outlives_the_instance_that_saved_it() {
+    if !service_up(&MARIADB) {
+        return;
+    }
+    use mysql::prelude::Queryable;
+    let db = unique_name("llmproxy_quota");
+    let url = format!("mysql://root@{}/{db}", MARIADB.addr());
+    let mut admin_conn = mysql::Conn::new(
+        mysql::Opts::from_url(&format!("mysql://root@{}/test", MARIADB.addr())).unwrap(),
+    )
+    .expect("connect to MariaDB");
+    admin_conn
+        .query_drop(format!("CREATE DATABASE {db}"))
+        .unwrap();
+    shared_quota_store(&url, || {
+        let mut c = mysql::Conn::new(mysql::Opts::from_url(&url).ok()?).ok()?;
+        c.query_first::<i64, _>("SELECT used FROM key_quota").ok()?
+    });
+    admin_conn
+        .query_drop(format!("DROP DATABASE {db}"))
         .unwrap();
 }
 

@@ -114,7 +114,7 @@ impl Auth {
         let Some(auth) = &config.auth else {
             return Ok(None);
         };
-        let (store, saved) = QuotaStore::open(&auth.quota_path)?;
+        let (store, saved) = QuotaStore::open(&auth.quota_path.0)?;
         let lua = match &auth.lua {
             None => None,
             Some(l) => {

@@ -47,7 +47,10 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             Err("must be at least 16 characters when the admin API is enabled".into()),
         );
     }
-    report("admin.key_store", check_key_store(&raw.admin.key_store));
+    report(
+        "admin.key_store",
+        check_store_location(&raw.admin.key_store),
+    );
     let id_header = raw.upstream.request_id_header.trim();
     if !id_header
         .bytes()
@@ -96,6 +99,9 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
     let health_check = routing::health_check(raw.health_check);
     let retry = routing::retry(raw.retry, &mut report);
     let (mut auth, api_keys) = auth::build(raw.auth, raw.api_keys, issues);
+    if let Some(Err(message)) = auth.as_ref().map(|a| check_store_location(&a.quota_path.0)) {
+        issues.push(Issue::new("auth.quota_path", message));
+    }
     let rate_limit = limits::build(raw.rate_limit, issues);
     // Keys created through the admin API authenticate like any other provider's (in
     // `first_match` mode; with `all`, every provider must know a key, so the store stays out).
@@ -238,9 +244,9 @@ fn default_max_connections() -> usize {
     .max(16)
 }
 
-/// A `postgres://` or `mysql://` key store must be a URL its client reads (the message never
-/// repeats it: it may hold a password); anything else is a SQLite path.
-fn check_key_store(location: &str) -> Result<(), String> {
+/// A `postgres://` or `mysql://` store (keys, quotas) must be a URL its client reads (the message
+/// never repeats it: it may hold a password); anything else is a SQLite path.
+fn check_store_location(location: &str) -> Result<(), String> {
     match crate::db::DbDriver::of(location) {
         crate::db::DbDriver::Sqlite if location.trim().is_empty() => {
             Err("must be a SQLite path, or a postgres:// or mysql:// URL".into())
@@ -261,13 +267,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn key_store_locations_are_checked() {
-        assert!(check_key_store("./data/keys.db").is_ok());
-        assert!(check_key_store("postgres://postgres@127.0.0.1:5432/test").is_ok());
-        assert!(check_key_store("mysql://root@127.0.0.1:3306/test").is_ok());
-        let e = check_key_store("mysql://root:hunter2@127.0.0.1:x/test").unwrap_err();
+    fn store_locations_are_checked() {
+        assert!(check_store_location("./data/keys.db").is_ok());
+        assert!(check_store_location("postgres://postgres@127.0.0.1:5432/test").is_ok());
+        assert!(check_store_location("mysql://root@127.0.0.1:3306/test").is_ok());
+        let e = check_store_location("mysql://root:hunter2@127.0.0.1:x/test").unwrap_err();
         assert!(!e.contains("hunter2"), "{e}");
-        assert!(check_key_store("").is_err());
+        assert!(check_store_location("").is_err());
     }
 
     #[test]
