@@ -21,6 +21,20 @@ pub enum DbDriver {
     Mysql,
 }
 
+impl DbDriver {
+    /// The driver a location names: a `postgres://` or `postgresql://` URL, a `mysql://` URL, or
+    /// else a SQLite file path.
+    pub fn of(location: &str) -> DbDriver {
+        if location.starts_with("postgres://") || location.starts_with("postgresql://") {
+            DbDriver::Postgres
+        } else if location.starts_with("mysql://") {
+            DbDriver::Mysql
+        } else {
+            DbDriver::Sqlite
+        }
+    }
+}
+
 /// An open connection of one of the drivers.
 pub enum Conn {
     Sqlite(rusqlite::Connection),
@@ -99,6 +113,14 @@ pub fn mysql_url(dsn: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn locations_name_their_driver() {
+        assert_eq!(DbDriver::of("./data/keys.db"), DbDriver::Sqlite);
+        assert_eq!(DbDriver::of("postgres://u@h/d"), DbDriver::Postgres);
+        assert_eq!(DbDriver::of("postgresql://u@h/d"), DbDriver::Postgres);
+        assert_eq!(DbDriver::of("mysql://u@h/d"), DbDriver::Mysql);
+    }
 
     #[test]
     fn mysql_dsns() {

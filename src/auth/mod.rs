@@ -6,6 +6,7 @@
 //! thread ([`quota`]). It must not render responses (that is `error`) nor count rates (`limits`).
 
 mod cache;
+pub mod ledger;
 mod lua;
 mod providers;
 mod quota;
@@ -15,7 +16,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -24,13 +25,14 @@ use ipnet::IpNet;
 
 use crate::config::{
     ApiKeyConfig, AuthConfig, Config, Denial, DenialResponse, KeyStatus, LimitSpec, PipelineMode,
-    ProviderConfig,
+    ProviderConfig, QuotaPeriod,
 };
 use crate::error::GatewayError;
 use crate::http::RequestHead;
 use crate::limits::LimitSet;
 use crate::usage::KeyRef;
 use cache::{Cache, Found, Job};
+use ledger::Ledger;
 pub use lua::{LuaPolicy, LuaRequest, Verdict};
 use quota::{period_of, QuotaStore, Saved};
 
@@ -59,6 +61,13 @@ pub struct KeyLive {
     used: AtomicU64,
     period: AtomicU64,
     name: String,
+    /// The key's stable hash ([`quota::key_id`]): its name in the quota store and in Redis.
+    key_id: String,
+    quota_period: Option<QuotaPeriod>,
+    /// Its tokens are shared through the [`Ledger`] (it has a token rate or a quota).
+    shared: bool,
+    /// Set by a request, cleared by the ledger when it reads the shared totals back.
+    active: AtomicBool,
 }
 
 /// What the look-up threads share with the workers.
@@ -72,6 +81,8 @@ struct Shared {
     cache: Cache,
     /// The Lua stage with its script text resolved.
     lua: Option<crate::config::LuaConfig>,
+    /// Shared token accounting, with `rate_limit.storage: redis`.
+    ledger: Option<Arc<Ledger>>,
 }
 
 /// The shared auth state: built once at start, read by every worker.
@@ -97,12 +108,13 @@ pub struct Caller<'a> {
 
 impl Auth {
     /// `None` when auth is off. Opens the quota database and restores consumption from it; starts
-    /// the look-up threads when the pipeline has providers besides the static list.
-    pub fn new(config: &Config) -> io::Result<Option<Arc<Auth>>> {
+    /// the look-up threads when the pipeline has providers besides the static list. With a
+    /// `ledger`, keys' tokens are also charged to, and read back from, the shared totals.
+    pub fn new(config: &Config, ledger: Option<Arc<Ledger>>) -> io::Result<Option<Arc<Auth>>> {
         let Some(auth) = &config.auth else {
             return Ok(None);
         };
-        let (store, saved) = QuotaStore::open(&auth.quota_path)?;
+        let (store, saved) = QuotaStore::open(&auth.quota_path.0)?;
         let lua = match &auth.lua {
             None => None,
             Some(l) => {
@@ -125,6 +137,7 @@ impl Auth {
             saved,
             cache: Cache::new(auth.cache.clone()),
             lua,
+            ledger,
         };
         shared.static_keys = config
             .api_keys
@@ -272,6 +285,11 @@ impl Auth {
 
     /// After the body was inspected: may this key use `model`, and has it quota left?
     pub fn authorize(&self, entry: &KeyEntry, model: Option<&str>) -> Result<(), GatewayError> {
+        let live = &entry.live;
+        // A load, and a store only on the key's first request of a ledger round.
+        if live.shared && !live.active.load(Ordering::Relaxed) {
+            live.active.store(true, Ordering::Relaxed);
+        }
         if !entry.allowed_models.is_empty()
             && !model.is_some_and(|m| entry.allowed_models.iter().any(|a| a == m))
         {
@@ -302,8 +320,11 @@ impl Auth {
         let period = period_of(self.shared.config.quota_period, unix_now());
         roll_period(&live, period);
         let used = live.used.fetch_add(tokens, Ordering::AcqRel) + tokens;
+        if let Some(ledger) = self.shared.ledger.as_ref().filter(|_| live.shared) {
+            ledger.charge(&live, period, tokens);
+        }
         self.store
-            .save(quota::key_id(api_key), live.name.clone(), period, used);
+            .save(live.key_id.clone(), live.name.clone(), period, used);
     }
 
     /// Tokens consumed by `entry` in the current quota period.
@@ -357,22 +378,27 @@ impl Shared {
             .or_insert_with(|| {
                 let spec = k.rate_limit.or(self.per_key);
                 let period = period_of(self.config.quota_period, unix_now());
+                let key_id = quota::key_id(&k.key);
                 let used = self
                     .saved
-                    .get(&quota::key_id(&k.key))
+                    .get(&key_id)
                     .filter(|(p, _)| *p == period)
                     .map_or(0, |(_, used)| *used);
-                Arc::new(KeyLive {
-                    limits: (!spec.is_empty()).then(|| {
-                        Arc::new(LimitSet::new(
-                            &spec,
-                            format!("key:{}", quota::key_id(&k.key)),
-                        ))
-                    }),
+                let live = Arc::new(KeyLive {
+                    limits: (!spec.is_empty())
+                        .then(|| Arc::new(LimitSet::new(&spec, format!("key:{key_id}")))),
                     used: AtomicU64::new(used),
                     period: AtomicU64::new(period),
                     name: k.name.clone(),
-                })
+                    key_id,
+                    quota_period: self.config.quota_period,
+                    shared: k.total_quota.is_some() || spec.tokens_per_minute.is_some(),
+                    active: AtomicBool::new(false),
+                });
+                if let Some(ledger) = &self.ledger {
+                    ledger.watch(&live);
+                }
+                live
             })
             .clone();
         Arc::new(KeyEntry {
@@ -467,7 +493,7 @@ mod tests {
             "backends: [{{url: 'http://127.0.0.1:1'}}]\nauth: {{enabled: true, quota_path: '{}'}}\n{yaml}",
             db.display()
         );
-        Auth::new(&parse(&text, Format::Yaml).unwrap())
+        Auth::new(&parse(&text, Format::Yaml).unwrap(), None)
             .unwrap()
             .unwrap()
     }

@@ -30,7 +30,7 @@ enum Conn {
     Redis(redis::Connection),
     /// With its look-up query.
     Database(db::Conn, String),
-    KeyStore(rusqlite::Connection),
+    KeyStore(db::Conn),
     Http(ureq::Agent),
 }
 
@@ -91,14 +91,16 @@ pub fn lookup(
             };
             sql_lookup(conn, query, columns, req.api_key)
         }
-        ProviderConfig::KeyStore { path } => {
+        ProviderConfig::KeyStore { location } => {
             if let std::collections::hash_map::Entry::Vacant(slot) = conns.slots.entry(index) {
-                slot.insert(Conn::KeyStore(super::store::open(path).map_err(err)?));
+                slot.insert(Conn::KeyStore(
+                    super::store::open(&location.0).map_err(ProviderError)?,
+                ));
             }
-            let Some(Conn::KeyStore(c)) = conns.slots.get(&index) else {
+            let Some(Conn::KeyStore(c)) = conns.slots.get_mut(&index) else {
                 unreachable!("opened above")
             };
-            match super::store::lookup(c, req.api_key).map_err(err)? {
+            match super::store::lookup(c, req.api_key).map_err(ProviderError)? {
                 None => Ok(None),
                 Some(fields) => Ok(Some(record(req.api_key, |f| {
                     fields

@@ -1,22 +1,26 @@
-//! Quota persistence: per-key token consumption in a small SQLite file, so a restart does not
+//! Quota persistence: per-key token consumption in a small SQLite file, or in PostgreSQL or
+//! MySQL/MariaDB when `auth.quota_path` is a `postgres://` or `mysql://` URL, so a restart does not
 //! hand every key its quota back. Writes happen on one background thread that coalesces updates
-//! (latest total per key wins) and commits them in one transaction; callers never touch SQLite.
-//! Keys are stored as a hash, never in clear.
+//! (latest total per key wins) and commits them; callers never touch the database. A write never
+//! lowers a stored total of the same period, so instances sharing one table (each holding the
+//! shared total as it last saw it) keep the highest. Keys are stored as a hash, never in clear.
+//! Connections come from [`crate::db`].
 
 use std::collections::HashMap;
 use std::io;
-use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use rusqlite::Connection;
 
 use crate::config::QuotaPeriod;
+use crate::db::{self, Conn, DbDriver};
 use crate::time::civil_from_days;
 
 /// How long the writer gathers updates before committing them.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// How long a read or write of a networked store may take.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A saved total: (key id, key name, period, tokens used).
 type Save = (String, String, u64, u64);
@@ -24,51 +28,56 @@ type Save = (String, String, u64, u64);
 /// Saved consumption by key id: (period, tokens used).
 pub type Saved = HashMap<String, (u64, u64)>;
 
+const SCHEMA_SQL: &str = "CREATE TABLE IF NOT EXISTS key_quota (
+    key_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    period BIGINT NOT NULL,
+    used BIGINT NOT NULL
+)";
+const SCHEMA_MYSQL: &str = "CREATE TABLE IF NOT EXISTS key_quota (
+    key_id VARCHAR(32) PRIMARY KEY,
+    name TEXT NOT NULL,
+    period BIGINT NOT NULL,
+    used BIGINT NOT NULL
+)";
+
+/// A later period replaces the total, the same period keeps the larger, an earlier one is
+/// ignored (the assignments read the row as it was).
+const UPSERT_SQLITE: &str =
+    "INSERT INTO key_quota (key_id, name, period, used) VALUES (?1, ?2, ?3, ?4)
+    ON CONFLICT(key_id) DO UPDATE SET name = ?2,
+        used = CASE WHEN ?3 > period THEN ?4 WHEN ?3 = period THEN MAX(used, ?4) ELSE used END,
+        period = MAX(period, ?3)";
+const UPSERT_POSTGRES: &str =
+    "INSERT INTO key_quota (key_id, name, period, used) VALUES ($1, $2, $3, $4)
+    ON CONFLICT (key_id) DO UPDATE SET name = $2,
+        used = CASE WHEN $3 > key_quota.period THEN $4
+                    WHEN $3 = key_quota.period THEN GREATEST(key_quota.used, $4)
+                    ELSE key_quota.used END,
+        period = GREATEST(key_quota.period, $3)";
+/// MySQL assigns left to right, each seeing the ones before: `used` goes before `period`.
+const UPSERT_MYSQL: &str = "INSERT INTO key_quota (key_id, name, period, used) VALUES (?, ?, ?, ?)
+    ON DUPLICATE KEY UPDATE name = VALUES(name),
+        used = CASE WHEN VALUES(period) > period THEN VALUES(used)
+                    WHEN VALUES(period) = period THEN GREATEST(used, VALUES(used))
+                    ELSE used END,
+        period = GREATEST(period, VALUES(period))";
+
 pub struct QuotaStore {
     tx: Option<Sender<Save>>,
     writer: Option<JoinHandle<()>>,
 }
 
 impl QuotaStore {
-    /// Opens (creating) the database; returns the saved (period, used) per key id.
-    pub fn open(path: &Path) -> io::Result<(QuotaStore, Saved)> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let db = Connection::open(path).map_err(sql_err)?;
-        db.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             CREATE TABLE IF NOT EXISTS key_quota (
-                 key_id TEXT PRIMARY KEY,
-                 name TEXT NOT NULL,
-                 period INTEGER NOT NULL,
-                 used INTEGER NOT NULL
-             );",
-        )
-        .map_err(sql_err)?;
-        let mut saved = HashMap::new();
-        {
-            let mut stmt = db
-                .prepare("SELECT key_id, period, used FROM key_quota")
-                .map_err(sql_err)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })
-                .map_err(sql_err)?;
-            for row in rows {
-                let (id, period, used) = row.map_err(sql_err)?;
-                saved.insert(id, (period as u64, used as u64));
-            }
-        }
+    /// Opens (creating) the store at `location`; returns the saved (period, used) per key id.
+    pub fn open(location: &str) -> io::Result<(QuotaStore, Saved)> {
+        let mut conn = connect(location)?;
+        let saved = load(&mut conn).map_err(|e| io::Error::other(format!("quota store: {e}")))?;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let location = location.to_string();
         let writer = std::thread::Builder::new()
             .name("llmproxy-quota".into())
-            .spawn(move || write_loop(db, rx))?;
+            .spawn(move || write_loop(Some(conn), &location, rx))?;
         Ok((
             QuotaStore {
                 tx: Some(tx),
@@ -95,9 +104,66 @@ impl Drop for QuotaStore {
     }
 }
 
+/// Opens the store and makes its table if missing. Errors never carry the location (it may
+/// hold a password).
+fn connect(location: &str) -> io::Result<Conn> {
+    let err = |e: &dyn std::fmt::Display| io::Error::other(format!("quota store: {e}"));
+    let driver = DbDriver::of(location);
+    if driver == DbDriver::Sqlite {
+        if let Some(dir) = std::path::Path::new(location)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    let mut conn = db::connect(driver, location, Some(IO_TIMEOUT)).map_err(|e| err(&e))?;
+    match &mut conn {
+        Conn::Sqlite(c) => c
+            .execute_batch(&format!("PRAGMA journal_mode=WAL; {SCHEMA_SQL};"))
+            .map_err(|e| err(&e))?,
+        Conn::Postgres(c) => c
+            .batch_execute(&format!("SET client_min_messages TO WARNING; {SCHEMA_SQL}"))
+            .map_err(|e| err(&e))?,
+        Conn::Mysql(c) => {
+            use mysql::prelude::Queryable;
+            c.query_drop(SCHEMA_MYSQL).map_err(|e| err(&e))?
+        }
+    }
+    Ok(conn)
+}
+
+fn load(conn: &mut Conn) -> Result<Saved, String> {
+    const SELECT: &str = "SELECT key_id, period, used FROM key_quota";
+    let rows: Vec<(String, i64, i64)> = match conn {
+        Conn::Sqlite(c) => {
+            let mut stmt = c.prepare(SELECT).map_err(|e| e.to_string())?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(|e| e.to_string())?;
+            rows.collect::<Result<_, _>>().map_err(|e| e.to_string())?
+        }
+        Conn::Postgres(c) => c
+            .query(SELECT, &[])
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+        Conn::Mysql(c) => {
+            use mysql::prelude::Queryable;
+            c.query(SELECT).map_err(|e| e.to_string())?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(id, period, used)| (id, (period as u64, used as u64)))
+        .collect())
+}
+
 /// Polls instead of waiting on the channel, so a save never has a sleeping thread to wake: one
-/// commit per FLUSH_EVERY at most, with a busy key's totals coalesced meanwhile.
-fn write_loop(mut db: Connection, rx: Receiver<Save>) {
+/// commit per FLUSH_EVERY at most, with a busy key's totals coalesced meanwhile. A networked
+/// store that fails is reconnected on the next round; its totals wait meanwhile.
+fn write_loop(mut conn: Option<Conn>, location: &str, rx: Receiver<Save>) {
     let mut pending: HashMap<String, Save> = HashMap::new();
     loop {
         std::thread::sleep(FLUSH_EVERY);
@@ -111,10 +177,17 @@ fn write_loop(mut db: Connection, rx: Receiver<Save>) {
             }
         };
         if !pending.is_empty() {
-            if let Err(e) = commit(&mut db, pending.values()) {
-                tracing::error!("quota database write failed (will retry): {e}");
-            } else {
-                pending.clear();
+            let written = match conn.take() {
+                Some(c) => Ok(c),
+                None => connect(location).map_err(|e| e.to_string()),
+            }
+            .and_then(|mut c| commit(&mut c, pending.values()).map(|()| c));
+            match written {
+                Ok(c) => {
+                    conn = Some(c);
+                    pending.clear();
+                }
+                Err(e) => tracing::error!("quota store write failed (will retry): {e}"),
             }
         }
         if closed {
@@ -123,22 +196,38 @@ fn write_loop(mut db: Connection, rx: Receiver<Save>) {
     }
 }
 
-fn commit<'a>(db: &mut Connection, saves: impl Iterator<Item = &'a Save>) -> rusqlite::Result<()> {
-    let tx = db.transaction()?;
-    {
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO key_quota (key_id, name, period, used) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(key_id) DO UPDATE SET name = ?2, period = ?3, used = ?4",
-        )?;
-        for (id, name, period, used) in saves {
-            stmt.execute(rusqlite::params![id, name, *period as i64, *used as i64])?;
+fn commit<'a>(conn: &mut Conn, saves: impl Iterator<Item = &'a Save>) -> Result<(), String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    match conn {
+        Conn::Sqlite(db) => {
+            let tx = db.transaction().map_err(|x| e(&x))?;
+            {
+                let mut stmt = tx.prepare_cached(UPSERT_SQLITE).map_err(|x| e(&x))?;
+                for (id, name, period, used) in saves {
+                    stmt.execute(rusqlite::params![id, name, *period as i64, *used as i64])
+                        .map_err(|x| e(&x))?;
+                }
+            }
+            tx.commit().map_err(|x| e(&x))
+        }
+        // Each row on its own: a retry after a failure half-way rewrites rows the upsert keeps.
+        Conn::Postgres(c) => {
+            let stmt = c.prepare(UPSERT_POSTGRES).map_err(|x| e(&x))?;
+            for (id, name, period, used) in saves {
+                c.execute(&stmt, &[id, name, &(*period as i64), &(*used as i64)])
+                    .map_err(|x| e(&x))?;
+            }
+            Ok(())
+        }
+        Conn::Mysql(c) => {
+            use mysql::prelude::Queryable;
+            for (id, name, period, used) in saves {
+                c.exec_drop(UPSERT_MYSQL, (id, name, *period as i64, *used as i64))
+                    .map_err(|x| e(&x))?;
+            }
+            Ok(())
         }
     }
-    tx.commit()
-}
-
-fn sql_err(e: rusqlite::Error) -> io::Error {
-    io::Error::other(format!("quota database: {e}"))
 }
 
 /// A stable, non-reversible id for a key (FNV-1a 64, hex): the database never holds raw keys.

@@ -30,8 +30,9 @@ pub struct AuthConfig {
     pub header_names: Vec<String>,
     /// Status and message per refusal, indexed by [`Denial`] as usize.
     pub responses: Vec<DenialResponse>,
-    /// SQLite file holding per-key quota consumption across restarts.
-    pub quota_path: PathBuf,
+    /// Where per-key quota consumption outlives restarts: a SQLite file, or a `postgres://` or
+    /// `mysql://` URL several instances share. Shown masked.
+    pub quota_path: Secret,
     pub quota_period: Option<QuotaPeriod>,
     pub mode: PipelineMode,
     /// Providers asked in order; `[Static]` when `auth.pipeline` is not set.
@@ -99,7 +100,8 @@ pub enum ProviderConfig {
     /// Keys created through the admin API (`admin.key_store`, stored hashed); appended to the
     /// pipeline when the admin API is enabled.
     KeyStore {
-        path: String,
+        /// A SQLite path, or a `postgres://` or `mysql://` URL.
+        location: Secret,
     },
 }
 
@@ -518,7 +520,7 @@ fn build_auth(raw: RawAuth, issues: &mut Vec<Issue>) -> AuthConfig {
             .map(|h| h.to_ascii_lowercase())
             .collect(),
         responses,
-        quota_path: PathBuf::from(raw.quota_path),
+        quota_path: Secret(raw.quota_path),
         quota_period: raw.quota_period,
         mode: raw.mode,
         pipeline,

@@ -45,7 +45,8 @@ pub struct RateLimitConfig {
     pub global: LimitSpec,
     /// Wait up to this long for a slot or a request token instead of answering 429 at once.
     pub queue_timeout: Option<Duration>,
-    /// `storage: redis`: request rates shared by every instance using this Redis.
+    /// `storage: redis`: request and token rates, concurrency and quota consumption shared by
+    /// every instance using this Redis.
     pub redis: Option<SharedLimits>,
 }
 
@@ -55,7 +56,13 @@ pub struct SharedLimits {
     pub url: Secret,
     /// Prepended to every Redis key, so several deployments can share one Redis.
     pub prefix: String,
+    /// How often each instance sends the tokens it metered and reads the shared totals: the
+    /// staleness bound of token rates and quotas across instances.
+    pub sync_interval: Duration,
 }
+
+/// `rate_limit.sync_interval` when unset.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -66,6 +73,7 @@ pub(super) struct RawRateLimit {
     per_key: LimitSpec,
     global: LimitSpec,
     queue_timeout: Option<DurationValue>,
+    sync_interval: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -106,11 +114,19 @@ pub(super) fn build(rate: RawRateLimit, issues: &mut Vec<Issue>) -> RateLimitCon
     }
     check_spec(&rate.per_key, "rate_limit.per_key", issues);
     check_spec(&rate.global, "rate_limit.global", issues);
+    let sync_interval = rate.sync_interval.map_or(DEFAULT_SYNC_INTERVAL, |d| d.0);
+    if !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&sync_interval) {
+        issues.push(Issue::new(
+            "rate_limit.sync_interval",
+            "must be between 10ms and 10s (it bounds how stale shared token counts may be)",
+        ));
+    }
     let redis = match rate.storage.as_deref() {
         None | Some("memory") => None,
         Some("redis") => Some(SharedLimits {
             url: Secret(rate.redis.url),
             prefix: rate.redis.prefix,
+            sync_interval,
         }),
         Some(other) => {
             issues.push(Issue::new(

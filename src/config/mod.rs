@@ -225,6 +225,25 @@ weight = 3
     }
 
     #[test]
+    fn shared_accounting_syncs_every_100ms_unless_told() {
+        let base = "backends: [{url: 'http://b'}]\nrate_limit: {storage: redis";
+        let shared = |c: Config| c.rate_limit.redis.expect("storage: redis");
+        assert_eq!(
+            shared(yaml(&format!("{base}}}")).unwrap()).sync_interval,
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            shared(yaml(&format!("{base}, sync_interval: 250ms}}")).unwrap()).sync_interval,
+            Duration::from_millis(250)
+        );
+        let error = yaml_err(&format!("{base}, sync_interval: 1ms}}"));
+        assert!(
+            error.contains("rate_limit.sync_interval") && error.contains("between 10ms and 10s"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn the_upstream_request_id_header_is_named_or_off() {
         let backends = "backends: [{url: 'http://b'}]\n";
         let header =

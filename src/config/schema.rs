@@ -232,6 +232,7 @@ pub(super) const ROOT: Shape = Fields(&[
             ("global", LIMITS),
             ("queue_timeout", Leaf),
             ("storage", Leaf),
+            ("sync_interval", Leaf),
             ("redis", Fields(&[("url", Leaf), ("prefix", Leaf)])),
         ]),
     ),

@@ -174,8 +174,9 @@ pub struct MetricsConfig {
 pub struct AdminConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
-    /// SQLite file of the keys created through the admin API (stored hashed).
-    pub key_store: String,
+    /// Where the keys created through the admin API are stored (hashed): a SQLite file, or a
+    /// `postgres://` or `mysql://` URL shared by several instances. Shown masked.
+    pub key_store: Secret,
     /// Bearer token every admin request must carry; at least 16 characters when enabled.
     pub token: String,
 }

@@ -47,6 +47,10 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             Err("must be at least 16 characters when the admin API is enabled".into()),
         );
     }
+    report(
+        "admin.key_store",
+        check_store_location(&raw.admin.key_store),
+    );
     let id_header = raw.upstream.request_id_header.trim();
     if !id_header
         .bytes()
@@ -95,6 +99,9 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
     let health_check = routing::health_check(raw.health_check);
     let retry = routing::retry(raw.retry, &mut report);
     let (mut auth, api_keys) = auth::build(raw.auth, raw.api_keys, issues);
+    if let Some(Err(message)) = auth.as_ref().map(|a| check_store_location(&a.quota_path.0)) {
+        issues.push(Issue::new("auth.quota_path", message));
+    }
     let rate_limit = limits::build(raw.rate_limit, issues);
     // Keys created through the admin API authenticate like any other provider's (in
     // `first_match` mode; with `all`, every provider must know a key, so the store stays out).
@@ -103,7 +110,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         .filter(|a| raw.admin.enabled && a.mode == PipelineMode::FirstMatch)
     {
         auth.pipeline.push(ProviderConfig::KeyStore {
-            path: raw.admin.key_store.clone(),
+            location: Secret(raw.admin.key_store.clone()),
         });
     }
     if !issues.is_empty() {
@@ -161,7 +168,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
             enabled: raw.admin.enabled,
             listen: admin_listen.ok()?,
             token: raw.admin.token,
-            key_store: raw.admin.key_store,
+            key_store: Secret(raw.admin.key_store),
         },
         usage_hook,
         auth,
@@ -237,9 +244,37 @@ fn default_max_connections() -> usize {
     .max(16)
 }
 
+/// A `postgres://` or `mysql://` store (keys, quotas) must be a URL its client reads (the message
+/// never repeats it: it may hold a password); anything else is a SQLite path.
+fn check_store_location(location: &str) -> Result<(), String> {
+    match crate::db::DbDriver::of(location) {
+        crate::db::DbDriver::Sqlite if location.trim().is_empty() => {
+            Err("must be a SQLite path, or a postgres:// or mysql:// URL".into())
+        }
+        crate::db::DbDriver::Sqlite => Ok(()),
+        crate::db::DbDriver::Postgres => location
+            .parse::<postgres::Config>()
+            .map(|_| ())
+            .map_err(|e| format!("cannot read the PostgreSQL URL: {e}")),
+        crate::db::DbDriver::Mysql => mysql::Opts::from_url(location)
+            .map(|_| ())
+            .map_err(|e| format!("cannot read the MySQL URL: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_locations_are_checked() {
+        assert!(check_store_location("./data/keys.db").is_ok());
+        assert!(check_store_location("postgres://postgres@127.0.0.1:5432/test").is_ok());
+        assert!(check_store_location("mysql://root@127.0.0.1:3306/test").is_ok());
+        let e = check_store_location("mysql://root:hunter2@127.0.0.1:x/test").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(check_store_location("").is_err());
+    }
 
     #[test]
     fn log_level_is_checked() {

@@ -7,7 +7,8 @@
 //! request that waits (`rate_limit.queue_timeout`) awaits a timer or a slot-free wake-up.
 //!
 //! With `rate_limit.storage: redis`, request rates and concurrency are also shared by every
-//! instance ([`shared`]); token rates stay per process.
+//! instance ([`shared`]); token rates are raised to the shared totals by `auth::ledger`
+//! ([`Rate::raise`]).
 //!
 //! It must not know about keys, HTTP or configuration files beyond [`LimitSpec`].
 
@@ -20,6 +21,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::config::LimitSpec;
+pub(crate) use shared::connect;
 use shared::Remote;
 pub use shared::{Lease, RedisRates};
 
@@ -122,6 +124,18 @@ impl Rate {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
                 Some(t.max(now).saturating_add(step))
             });
+    }
+
+    /// Raises the debt to at least `debt` nanoseconds past `now`: the shared debt read from
+    /// Redis. Never lowers what this process charged itself.
+    pub fn raise(&self, now: u64, debt: u64) {
+        self.tat
+            .fetch_max(now.saturating_add(debt), Ordering::AcqRel);
+    }
+
+    /// Nanoseconds of allowance one unit costs.
+    pub fn interval(&self) -> u64 {
+        self.interval
     }
 
     pub fn peek(&self, now: u64) -> RateState {

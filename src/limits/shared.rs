@@ -361,7 +361,8 @@ fn answer(reply: &Reply, remote: Remote) {
     }
 }
 
-fn connect<'a>(
+/// The thread's connection, opened (with 1 s connect and read timeouts) when it has none.
+pub(crate) fn connect<'a>(
     client: &redis::Client,
     conn: &'a mut Option<redis::Connection>,
 ) -> redis::RedisResult<&'a mut redis::Connection> {

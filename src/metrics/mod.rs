@@ -338,6 +338,8 @@ pub struct Registry {
     /// The usage reporter's counters, when usage reporting runs (replaced when a reload starts
     /// a new reporter).
     usage: Mutex<Option<Arc<crate::usage::UsageStats>>>,
+    /// Shared token accounting's state, with `rate_limit.storage: redis`.
+    ledger: Mutex<Option<Arc<crate::auth::ledger::LedgerStats>>>,
 }
 
 impl Registry {
@@ -348,12 +350,18 @@ impl Registry {
             version: env!("CARGO_PKG_VERSION"),
             io_driver: Mutex::new("unknown"),
             usage: Mutex::new(None),
+            ledger: Mutex::new(None),
         })
     }
 
     /// Exposes the usage reporter's delivery and token counters on `/metrics`.
     pub fn attach_usage(&self, stats: Option<Arc<crate::usage::UsageStats>>) {
         *self.usage.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+    }
+
+    /// Exposes shared token accounting's state on `/metrics`.
+    pub fn attach_ledger(&self, stats: Option<Arc<crate::auth::ledger::LedgerStats>>) {
+        *self.ledger.lock().unwrap_or_else(|e| e.into_inner()) = stats;
     }
 
     pub fn worker(&self, index: usize) -> &WorkerMetrics {

@@ -221,6 +221,7 @@ impl Registry {
         );
 
         self.render_usage(&mut out);
+        self.render_ledger(&mut out);
 
         header(
             &mut out,
@@ -246,6 +247,50 @@ impl Registry {
 }
 
 impl Registry {
+    /// Shared token accounting, only when it runs (`rate_limit.storage: redis`).
+    fn render_ledger(&self, out: &mut String) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(stats) = self
+            .ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        gauge_header(
+            out,
+            "llmproxy_shared_accounting_up",
+            "1 while token rates and quotas are shared through Redis; 0: limited per instance.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_shared_accounting_up {}",
+            u8::from(stats.up.load(Relaxed))
+        );
+        header(
+            out,
+            "llmproxy_shared_accounting_failures_total",
+            "counter",
+            "Shared accounting rounds that could not reach Redis.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_shared_accounting_failures_total {}",
+            stats.failures.load(Relaxed)
+        );
+        gauge_header(
+            out,
+            "llmproxy_shared_accounting_unsent_tokens",
+            "Tokens metered here and not yet added to the shared totals.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_shared_accounting_unsent_tokens {}",
+            stats.unsent.load(Relaxed)
+        );
+    }
+
     /// The seed's usage series, plus per-reporter delivery and backlog. Zero when usage
     /// reporting is off, so dashboards and alerts always find the series.
     fn render_usage(&self, out: &mut String) {

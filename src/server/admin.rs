@@ -112,14 +112,14 @@ fn serve(mut stream: TcpStream, control: &Control, registry: &Registry) -> io::R
     }
 
     let (route, query) = path.split_once('?').unwrap_or((path.as_str(), ""));
-    let key_store = || store::open(&snapshot.config.admin.key_store);
+    let key_store = || store::open(&snapshot.config.admin.key_store.0);
     match (method.as_str(), route) {
         ("POST", "/admin/keys") => {
             let created = serde_json::from_slice::<serde_json::Value>(body)
                 .map_err(|e| format!("invalid JSON: {e}"))
                 .and_then(|spec| {
-                    let conn = key_store().map_err(|e| e.to_string())?;
-                    store::create(&conn, &spec).map(|key| (key, spec))
+                    let mut conn = key_store()?;
+                    store::create(&mut conn, &spec).map(|key| (key, spec))
                 });
             match created {
                 Ok((key, spec)) => {
@@ -130,13 +130,13 @@ fn serve(mut stream: TcpStream, control: &Control, registry: &Registry) -> io::R
                 Err(e) => respond(&mut stream, 422, &error(&e)),
             }
         }
-        ("GET", "/admin/keys") => match key_store().and_then(|c| store::list(&c)) {
+        ("GET", "/admin/keys") => match key_store().and_then(|mut c| store::list(&mut c)) {
             Ok(keys) => respond(&mut stream, 200, &json!({ "keys": keys }).to_string()),
-            Err(e) => respond(&mut stream, 500, &error(&e.to_string())),
+            Err(e) => respond(&mut stream, 500, &error(&e)),
         },
         ("DELETE", name) if name.starts_with("/admin/keys/") => {
             let name = &name["/admin/keys/".len()..];
-            match key_store().and_then(|c| store::delete(&c, name)) {
+            match key_store().and_then(|mut c| store::delete(&mut c, name)) {
                 Ok(true) => {
                     if let Some(auth) = &snapshot.auth {
                         auth.forget_cached();
@@ -144,7 +144,7 @@ fn serve(mut stream: TcpStream, control: &Control, registry: &Registry) -> io::R
                     respond(&mut stream, 200, &json!({"deleted": name}).to_string())
                 }
                 Ok(false) => respond(&mut stream, 404, &error("no such key")),
-                Err(e) => respond(&mut stream, 500, &error(&e.to_string())),
+                Err(e) => respond(&mut stream, 500, &error(&e)),
             }
         }
         ("GET", "/admin/usage") => match usage_totals(&snapshot.config, query) {

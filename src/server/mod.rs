@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use monoio::net::{ListenerOpts, TcpListener};
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
-use crate::auth::Auth;
+use crate::auth::{ledger::Ledger, Auth};
 use crate::config::{self, Config, IoDriver};
 use crate::limits::{LimitSet, RedisRates};
 use crate::live::{Live, Snapshot};
@@ -58,6 +58,9 @@ struct Control {
     /// starts a new one and retires this one.
     reporter: Mutex<Option<Reporter>>,
     registry: Arc<Registry>,
+    /// Shared token accounting (`rate_limit.storage: redis`), made once at start: its unsent
+    /// charges outlive reloads.
+    ledger: Option<Arc<Ledger>>,
 }
 
 /// Runs the gateway until SIGTERM/SIGINT, then drains and returns. SIGHUP reloads the config.
@@ -69,8 +72,16 @@ pub fn run(config: Config, reload: Reload, ready_file: Option<&Path>) -> io::Res
         let _ = std::fs::remove_file(path);
     }
     let config = Arc::new(config);
-    let (auth, global_limits) = keys_and_limits(&config).map_err(io::Error::other)?;
+    let ledger = config
+        .rate_limit
+        .redis
+        .as_ref()
+        .map(Ledger::start)
+        .transpose()?;
+    let (auth, global_limits) =
+        keys_and_limits(&config, ledger.as_ref()).map_err(io::Error::other)?;
     let registry = Registry::new(config.workers);
+    registry.attach_ledger(ledger.as_ref().map(|l| l.stats.clone()));
     // Started before the workers so that no request goes unmetered; on its own threads. Its
     // token charges look up the current keys in `live`, which exists only once it is built.
     let live_cell = Arc::new(OnceLock::new());
@@ -89,6 +100,7 @@ pub fn run(config: Config, reload: Reload, ready_file: Option<&Path>) -> io::Res
         reload: Mutex::new(reload),
         reporter: Mutex::new(reporter),
         registry: registry.clone(),
+        ledger: ledger.clone(),
     });
     let _ = live_cell.set(control.live.clone());
     // Built once from the start-up config: the Redis connection behind shared rates.
@@ -178,6 +190,10 @@ pub fn run(config: Config, reload: Reload, ready_file: Option<&Path>) -> io::Res
         .take();
     if let Some(reporter) = reporter {
         reporter.shutdown();
+    }
+    // After the reporter's last charges: they go to Redis in one last round.
+    if let Some(ledger) = &ledger {
+        ledger.shutdown();
     }
     tracing::info!("llmproxy stopped");
     Ok(())
@@ -457,8 +473,8 @@ fn start_reporter(
 /// Keys (with their providers and quota store) and global limits for one config generation.
 /// A Lua policy is compiled here once so that a broken script refuses the config instead of
 /// failing requests on the workers.
-fn keys_and_limits(config: &Config) -> Result<KeysAndLimits, String> {
-    let auth = Auth::new(config).map_err(|e| format!("auth: {e}"))?;
+fn keys_and_limits(config: &Config, ledger: Option<&Arc<Ledger>>) -> Result<KeysAndLimits, String> {
+    let auth = Auth::new(config, ledger.cloned()).map_err(|e| format!("auth: {e}"))?;
     if let Some(Err(e)) = auth.as_ref().and_then(|a| a.lua_policy()) {
         return Err(format!("lua policy: {e}"));
     }
@@ -481,7 +497,7 @@ fn reload_config(control: &Control) -> Result<u64, String> {
             tracing::error!("reload refused, running config kept:\n{e}");
             Err(e.to_string())
         }
-        Ok(next) => match keys_and_limits(&next) {
+        Ok(next) => match keys_and_limits(&next, control.ledger.as_ref()) {
             Err(e) => {
                 tracing::error!("reload refused, running config kept:\n{e}");
                 Err(e)
