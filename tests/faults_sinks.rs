@@ -42,8 +42,9 @@ impl Load {
         }
     }
 
-    /// One client on a keep-alive connection until [`Load::stop`] (at most 5,000 requests):
-    /// every request must be answered 200, whatever the sinks do.
+    /// One client on a keep-alive connection until [`Load::stop`]: every request must be answered
+    /// 200, whatever the sinks do. Paced (a pause of 1 ms between requests) so that a phase's
+    /// record count stays bounded however fast or slow the machine is.
     fn run(&self, gw: SocketAddr) {
         let body = json!({
             "model": "mock-model",
@@ -52,10 +53,7 @@ impl Load {
         .to_string();
         let raw = raw_request("POST", "/v1/chat/completions", body.as_bytes(), &[]);
         let mut c = Client::connect(gw);
-        for _ in 0..5_000 {
-            if self.stop.load(Ordering::Relaxed) {
-                break;
-            }
+        while !self.stop.load(Ordering::Relaxed) {
             c.send(&raw);
             let r = c.read_response();
             assert_eq!(r.status, 200, "{}", r.text());
@@ -65,6 +63,7 @@ impl Load {
                 .to_string();
             self.ids.lock().unwrap().push(id);
             self.sent.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
