@@ -174,6 +174,17 @@ impl Registry {
         );
         header(
             &mut out,
+            "llmproxy_tls_handshake_failures_total",
+            "counter",
+            "Client TLS handshakes that failed (bad certificate, no shared protocol) or timed out.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_tls_handshake_failures_total {}",
+            sum(&|w| w.tls_handshake_failures.get())
+        );
+        header(
+            &mut out,
             "llmproxy_client_cancels_total",
             "counter",
             "Requests whose client left before the response ended.",
@@ -480,7 +491,7 @@ mod tests {
             crate::config::Format::Yaml,
         )
         .unwrap();
-        let text = r.render(&Backends::new(&config));
+        let text = r.render(&Backends::new(&config).unwrap());
         assert!(text.contains("llmproxy_backend_up{backend=\"http://127.0.0.1:1\"} 1\n"));
         assert!(text.contains("llmproxy_requests_total{path=\"/v1/chat/completions\",stream=\"true\",backend=\"http://a:1\",status=\"200\"} 2\n"), "{text}");
         assert!(text.contains("llmproxy_requests_total{path=\"other\",stream=\"false\",backend=\"none\",status=\"404\"} 1\n"));

@@ -346,8 +346,13 @@ impl WorkerUpstreams {
 
     /// Always a new connection (the retry after a stale pooled one failed).
     pub async fn connect(&self, idx: usize) -> Result<UpstreamConn, ConnectError> {
-        let addr = self.backend(idx).addr().ok_or(ConnectError::Unresolved)?;
-        UpstreamConn::connect(addr, self.connect_timeout).await
+        let backend = self.backend(idx);
+        let addr = backend.addr().ok_or(ConnectError::Unresolved)?;
+        let conn = UpstreamConn::connect(addr, self.connect_timeout, backend.tls.as_ref()).await;
+        if let Err(ConnectError::Tls(e)) = &conn {
+            tracing::warn!(backend = %backend.url, "TLS handshake with the backend failed: {e}");
+        }
+        conn
     }
 
     /// Returns a connection whose response ended cleanly to its pool.
@@ -379,7 +384,7 @@ mod tests {
             ));
         }
         let config = config::parse(&yaml, Format::Yaml).expect("test config");
-        WorkerUpstreams::new(Backends::new(&config), &config, 0)
+        WorkerUpstreams::new(Backends::new(&config).unwrap(), &config, 0)
     }
 
     /// The backend index of one pick, its in-flight count released at once.

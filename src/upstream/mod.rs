@@ -49,6 +49,8 @@ pub struct Backend {
     pub max_in_flight: Option<u32>,
     /// `Bearer <backends[].api_key>`, sent instead of any client credential.
     pub authorization: Option<Secret>,
+    /// Set for an https backend.
+    pub tls: Option<crate::tls::Upstream>,
     host: String,
     port: u16,
     /// Resolved once at start; re-resolved off the worker cores while unresolved.
@@ -196,7 +198,8 @@ pub struct Backends {
 impl Backends {
     /// Builds the backend list and resolves host names. Names that do not resolve yet are retried
     /// on a background thread (never on a worker) until they do; meanwhile they take no traffic.
-    pub fn new(config: &Config) -> Arc<Backends> {
+    /// Fails when an https backend's certificate files do not load.
+    pub fn new(config: &Config) -> Result<Arc<Backends>, String> {
         let index_blocks = match config.routing.strategy {
             Strategy::CacheAware => config.routing.cache_aware.index_blocks,
             _ => 0,
@@ -204,12 +207,18 @@ impl Backends {
         let list = config
             .backends
             .iter()
-            .map(|b| {
+            .enumerate()
+            .map(|(index, b)| {
+                let tls = b
+                    .tls
+                    .as_ref()
+                    .map(|tls| crate::tls::upstream(index, &b.host, tls))
+                    .transpose()?;
                 let mut extra_headers = Vec::new();
                 for (n, v) in &b.headers {
                     crate::http::push_header(&mut extra_headers, n.as_bytes(), v.as_bytes());
                 }
-                Backend {
+                Ok(Backend {
                     url: b.url.clone(),
                     url_shared: Arc::from(b.url.as_str()),
                     host_header: b.host_header.clone(),
@@ -232,9 +241,10 @@ impl Backends {
                     in_flight: AtomicU32::new(0),
                     load: AtomicU64::new(0f64.to_bits()),
                     blocks: BlockIndex::new(index_blocks),
-                }
+                    tls,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, String>>()?;
         let backends = Arc::new(Backends {
             list,
             aliases: config.model_aliases.clone(),
@@ -268,7 +278,7 @@ impl Backends {
                 tracing::error!("cannot start resolver thread: {e}");
             }
         }
-        backends
+        Ok(backends)
     }
 
     /// Ends this set's background threads (a reload published a new one).
