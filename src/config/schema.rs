@@ -63,6 +63,7 @@ pub(super) const ROOT: Shape = Fields(&[
             ("models", Leaf),
             ("headers", Leaf),
             ("max_in_flight", Leaf),
+            ("tier", Leaf),
             (
                 "tls",
                 Fields(&[
@@ -81,7 +82,10 @@ pub(super) const ROOT: Shape = Fields(&[
         Fields(&[
             ("load_balance", Leaf),
             ("affinity", Fields(&[("header", Leaf), ("field", Leaf)])),
-            ("least_load", Fields(&[("interval", Leaf), ("path", Leaf)])),
+            (
+                "least_load",
+                Fields(&[("interval", Leaf), ("path", Leaf), ("saturation", Leaf)]),
+            ),
             (
                 "cache_aware",
                 Fields(&[

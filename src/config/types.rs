@@ -141,6 +141,8 @@ pub struct Backend {
     pub max_in_flight: Option<u32>,
     /// Set for an `https://` URL: how to verify it and what to present.
     pub tls: Option<BackendTls>,
+    /// Spillover tier: requests go to the lowest tier with a backend able to take them.
+    pub tier: u8,
 }
 
 /// Logging (key `log`).
@@ -331,6 +333,8 @@ pub(super) struct RawBackend {
     pub(super) max_in_flight: Option<u32>,
     #[serde(default)]
     pub(super) tls: Option<tls::RawBackendTls>,
+    #[serde(default)]
+    pub(super) tier: u8,
 }
 
 fn default_weight() -> u32 {

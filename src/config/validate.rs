@@ -111,6 +111,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
                 headers: backend.headers.into_iter().collect(),
                 max_in_flight: backend.max_in_flight.filter(|&n| n > 0),
                 tls,
+                tier: backend.tier,
             }),
             Err(message) => report(&format!("backends[{index}].url"), Err(message)),
         }

@@ -124,6 +124,20 @@ impl Registry {
             );
         }
 
+        gauge_header(
+            &mut out,
+            "llmproxy_backend_tier",
+            "The backend's spillover tier (backends[].tier): lower tiers take requests first.",
+        );
+        for b in &backends.list {
+            let _ = writeln!(
+                out,
+                "llmproxy_backend_tier{{backend=\"{}\"}} {}",
+                escape(&b.url),
+                b.tier
+            );
+        }
+
         header(
             &mut out,
             "llmproxy_rejections_total",

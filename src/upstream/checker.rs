@@ -31,7 +31,7 @@ pub fn spawn_checker(backends: Arc<Backends>, config: &Config) {
     let scrape_load = matches!(
         config.routing.strategy,
         Strategy::LeastLoad | Strategy::CacheAware
-    );
+    ) || config.routing.saturation > 0.0;
     let merge_models = backends.list.len() > 1 || !backends.aliases.is_empty();
     if health.active || scrape_load {
         let mut period = if health.active {

@@ -51,6 +51,8 @@ pub struct Backend {
     pub authorization: Option<Secret>,
     /// Set for an https backend.
     pub tls: Option<crate::tls::Upstream>,
+    /// Spillover tier (`backends[].tier`).
+    pub tier: u8,
     host: String,
     port: u16,
     /// Resolved once at start; re-resolved off the worker cores while unresolved.
@@ -242,6 +244,7 @@ impl Backends {
                     load: AtomicU64::new(0f64.to_bits()),
                     blocks: BlockIndex::new(index_blocks),
                     tls,
+                    tier: b.tier,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
