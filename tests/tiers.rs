@@ -178,3 +178,39 @@ fn saturated_tier_zero_spills_over_by_its_load_score() {
     }
     assert_eq!(served(a.addr), before);
 }
+
+#[test]
+fn each_backend_gets_its_own_model_name_and_key() {
+    let port = closed_port();
+    let b = spawn_mock(&["--model", "served-b"]);
+    let gw = spawn_gateway(&format!(
+        "listen: \"{{listen}}\"\nbackends:\n  - url: \"http://{}\"\n    models: [mock-model]\n  - url: \"http://{}\"\n    tier: 1\n    models: [served-b]\n    api_key: sk-backend-b\n    model_map: {{mock-model: served-b}}\n",
+        port.addr, b.addr
+    ));
+    // Tier 0 refuses connections: the retry goes to tier 1, under its name for the model (the
+    // simulator answers 404 for a model it does not serve).
+    let r = post_json(gw.addr, "/v1/chat/completions", &chat(false), &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = post_json(
+        gw.addr,
+        "/v1/debug/echo",
+        &json!({"model": "mock-model", "n": 1}),
+        &[("Authorization", "Bearer sk-client")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let echo = r.json();
+    let body: serde_json::Value =
+        serde_json::from_str(echo["body"].as_str().expect("echoed body")).unwrap();
+    assert_eq!(body, json!({"model": "served-b", "n": 1}));
+    let authorization: Vec<_> = echo["headers"]
+        .as_array()
+        .expect("echoed headers")
+        .iter()
+        .filter(|h| {
+            h[0].as_str()
+                .is_some_and(|n| n.eq_ignore_ascii_case("authorization"))
+        })
+        .map(|h| h[1].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(authorization, ["Bearer sk-backend-b"]);
+}

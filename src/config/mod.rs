@@ -263,6 +263,26 @@ weight = 3
     }
 
     #[test]
+    fn tiers_and_model_maps_are_checked() {
+        let config =
+            yaml("backends: [{url: 'http://a'}, {url: 'http://b', tier: 2, model_map: {m: n}}]")
+                .unwrap();
+        assert_eq!((config.backends[0].tier, config.backends[1].tier), (0, 2));
+        assert_eq!(
+            config.backends[1].model_map,
+            [("m".to_string(), "n".to_string())]
+        );
+        let error = yaml_err("backends: [{url: 'http://a', model_map: {m: 'a\"b'}}]");
+        assert!(error.starts_with("backends[0].model_map: "), "{error}");
+        let error =
+            yaml_err("routing: {least_load: {saturation: -1}}\nbackends: [{url: 'http://a'}]");
+        assert!(
+            error.starts_with("routing.least_load.saturation: "),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn the_upstream_request_id_header_is_named_or_off() {
         let backends = "backends: [{url: 'http://b'}]\n";
         let header =

@@ -64,6 +64,7 @@ pub(super) const ROOT: Shape = Fields(&[
             ("headers", Leaf),
             ("max_in_flight", Leaf),
             ("tier", Leaf),
+            ("model_map", Leaf),
             (
                 "tls",
                 Fields(&[

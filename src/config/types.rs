@@ -143,6 +143,9 @@ pub struct Backend {
     pub tls: Option<BackendTls>,
     /// Spillover tier: requests go to the lowest tier with a backend able to take them.
     pub tier: u8,
+    /// Model name in the request -> the name this backend serves it under (rewritten in the
+    /// body sent to this backend only). Its keys count as models the backend serves.
+    pub model_map: Vec<(String, String)>,
 }
 
 /// Logging (key `log`).
@@ -335,6 +338,8 @@ pub(super) struct RawBackend {
     pub(super) tls: Option<tls::RawBackendTls>,
     #[serde(default)]
     pub(super) tier: u8,
+    #[serde(default)]
+    pub(super) model_map: BTreeMap<String, String>,
 }
 
 fn default_weight() -> u32 {

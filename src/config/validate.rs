@@ -84,6 +84,18 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
                 Err("must be at least 1 (remove the backend to send it nothing)".into()),
             );
         }
+        for (from, to) in &backend.model_map {
+            // Written into the JSON string as they are: no escapes to get wrong.
+            let plain = |s: &str| {
+                !s.is_empty() && !s.contains(|c: char| c == '"' || c == '\\' || c.is_control())
+            };
+            if !plain(from) || !plain(to) {
+                report(
+                    &format!("backends[{index}].model_map"),
+                    Err(format!("{from:?}: {to:?}: names must be non-empty, without quotes, backslashes or control characters")),
+                );
+            }
+        }
         let target = parse_backend_url(&backend.url);
         let tls = match tls::build_backend(backend.tls, target.as_ref().is_ok_and(|t| t.https)) {
             Ok(tls) => tls,
@@ -112,6 +124,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
                 max_in_flight: backend.max_in_flight.filter(|&n| n > 0),
                 tls,
                 tier: backend.tier,
+                model_map: backend.model_map.into_iter().collect(),
             }),
             Err(message) => report(&format!("backends[{index}].url"), Err(message)),
         }

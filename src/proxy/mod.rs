@@ -317,6 +317,7 @@ async fn proxy<'r>(
         body: &c.body,
         client_ip: &c.ip,
         model: outcome.has_model.then_some(c.model.as_str()),
+        model_at: info.model.clone().filter(|_| outcome.has_model),
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
         prompt: pick::prompt(&c.body, &info),
     };

@@ -53,6 +53,8 @@ pub struct Backend {
     pub tls: Option<crate::tls::Upstream>,
     /// Spillover tier (`backends[].tier`).
     pub tier: u8,
+    /// `backends[].model_map`: request model -> the name sent to this backend.
+    model_map: Vec<(String, String)>,
     host: String,
     port: u16,
     /// Resolved once at start; re-resolved off the worker cores while unresolved.
@@ -93,9 +95,19 @@ impl Backend {
 
     pub fn serves(&self, model: Option<&str>) -> bool {
         match model {
-            Some(m) if !self.models.is_empty() => self.models.iter().any(|s| s == m),
+            Some(m) if !self.models.is_empty() => {
+                self.models.iter().any(|s| s == m) || self.mapped_model(m).is_some()
+            }
             _ => true,
         }
+    }
+
+    /// The name `model` is sent under to this backend, when its `model_map` renames it.
+    pub fn mapped_model(&self, model: &str) -> Option<&str> {
+        self.model_map
+            .iter()
+            .find(|(from, _)| from == model)
+            .map(|(_, to)| to.as_str())
     }
 
     fn full(&self) -> bool {
@@ -245,6 +257,7 @@ impl Backends {
                     blocks: BlockIndex::new(index_blocks),
                     tls,
                     tier: b.tier,
+                    model_map: b.model_map.clone(),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
