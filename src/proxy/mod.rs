@@ -83,7 +83,9 @@ async fn serve(
     let tls = ctx.current().tls.clone();
     let (mut rd, mut wr) = match tls {
         None => ClientReader::plain(stream),
-        Some(config) => match handshake(&ctx, stream, config).await {
+        // Boxed: the handshake's state (a rustls connection) would otherwise enlarge every
+        // connection's task, plain ones too.
+        Some(config) => match Box::pin(handshake(&ctx, stream, config)).await {
             Some(halves) => halves,
             None => return,
         },

@@ -6,7 +6,9 @@
 //! malicious peer stalls nobody else on the worker.
 //!
 //! [`Reader`] and [`Writer`] are plain TCP or TLS: one branch per socket call for plain
-//! connections, nothing else.
+//! connections, nothing else. The TLS arms box their futures (one allocation per TLS socket call,
+//! next to the record's crypto), so the futures of every plain read and write, and of the request
+//! phases holding them, stay the size they are without TLS: futures are moved by memcpy.
 
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
@@ -192,6 +194,11 @@ where
             }
             let mut raw = mem::take(&mut self.raw);
             raw.clear();
+            // Empty only after a read was dropped midway (a timeout): the connection is closing,
+            // but a read into no room would pass for the end of the stream.
+            if raw.capacity() == 0 {
+                raw.reserve(RAW_READ);
+            }
             self.pos = 0;
             let (read, raw) = match cancel {
                 Some(c) => self.tcp.cancelable_read(raw, c.clone()).await,
@@ -261,7 +268,7 @@ where
     async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Reader::Plain(tcp) => tcp.read(buf).await,
-            Reader::Tls(tls) => tls.read_buf(buf, None).await,
+            Reader::Tls(tls) => Box::pin(tls.read_buf(buf, None)).await,
         }
     }
 
@@ -271,7 +278,7 @@ where
             Reader::Tls(tls) => {
                 // SAFETY: the first iovec of `buf`, which we hold for the whole read.
                 let read = match unsafe { RawBuf::new_from_iovec_mut(&mut buf) } {
-                    Some(raw) => tls.read_buf(raw, None).await.0,
+                    Some(raw) => Box::pin(tls.read_buf(raw, None)).await.0,
                     None => Ok(0),
                 };
                 if let Ok(n) = read {
@@ -295,7 +302,7 @@ where
     ) -> BufResult<usize, T> {
         match self {
             Reader::Plain(tcp) => tcp.cancelable_read(buf, c).await,
-            Reader::Tls(tls) => tls.read_buf(buf, Some(&c)).await,
+            Reader::Tls(tls) => Box::pin(tls.read_buf(buf, Some(&c))).await,
         }
     }
 
@@ -309,7 +316,7 @@ where
             Reader::Tls(tls) => {
                 // SAFETY: as in `readv`.
                 let read = match unsafe { RawBuf::new_from_iovec_mut(&mut buf) } {
-                    Some(raw) => tls.read_buf(raw, Some(&c)).await.0,
+                    Some(raw) => Box::pin(tls.read_buf(raw, Some(&c))).await.0,
                     None => Ok(0),
                 };
                 if let Ok(n) = read {
@@ -332,7 +339,7 @@ where
             Writer::Tls(tls) => {
                 // SAFETY: `buf` holds `bytes_init()` bytes from `read_ptr()`; we own it meanwhile.
                 let data = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
-                let sent = tls.write_plain(data).await;
+                let sent = Box::pin(tls.write_plain(data)).await;
                 (sent, buf)
             }
         }
@@ -347,7 +354,7 @@ where
                     Some(raw) => {
                         let data =
                             unsafe { std::slice::from_raw_parts(raw.read_ptr(), raw.bytes_init()) };
-                        tls.write_plain(data).await
+                        Box::pin(tls.write_plain(data)).await
                     }
                     None => Ok(0),
                 };
@@ -367,16 +374,17 @@ where
     async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Writer::Plain(tcp) => tcp.shutdown().await,
-            Writer::Tls(tls) => tls.close().await,
+            Writer::Tls(tls) => Box::pin(tls.close()).await,
         }
     }
 }
 
-/// A whole connection (not split): plain TCP, or TLS as its two halves. For upstream
-/// connections, which one task reads and writes in turn.
+/// A whole connection (not split): plain TCP, or TLS as its two halves (boxed, so a plain
+/// connection, moved in and out of its pool for every request, stays a TcpStream's size). For
+/// upstream connections, which one task reads and writes in turn.
 pub enum Duplex<C> {
     Plain(TcpStream),
-    Tls(TlsReader<C>, TlsWriter<C>),
+    Tls(Box<(TlsReader<C>, TlsWriter<C>)>),
 }
 
 impl<C, SD> AsyncReadRent for Duplex<C>
@@ -387,17 +395,17 @@ where
     async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Duplex::Plain(tcp) => tcp.read(buf).await,
-            Duplex::Tls(rd, _) => rd.read_buf(buf, None).await,
+            Duplex::Tls(tls) => Box::pin(tls.0.read_buf(buf, None)).await,
         }
     }
 
     async fn readv<T: IoVecBufMut>(&mut self, mut buf: T) -> BufResult<usize, T> {
         match self {
             Duplex::Plain(tcp) => tcp.readv(buf).await,
-            Duplex::Tls(rd, _) => {
+            Duplex::Tls(tls) => {
                 // SAFETY: the first iovec of `buf`, which we hold for the whole read.
                 let read = match unsafe { RawBuf::new_from_iovec_mut(&mut buf) } {
-                    Some(raw) => rd.read_buf(raw, None).await.0,
+                    Some(raw) => Box::pin(tls.0.read_buf(raw, None)).await.0,
                     None => Ok(0),
                 };
                 if let Ok(n) = read {
@@ -417,10 +425,10 @@ where
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Duplex::Plain(tcp) => tcp.write(buf).await,
-            Duplex::Tls(_, wr) => {
+            Duplex::Tls(tls) => {
                 // SAFETY: `buf` holds `bytes_init()` bytes from `read_ptr()`; we own it meanwhile.
                 let data = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
-                let sent = wr.write_plain(data).await;
+                let sent = Box::pin(tls.1.write_plain(data)).await;
                 (sent, buf)
             }
         }
@@ -429,13 +437,13 @@ where
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Duplex::Plain(tcp) => tcp.writev(buf).await,
-            Duplex::Tls(_, wr) => {
+            Duplex::Tls(tls) => {
                 // SAFETY: the first iovec of `buf`, which we hold for the whole write.
                 let sent = match unsafe { RawBuf::new_from_iovec(&buf) } {
                     Some(raw) => {
                         let data =
                             unsafe { std::slice::from_raw_parts(raw.read_ptr(), raw.bytes_init()) };
-                        wr.write_plain(data).await
+                        Box::pin(tls.1.write_plain(data)).await
                     }
                     None => Ok(0),
                 };
@@ -454,7 +462,7 @@ where
     async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Duplex::Plain(tcp) => tcp.shutdown().await,
-            Duplex::Tls(_, wr) => wr.close().await,
+            Duplex::Tls(tls) => Box::pin(tls.1.close()).await,
         }
     }
 }

@@ -49,10 +49,16 @@ impl UpstreamConn {
             tcp.set_nodelay(true).map_err(ConnectError::Io)?;
             match tls {
                 None => Ok(Duplex::Plain(tcp)),
-                Some(tls) => crate::tls::stream::connect(tcp, tls.config.clone(), tls.name.clone())
-                    .await
-                    .map(|(rd, wr)| Duplex::Tls(rd, wr))
-                    .map_err(ConnectError::Tls),
+                // Boxed: inline, the handshake's state would enlarge this future, which every
+                // request builds (and moves) even when the pool has a connection.
+                Some(tls) => Box::pin(crate::tls::stream::connect(
+                    tcp,
+                    tls.config.clone(),
+                    tls.name.clone(),
+                ))
+                .await
+                .map(|(rd, wr)| Duplex::Tls(Box::new((rd, wr))))
+                .map_err(ConnectError::Tls),
             }
         };
         let stream = match monoio::time::timeout(timeout, connect).await {
