@@ -296,11 +296,7 @@ async fn proxy<'r>(
 
     let canceller = monoio::io::Canceller::new();
     let watch_buf = std::mem::take(&mut c.watch_buf);
-    let read = Box::pin(monoio::io::CancelableAsyncReadRent::cancelable_read(
-        rd,
-        watch_buf,
-        canceller.handle(),
-    ));
+    let read = rd.boxed_cancelable_read(watch_buf, canceller.handle());
     let mut watch = client_watch::ClientWatch::new(read, canceller);
     let plan = relay::Plan {
         request_id: id,

@@ -11,9 +11,11 @@
 //! phases holding them, stay the size they are without TLS: futures are moved by memcpy.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::mem;
 use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -63,6 +65,24 @@ impl<C> Reader<C> {
     pub fn plain(tcp: TcpStream) -> (Reader<C>, Writer<C>) {
         let (rd, wr) = tcp.into_split();
         (Reader::Plain(rd), Writer::Plain(wr))
+    }
+}
+
+/// A boxed read that outlives the call that started it (the client watch's).
+pub type BoxedRead<'a> = Pin<Box<dyn Future<Output = BufResult<usize, Vec<u8>>> + 'a>>;
+
+impl<C, SD> Reader<C>
+where
+    C: DerefMut + Deref<Target = ConnectionCommon<SD>> + 'static,
+    SD: rustls::SideData,
+{
+    /// A cancelable read, boxed: on a plain connection the socket's own future, without the
+    /// enum's async layer around it (the client watch polls it on every wake-up of a request).
+    pub fn boxed_cancelable_read(&mut self, buf: Vec<u8>, c: CancelHandle) -> BoxedRead<'_> {
+        match self {
+            Reader::Plain(tcp) => Box::pin(tcp.cancelable_read(buf, c)),
+            Reader::Tls(tls) => Box::pin(async move { tls.read_buf(buf, Some(&c)).await }),
+        }
     }
 }
 
@@ -279,44 +299,6 @@ where
                 // SAFETY: the first iovec of `buf`, which we hold for the whole read.
                 let read = match unsafe { RawBuf::new_from_iovec_mut(&mut buf) } {
                     Some(raw) => Box::pin(tls.read_buf(raw, None)).await.0,
-                    None => Ok(0),
-                };
-                if let Ok(n) = read {
-                    unsafe { buf.set_init(n) };
-                }
-                (read, buf)
-            }
-        }
-    }
-}
-
-impl<C, SD> CancelableAsyncReadRent for Reader<C>
-where
-    C: DerefMut + Deref<Target = ConnectionCommon<SD>>,
-    SD: rustls::SideData,
-{
-    async fn cancelable_read<T: IoBufMut>(
-        &mut self,
-        buf: T,
-        c: CancelHandle,
-    ) -> BufResult<usize, T> {
-        match self {
-            Reader::Plain(tcp) => tcp.cancelable_read(buf, c).await,
-            Reader::Tls(tls) => Box::pin(tls.read_buf(buf, Some(&c))).await,
-        }
-    }
-
-    async fn cancelable_readv<T: IoVecBufMut>(
-        &mut self,
-        mut buf: T,
-        c: CancelHandle,
-    ) -> BufResult<usize, T> {
-        match self {
-            Reader::Plain(tcp) => tcp.cancelable_readv(buf, c).await,
-            Reader::Tls(tls) => {
-                // SAFETY: as in `readv`.
-                let read = match unsafe { RawBuf::new_from_iovec_mut(&mut buf) } {
-                    Some(raw) => Box::pin(tls.read_buf(raw, Some(&c))).await.0,
                     None => Ok(0),
                 };
                 if let Ok(n) = read {
