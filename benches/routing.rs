@@ -15,7 +15,7 @@ fn upstreams(strategy: &str) -> WorkerUpstreams {
          load_balance: {strategy}\n"
     );
     let config = parse(&yaml, Format::Yaml).unwrap();
-    WorkerUpstreams::new(Backends::new(&config), &config, 0)
+    WorkerUpstreams::new(Backends::new(&config).expect("backends"), &config, 0)
 }
 
 fn pick(c: &mut Criterion) {

@@ -27,6 +27,7 @@ pub mod proxy;
 pub mod redact;
 pub mod server;
 pub mod time;
+pub mod tls;
 pub mod upstream;
 pub mod usage;
 

@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub global_limits: Option<Arc<LimitSet>>,
     /// The running usage reporter's channel, when metering is on.
     pub usage: Option<UsageSender>,
+    /// The listener's TLS config (`tls`), certificates as read when this generation was made.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 pub struct Live {

@@ -34,7 +34,7 @@ enum Command {
     /// Validate --config FILE and report every error with its key path; exits 1 on errors.
     Check,
     /// Run the OpenAI-compatible simulator (vLLM-like wire format) used by tests, demo and benchmarks.
-    MockLlm(llmproxy::mock::MockOptions),
+    MockLlm(Box<llmproxy::mock::MockOptions>),
     /// Start the simulator and the gateway together with a built-in config, and print what to try.
     Demo,
     /// Print token totals from the usage spool (records still within `usage_hook.retention`).
@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::MockLlm(opts)) => {
             let _log = logging::init(&LogConfig::default());
-            exit(llmproxy::mock::run(opts).map_err(|e| format!("mock-llm: {e}")))
+            exit(llmproxy::mock::run(*opts).map_err(|e| format!("mock-llm: {e}")))
         }
         Some(Command::Check) => exit(check(cli.config.as_deref())),
         Some(Command::Demo) => exit(demo()),
@@ -106,6 +106,10 @@ fn load(path: Option<&Path>) -> Result<Config, String> {
 
 fn check(path: Option<&Path>) -> Result<(), String> {
     let cfg = load(path)?;
+    // The certificate files are part of what must work at start.
+    if let Some(tls) = &cfg.tls {
+        llmproxy::tls::server_config(tls)?;
+    }
     println!(
         "{}: ok ({} backend(s), listen {}, {} worker(s))",
         path.map(|p| p.display().to_string()).unwrap_or_default(),

@@ -53,24 +53,30 @@ fn known_traffic_gives_matching_counters_and_histograms() {
     // A request is counted just after its last byte is written, and leaves the in-flight gauge
     // just after that, so the client can see the response a moment before the metrics move:
     // wait for all ten requests to be counted and done (the scrape itself is in flight).
-    // The scrape that saw it is the one checked below: the previous scrape's connection may
-    // still be in flight during the next one (on another worker).
-    let mut text = String::new();
+    // The scrape checked is the one that saw that: a scrape after it could still count the
+    // previous scrape as in flight on another worker.
+    let mut settled = None;
     assert!(wait_until(std::time::Duration::from_secs(5), || {
         let r = get(gw.addr, "/metrics");
-        assert_eq!(r.status, 200);
-        assert!(r
-            .header("content-type")
-            .unwrap()
-            .starts_with("text/plain; version=0.0.4"));
-        text = r.text();
+        let text = r.text();
         let counted: f64 = text
             .lines()
             .filter(|l| l.starts_with("llmproxy_requests_total{"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
-        counted >= 10.0 && series(&text, "llmproxy_in_flight_requests") == 1.0
+        let done = counted >= 10.0 && series(&text, "llmproxy_in_flight_requests") == 1.0;
+        if done {
+            settled = Some(r);
+        }
+        done
     }));
+    let r = settled.expect("a settled scrape");
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = r.text();
     let backend = format!("backend=\"http://{}\"", mock.addr);
     let chat_series = |stream: bool| {
         format!(

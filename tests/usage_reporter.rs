@@ -37,6 +37,7 @@ fn event(id: &str, captured: Captured) -> UsageEvent {
         api: Api::ChatCompletions,
         is_stream: false,
         backend_url: Arc::from("http://b:8000"),
+        tier: 0,
         status_code: 200,
         latency: Duration::from_millis(120),
         ttft: None,

@@ -72,6 +72,7 @@ fuzz_target!(|input: &[u8]| {
         api: Api::ChatCompletions,
         is_stream: true,
         backend_url: Arc::from("http://backend"),
+        tier: 0,
         status_code,
         latency: Duration::from_millis(request_bytes),
         ttft: None,

@@ -46,28 +46,26 @@ pub(super) struct Target {
     pub(super) port: u16,
     pub(super) host_header: String,
     pub(super) path_prefix: String,
+    pub(super) https: bool,
 }
 
-/// Parses `http://host[:port][/prefix]`. Hand-rolled because the accepted form is this small
+/// Parses `http[s]://host[:port][/prefix]`. Hand-rolled because the accepted form is this small
 /// and a URL crate would accept (and need rejecting) much more.
 pub(super) fn parse_backend_url(url: &str) -> Result<Target, String> {
-    let expected = "expected a URL like \"http://host:port\" or \"http://host:port/prefix\"";
+    let expected =
+        "expected a URL like \"http://host:port\", \"https://host\" or \"http://host:port/prefix\"";
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(format!("invalid URL {url:?}: {expected}"));
     };
-    match scheme.to_ascii_lowercase().as_str() {
-        "http" => {}
-        "https" => {
-            return Err(format!(
-                "https backends are not supported yet ({url:?}); use http://"
-            ))
-        }
+    let https = match scheme.to_ascii_lowercase().as_str() {
+        "http" => false,
+        "https" => true,
         _ => {
             return Err(format!(
                 "unsupported scheme {scheme:?} in {url:?}; {expected}"
             ))
         }
-    }
+    };
     if url.contains(|c: char| c.is_whitespace() || c.is_control()) {
         return Err(format!("invalid URL {url:?}: contains whitespace"));
     }
@@ -115,6 +113,7 @@ pub(super) fn parse_backend_url(url: &str) -> Result<Target, String> {
         (host, port)
     };
     let port = match port {
+        None if https => 443,
         None => 80,
         Some(port) => port
             .parse::<u16>()
@@ -127,6 +126,7 @@ pub(super) fn parse_backend_url(url: &str) -> Result<Target, String> {
         port,
         host_header: authority.to_string(),
         path_prefix: path.trim_end_matches('/').to_string(),
+        https,
     })
 }
 
@@ -177,9 +177,12 @@ mod tests {
             Ok(owned("::1", 8001, "[::1]:8001", ""))
         );
         assert_eq!(target("HTTP://h/"), Ok(owned("h", 80, "h", "")));
-        assert!(target("https://api.openai.com")
-            .unwrap_err()
-            .starts_with("https backends are not supported yet"));
+        assert_eq!(
+            target("https://api.openai.com/v1"),
+            Ok(owned("api.openai.com", 443, "api.openai.com", "/v1"))
+        );
+        assert!(parse_backend_url("HTTPS://h:8443").unwrap().https);
+        assert!(!parse_backend_url("http://h").unwrap().https);
         assert!(target("http://::1:8000").unwrap_err().contains("brackets"));
         for bad in [
             "vllm:8000",

@@ -13,8 +13,8 @@
 //! [`types`] holds [`Config`], the general sections and every default of theirs; [`validate`]
 //! checks them and assembles the result; [`address`] parses listen addresses, backend URLs and
 //! IP blocks; the sections with rules of their own have a file each: [`routing`] (balancing,
-//! health checks, retries), [`auth`] (`auth`, `api_keys`), [`limits`] (`rate_limit`) and
-//! [`usage`] (`usage_hook`). [`units`] reads durations and sizes, [`env`] substitutes `${VAR}`,
+//! health checks, retries), [`auth`] (`auth`, `api_keys`), [`limits`] (`rate_limit`),
+//! [`usage`] (`usage_hook`) and [`tls`] (`tls`, `backends[].tls`). [`units`] reads durations and sizes, [`env`] substitutes `${VAR}`,
 //! [`schema`] knows every key.
 
 mod address;
@@ -23,6 +23,7 @@ mod env;
 mod limits;
 mod routing;
 mod schema;
+mod tls;
 mod types;
 mod units;
 mod usage;
@@ -35,6 +36,7 @@ pub use auth::{
 };
 pub use limits::{LimitSpec, RateLimitConfig, SharedLimits};
 pub use routing::{Affinity, CacheAware, HealthCheck, Retry, Routing, Strategy};
+pub use tls::{BackendTls, ListenerTls};
 pub use types::{
     AdminConfig, Backend, Config, IoDriver, LogConfig, LogFormat, MetricsConfig, Secret, Timeouts,
     UpstreamConfig,
@@ -239,6 +241,62 @@ weight = 3
         let error = yaml_err(&format!("{base}, sync_interval: 1ms}}"));
         assert!(
             error.contains("rate_limit.sync_interval") && error.contains("between 10ms and 10s"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn listener_tls_needs_a_cert_and_a_key() {
+        let backends = "backends: [{url: 'http://b'}]\n";
+        let error = yaml_err(&format!("tls: {{cert: /c.pem}}\n{backends}"));
+        assert!(error.contains("tls.key: required"), "{error}");
+        let error = yaml_err(&format!("tls: {{client_ca: /ca.pem}}\n{backends}"));
+        assert!(error.contains("tls.cert: required") && error.contains("tls.key: required"));
+        let config = yaml(&format!("tls: {{cert: /c.pem, key: /k.pem}}\n{backends}")).unwrap();
+        let tls = config.tls.unwrap();
+        assert_eq!((tls.cert.to_str(), tls.client_ca), (Some("/c.pem"), None));
+        assert_eq!(
+            yaml(&format!("tls: {{cert: '', key: ''}}\n{backends}"))
+                .unwrap()
+                .tls,
+            None
+        );
+    }
+
+    #[test]
+    fn backend_tls_applies_to_https_urls_only() {
+        let error = yaml_err("backends: [{url: 'http://b', tls: {ca: /ca.pem}}]");
+        assert_eq!(
+            error,
+            "backends[0].tls: only applies to https:// backend URLs"
+        );
+        let error = yaml_err("backends: [{url: 'https://b', tls: {cert: /c.pem}}]");
+        assert_eq!(error, "backends[0].tls.key: required with `cert`");
+        let error = yaml_err("backends: [{url: 'https://b', tls: {server_name: 'a b'}}]");
+        assert!(error.starts_with("backends[0].tls.server_name:"), "{error}");
+        let config =
+            yaml("backends: [{url: 'https://b'}, {url: 'http://c', tls: {ca: ''}}]").unwrap();
+        assert_eq!(config.backends[0].port, 443);
+        assert_eq!(config.backends[0].tls, Some(BackendTls::default()));
+        assert_eq!(config.backends[1].tls, None);
+    }
+
+    #[test]
+    fn tiers_and_model_maps_are_checked() {
+        let config =
+            yaml("backends: [{url: 'http://a'}, {url: 'http://b', tier: 2, model_map: {m: n}}]")
+                .unwrap();
+        assert_eq!((config.backends[0].tier, config.backends[1].tier), (0, 2));
+        assert_eq!(
+            config.backends[1].model_map,
+            [("m".to_string(), "n".to_string())]
+        );
+        let error = yaml_err("backends: [{url: 'http://a', model_map: {m: 'a\"b'}}]");
+        assert!(error.starts_with("backends[0].model_map: "), "{error}");
+        let error =
+            yaml_err("routing: {least_load: {saturation: -1}}\nbackends: [{url: 'http://a'}]");
+        assert!(
+            error.starts_with("routing.least_load.saturation: "),
             "{error}"
         );
     }
@@ -617,7 +675,7 @@ health_check:
     fn every_problem_is_reported_together() {
         let error = yaml(
             "listne: 1\nusage_hook: {enabld: true}\nlisten: 'nowhere'\nbackends:\n  \
-             - url: 'https://a'\n  - url: 'http://b'\n    weight: 0\n",
+             - url: 'ftp://a'\n  - url: 'http://b'\n    weight: 0\n",
         )
         .unwrap_err();
         let lines: Vec<_> = error.to_string().lines().map(str::to_owned).collect();
@@ -639,7 +697,7 @@ health_check:
         ));
         assert!(lines
             .iter()
-            .any(|l| l.starts_with("backends[0].url: https backends are not supported yet")));
+            .any(|l| l.starts_with("backends[0].url: unsupported scheme")));
 
         let mut in_file = error;
         in_file.file = Some("gw.yaml".into());

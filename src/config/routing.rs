@@ -44,6 +44,9 @@ pub struct Routing {
     /// How often `least_load` and `cache_aware` scrape each backend's metrics, and where.
     pub load_interval: Duration,
     pub load_path: String,
+    /// A backend whose scraped load score is at least this is saturated: requests spill over
+    /// to the next tier. 0: never (only down or full backends spill over).
+    pub saturation: f64,
     pub cache_aware: CacheAware,
 }
 
@@ -141,6 +144,7 @@ pub(super) struct RawAffinity {
 pub(super) struct RawLeastLoad {
     pub interval: DurationValue,
     pub path: String,
+    pub saturation: f64,
 }
 
 impl Default for RawLeastLoad {
@@ -148,6 +152,7 @@ impl Default for RawLeastLoad {
         RawLeastLoad {
             interval: DurationValue(Duration::from_secs(1)),
             path: "/metrics".into(),
+            saturation: 0.0,
         }
     }
 }
@@ -234,11 +239,19 @@ pub(super) fn routing(
             None
         }
     };
+    let saturation = raw.least_load.saturation;
+    if !(saturation.is_finite() && saturation >= 0.0) {
+        report(
+            "routing.least_load.saturation",
+            Err("must be a load score of 0 (off) or more".into()),
+        );
+    }
     Routing {
         strategy: top.or(raw.load_balance).unwrap_or(Strategy::Weighted),
         affinity,
         load_interval: raw.least_load.interval.0,
         load_path: raw.least_load.path,
+        saturation,
         cache_aware: cache_aware(raw.cache_aware, report),
     }
 }

@@ -22,6 +22,10 @@ use Shape::{Leaf, List, Map as Fields};
 /// (they deny unknown fields, so a key listed here but missing there fails loudly).
 pub(super) const ROOT: Shape = Fields(&[
     ("listen", Leaf),
+    (
+        "tls",
+        Fields(&[("cert", Leaf), ("key", Leaf), ("client_ca", Leaf)]),
+    ),
     ("workers", Leaf),
     ("io_driver", Leaf),
     ("cpu_affinity", Leaf),
@@ -59,6 +63,18 @@ pub(super) const ROOT: Shape = Fields(&[
             ("models", Leaf),
             ("headers", Leaf),
             ("max_in_flight", Leaf),
+            ("tier", Leaf),
+            ("model_map", Leaf),
+            (
+                "tls",
+                Fields(&[
+                    ("ca", Leaf),
+                    ("cert", Leaf),
+                    ("key", Leaf),
+                    ("server_name", Leaf),
+                    ("insecure_skip_verify", Leaf),
+                ]),
+            ),
         ])),
     ),
     ("load_balance", Leaf),
@@ -67,7 +83,10 @@ pub(super) const ROOT: Shape = Fields(&[
         Fields(&[
             ("load_balance", Leaf),
             ("affinity", Fields(&[("header", Leaf), ("field", Leaf)])),
-            ("least_load", Fields(&[("interval", Leaf), ("path", Leaf)])),
+            (
+                "least_load",
+                Fields(&[("interval", Leaf), ("path", Leaf), ("saturation", Leaf)]),
+            ),
             (
                 "cache_aware",
                 Fields(&[

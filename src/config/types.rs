@@ -17,6 +17,7 @@ use serde::Deserialize;
 use super::auth::{self, ApiKeyConfig, AuthConfig};
 use super::limits::{self, RateLimitConfig};
 use super::routing::{self, HealthCheck, Retry, Routing, Strategy};
+use super::tls::{self, BackendTls, ListenerTls};
 use super::units::{DurationValue, SizeValue};
 use super::usage::{self, UsageHook};
 use crate::redact::mask_key;
@@ -44,6 +45,8 @@ pub enum LogFormat {
 pub struct Config {
     /// Address to accept clients on. Go style ":8000" means 0.0.0.0:8000.
     pub listen: SocketAddr,
+    /// Clients connect with TLS when set (key `tls`).
+    pub tls: Option<ListenerTls>,
     /// Worker threads (one runtime each); `0` in the file is resolved here to the CPU count.
     pub workers: usize,
     pub io_driver: IoDriver,
@@ -113,7 +116,7 @@ pub struct UpstreamConfig {
     pub request_id_header: Option<String>,
 }
 
-/// One inference server (items of `backends`). Only plain `http://` is accepted.
+/// One inference server (items of `backends`), `http://` or `https://`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     /// As written, e.g. "http://vllm:8000".
@@ -122,7 +125,7 @@ pub struct Backend {
     pub weight: u32,
     /// Hostname or IP literal; IPv6 without brackets. Not resolved here.
     pub host: String,
-    /// 80 when the URL has none.
+    /// 80 (443 for https) when the URL has none.
     pub port: u16,
     /// Value for the upstream `Host` header: the URL's authority as written ("vllm:8000").
     pub host_header: String,
@@ -136,6 +139,13 @@ pub struct Backend {
     pub headers: Vec<(String, String)>,
     /// Most requests in flight to this backend across all workers; `None`: unlimited.
     pub max_in_flight: Option<u32>,
+    /// Set for an `https://` URL: how to verify it and what to present.
+    pub tls: Option<BackendTls>,
+    /// Spillover tier: requests go to the lowest tier with a backend able to take them.
+    pub tier: u8,
+    /// Model name in the request -> the name this backend serves it under (rewritten in the
+    /// body sent to this backend only). Its keys count as models the backend serves.
+    pub model_map: Vec<(String, String)>,
 }
 
 /// Logging (key `log`).
@@ -208,6 +218,7 @@ impl fmt::Debug for Secret {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub(super) listen: String,
+    pub(super) tls: Option<tls::RawListenerTls>,
     pub(super) workers: usize,
     pub(super) io_driver: IoDriver,
     pub(super) cpu_affinity: bool,
@@ -237,6 +248,7 @@ impl Default for RawConfig {
     fn default() -> Self {
         RawConfig {
             listen: ":8000".to_string(),
+            tls: None,
             workers: 0,
             io_driver: IoDriver::Auto,
             cpu_affinity: false,
@@ -323,6 +335,12 @@ pub(super) struct RawBackend {
     pub(super) headers: BTreeMap<String, String>,
     #[serde(default)]
     pub(super) max_in_flight: Option<u32>,
+    #[serde(default)]
+    pub(super) tls: Option<tls::RawBackendTls>,
+    #[serde(default)]
+    pub(super) tier: u8,
+    #[serde(default)]
+    pub(super) model_map: BTreeMap<String, String>,
 }
 
 fn default_weight() -> u32 {

@@ -10,7 +10,7 @@ use super::types::{
     AdminConfig, Backend, Config, LogConfig, MetricsConfig, RawConfig, Secret, Timeouts,
     UpstreamConfig,
 };
-use super::{auth, limits, routing, usage, Issue, PipelineMode, ProviderConfig};
+use super::{auth, limits, routing, tls, usage, Issue, PipelineMode, ProviderConfig};
 
 /// Validates `raw` and resolves what needs resolving; `None` once any issue is recorded.
 pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
@@ -21,6 +21,16 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
     };
     let listen = parse_listen(&raw.listen);
     report("listen", listen.as_ref().map(|_| ()).map_err(Clone::clone));
+    let listener_tls = match raw.tls.map(tls::build_listener) {
+        None => None,
+        Some(Ok(t)) => t,
+        Some(Err(problems)) => {
+            for (at, message) in problems {
+                report(at, Err(message));
+            }
+            None
+        }
+    };
     report("max_request_body", positive(raw.max_request_body.0));
     report("max_header_size", positive(raw.max_header_size.0));
     for (at, value) in [
@@ -78,7 +88,33 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
                 Err("must be at least 1 (remove the backend to send it nothing)".into()),
             );
         }
-        match parse_backend_url(&backend.url) {
+        for (from, to) in &backend.model_map {
+            // Written into the JSON string as they are: no escapes to get wrong.
+            let plain = |s: &str| {
+                !s.is_empty() && !s.contains(|c: char| c == '"' || c == '\\' || c.is_control())
+            };
+            if !plain(from) || !plain(to) {
+                report(
+                    &format!("backends[{index}].model_map"),
+                    Err(format!("{from:?}: {to:?}: names must be non-empty, without quotes, backslashes or control characters")),
+                );
+            }
+        }
+        let target = parse_backend_url(&backend.url);
+        let tls = match tls::build_backend(backend.tls, target.as_ref().is_ok_and(|t| t.https)) {
+            Ok(tls) => tls,
+            Err(problems) => {
+                for (key, message) in problems {
+                    let at = match key {
+                        "" => format!("backends[{index}].tls"),
+                        key => format!("backends[{index}].tls.{key}"),
+                    };
+                    report(&at, Err(message));
+                }
+                None
+            }
+        };
+        match target {
             Ok(target) => backends.push(Backend {
                 url: backend.url,
                 weight: backend.weight,
@@ -90,6 +126,9 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
                 models: backend.models,
                 headers: backend.headers.into_iter().collect(),
                 max_in_flight: backend.max_in_flight.filter(|&n| n > 0),
+                tls,
+                tier: backend.tier,
+                model_map: backend.model_map.into_iter().collect(),
             }),
             Err(message) => report(&format!("backends[{index}].url"), Err(message)),
         }
@@ -122,6 +161,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
     };
     Some(Config {
         listen: listen.ok()?,
+        tls: listener_tls,
         workers,
         io_driver: raw.io_driver,
         cpu_affinity: raw.cpu_affinity,

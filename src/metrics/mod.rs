@@ -256,6 +256,8 @@ pub struct WorkerMetrics {
     pub connections: Counter,
     /// Connections closed at accept because the process had `max_connections` open.
     pub connections_refused: Counter,
+    /// Client TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: Counter,
     /// `cache_aware` decisions by [`PrefixReason`], and the share of the prompt the chosen
     /// backend held: its sum in thousandths and its count (prompts of at least one block).
     prefix_routes: [Counter; PrefixReason::ALL.len()],
@@ -287,6 +289,7 @@ impl WorkerMetrics {
             retries: Counter::default(),
             connections: Counter::default(),
             connections_refused: Counter::default(),
+            tls_handshake_failures: Counter::default(),
             prefix_routes: std::array::from_fn(|_| Counter::default()),
             prefix_share_milli: Counter::default(),
             prefix_share_count: Counter::default(),

@@ -124,6 +124,20 @@ impl Registry {
             );
         }
 
+        gauge_header(
+            &mut out,
+            "llmproxy_backend_tier",
+            "The backend's spillover tier (backends[].tier): lower tiers take requests first.",
+        );
+        for b in &backends.list {
+            let _ = writeln!(
+                out,
+                "llmproxy_backend_tier{{backend=\"{}\"}} {}",
+                escape(&b.url),
+                b.tier
+            );
+        }
+
         header(
             &mut out,
             "llmproxy_rejections_total",
@@ -171,6 +185,17 @@ impl Registry {
             out,
             "llmproxy_connections_refused_total {}",
             sum(&|w| w.connections_refused.get())
+        );
+        header(
+            &mut out,
+            "llmproxy_tls_handshake_failures_total",
+            "counter",
+            "Client TLS handshakes that failed (bad certificate, no shared protocol) or timed out.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_tls_handshake_failures_total {}",
+            sum(&|w| w.tls_handshake_failures.get())
         );
         header(
             &mut out,
@@ -536,7 +561,7 @@ mod tests {
             crate::config::Format::Yaml,
         )
         .unwrap();
-        let text = r.render(&Backends::new(&config));
+        let text = r.render(&Backends::new(&config).unwrap());
         assert!(text.contains("llmproxy_backend_up{backend=\"http://127.0.0.1:1\"} 1\n"));
         assert!(text.contains("llmproxy_requests_total{path=\"/v1/chat/completions\",stream=\"true\",backend=\"http://a:1\",status=\"200\"} 2\n"), "{text}");
         assert!(text.contains("llmproxy_requests_total{path=\"other\",stream=\"false\",backend=\"none\",status=\"404\"} 1\n"));

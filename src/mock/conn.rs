@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+use rustls::ServerConnection;
 
 use super::anthropic::{self, Message};
 use super::kv_cache::PromptBlocks;
@@ -203,7 +204,10 @@ struct Scheduled {
 }
 
 struct Conn {
-    stream: TcpStream,
+    rd: crate::tls::Reader<ServerConnection>,
+    wr: crate::tls::Writer<ServerConnection>,
+    /// The socket under `rd` and `wr`, peeked to notice a client that left.
+    fd: RawFd,
     sh: &'static Shared,
     /// Received bytes; the current request starts at index 0.
     buf: Vec<u8>,
@@ -217,11 +221,31 @@ struct Conn {
     ev: Vec<u8>,
 }
 
+/// A TLS handshake taking longer than this ends the connection.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn serve(stream: TcpStream, sh: &'static Shared) {
     // Without it keep-alive requests stall 40 ms on Nagle + delayed ACK.
     let _ = stream.set_nodelay(true);
+    let fd = stream.as_raw_fd();
+    let (rd, wr) = match &sh.tls {
+        None => crate::tls::Reader::plain(stream),
+        Some(config) => {
+            let accept = crate::tls::stream::accept(stream, config.clone());
+            match monoio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                Ok(Ok((rd, wr))) => (crate::tls::Reader::Tls(rd), crate::tls::Writer::Tls(wr)),
+                Ok(Err(e)) => {
+                    eprintln!("mock-llm: TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    };
     let mut c = Conn {
-        stream,
+        rd,
+        wr,
+        fd,
         sh,
         buf: Vec::with_capacity(8192),
         head: RequestHead::default(),
@@ -325,7 +349,7 @@ impl Conn {
         let buf = std::mem::take(&mut self.buf);
         let (len, cap) = (buf.len(), buf.capacity());
         // A read fills from index 0 of what it is given, so it gets the unused tail only.
-        let (res, slice) = self.stream.read(buf.slice_mut(len..cap)).await;
+        let (res, slice) = self.rd.read(buf.slice_mut(len..cap)).await;
         self.buf = slice.into_inner();
         matches!(res, Ok(n) if n > 0)
     }
@@ -333,7 +357,7 @@ impl Conn {
     /// Writes and clears `out`; false when the peer is gone.
     async fn flush(&mut self) -> bool {
         let out = std::mem::take(&mut self.out);
-        let (res, mut out) = self.stream.write_all(out).await;
+        let (res, mut out) = self.wr.write_all(out).await;
         out.clear();
         self.out = out;
         res.is_ok()
@@ -483,7 +507,7 @@ impl Conn {
     ) -> Option<Option<Scheduled>> {
         let (scheduled, from) = match (prompt, &self.sh.scheduler) {
             (Some(p), Some(sched)) => {
-                let fd = self.stream.as_raw_fd();
+                let fd = self.fd;
                 let mut admission = std::pin::pin!(sched.admit(model, p));
                 let admitted = loop {
                     monoio::select! {
@@ -650,7 +674,7 @@ impl Conn {
 
     /// [`Conn::wait`] until `deadline`.
     async fn wait_until(&self, deadline: Instant, check_end: bool) -> bool {
-        let fd = self.stream.as_raw_fd();
+        let fd = self.fd;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -669,7 +693,8 @@ impl Conn {
 /// waiting for a response, so end of stream means they left.
 fn peer_gone(fd: RawFd) -> bool {
     let mut byte = 0u8;
-    // SAFETY: a one-byte peek into a local; the fd is owned by the live TcpStream.
+    // SAFETY: a one-byte peek into a local; the fd is owned by the connection's live halves.
+    // With TLS the peeked byte is ciphertext: only whether there is one matters.
     let n = unsafe {
         libc::recv(
             fd,

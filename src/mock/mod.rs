@@ -86,6 +86,15 @@ pub struct MockOptions {
     /// 100 (an 8B model on one GPU) when --kv-blocks or --max-running is given, else none.
     #[arg(long, value_name = "US")]
     pub prefill_us_per_token: Option<u64>,
+    /// Serve https with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by a CA in this PEM file (with --tls-cert).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Generations running at once; the rest wait, first come first served (vLLM's
     /// `--max-num-seqs`). Unlimited by default.
     #[arg(long, value_name = "N")]
@@ -95,6 +104,8 @@ pub struct MockOptions {
 /// State every worker reads; counters are process-wide atomics because workers share them.
 struct Shared {
     opts: MockOptions,
+    /// Set by `--tls-cert`: every connection starts with a TLS handshake.
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Unix seconds at start, the `created` of every model.
     started: u64,
     /// Generations past admission per model, indexed like `opts.models`.
@@ -112,11 +123,12 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(opts: MockOptions) -> Shared {
+    fn new(opts: MockOptions, tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> Shared {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         Shared {
+            tls,
             started: now.as_secs(),
             running: opts.models.iter().map(|_| AtomicI64::new(0)).collect(),
             scheduler: scheduler::Scheduler::new(&opts),
@@ -183,6 +195,20 @@ pub fn run(opts: MockOptions) -> std::io::Result<()> {
             "--block-tokens, --kv-blocks and --max-running must be positive",
         ));
     }
+    let tls = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = crate::config::ListenerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: opts.tls_client_ca.clone(),
+            };
+            Some(
+                crate::tls::server_config(&files)
+                    .map_err(|e| Error::new(ErrorKind::InvalidInput, e))?,
+            )
+        }
+        _ => None,
+    };
     let workers = opts.workers.max(1);
     let ready_file = opts.ready_file.clone();
     if let Some(path) = &ready_file {
@@ -191,7 +217,7 @@ pub fn run(opts: MockOptions) -> std::io::Result<()> {
     }
     // Workers run until the process exits, so leaking gives every connection task a plain
     // `&'static` instead of an atomic reference count per connection.
-    let shared: &'static Shared = Box::leak(Box::new(Shared::new(opts)));
+    let shared: &'static Shared = Box::leak(Box::new(Shared::new(opts, tls)));
 
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,

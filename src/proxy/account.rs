@@ -136,6 +136,7 @@ pub fn finish(
             api,
             is_stream: stream,
             backend_url: generation.upstreams.backend(backend).url_shared.clone(),
+            tier: generation.upstreams.backend(backend).tier,
             status_code: status,
             latency: started.elapsed(),
             ttft,

@@ -5,15 +5,16 @@
 use std::mem;
 use std::net::{IpAddr, SocketAddr};
 
-use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
-use monoio::net::TcpStream;
+use monoio::io::AsyncWriteRentExt;
+use rustls::ServerConnection;
 
 use crate::api::Api;
 use crate::error::{write_error, GatewayError};
 use crate::http::RequestHead;
 
-pub type ClientReader = OwnedReadHalf<TcpStream>;
-pub type ClientWriter = OwnedWriteHalf<TcpStream>;
+/// The client connection's halves: plain TCP, or TLS when the listener has `tls`.
+pub type ClientReader = crate::tls::Reader<ServerConnection>;
+pub type ClientWriter = crate::tls::Writer<ServerConnection>;
 
 /// Initial client read buffer; grows up to `max_header_size` for large heads.
 const CLIENT_BUF: usize = 4096;

@@ -42,7 +42,6 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use monoio::io::Splitable;
 use monoio::net::TcpStream;
 
 use crate::api::Api;
@@ -81,7 +80,16 @@ async fn serve(
 ) {
     // Without it, a small response waits for the client's delayed ACK.
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    let tls = ctx.current().tls.clone();
+    let (mut rd, mut wr) = match tls {
+        None => ClientReader::plain(stream),
+        // Boxed: the handshake's state (a rustls connection) would otherwise enlarge every
+        // connection's task, plain ones too.
+        Some(config) => match Box::pin(handshake(&ctx, stream, config)).await {
+            Some(halves) => halves,
+            None => return,
+        },
+    };
     let mut c = ClientConn::new(peer);
     let mut opening = Some(opening);
     loop {
@@ -111,6 +119,27 @@ async fn serve(
             }
         }
     }
+}
+
+/// The TLS handshake, bounded by `timeouts.client_header` like a request head. `None` when it
+/// failed: the client is told by the TLS alert, counted, and the connection closes.
+async fn handshake(
+    ctx: &Context,
+    stream: TcpStream,
+    config: std::sync::Arc<rustls::ServerConfig>,
+) -> Option<(ClientReader, ClientWriter)> {
+    let timeout = ctx.current().config.timeouts.client_header;
+    let failed =
+        match monoio::time::timeout(timeout, crate::tls::stream::accept(stream, config)).await {
+            Ok(Ok((rd, wr))) => {
+                return Some((crate::tls::Reader::Tls(rd), crate::tls::Writer::Tls(wr)))
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+    ctx.metrics().tls_handshake_failures.inc();
+    tracing::debug!("TLS handshake failed: {failed}");
+    None
 }
 
 /// Phases 2 to 8 for one request whose head is in `c.buf`. With the next action, the watch's read
@@ -277,11 +306,7 @@ async fn proxy<'r>(
 
     let canceller = monoio::io::Canceller::new();
     let watch_buf = std::mem::take(&mut c.watch_buf);
-    let read = Box::pin(monoio::io::CancelableAsyncReadRent::cancelable_read(
-        rd,
-        watch_buf,
-        canceller.handle(),
-    ));
+    let read = rd.boxed_cancelable_read(watch_buf, canceller.handle());
     let mut watch = client_watch::ClientWatch::new(read, canceller);
     let plan = relay::Plan {
         request_id: id,
@@ -304,6 +329,7 @@ async fn proxy<'r>(
         body: &c.body,
         client_ip: &c.ip,
         model: outcome.has_model.then_some(c.model.as_str()),
+        model_at: info.model.clone().filter(|_| outcome.has_model),
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
         prompt: pick::prompt(&c.body, &info),
     };

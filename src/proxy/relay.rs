@@ -10,8 +10,7 @@ use std::mem;
 use std::time::{Duration, Instant};
 
 use monoio::buf::{IoBuf, IoBufMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf};
-use monoio::net::TcpStream;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 
 use super::client_watch::ClientWatch;
 use super::Context;
@@ -120,7 +119,7 @@ impl From<ConnectError> for GatewayError {
         match e {
             ConnectError::Unresolved => GatewayError::NoBackend,
             ConnectError::Timeout => GatewayError::UpstreamConnectTimeout,
-            ConnectError::Io(_) => GatewayError::UpstreamConnect,
+            ConnectError::Io(_) | ConnectError::Tls(_) => GatewayError::UpstreamConnect,
         }
     }
 }
@@ -136,7 +135,7 @@ pub async fn exchange(
     ctx: &Context,
     upstreams: &WorkerUpstreams,
     watch: &mut ClientWatch<'_>,
-    client: &mut OwnedWriteHalf<TcpStream>,
+    client: &mut super::conn::ClientWriter,
     request: &mut Vec<u8>,
     resp_head: &mut Vec<u8>,
     ex: Exchange<'_>,

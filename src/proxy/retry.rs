@@ -65,6 +65,8 @@ pub struct Request<'a> {
     pub body: &'a [u8],
     pub client_ip: &'a str,
     pub model: Option<&'a str>,
+    /// Where `body` holds the model's name (between the quotes), for a backend's `model_map`.
+    pub model_at: Option<std::ops::Range<usize>>,
     pub affinity_key: Option<&'a [u8]>,
     /// The prompt's raw JSON values, for `cache_aware` routing.
     pub prompt: [&'a [u8]; PROMPT_FIELDS.len()],
@@ -115,6 +117,15 @@ pub async fn relay_with_retries(
         let idx = in_flight.index;
         tried |= 1 << (idx % 64);
         let backend = generation.upstreams.backend(idx);
+        // This backend's name for the model, when its model_map renames it.
+        let renamed = req
+            .model
+            .and_then(|m| backend.mapped_model(m))
+            .zip(req.model_at.clone());
+        let body_len = match &renamed {
+            Some((name, at)) => req.body.len() - at.len() + name.len(),
+            None => req.body.len(),
+        };
         forward::write_upstream_head(
             out,
             req.buf,
@@ -129,9 +140,16 @@ pub async fn relay_with_retries(
                     .as_ref()
                     .map_or(&[][..], |a| a.header_names()),
             },
-            req.body.len() as u64,
+            body_len as u64,
         );
-        out.extend_from_slice(req.body);
+        match renamed {
+            Some((name, at)) => {
+                out.extend_from_slice(&req.body[..at.start]);
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(&req.body[at.end..]);
+            }
+            None => out.extend_from_slice(req.body),
+        }
         // With no retry left (attempts or budget), a retryable status is relayed as the
         // backend sent it rather than replaced by the gateway's own error.
         let last = attempt >= retry.max_attempts || !ctx.retry_budget.has_one();

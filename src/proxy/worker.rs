@@ -45,6 +45,8 @@ pub struct Generation {
     pub global_limits: Option<Arc<LimitSet>>,
     /// Present when metering is on (usage reporting, or auth charging tokens).
     pub(super) usage: Option<UsageSender>,
+    /// New connections handshake with this (`tls`); `None`: plain HTTP.
+    pub(super) tls: Option<Arc<rustls::ServerConfig>>,
     /// This worker's Lua state for the generation's policy script (Lua states are not `Send`).
     pub(super) lua: Option<crate::auth::LuaPolicy>,
     /// A policy is configured but this worker has no state for it: requests are refused.
@@ -80,6 +82,7 @@ impl Generation {
             auth: snapshot.auth.clone(),
             global_limits: snapshot.global_limits.clone(),
             usage: snapshot.usage.clone(),
+            tls: snapshot.tls.clone(),
             lua,
             lua_failed,
             slots,

@@ -80,6 +80,7 @@ pub fn run(config: Config, reload: Reload, ready_file: Option<&Path>) -> io::Res
         .transpose()?;
     let (auth, global_limits) =
         keys_and_limits(&config, ledger.as_ref()).map_err(io::Error::other)?;
+    let tls = listener_tls(&config).map_err(io::Error::other)?;
     let registry = Registry::new(config.workers);
     registry.attach_ledger(ledger.as_ref().map(|l| l.stats.clone()));
     // Started before the workers so that no request goes unmetered; on its own threads. Its
@@ -91,10 +92,11 @@ pub fn run(config: Config, reload: Reload, ready_file: Option<&Path>) -> io::Res
         shutdown: Arc::new(AtomicBool::new(false)),
         live: Live::new(Snapshot {
             config: config.clone(),
-            backends: start_backends(&config),
+            backends: start_backends(&config).map_err(io::Error::other)?,
             auth: auth.clone(),
             global_limits,
             usage: reporter.as_ref().map(Reporter::sender),
+            tls,
         }),
         heartbeats: (0..config.workers).map(|_| AtomicU64::new(0)).collect(),
         reload: Mutex::new(reload),
@@ -181,6 +183,7 @@ pub fn run(config: Config, reload: Reload, ready_file: Option<&Path>) -> io::Res
         auth: last.auth.clone(),
         global_limits: last.global_limits.clone(),
         usage: None,
+        tls: last.tls.clone(),
     });
     drop(last);
     let reporter = control
@@ -438,10 +441,12 @@ fn install_signal_handler(control: Arc<Control>) -> io::Result<()> {
 
 /// The shared backend state of one config generation, with its checker threads (health checks,
 /// load scraping, merged model list) when the config asks for them.
-fn start_backends(config: &Config) -> Arc<Backends> {
-    let backends = Backends::new(config);
+/// The backends of `config` with their checker threads; fails when an https backend's
+/// certificate files do not load.
+fn start_backends(config: &Config) -> Result<Arc<Backends>, String> {
+    let backends = Backends::new(config)?;
     upstream::spawn_checker(backends.clone(), config);
-    backends
+    Ok(backends)
 }
 
 /// A config generation's keys (with their providers and quota store) and global limits.
@@ -482,6 +487,16 @@ fn keys_and_limits(config: &Config, ledger: Option<&Arc<Ledger>>) -> Result<Keys
     Ok((auth, (!global.is_empty()).then(|| Arc::new(global))))
 }
 
+/// The listener's TLS config, its certificate and key files read now: at start, and on every
+/// reload so that renewed certificates take effect for new connections.
+fn listener_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+    config
+        .tls
+        .as_ref()
+        .map(crate::tls::server_config)
+        .transpose()
+}
+
 /// Re-reads and validates the config file, then publishes it for new requests; returns the new
 /// generation. A file that does not load is refused as a whole and the running config stays.
 fn reload_config(control: &Control) -> Result<u64, String> {
@@ -497,64 +512,74 @@ fn reload_config(control: &Control) -> Result<u64, String> {
             tracing::error!("reload refused, running config kept:\n{e}");
             Err(e.to_string())
         }
-        Ok(next) => match keys_and_limits(&next, control.ledger.as_ref()) {
-            Err(e) => {
-                tracing::error!("reload refused, running config kept:\n{e}");
-                Err(e)
-            }
-            Ok((auth, global_limits)) => {
-                let live = &control.live;
-                let (_, running) = live.snapshot();
-                warn_restart_only(&running.config, &next);
-                let mut reporter = control.reporter.lock().unwrap_or_else(|e| e.into_inner());
-                let usage = if running.config.usage_hook == next.usage_hook
-                    && running.auth.is_some() == auth.is_some()
-                {
-                    running.usage.clone()
-                } else {
-                    let live_cell = Arc::new(OnceLock::from(live.clone()));
-                    match start_reporter(&next, auth.is_some(), live_cell) {
-                        Err(e) => {
-                            let why = format!("usage reporter: {e}");
-                            tracing::error!("reload refused, running config kept: {why}");
-                            notify::notify("READY=1");
-                            return Err(why);
-                        }
-                        Ok(new) => {
-                            control
-                                .registry
-                                .attach_usage(new.as_ref().map(|r| r.stats().clone()));
-                            let sender = new.as_ref().map(Reporter::sender);
-                            if let Some(old) = std::mem::replace(&mut *reporter, new) {
-                                // Its delivery stops now; its ingest finishes once the
-                                // requests still holding its channel are done.
-                                let _ = std::thread::Builder::new()
-                                    .name("llmproxy-retire".into())
-                                    .spawn(move || old.retire());
-                            }
-                            sender
-                        }
-                    }
-                };
-                if let Err(e) = (reload.set_log_level)(&next.log.level) {
-                    tracing::warn!("log level not changed: {e}");
+        Ok(next) => {
+            // Everything that can fail on the new config (certificate files included) comes
+            // before anything running is replaced.
+            let prepared = keys_and_limits(&next, control.ledger.as_ref()).and_then(|k| {
+                let tls = listener_tls(&next)?;
+                Ok((k, tls, Backends::new(&next)?))
+            });
+            match prepared {
+                Err(e) => {
+                    tracing::error!("reload refused, running config kept:\n{e}");
+                    Err(e)
                 }
-                let next = Arc::new(next);
-                let backends = start_backends(&next);
-                let count = next.backends.len();
-                let generation = live.publish(Snapshot {
-                    config: next,
-                    backends,
-                    auth,
-                    global_limits,
-                    usage,
-                });
-                // Its background threads stop; requests still running keep using it.
-                running.backends.retire();
-                tracing::info!(generation, backends = count, file = %path.display(), "config reloaded");
-                Ok(generation)
+                Ok(((auth, global_limits), tls, backends)) => {
+                    let live = &control.live;
+                    let (_, running) = live.snapshot();
+                    warn_restart_only(&running.config, &next);
+                    let mut reporter = control.reporter.lock().unwrap_or_else(|e| e.into_inner());
+                    let usage = if running.config.usage_hook == next.usage_hook
+                        && running.auth.is_some() == auth.is_some()
+                    {
+                        running.usage.clone()
+                    } else {
+                        let live_cell = Arc::new(OnceLock::from(live.clone()));
+                        match start_reporter(&next, auth.is_some(), live_cell) {
+                            Err(e) => {
+                                let why = format!("usage reporter: {e}");
+                                tracing::error!("reload refused, running config kept: {why}");
+                                backends.retire();
+                                notify::notify("READY=1");
+                                return Err(why);
+                            }
+                            Ok(new) => {
+                                control
+                                    .registry
+                                    .attach_usage(new.as_ref().map(|r| r.stats().clone()));
+                                let sender = new.as_ref().map(Reporter::sender);
+                                if let Some(old) = std::mem::replace(&mut *reporter, new) {
+                                    // Its delivery stops now; its ingest finishes once the
+                                    // requests still holding its channel are done.
+                                    let _ = std::thread::Builder::new()
+                                        .name("llmproxy-retire".into())
+                                        .spawn(move || old.retire());
+                                }
+                                sender
+                            }
+                        }
+                    };
+                    if let Err(e) = (reload.set_log_level)(&next.log.level) {
+                        tracing::warn!("log level not changed: {e}");
+                    }
+                    let next = Arc::new(next);
+                    upstream::spawn_checker(backends.clone(), &next);
+                    let count = next.backends.len();
+                    let generation = live.publish(Snapshot {
+                        config: next,
+                        backends,
+                        auth,
+                        global_limits,
+                        usage,
+                        tls,
+                    });
+                    // Its background threads stop; requests still running keep using it.
+                    running.backends.retire();
+                    tracing::info!(generation, backends = count, file = %path.display(), "config reloaded");
+                    Ok(generation)
+                }
             }
-        },
+        }
     };
     notify::notify("READY=1");
     result

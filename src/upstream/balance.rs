@@ -69,6 +69,9 @@ pub struct WorkerUpstreams {
     /// Peak-EWMA time to first byte in microseconds, and when it was last updated.
     latency: RefCell<Vec<(f64, Instant)>>,
     rng: Cell<u64>,
+    /// Some backend has a tier above 0, or saturation is set: picks go through [`Self::lowest_tier`].
+    tiered: bool,
+    saturation: f64,
 }
 
 impl WorkerUpstreams {
@@ -95,6 +98,8 @@ impl WorkerUpstreams {
             rng: Cell::new(
                 0x9e37_79b9_7f4a_7c15 ^ (worker as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
             ),
+            tiered: backends.list.iter().any(|b| b.tier != 0) || config.routing.saturation > 0.0,
+            saturation: config.routing.saturation,
             backends,
         }
     }
@@ -147,6 +152,7 @@ impl WorkerUpstreams {
         if candidates == 0 {
             return Err(PickError::NoneAvailable);
         }
+        let candidates = self.lowest_tier(candidates);
         let blocks = &mut *self.blocks.borrow_mut();
         blocks.clear();
         let cache_aware = self.strategy == Strategy::CacheAware;
@@ -170,6 +176,40 @@ impl WorkerUpstreams {
             index: chosen,
             route,
         })
+    }
+
+    /// Spillover: of `candidates` (all able to take the request), those of the lowest tier that
+    /// has one below the saturation score; when every one is saturated, the lowest tier's.
+    fn lowest_tier(&self, candidates: u64) -> u64 {
+        if !self.tiered {
+            return candidates;
+        }
+        let list = &self.backends.list;
+        let saturated = |i: usize| self.saturation > 0.0 && list[i].load_score() >= self.saturation;
+        let (mut open, mut open_tier) = (0u64, u8::MAX);
+        let (mut any, mut any_tier) = (0u64, u8::MAX);
+        for i in (0..list.len().min(64)).filter(|&i| candidates & (1 << i) != 0) {
+            let tier = list[i].tier;
+            if !saturated(i) {
+                if tier < open_tier {
+                    (open, open_tier) = (0, tier);
+                }
+                if tier == open_tier {
+                    open |= 1 << i;
+                }
+            }
+            if tier < any_tier {
+                (any, any_tier) = (0, tier);
+            }
+            if tier == any_tier {
+                any |= 1 << i;
+            }
+        }
+        if open != 0 {
+            open
+        } else {
+            any
+        }
     }
 
     /// sgl-router's rule: the least loaded when load is imbalanced; else the backend holding the
@@ -346,8 +386,13 @@ impl WorkerUpstreams {
 
     /// Always a new connection (the retry after a stale pooled one failed).
     pub async fn connect(&self, idx: usize) -> Result<UpstreamConn, ConnectError> {
-        let addr = self.backend(idx).addr().ok_or(ConnectError::Unresolved)?;
-        UpstreamConn::connect(addr, self.connect_timeout).await
+        let backend = self.backend(idx);
+        let addr = backend.addr().ok_or(ConnectError::Unresolved)?;
+        let conn = UpstreamConn::connect(addr, self.connect_timeout, backend.tls.as_ref()).await;
+        if let Err(ConnectError::Tls(e)) = &conn {
+            tracing::warn!(backend = %backend.url, "TLS handshake with the backend failed: {e}");
+        }
+        conn
     }
 
     /// Returns a connection whose response ended cleanly to its pool.
@@ -379,7 +424,7 @@ mod tests {
             ));
         }
         let config = config::parse(&yaml, Format::Yaml).expect("test config");
-        WorkerUpstreams::new(Backends::new(&config), &config, 0)
+        WorkerUpstreams::new(Backends::new(&config).unwrap(), &config, 0)
     }
 
     /// The backend index of one pick, its in-flight count released at once.

@@ -31,7 +31,7 @@ pub fn spawn_checker(backends: Arc<Backends>, config: &Config) {
     let scrape_load = matches!(
         config.routing.strategy,
         Strategy::LeastLoad | Strategy::CacheAware
-    );
+    ) || config.routing.saturation > 0.0;
     let merge_models = backends.list.len() > 1 || !backends.aliases.is_empty();
     if health.active || scrape_load {
         let mut period = if health.active {
@@ -235,19 +235,74 @@ fn get(
         req.push_str(&format!("{n}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    exchange(b.addr()?, req.as_bytes(), deadline, wanted)
+    exchange(b.addr()?, b.tls.as_ref(), req.as_bytes(), deadline, wanted)
+}
+
+/// A checker connection: plain, or TLS for an https backend (the same verification and client
+/// certificate as the workers' connections).
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => match s.read(buf) {
+                // Backends often close without close_notify; the HTTP framing tells a cut body.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+                other => other,
+            },
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
 }
 
 /// Sends `req` on a new connection and reads exactly one response, framed by its head: servers
 /// may keep the connection open despite `Connection: close`, so the end is never awaited.
 fn exchange(
     addr: SocketAddr,
+    tls: Option<&crate::tls::Upstream>,
     req: &[u8],
     deadline: Instant,
     wanted: Wanted,
 ) -> Option<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect_timeout(&addr, time_left(deadline)?).ok()?;
-    s.set_write_timeout(Some(time_left(deadline)?)).ok()?;
+    let tcp = TcpStream::connect_timeout(&addr, time_left(deadline)?).ok()?;
+    tcp.set_write_timeout(Some(time_left(deadline)?)).ok()?;
+    let mut s = match tls {
+        None => Conn::Plain(tcp),
+        Some(tls) => {
+            // The handshake runs inside the first write, and reads: bound those too.
+            tcp.set_read_timeout(Some(time_left(deadline)?)).ok()?;
+            let conn = rustls::ClientConnection::new(tls.config.clone(), tls.name.clone()).ok()?;
+            Conn::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+        }
+    };
     s.write_all(req).ok()?;
     let mut buf = Vec::new();
     // parse_response also restates the head for a client; nothing here reads that.
@@ -296,10 +351,12 @@ fn time_left(deadline: Instant) -> Option<Duration> {
 }
 
 /// Appends what the peer has sent, waiting until `deadline` at most; `Some(0)` when it closed.
-fn read_some(s: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> Option<usize> {
+fn read_some(s: &mut Conn, buf: &mut Vec<u8>, deadline: Instant) -> Option<usize> {
     let mut chunk = [0u8; 16 * 1024];
     loop {
-        s.set_read_timeout(Some(time_left(deadline)?)).ok()?;
+        s.socket()
+            .set_read_timeout(Some(time_left(deadline)?))
+            .ok()?;
         match s.read(&mut chunk) {
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
@@ -353,7 +410,13 @@ mod tests {
     fn fetch(addr: SocketAddr, wanted: Wanted) -> (Option<(u16, Vec<u8>)>, Duration) {
         let start = Instant::now();
         let deadline = start + Duration::from_secs(5);
-        let got = exchange(addr, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", deadline, wanted);
+        let got = exchange(
+            addr,
+            None,
+            b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+            deadline,
+            wanted,
+        );
         (got, start.elapsed())
     }
 
@@ -425,7 +488,7 @@ mod tests {
         let start = Instant::now();
         let deadline = start + Duration::from_millis(300);
         let req = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
-        assert_eq!(exchange(addr, req, deadline, Wanted::Body), None);
+        assert_eq!(exchange(addr, None, req, deadline, Wanted::Body), None);
         assert!(
             start.elapsed() < Duration::from_secs(2),
             "{:?}",

@@ -49,6 +49,12 @@ pub struct Backend {
     pub max_in_flight: Option<u32>,
     /// `Bearer <backends[].api_key>`, sent instead of any client credential.
     pub authorization: Option<Secret>,
+    /// Set for an https backend.
+    pub tls: Option<crate::tls::Upstream>,
+    /// Spillover tier (`backends[].tier`).
+    pub tier: u8,
+    /// `backends[].model_map`: request model -> the name sent to this backend.
+    model_map: Vec<(String, String)>,
     host: String,
     port: u16,
     /// Resolved once at start; re-resolved off the worker cores while unresolved.
@@ -89,9 +95,19 @@ impl Backend {
 
     pub fn serves(&self, model: Option<&str>) -> bool {
         match model {
-            Some(m) if !self.models.is_empty() => self.models.iter().any(|s| s == m),
+            Some(m) if !self.models.is_empty() => {
+                self.models.iter().any(|s| s == m) || self.mapped_model(m).is_some()
+            }
             _ => true,
         }
+    }
+
+    /// The name `model` is sent under to this backend, when its `model_map` renames it.
+    pub fn mapped_model(&self, model: &str) -> Option<&str> {
+        self.model_map
+            .iter()
+            .find(|(from, _)| from == model)
+            .map(|(_, to)| to.as_str())
     }
 
     fn full(&self) -> bool {
@@ -196,7 +212,8 @@ pub struct Backends {
 impl Backends {
     /// Builds the backend list and resolves host names. Names that do not resolve yet are retried
     /// on a background thread (never on a worker) until they do; meanwhile they take no traffic.
-    pub fn new(config: &Config) -> Arc<Backends> {
+    /// Fails when an https backend's certificate files do not load.
+    pub fn new(config: &Config) -> Result<Arc<Backends>, String> {
         let index_blocks = match config.routing.strategy {
             Strategy::CacheAware => config.routing.cache_aware.index_blocks,
             _ => 0,
@@ -204,12 +221,18 @@ impl Backends {
         let list = config
             .backends
             .iter()
-            .map(|b| {
+            .enumerate()
+            .map(|(index, b)| {
+                let tls = b
+                    .tls
+                    .as_ref()
+                    .map(|tls| crate::tls::upstream(index, &b.host, tls))
+                    .transpose()?;
                 let mut extra_headers = Vec::new();
                 for (n, v) in &b.headers {
                     crate::http::push_header(&mut extra_headers, n.as_bytes(), v.as_bytes());
                 }
-                Backend {
+                Ok(Backend {
                     url: b.url.clone(),
                     url_shared: Arc::from(b.url.as_str()),
                     host_header: b.host_header.clone(),
@@ -232,9 +255,12 @@ impl Backends {
                     in_flight: AtomicU32::new(0),
                     load: AtomicU64::new(0f64.to_bits()),
                     blocks: BlockIndex::new(index_blocks),
-                }
+                    tls,
+                    tier: b.tier,
+                    model_map: b.model_map.clone(),
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, String>>()?;
         let backends = Arc::new(Backends {
             list,
             aliases: config.model_aliases.clone(),
@@ -268,7 +294,7 @@ impl Backends {
                 tracing::error!("cannot start resolver thread: {e}");
             }
         }
-        backends
+        Ok(backends)
     }
 
     /// Ends this set's background threads (a reload published a new one).

@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
+use rustls::ClientConnection;
+
+use crate::tls::stream::Duplex;
 
 /// Read buffer per upstream connection: an SSE event (a few hundred bytes) or a small JSON body
 /// fits in one read; kept small because every open stream holds one.
@@ -16,10 +19,13 @@ pub enum ConnectError {
     Unresolved,
     Timeout,
     Io(io::Error),
+    /// The TCP connection was made; the TLS handshake failed (certificate, protocol).
+    Tls(io::Error),
 }
 
 pub struct UpstreamConn {
-    pub stream: TcpStream,
+    /// Plain TCP, or TLS for an https backend.
+    pub stream: Duplex<ClientConnection>,
     /// Reused across responses on this connection.
     pub buf: Vec<u8>,
     /// True when this connection already carried a request: a failure before any response byte
@@ -29,17 +35,36 @@ pub struct UpstreamConn {
 }
 
 impl UpstreamConn {
+    /// Connects to `addr`, with the TLS handshake of an https backend, both within `timeout`.
     pub async fn connect(
         addr: SocketAddr,
         timeout: Duration,
+        tls: Option<&crate::tls::Upstream>,
     ) -> Result<UpstreamConn, ConnectError> {
-        let stream = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
-            Err(_) => return Err(ConnectError::Timeout),
-            Ok(Err(e)) => return Err(ConnectError::Io(e)),
-            Ok(Ok(s)) => s,
+        let connect = async {
+            let tcp = TcpStream::connect_addr(addr)
+                .await
+                .map_err(ConnectError::Io)?;
+            // Without it, small writes wait on delayed ACKs (40 ms stalls on keep-alive requests).
+            tcp.set_nodelay(true).map_err(ConnectError::Io)?;
+            match tls {
+                None => Ok(Duplex::Plain(tcp)),
+                // Boxed: inline, the handshake's state would enlarge this future, which every
+                // request builds (and moves) even when the pool has a connection.
+                Some(tls) => Box::pin(crate::tls::stream::connect(
+                    tcp,
+                    tls.config.clone(),
+                    tls.name.clone(),
+                ))
+                .await
+                .map(|(rd, wr)| Duplex::Tls(Box::new((rd, wr))))
+                .map_err(ConnectError::Tls),
+            }
         };
-        // Without it, small writes wait on delayed ACKs (40 ms stalls on keep-alive requests).
-        stream.set_nodelay(true).map_err(ConnectError::Io)?;
+        let stream = match monoio::time::timeout(timeout, connect).await {
+            Err(_) => return Err(ConnectError::Timeout),
+            Ok(result) => result?,
+        };
         Ok(UpstreamConn {
             stream,
             buf: Vec::with_capacity(READ_BUF),

@@ -365,7 +365,11 @@ mod tests {
             {url: 'http://127.0.0.1:3'}]\nload_balance: cache_aware\nrouting: {cache_aware: \
             {block_bytes: 16, index_blocks: 64, threshold: 0.4, balance_abs: 2, balance_rel: 1.5}}";
         let config = crate::config::parse(yaml, crate::config::Format::Yaml).unwrap();
-        crate::upstream::WorkerUpstreams::new(super::super::Backends::new(&config), &config, 0)
+        crate::upstream::WorkerUpstreams::new(
+            super::super::Backends::new(&config).unwrap(),
+            &config,
+            0,
+        )
     }
 
     fn pick<'a>(

@@ -96,6 +96,8 @@ pub struct UsageEvent {
     pub api: Api,
     pub is_stream: bool,
     pub backend_url: Arc<str>,
+    /// The backend's spillover tier.
+    pub tier: u8,
     /// The backend's status, or [`CLIENT_CLOSED`] when the client left before it answered.
     pub status_code: u16,
     pub latency: Duration,

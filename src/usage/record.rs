@@ -38,6 +38,9 @@ pub struct Record<S> {
     pub api: S,
     pub is_stream: bool,
     pub backend_url: S,
+    /// The backend's spillover tier (`backends[].tier`); 0 in records spooled before tiers.
+    #[serde(default)]
+    pub tier: u8,
     pub status_code: u16,
     pub latency_ms: u64,
     pub ttft_ms: Option<u64>,
@@ -510,6 +513,7 @@ impl Accounted {
             api: event.api.as_str(),
             is_stream: event.is_stream,
             backend_url: &event.backend_url,
+            tier: event.tier,
             status_code: event.status_code,
             latency_ms: event.latency.as_millis() as u64,
             ttft_ms: event.ttft.map(|t| t.as_millis() as u64),
@@ -543,6 +547,7 @@ mod tests {
             api: Api::ChatCompletions,
             is_stream: false,
             backend_url: Arc::from("http://b"),
+            tier: 0,
             status_code,
             latency: Duration::ZERO,
             ttft: None,
@@ -672,6 +677,7 @@ mod tests {
             api: event.api.as_str().to_string(),
             is_stream: event.is_stream,
             backend_url: event.backend_url.to_string(),
+            tier: event.tier,
             status_code: event.status_code,
             latency_ms: event.latency.as_millis() as u64,
             ttft_ms: event.ttft.map(|t| t.as_millis() as u64),
@@ -710,6 +716,7 @@ mod tests {
                 model: Some(format!("meta-llama/{awkward}")),
                 is_stream: true,
                 backend_url: Arc::from(format!("http://b/{awkward}")),
+                tier: 0,
                 latency: Duration::from_micros(812_999),
                 ttft: Some(Duration::from_millis(95)),
                 ..event(200, Captured::Event(usage.to_vec()), 9)

@@ -375,6 +375,7 @@ mod tests {
             api: "chat_completions".into(),
             is_stream: true,
             backend_url: "http://b".into(),
+            tier: 0,
             status_code: 200,
             latency_ms: 1,
             ttft_ms: Some(1),

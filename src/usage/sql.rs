@@ -32,7 +32,7 @@ enum Kind {
 
 /// Inserted columns, in order, and whether they may be NULL. Columns added after the first
 /// release go last: `ALTER TABLE ... ADD COLUMN` appends, so new and upgraded tables agree.
-const COLUMNS: [(&str, Kind, bool); 21] = [
+const COLUMNS: [(&str, Kind, bool); 22] = [
     ("request_id", Kind::Key, false),
     ("client_request_id", Kind::Text, true),
     ("timestamp", Kind::Short, false),
@@ -54,6 +54,7 @@ const COLUMNS: [(&str, Kind, bool); 21] = [
     ("usage_estimated", Kind::Bool, false),
     ("status", Kind::Short, false),
     ("api", Kind::Short, false),
+    ("tier", Kind::Int, false),
 ];
 
 fn column_names() -> String {
@@ -77,7 +78,7 @@ enum Val<'a> {
     Bool(bool),
 }
 
-fn values<S: AsRef<str>>(r: &Record<S>) -> [Val<'_>; 21] {
+fn values<S: AsRef<str>>(r: &Record<S>) -> [Val<'_>; 22] {
     use Val::{Bool, Int, Text};
     let int = |v: u64| Int(Some(v as i64));
     fn text<S: AsRef<str>>(v: &S) -> Val<'_> {
@@ -108,6 +109,7 @@ fn values<S: AsRef<str>>(r: &Record<S>) -> [Val<'_>; 21] {
         Bool(r.usage_estimated),
         text(&r.status),
         text(&r.api),
+        int(u64::from(r.tier)),
     ]
 }
 
@@ -137,7 +139,7 @@ impl<'a> Row<'a> {
         }
     }
 
-    fn values(&self) -> [Val<'_>; 21] {
+    fn values(&self) -> [Val<'_>; 22] {
         match self {
             Row::Borrowed(r) => values(r),
             Row::Owned(r) => values(r),
@@ -429,7 +431,7 @@ fn insert_new_postgres(
 
 /// One row of COPY's text format: tab-separated, `\N` for NULL, `t`/`f` for booleans, and
 /// backslash escapes for the characters the format gives a meaning to.
-fn push_copy_line(values: [Val<'_>; 21], out: &mut Vec<u8>) {
+fn push_copy_line(values: [Val<'_>; 22], out: &mut Vec<u8>) {
     use std::io::Write;
     for (i, value) in values.into_iter().enumerate() {
         if i > 0 {
@@ -519,6 +521,7 @@ mod tests {
             api: "chat_completions",
             is_stream: true,
             backend_url: "http://b",
+            tier: 0,
             status_code: 200,
             latency_ms: 1,
             ttft_ms: None,
@@ -548,16 +551,16 @@ mod tests {
         let pg = postgres_insert_sql("t");
         assert!(pg.contains("unnest($1::text[], $2::text[],"), "{pg}");
         assert!(
-            pg.contains("$9::bool[]") && pg.contains("$21::text[])"),
+            pg.contains("$9::bool[]") && pg.contains("$22::int8[])"),
             "{pg}"
         );
         assert!(pg.ends_with("ON CONFLICT (request_id) DO NOTHING"));
         assert!(!pg.contains('?'));
         let my = insert_sql(DbDriver::Mysql, "t", 1);
         assert!(my.starts_with("INSERT IGNORE INTO t (request_id, client_request_id, timestamp,"));
-        assert_eq!(my.matches('?').count(), 21);
+        assert_eq!(my.matches('?').count(), 22);
         let lite = insert_sql(DbDriver::Sqlite, "t", 3);
         assert!(lite.starts_with("INSERT OR IGNORE INTO"));
-        assert_eq!(lite.matches('?').count(), 63);
+        assert_eq!(lite.matches('?').count(), 66);
     }
 }

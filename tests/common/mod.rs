@@ -8,6 +8,8 @@
 // Each test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -333,9 +335,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// One connection that can carry several requests (keep-alive).
-pub struct Client {
-    reader: BufReader<TcpStream>,
+/// One connection that can carry several requests (keep-alive): plain TCP, or any other byte
+/// stream (a TLS session, [`tls`]).
+pub struct Client<S = TcpStream> {
+    reader: BufReader<S>,
 }
 
 impl Client {
@@ -355,6 +358,15 @@ impl Client {
         stream
             .set_read_timeout(Some(IO_TIMEOUT))
             .expect("set timeout");
+        Client {
+            reader: BufReader::new(stream),
+        }
+    }
+}
+
+impl<S: Read + Write> Client<S> {
+    /// A client over an established stream (e.g. after a TLS handshake).
+    pub fn over(stream: S) -> Client<S> {
         Client {
             reader: BufReader::new(stream),
         }
@@ -470,7 +482,7 @@ impl Client {
         }
     }
 
-    pub fn stream(&mut self) -> &mut TcpStream {
+    pub fn stream(&mut self) -> &mut S {
         self.reader.get_mut()
     }
 }
