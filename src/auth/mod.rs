@@ -47,6 +47,9 @@ pub struct KeyEntry {
     allowed_models: Vec<String>,
     expires_at: Option<u64>,
     total_quota: Option<u64>,
+    /// Scheduling band (`api_keys[].priority`) and the highest one the key may ask for.
+    pub priority: i32,
+    pub max_priority: i32,
     pub live: Arc<KeyLive>,
 }
 
@@ -386,6 +389,8 @@ impl Shared {
             allowed_models: k.allowed_models.clone(),
             expires_at: k.expires_at,
             total_quota: k.total_quota,
+            priority: k.priority,
+            max_priority: k.max_priority,
             live,
         })
     }
