@@ -29,6 +29,7 @@ use crate::config::{
 use crate::error::GatewayError;
 use crate::http::RequestHead;
 use crate::limits::LimitSet;
+use crate::schedule::Service;
 use crate::usage::KeyRef;
 use cache::{Cache, Found, Job};
 pub use lua::{LuaPolicy, LuaRequest, Verdict};
@@ -62,6 +63,8 @@ pub struct KeyLive {
     used: AtomicU64,
     period: AtomicU64,
     name: String,
+    /// Tokens served, weighted, for `scheduling`'s fair share (the Virtual Token Counter).
+    pub service: Arc<Service>,
 }
 
 /// What the look-up threads share with the workers.
@@ -75,6 +78,8 @@ struct Shared {
     cache: Cache,
     /// The Lua stage with its script text resolved.
     lua: Option<crate::config::LuaConfig>,
+    /// `scheduling.completion_weight`, when scheduling is on.
+    completion_weight: Option<f64>,
 }
 
 /// The shared auth state: built once at start, read by every worker.
@@ -128,6 +133,7 @@ impl Auth {
             saved,
             cache: Cache::new(auth.cache.clone()),
             lua,
+            completion_weight: config.scheduling.as_ref().map(|s| s.completion_weight),
         };
         shared.static_keys = config
             .api_keys
@@ -291,19 +297,40 @@ impl Auth {
     /// Tokens a key consumed, from its usage record: accrues to its quota (persisted) and its
     /// token rate. Called off the worker cores (the usage reporter thread).
     pub fn charge_tokens(&self, api_key: &str, tokens: u64) {
-        let live = self
-            .shared
+        if let Some(live) = self.live(api_key) {
+            self.charge_live(api_key, &live, tokens);
+        }
+    }
+
+    /// [`Auth::charge_tokens`] from a usage record, plus with `scheduling` the key's fair-share
+    /// counter: the request was charged `request_bytes / 4` when dispatched, and is now charged
+    /// what it really cost instead (prompt + `completion_weight` × completion).
+    pub fn charge_usage(&self, api_key: &str, tokens: &crate::usage::Tokens, request_bytes: u64) {
+        let Some(live) = self.live(api_key) else {
+            return;
+        };
+        self.charge_live(api_key, &live, tokens.total);
+        if let Some(weight) = self.shared.completion_weight {
+            let cost = tokens.prompt as f64 + weight * tokens.completion as f64;
+            live.service.charge(cost - request_bytes as f64 / 4.0);
+        }
+    }
+
+    fn live(&self, api_key: &str) -> Option<Arc<KeyLive>> {
+        self.shared
             .registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(api_key)
-            .cloned();
-        let Some(live) = live else { return };
+            .cloned()
+    }
+
+    fn charge_live(&self, api_key: &str, live: &KeyLive, tokens: u64) {
         if let Some(limits) = &live.limits {
             limits.charge_tokens(tokens);
         }
         let period = period_of(self.shared.config.quota_period, unix_now());
-        roll_period(&live, period);
+        roll_period(live, period);
         let used = live.used.fetch_add(tokens, Ordering::AcqRel) + tokens;
         self.store
             .save(quota::key_id(api_key), live.name.clone(), period, used);
@@ -375,6 +402,7 @@ impl Shared {
                     used: AtomicU64::new(used),
                     period: AtomicU64::new(period),
                     name: k.name.clone(),
+                    service: Arc::default(),
                 })
             })
             .clone();

@@ -4,7 +4,8 @@
 use std::fmt::Write;
 
 use super::{
-    Histogram, Registry, Rejection, UpstreamErrorKind, WorkerMetrics, PATHS, STATUSES, STATUS_SLOTS,
+    Histogram, Registry, Rejection, UpstreamErrorKind, WorkerMetrics, BANDS, PATHS, STATUSES,
+    STATUS_SLOTS,
 };
 use crate::api::Api;
 use crate::upstream::{Backends, PrefixReason};
@@ -122,6 +123,47 @@ impl Registry {
                 "llmproxy_backend_up{{backend=\"{}\"}} {up}",
                 escape(&b.url)
             );
+        }
+
+        if let Some(scheduler) = &backends.scheduler {
+            header(
+                &mut out,
+                "llmproxy_queue_depth",
+                "gauge",
+                "Requests waiting in the gateway for a saturated backend, by priority band.",
+            );
+            let mut depth = [0usize; BANDS.len()];
+            for (priority, n) in scheduler.depth_by_priority() {
+                depth[super::band(priority)] += n;
+            }
+            for (b, name) in BANDS.iter().enumerate() {
+                let _ = writeln!(out, "llmproxy_queue_depth{{band=\"{name}\"}} {}", depth[b]);
+            }
+            header(
+                &mut out,
+                "llmproxy_queue_wait_ms",
+                "histogram",
+                "Time requests waited for a saturated backend, by priority band, in ms.",
+            );
+            for (b, name) in BANDS.iter().enumerate() {
+                histogram_series(
+                    &mut out,
+                    "llmproxy_queue_wait_ms",
+                    &format!("band=\"{name}\","),
+                    &self.workers,
+                    &|w| &w.queue_wait[b],
+                );
+            }
+            header(
+                &mut out,
+                "llmproxy_queue_refused_total",
+                "counter",
+                "Requests that waited in vain or found no room (429/503), by priority band.",
+            );
+            for (b, name) in BANDS.iter().enumerate() {
+                let v = sum(&|w| w.queue_refused[b].get());
+                let _ = writeln!(out, "llmproxy_queue_refused_total{{band=\"{name}\"}} {v}");
+            }
         }
 
         header(
@@ -427,17 +469,38 @@ fn histogram<const N: usize>(
     f: &dyn Fn(&WorkerMetrics) -> &Histogram<N>,
 ) {
     header(out, name, "histogram", help);
+    histogram_series(out, name, "", workers, f);
+}
+
+/// One histogram's series; `labels` is empty or `name="value",` (trailing comma).
+fn histogram_series<const N: usize>(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    workers: &[WorkerMetrics],
+    f: &dyn Fn(&WorkerMetrics) -> &Histogram<N>,
+) {
     let first = f(&workers[0]);
     let mut cumulative = 0u64;
     for (i, bound) in first.bounds.iter().enumerate() {
         cumulative += workers.iter().map(|w| f(w).buckets[i].get()).sum::<u64>();
-        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
     }
     cumulative += workers.iter().map(|w| f(w).inf.get()).sum::<u64>();
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
     let sum_us: u64 = workers.iter().map(|w| f(w).sum_us.get()).sum();
-    let _ = writeln!(out, "{name}_sum {}", sum_us as f64 / first.unit_us as f64);
-    let _ = writeln!(out, "{name}_count {cumulative}");
+    let braced = labels.trim_end_matches(',');
+    let braced = if braced.is_empty() {
+        String::new()
+    } else {
+        format!("{{{braced}}}")
+    };
+    let _ = writeln!(
+        out,
+        "{name}_sum{braced} {}",
+        sum_us as f64 / first.unit_us as f64
+    );
+    let _ = writeln!(out, "{name}_count{braced} {cumulative}");
 }
 
 fn status_label(slot: usize) -> String {

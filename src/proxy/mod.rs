@@ -205,6 +205,35 @@ async fn local(
     conn::write_out(wr, &mut c.out, keep).await
 }
 
+/// With `scheduling`: who the request is when it must wait for a saturated backend. Its key's
+/// priority, or the one it asks for in `scheduling.priority_header`, up to the key's
+/// `max_priority`; without a key, priority 0 and one shared flow.
+fn queueing(
+    generation: &Generation,
+    c: &ClientConn,
+    key: Option<&crate::auth::KeyEntry>,
+) -> Option<pick::Queueing> {
+    generation.upstreams.backends.scheduler.as_ref()?;
+    let asked = generation
+        .config
+        .scheduling
+        .as_ref()
+        .and_then(|s| s.priority_header.as_deref())
+        .and_then(|name| c.head.header(&c.buf, name.as_bytes()))
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<i32>().ok());
+    let priority = key.map_or(0, |k| match asked {
+        Some(p) => p.min(k.max_priority),
+        None => k.priority,
+    });
+    Some(pick::Queueing {
+        class: crate::schedule::Class {
+            priority,
+            service: key.map(|k| k.live.service.clone()),
+        },
+        prompt_estimate: c.body.len() as f64 / 4.0,
+    })
+}
+
 /// Phases 3 to 7 for a relayed request; what the account phase needs goes into `outcome`.
 #[allow(clippy::too_many_arguments)]
 async fn proxy<'r>(
@@ -292,6 +321,7 @@ async fn proxy<'r>(
         model: outcome.has_model.then_some(c.model.as_str()),
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
         prompt: pick::prompt(&c.body, &info),
+        queueing: queueing(generation, c, admission.key.as_deref()),
     };
     let attempted = retry::relay_with_retries(
         ctx,
