@@ -181,10 +181,12 @@ impl<T> Scheduler<T> {
                 self.queued.fetch_sub(1, Ordering::SeqCst);
                 shed = victim.settle(State::Refused(Refusal::Shed));
             }
-            // Newly backlogged: lifted so that time spent idle earns no credit.
+            // Newly backlogged: lifted so that time spent idle earns no credit. Just below the
+            // least counter waiting, so a light key that was idle goes next rather than after
+            // one more request of the flow it ties with.
             let band = q.waiting.iter().filter(|t| t.priority == class.priority);
             if !band.clone().any(|t| Arc::ptr_eq(&t.service, service)) {
-                let floor = band.map(|t| t.service.value()).min();
+                let floor = band.map(|t| t.service.value() - 1).min();
                 service.lift(floor.unwrap_or(q.last_served));
             }
             let ticket = Arc::new(Ticket {
@@ -338,8 +340,8 @@ mod tests {
         let mut low = s.enqueue(&class(-1, &light), 1).unwrap();
         let mut heavy1 = s.enqueue(&class(0, &heavy), 1).unwrap();
         let mut heavy2 = s.enqueue(&class(0, &heavy), 1).unwrap();
-        // Lifted to the least counter waiting in its band (heavy's): no credit for idling, and
-        // the tie goes to the earlier arrival.
+        // Lifted to just below the least counter waiting in its band (heavy's): no credit for
+        // idling beyond going next.
         let mut light1 = s.enqueue(&class(0, &light), 1).unwrap();
         let mut high = s.enqueue(&class(5, &heavy), 1).unwrap();
         let mut order = Vec::new();
@@ -363,7 +365,9 @@ mod tests {
                 }
             }
         }
-        assert_eq!(order, ["high", "heavy1", "light1", "heavy2", "low"]);
+        assert_eq!(order, ["high", "light1", "heavy1", "heavy2", "low"]);
+        // Lifted, not reset: its counter is the heavy key's, less a milli-token.
+        assert_eq!(light.value(), 10_000_000 - 1 + 100_000);
     }
 
     #[test]

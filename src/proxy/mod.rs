@@ -214,6 +214,16 @@ fn queueing(
     key: Option<&crate::auth::KeyEntry>,
 ) -> Option<pick::Queueing> {
     generation.upstreams.backends.scheduler.as_ref()?;
+    let prompt_estimate = c.body.len() as f64 / 4.0;
+    let Some(key) = key else {
+        return Some(pick::Queueing {
+            class: crate::schedule::Class {
+                priority: 0,
+                service: None,
+            },
+            prompt_estimate,
+        });
+    };
     let asked = generation
         .config
         .scheduling
@@ -221,16 +231,13 @@ fn queueing(
         .and_then(|s| s.priority_header.as_deref())
         .and_then(|name| c.head.header(&c.buf, name.as_bytes()))
         .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<i32>().ok());
-    let priority = key.map_or(0, |k| match asked {
-        Some(p) => p.min(k.max_priority),
-        None => k.priority,
-    });
+    let priority = asked.map_or(key.priority, |p| p.min(key.max_priority));
     Some(pick::Queueing {
         class: crate::schedule::Class {
             priority,
-            service: key.map(|k| k.live.service.clone()),
+            service: Some(key.live.service.clone()),
         },
-        prompt_estimate: c.body.len() as f64 / 4.0,
+        prompt_estimate,
     })
 }
 
