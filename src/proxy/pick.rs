@@ -47,16 +47,24 @@ pub fn pick(
     metrics: &WorkerMetrics,
     request: &PickRequest<'_>,
 ) -> Result<InFlight, GatewayError> {
-    let picked = generation.upstreams.pick(request).map_err(|e| match e {
-        PickError::UnknownModel => GatewayError::UnknownModel {
-            model: request.model.unwrap_or_default().to_owned(),
-        },
-        PickError::NoneAvailable | PickError::Saturated(_) => GatewayError::NoBackend,
-    })?;
+    let picked = generation
+        .upstreams
+        .pick(request)
+        .map_err(|e| refusal(e, request))?;
     if let Some(route) = picked.route {
         metrics.prefix_route(route);
     }
     Ok(picked)
+}
+
+/// What the client gets when no backend can take the request now.
+fn refusal(e: PickError, request: &PickRequest<'_>) -> GatewayError {
+    match e {
+        PickError::UnknownModel => GatewayError::UnknownModel {
+            model: request.model.unwrap_or_default().to_owned(),
+        },
+        PickError::NoneAvailable | PickError::Saturated(_) => GatewayError::NoBackend,
+    }
 }
 
 /// With `scheduling`: the request's place in the wait for a saturated backend, and what it is
@@ -98,7 +106,7 @@ pub async fn pick_or_wait(
             (mask, Some(picked))
         }
         Err(PickError::Saturated(mask)) => (mask, None),
-        Err(_) => return pick(generation, metrics, request).map(Some),
+        Err(e) => return Err(refusal(e, request)),
     };
     let sheddable = q.class.priority < 0;
     let overloaded = |why| GatewayError::Overloaded {
