@@ -184,6 +184,17 @@ fn within_a_band_a_key_gets_its_share_of_tokens_not_of_arrivals() {
         (5..=7).contains(&small),
         "small got {small} of the first 8 slots: {order:?}"
     );
+    // The tokens served per key reach the metrics (from the usage records), by key name.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let text = get(gw.addr, "/metrics").text();
+            ["big", "small"]
+                .iter()
+                .all(|k| text.contains(&format!("llmproxy_key_tokens_total{{key=\"{k}\"}} ")))
+        }),
+        "{}",
+        get(gw.addr, "/metrics").text()
+    );
     // Each key's own requests keep their arrival order.
     for key in ["big", "small"] {
         let mine: Vec<&String> = order.iter().filter(|id| id.starts_with(key)).collect();

@@ -65,6 +65,8 @@ pub struct KeyLive {
     name: String,
     /// Tokens served, weighted, for `scheduling`'s fair share (the Virtual Token Counter).
     pub service: Arc<Service>,
+    /// Tokens served (prompt + completion) since this generation's keys were loaded.
+    served: AtomicU64,
 }
 
 /// What the look-up threads share with the workers.
@@ -331,9 +333,26 @@ impl Auth {
         }
         let period = period_of(self.shared.config.quota_period, unix_now());
         roll_period(live, period);
+        live.served.fetch_add(tokens, Ordering::Relaxed);
         let used = live.used.fetch_add(tokens, Ordering::AcqRel) + tokens;
         self.store
             .save(quota::key_id(api_key), live.name.clone(), period, used);
+    }
+
+    /// The `n` keys served the most tokens, by name, for the metrics (run at scrape only).
+    pub fn top_served(&self, n: usize) -> Vec<(String, u64)> {
+        let mut top: Vec<(String, u64)> = self
+            .shared
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|l| (l.name.clone(), l.served.load(Ordering::Relaxed)))
+            .filter(|&(_, t)| t > 0)
+            .collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(n);
+        top
     }
 
     /// Tokens consumed by `entry` in the current quota period.
@@ -403,6 +422,7 @@ impl Shared {
                     period: AtomicU64::new(period),
                     name: k.name.clone(),
                     service: Arc::default(),
+                    served: AtomicU64::new(0),
                 })
             })
             .clone();

@@ -4,7 +4,8 @@
 //! load and store (no lock-prefixed read-modify-write) on a cache line no other core writes. The
 //! worker that serves the scrape reads every block and renders the text format by hand
 //! ([`Registry::render`]). Label sets are fixed arrays indexed by small enums, so cardinality is
-//! bounded by construction: no per-key or per-model labels, backends limited to [`BACKEND_SLOTS`].
+//! bounded by construction: no per-model labels, backends limited to [`BACKEND_SLOTS`], and
+//! the one per-key series (tokens served, with scheduling on) names at most ten keys.
 //!
 //! This module must not allocate, lock or make a syscall on the record path; only scrapes and
 //! backend (re)registration take the registry's lock.

@@ -8,14 +8,19 @@ use super::{
     STATUS_SLOTS,
 };
 use crate::api::Api;
+use crate::auth::Auth;
 use crate::upstream::{Backends, PrefixReason};
 
 pub const CONTENT_TYPE: &[u8] = b"text/plain; version=0.0.4; charset=utf-8";
 
+/// Keys named in `llmproxy_key_tokens_total`: the label stays bounded however many keys exist.
+const TOP_KEYS: usize = 10;
+
 impl Registry {
     /// Renders every metric, merging all workers' blocks. `backends` is the scraping worker's
-    /// current backend set, for the health gauge.
-    pub fn render(&self, backends: &Backends) -> String {
+    /// current backend set, for the health gauge; `keys` its keys, for the tokens served to the
+    /// top ones when scheduling is on.
+    pub fn render(&self, backends: &Backends, keys: Option<&Auth>) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sum = |f: &dyn Fn(&WorkerMetrics) -> u64| {
@@ -163,6 +168,21 @@ impl Registry {
             for (b, name) in BANDS.iter().enumerate() {
                 let v = sum(&|w| w.queue_refused[b].get());
                 let _ = writeln!(out, "llmproxy_queue_refused_total{{band=\"{name}\"}} {v}");
+            }
+            if let Some(keys) = keys {
+                header(
+                    &mut out,
+                    "llmproxy_key_tokens_total",
+                    "counter",
+                    "Tokens served (prompt + completion, from usage records) to the keys served most, by key name; at most 10 keys.",
+                );
+                for (name, tokens) in keys.top_served(TOP_KEYS) {
+                    let _ = writeln!(
+                        out,
+                        "llmproxy_key_tokens_total{{key=\"{}\"}} {tokens}",
+                        escape(&name)
+                    );
+                }
             }
         }
 
@@ -543,7 +563,7 @@ mod tests {
             crate::config::Format::Yaml,
         )
         .unwrap();
-        let text = r.render(&Backends::new(&config));
+        let text = r.render(&Backends::new(&config), None);
         assert!(text.contains("llmproxy_backend_up{backend=\"http://127.0.0.1:1\"} 1\n"));
         assert!(text.contains("llmproxy_requests_total{path=\"/v1/chat/completions\",stream=\"true\",backend=\"http://a:1\",status=\"200\"} 2\n"), "{text}");
         assert!(text.contains("llmproxy_requests_total{path=\"other\",stream=\"false\",backend=\"none\",status=\"404\"} 1\n"));

@@ -139,7 +139,9 @@ async fn handle_request<'r>(
             .await
         }
         Route::Metrics => {
-            let text = ctx.registry.render(&generation.upstreams.backends);
+            let text = ctx
+                .registry
+                .render(&generation.upstreams.backends, generation.auth.as_deref());
             local(
                 wr,
                 c,
