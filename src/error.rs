@@ -7,6 +7,7 @@
 //! on Anthropic's Messages API `{"type":"error","error":{"type","message"}}`.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use crate::api::Api;
 use crate::config::Denial;
@@ -51,6 +52,24 @@ pub enum GatewayError {
     PolicyFailed,
     /// A rate or concurrency limit (`rate_limit`) refused the request.
     RateLimited(Limited),
+    /// `scheduling`: every backend for the request stayed saturated; it waited in vain, or the
+    /// queue had no room for it. A priority below 0 is sheddable and gets 503, others 429.
+    Overloaded {
+        why: Overload,
+        sheddable: bool,
+        retry_after: Duration,
+    },
+}
+
+/// How a request waiting for a saturated backend ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overload {
+    /// `scheduling.queue_timeout` passed.
+    TimedOut,
+    /// `scheduling.max_queue` requests waited, none of lower priority.
+    QueueFull,
+    /// A request of higher priority took its place in the full queue.
+    Shed,
 }
 
 impl From<RequestError> for GatewayError {
@@ -77,6 +96,13 @@ impl GatewayError {
             | GatewayError::UpstreamProtocol(_) => 502,
             GatewayError::Denied { status, .. } => *status,
             GatewayError::RateLimited(_) => 429,
+            GatewayError::Overloaded { sheddable, .. } => {
+                if *sheddable {
+                    503
+                } else {
+                    429
+                }
+            }
             GatewayError::AuthUnavailable => 503,
             GatewayError::PolicyFailed => 500,
         }
@@ -95,6 +121,9 @@ impl GatewayError {
                     LimitKind::Requests | LimitKind::Concurrency => "requests",
                 }
             }
+            GatewayError::Overloaded {
+                sheddable: false, ..
+            } => return "requests",
             _ => {}
         }
         if self.status() < 500 {
@@ -132,6 +161,11 @@ impl GatewayError {
                 Denial::Policy => "access_denied",
             },
             GatewayError::RateLimited(_) => "rate_limit_exceeded",
+            GatewayError::Overloaded { why, .. } => match why {
+                Overload::TimedOut => "queue_timeout",
+                Overload::QueueFull => "queue_full",
+                Overload::Shed => "shed",
+            },
             GatewayError::AuthUnavailable => "auth_unavailable",
             GatewayError::PolicyFailed => "auth_policy_error",
         }
@@ -176,6 +210,16 @@ impl GatewayError {
             GatewayError::AuthUnavailable => {
                 "The API key could not be checked right now; please retry.".into()
             }
+            GatewayError::Overloaded { why, .. } => match why {
+                Overload::TimedOut => {
+                    "Every backend stayed busy for as long as the request could wait. Please retry."
+                }
+                Overload::QueueFull => "Every backend is busy and the queue is full. Please retry.",
+                Overload::Shed => {
+                    "Every backend is busy and more urgent requests took this one's place. Please retry."
+                }
+            }
+            .into(),
             GatewayError::RateLimited(l) => Cow::Owned(format!(
                 "Rate limit reached ({}). Please try again in {}ms.",
                 match l.kind {
@@ -233,6 +277,7 @@ impl GatewayError {
                 LimitKind::Concurrency => Rejection::Concurrency,
                 LimitKind::Requests | LimitKind::Tokens => Rejection::Rate,
             },
+            GatewayError::Overloaded { .. } => Rejection::Overloaded,
             _ => return None,
         })
     }
@@ -311,7 +356,13 @@ pub fn write_error(
         extra.push((b"X-Request-Id", request_id));
     }
     let retry_after;
-    if let GatewayError::RateLimited(l) = err {
+    if let GatewayError::Overloaded {
+        retry_after: after, ..
+    } = err
+    {
+        retry_after = after.as_millis().div_ceil(1000).max(1).to_string();
+        extra.push((b"Retry-After", retry_after.as_bytes()));
+    } else if let GatewayError::RateLimited(l) = err {
         // Whole seconds, rounded up: a client that waits exactly this long gets in.
         retry_after = l.retry_after.as_millis().div_ceil(1000).max(1).to_string();
         extra.push((b"Retry-After", retry_after.as_bytes()));

@@ -4,7 +4,8 @@
 //! `server` (runtimes, listeners, lifecycle) accepts connections; `http` parses the wire format;
 //! `api` names the dialect of each path; `proxy` reads, routes and relays each request; `upstream` picks backends and owns their
 //! connections; errors decided anywhere are rendered by `error`. `auth` decides who is calling
-//! and may they (keys, providers, quota); `limits` counts rates and concurrency. `config` loads and validates the
+//! and may they (keys, providers, quota); `limits` counts rates and concurrency; `schedule` orders
+//! requests that wait for a saturated backend. `config` loads and validates the
 //! configuration and `live` holds its running generation (hot reload); `metrics` keeps
 //! per-worker counters for Prometheus; `logging` writes log lines off the workers; `busy_poll`
 //! optionally keeps an active worker polling instead of sleeping; `mock` is the OpenAI-compatible simulator used by tests, the demo and benchmarks.
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod mock;
 pub mod proxy;
 pub mod redact;
+pub mod schedule;
 pub mod server;
 pub mod time;
 pub mod tls;

@@ -68,10 +68,10 @@ fn quota_hook_stats_masking_and_drain_on_shutdown() {
     let reporter = Reporter::start(
         &hook(&spool, ""),
         1,
-        Some(Box::new(move |key, tokens| {
+        Some(Box::new(move |key, tokens: &llmproxy::usage::Tokens, _| {
             // The hook gets the key itself even though the record carries it masked.
             assert_eq!(key, "sk-test-key-001");
-            seen.fetch_add(tokens, Ordering::Relaxed);
+            seen.fetch_add(tokens.total, Ordering::Relaxed);
         })),
     )
     .unwrap();

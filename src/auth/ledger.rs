@@ -413,6 +413,8 @@ mod tests {
             quota_period: None,
             shared: true,
             active: AtomicBool::new(false),
+            service: Arc::default(),
+            served: AtomicU64::new(0),
         })
     }
 

@@ -30,6 +30,7 @@ use crate::config::{
 use crate::error::GatewayError;
 use crate::http::RequestHead;
 use crate::limits::LimitSet;
+use crate::schedule::Service;
 use crate::usage::KeyRef;
 use cache::{Cache, Found, Job};
 use ledger::Ledger;
@@ -49,6 +50,9 @@ pub struct KeyEntry {
     allowed_models: Vec<String>,
     expires_at: Option<u64>,
     total_quota: Option<u64>,
+    /// Scheduling band (`api_keys[].priority`) and the highest one the key may ask for.
+    pub priority: i32,
+    pub max_priority: i32,
     pub live: Arc<KeyLive>,
 }
 
@@ -68,6 +72,10 @@ pub struct KeyLive {
     shared: bool,
     /// Set by a request, cleared by the ledger when it reads the shared totals back.
     active: AtomicBool,
+    /// Tokens served, weighted, for `scheduling`'s fair share (the Virtual Token Counter).
+    pub service: Arc<Service>,
+    /// Tokens served (prompt + completion) since this generation's keys were loaded.
+    served: AtomicU64,
 }
 
 /// What the look-up threads share with the workers.
@@ -83,6 +91,8 @@ struct Shared {
     lua: Option<crate::config::LuaConfig>,
     /// Shared token accounting, with `rate_limit.storage: redis`.
     ledger: Option<Arc<Ledger>>,
+    /// `scheduling.completion_weight`, when scheduling is on.
+    completion_weight: Option<f64>,
 }
 
 /// The shared auth state: built once at start, read by every worker.
@@ -138,6 +148,7 @@ impl Auth {
             cache: Cache::new(auth.cache.clone()),
             lua,
             ledger,
+            completion_weight: config.scheduling.as_ref().map(|s| s.completion_weight),
         };
         shared.static_keys = config
             .api_keys
@@ -306,25 +317,63 @@ impl Auth {
     /// Tokens a key consumed, from its usage record: accrues to its quota (persisted) and its
     /// token rate. Called off the worker cores (the usage reporter thread).
     pub fn charge_tokens(&self, api_key: &str, tokens: u64) {
-        let live = self
-            .shared
+        if let Some(live) = self.live(api_key) {
+            self.charge_live(&live, tokens);
+        }
+    }
+
+    /// [`Auth::charge_tokens`] from a usage record, plus with `scheduling` the key's fair-share
+    /// counter: the request was charged `request_bytes / 4` when dispatched, and is now charged
+    /// what it really cost instead (prompt + `completion_weight` × completion).
+    pub fn charge_usage(&self, api_key: &str, tokens: &crate::usage::Tokens, request_bytes: u64) {
+        let Some(live) = self.live(api_key) else {
+            return;
+        };
+        self.charge_live(&live, tokens.total);
+        if let Some(weight) = self.shared.completion_weight {
+            let cost = tokens.prompt as f64 + weight * tokens.completion as f64;
+            live.service.charge(cost - request_bytes as f64 / 4.0);
+        }
+    }
+
+    fn live(&self, api_key: &str) -> Option<Arc<KeyLive>> {
+        self.shared
             .registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(api_key)
-            .cloned();
-        let Some(live) = live else { return };
+            .cloned()
+    }
+
+    fn charge_live(&self, live: &Arc<KeyLive>, tokens: u64) {
         if let Some(limits) = &live.limits {
             limits.charge_tokens(tokens);
         }
         let period = period_of(self.shared.config.quota_period, unix_now());
-        roll_period(&live, period);
+        roll_period(live, period);
+        live.served.fetch_add(tokens, Ordering::Relaxed);
         let used = live.used.fetch_add(tokens, Ordering::AcqRel) + tokens;
         if let Some(ledger) = self.shared.ledger.as_ref().filter(|_| live.shared) {
-            ledger.charge(&live, period, tokens);
+            ledger.charge(live, period, tokens);
         }
         self.store
             .save(live.key_id.clone(), live.name.clone(), period, used);
+    }
+
+    /// The `n` keys served the most tokens, by name, for the metrics (run at scrape only).
+    pub fn top_served(&self, n: usize) -> Vec<(String, u64)> {
+        let mut top: Vec<(String, u64)> = self
+            .shared
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|l| (l.name.clone(), l.served.load(Ordering::Relaxed)))
+            .filter(|&(_, t)| t > 0)
+            .collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(n);
+        top
     }
 
     /// Tokens consumed by `entry` in the current quota period.
@@ -394,6 +443,8 @@ impl Shared {
                     quota_period: self.config.quota_period,
                     shared: k.total_quota.is_some() || spec.tokens_per_minute.is_some(),
                     active: AtomicBool::new(false),
+                    service: Arc::default(),
+                    served: AtomicU64::new(0),
                 });
                 if let Some(ledger) = &self.ledger {
                     ledger.watch(&live);
@@ -412,6 +463,8 @@ impl Shared {
             allowed_models: k.allowed_models.clone(),
             expires_at: k.expires_at,
             total_quota: k.total_quota,
+            priority: k.priority,
+            max_priority: k.max_priority,
             live,
         })
     }

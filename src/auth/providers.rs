@@ -321,6 +321,16 @@ fn record(
                 .ok_or_else(|| ProviderError("bad expires_at".into()))?,
         ),
     };
+    let signed = |f: &str| -> Result<Option<i32>, ProviderError> {
+        text(f)
+            .map(|s| {
+                s.trim()
+                    .parse::<i32>()
+                    .map_err(|_| ProviderError(format!("{f} is not an integer")))
+            })
+            .transpose()
+    };
+    let priority = signed("priority")?.unwrap_or(0);
     Ok(ApiKeyConfig {
         key: api_key.to_string(),
         name: text("name").unwrap_or_else(|| mask_key(api_key)),
@@ -335,6 +345,8 @@ fn record(
             tokens_per_minute: number("tokens_per_minute")?,
             max_concurrent: number("max_concurrent")?.map(|n| n as u32),
         },
+        priority,
+        max_priority: signed("max_priority")?.unwrap_or(priority).max(priority),
     })
 }
 

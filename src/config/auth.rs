@@ -240,6 +240,11 @@ pub struct ApiKeyConfig {
     pub expires_at: Option<u64>,
     /// Overrides `rate_limit.per_key` field by field.
     pub rate_limit: LimitSpec,
+    /// Scheduling band when backends are saturated: higher is served first; below 0 is shed
+    /// first (503).
+    pub priority: i32,
+    /// The highest priority the key may ask for in `scheduling.priority_header`.
+    pub max_priority: i32,
 }
 
 impl fmt::Debug for ApiKeyConfig {
@@ -317,7 +322,7 @@ pub(super) struct RawProvider {
 }
 
 /// Record fields a database row may carry, with their default column names.
-const RECORD_FIELDS: [&str; 10] = [
+const RECORD_FIELDS: [&str; 12] = [
     "name",
     "user_id",
     "status",
@@ -328,6 +333,8 @@ const RECORD_FIELDS: [&str; 10] = [
     "requests_per_minute",
     "tokens_per_minute",
     "max_concurrent",
+    "priority",
+    "max_priority",
 ];
 /// Selected unless `columns` maps them to "" (the rest only when mapped).
 const DEFAULT_COLUMNS: usize = 7;
@@ -377,6 +384,10 @@ pub(super) struct RawApiKey {
     expires_at: Option<serde_json::Value>,
     #[serde(default)]
     rate_limit: LimitSpec,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default)]
+    max_priority: Option<i32>,
 }
 
 /// Validates `auth` and `api_keys` together: keys without `auth` would never be checked.
@@ -431,6 +442,8 @@ pub(super) fn build(
             allowed_models: raw.allowed_models,
             expires_at,
             rate_limit: raw.rate_limit,
+            priority: raw.priority,
+            max_priority: raw.max_priority.unwrap_or(raw.priority).max(raw.priority),
         });
     }
     let uses_static = auth

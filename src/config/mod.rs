@@ -14,14 +14,15 @@
 //! checks them and assembles the result; [`address`] parses listen addresses, backend URLs and
 //! IP blocks; the sections with rules of their own have a file each: [`routing`] (balancing,
 //! health checks, retries), [`auth`] (`auth`, `api_keys`), [`limits`] (`rate_limit`),
-//! [`usage`] (`usage_hook`) and [`tls`] (`tls`, `backends[].tls`). [`units`] reads durations and sizes, [`env`] substitutes `${VAR}`,
-//! [`schema`] knows every key.
+//! [`scheduling`] (`scheduling`), [`usage`] (`usage_hook`) and [`tls`] (`tls`, `backends[].tls`).
+//! [`units`] reads durations and sizes, [`env`] substitutes `${VAR}`, [`schema`] knows every key.
 
 mod address;
 mod auth;
 mod env;
 mod limits;
 mod routing;
+mod scheduling;
 mod schema;
 mod tls;
 mod types;
@@ -37,6 +38,7 @@ pub use auth::{
 pub use limits::{LimitSpec, RateLimitConfig, SharedLimits};
 pub use routing::{Affinity, CacheAware, HealthCheck, Retry, Routing, Strategy};
 pub use tls::{BackendTls, ListenerTls};
+pub use scheduling::Scheduling;
 pub use types::{
     AdminConfig, Backend, Config, IoDriver, LogConfig, LogFormat, MetricsConfig, Secret, Timeouts,
     UpstreamConfig,
@@ -731,5 +733,43 @@ health_check:
     fn log_level_errors_carry_the_key() {
         let error = yaml_err("log: {level: verbose}\nbackends: [{url: 'http://b'}]");
         assert!(error.starts_with("log.level: invalid log level"), "{error}");
+    }
+
+    #[test]
+    fn scheduling_is_off_by_default_and_checked_when_on() {
+        let b = "backends: [{url: 'http://b'}]";
+        assert_eq!(yaml(b).unwrap().scheduling, None);
+        let on = yaml(&format!("scheduling: {{enabled: true}}\n{b}")).unwrap();
+        let s = on.scheduling.expect("enabled");
+        assert_eq!(s.queue_timeout, Duration::from_secs(30));
+        assert_eq!((s.max_waiting, s.max_kv_cache), (Some(5), Some(0.8)));
+        assert_eq!(s.priority_header.as_deref(), Some("x-llmproxy-priority"));
+        let off = yaml(&format!(
+            "scheduling: {{enabled: true, saturation: {{waiting_requests: 0, kv_cache: 0}}, priority_header: ''}}\n{b}"
+        ))
+        .unwrap()
+        .scheduling
+        .unwrap();
+        assert_eq!((off.max_waiting, off.max_kv_cache), (None, None));
+        assert_eq!(off.priority_header, None);
+        let error = yaml_err(&format!(
+            "scheduling: {{enabled: true, queue_timeout: 0s, max_queue: 0, completion_weight: -1, saturation: {{kv_cache: 1.5}}}}\n{b}"
+        ));
+        for at in [
+            "scheduling.queue_timeout",
+            "scheduling.max_queue",
+            "scheduling.completion_weight",
+            "scheduling.saturation.kv_cache",
+        ] {
+            assert!(error.contains(at), "{at} missing from {error}");
+        }
+        // A key's max_priority is at least its priority.
+        let keys = yaml(&format!(
+            "auth: {{}}\napi_keys: [{{key: a, priority: 2}}, {{key: b, priority: -1, max_priority: 3}}]\n{b}"
+        ))
+        .unwrap()
+        .api_keys;
+        assert_eq!((keys[0].priority, keys[0].max_priority), (2, 2));
+        assert_eq!((keys[1].priority, keys[1].max_priority), (-1, 3));
     }
 }

@@ -240,8 +240,24 @@ pub(super) const ROOT: Shape = Fields(&[
             ("allowed_ips", Leaf),
             ("allowed_models", Leaf),
             ("expires_at", Leaf),
+            ("priority", Leaf),
+            ("max_priority", Leaf),
             ("rate_limit", LIMITS),
         ])),
+    ),
+    (
+        "scheduling",
+        Fields(&[
+            ("enabled", Leaf),
+            ("queue_timeout", Leaf),
+            ("max_queue", Leaf),
+            ("completion_weight", Leaf),
+            (
+                "saturation",
+                Fields(&[("waiting_requests", Leaf), ("kv_cache", Leaf)]),
+            ),
+            ("priority_header", Leaf),
+        ]),
     ),
     (
         "rate_limit",

@@ -18,6 +18,7 @@ use super::auth::{self, ApiKeyConfig, AuthConfig};
 use super::limits::{self, RateLimitConfig};
 use super::routing::{self, HealthCheck, Retry, Routing, Strategy};
 use super::tls::{self, BackendTls, ListenerTls};
+use super::scheduling::{self, Scheduling};
 use super::units::{DurationValue, SizeValue};
 use super::usage::{self, UsageHook};
 use crate::redact::mask_key;
@@ -79,6 +80,8 @@ pub struct Config {
     /// The static key list (`auth.storage: "file"`).
     pub api_keys: Vec<ApiKeyConfig>,
     pub rate_limit: RateLimitConfig,
+    /// `None` unless `scheduling.enabled`: requests never wait for a saturated backend.
+    pub scheduling: Option<Scheduling>,
     pub metrics: MetricsConfig,
     pub admin: AdminConfig,
     pub usage_hook: UsageHook,
@@ -239,6 +242,7 @@ pub(super) struct RawConfig {
     pub(super) auth: Option<auth::RawAuth>,
     pub(super) api_keys: Vec<auth::RawApiKey>,
     pub(super) rate_limit: limits::RawRateLimit,
+    pub(super) scheduling: scheduling::RawScheduling,
     pub(super) metrics: RawMetrics,
     pub(super) admin: RawAdmin,
     pub(super) usage_hook: usage::RawUsageHook,
@@ -269,6 +273,7 @@ impl Default for RawConfig {
             auth: None,
             api_keys: Vec::new(),
             rate_limit: limits::RawRateLimit::default(),
+            scheduling: scheduling::RawScheduling::default(),
             metrics: RawMetrics::default(),
             admin: RawAdmin::default(),
             usage_hook: usage::RawUsageHook::default(),

@@ -10,7 +10,7 @@ use super::types::{
     AdminConfig, Backend, Config, LogConfig, MetricsConfig, RawConfig, Secret, Timeouts,
     UpstreamConfig,
 };
-use super::{auth, limits, routing, tls, usage, Issue, PipelineMode, ProviderConfig};
+use super::{auth, limits, routing, scheduling, tls, usage, Issue, PipelineMode, ProviderConfig};
 
 /// Validates `raw` and resolves what needs resolving; `None` once any issue is recorded.
 pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
@@ -142,6 +142,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         issues.push(Issue::new("auth.quota_path", message));
     }
     let rate_limit = limits::build(raw.rate_limit, issues);
+    let scheduling = scheduling::build(raw.scheduling, issues);
     // Keys created through the admin API authenticate like any other provider's (in
     // `first_match` mode; with `all`, every provider must know a key, so the store stays out).
     if let Some(auth) = auth
@@ -214,6 +215,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
         auth,
         api_keys,
         rate_limit,
+        scheduling,
     })
 }
 

@@ -4,7 +4,8 @@
 //! load and store (no lock-prefixed read-modify-write) on a cache line no other core writes. The
 //! worker that serves the scrape reads every block and renders the text format by hand
 //! ([`Registry::render`]). Label sets are fixed arrays indexed by small enums, so cardinality is
-//! bounded by construction: no per-key or per-model labels, backends limited to [`BACKEND_SLOTS`].
+//! bounded by construction: no per-model labels, backends limited to [`BACKEND_SLOTS`], and
+//! the one per-key series (tokens served, with scheduling on) names at most ten keys.
 //!
 //! This module must not allocate, lock or make a syscall on the record path; only scrapes and
 //! backend (re)registration take the registry's lock.
@@ -81,11 +82,13 @@ pub enum Rejection {
     BadRequest,
     NotFound,
     NoBackend,
+    /// `scheduling`: the wait for a saturated backend timed out, or the queue had no room.
+    Overloaded,
 }
 
 impl Rejection {
     /// Every reason, so each is exported (as 0) before it first happens.
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 11] = [
         Rejection::Auth,
         Rejection::Rate,
         Rejection::Quota,
@@ -96,6 +99,7 @@ impl Rejection {
         Rejection::BadRequest,
         Rejection::NotFound,
         Rejection::NoBackend,
+        Rejection::Overloaded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -110,7 +114,21 @@ impl Rejection {
             Rejection::BadRequest => "bad_request",
             Rejection::NotFound => "not_found",
             Rejection::NoBackend => "no_backend",
+            Rejection::Overloaded => "overloaded",
         }
+    }
+}
+
+/// The `band` label of the scheduling metrics: priorities above 0, 0, and below 0 (sheddable).
+/// Three values whatever priorities the keys use, so the label stays bounded.
+pub const BANDS: [&str; 3] = ["high", "default", "sheddable"];
+
+/// The [`BANDS`] index of a priority.
+pub fn band(priority: i32) -> usize {
+    match priority {
+        1.. => 0,
+        0 => 1,
+        _ => 2,
     }
 }
 
@@ -263,6 +281,10 @@ pub struct WorkerMetrics {
     prefix_routes: [Counter; PrefixReason::ALL.len()],
     prefix_share_milli: Counter,
     prefix_share_count: Counter,
+    /// `scheduling`: how long requests waited for a saturated backend, and those refused after
+    /// waiting or for want of room, by [`BANDS`].
+    queue_wait: [Histogram<16>; BANDS.len()],
+    queue_refused: [Counter; BANDS.len()],
 }
 
 const REQUEST_SLOTS: usize = PATHS.len() * 2 * BACKEND_SLOTS * STATUS_SLOTS;
@@ -293,6 +315,8 @@ impl WorkerMetrics {
             prefix_routes: std::array::from_fn(|_| Counter::default()),
             prefix_share_milli: Counter::default(),
             prefix_share_count: Counter::default(),
+            queue_wait: std::array::from_fn(|_| Histogram::new(&LATENCY_BOUNDS_MS, 1000)),
+            queue_refused: std::array::from_fn(|_| Counter::default()),
         }
     }
 
@@ -318,6 +342,16 @@ impl WorkerMetrics {
 
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.upstream_errors[kind as usize].inc();
+    }
+
+    /// One wait for a saturated backend ended, in band `band` ([`band`]).
+    pub fn queue_wait(&self, band: usize, waited: Duration) {
+        self.queue_wait[band].observe(waited);
+    }
+
+    /// One request of band `band` refused by the scheduler (timed out, shed or no room).
+    pub fn queue_refused(&self, band: usize) {
+        self.queue_refused[band].inc();
     }
 
     /// Counts one `cache_aware` decision.

@@ -4,17 +4,23 @@
 use std::fmt::Write;
 
 use super::{
-    Histogram, Registry, Rejection, UpstreamErrorKind, WorkerMetrics, PATHS, STATUSES, STATUS_SLOTS,
+    Histogram, Registry, Rejection, UpstreamErrorKind, WorkerMetrics, BANDS, PATHS, STATUSES,
+    STATUS_SLOTS,
 };
 use crate::api::Api;
+use crate::auth::Auth;
 use crate::upstream::{Backends, PrefixReason};
 
 pub const CONTENT_TYPE: &[u8] = b"text/plain; version=0.0.4; charset=utf-8";
 
+/// Keys named in `llmproxy_key_tokens_total`: the label stays bounded however many keys exist.
+const TOP_KEYS: usize = 10;
+
 impl Registry {
     /// Renders every metric, merging all workers' blocks. `backends` is the scraping worker's
-    /// current backend set, for the health gauge.
-    pub fn render(&self, backends: &Backends) -> String {
+    /// current backend set, for the health gauge; `keys` its keys, for the tokens served to the
+    /// top ones when scheduling is on.
+    pub fn render(&self, backends: &Backends, keys: Option<&Auth>) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sum = |f: &dyn Fn(&WorkerMetrics) -> u64| {
@@ -136,6 +142,62 @@ impl Registry {
                 escape(&b.url),
                 b.tier
             );
+        }
+
+        if let Some(scheduler) = &backends.scheduler {
+            header(
+                &mut out,
+                "llmproxy_queue_depth",
+                "gauge",
+                "Requests waiting in the gateway for a saturated backend, by priority band.",
+            );
+            let mut depth = [0usize; BANDS.len()];
+            for (priority, n) in scheduler.depth_by_priority() {
+                depth[super::band(priority)] += n;
+            }
+            for (b, name) in BANDS.iter().enumerate() {
+                let _ = writeln!(out, "llmproxy_queue_depth{{band=\"{name}\"}} {}", depth[b]);
+            }
+            header(
+                &mut out,
+                "llmproxy_queue_wait_ms",
+                "histogram",
+                "Time requests waited for a saturated backend, by priority band, in ms.",
+            );
+            for (b, name) in BANDS.iter().enumerate() {
+                histogram_series(
+                    &mut out,
+                    "llmproxy_queue_wait_ms",
+                    &format!("band=\"{name}\","),
+                    &self.workers,
+                    &|w| &w.queue_wait[b],
+                );
+            }
+            header(
+                &mut out,
+                "llmproxy_queue_refused_total",
+                "counter",
+                "Requests that waited in vain or found no room (429/503), by priority band.",
+            );
+            for (b, name) in BANDS.iter().enumerate() {
+                let v = sum(&|w| w.queue_refused[b].get());
+                let _ = writeln!(out, "llmproxy_queue_refused_total{{band=\"{name}\"}} {v}");
+            }
+            if let Some(keys) = keys {
+                header(
+                    &mut out,
+                    "llmproxy_key_tokens_total",
+                    "counter",
+                    "Tokens served (prompt + completion, from usage records) to the keys served most, by key name; at most 10 keys.",
+                );
+                for (name, tokens) in keys.top_served(TOP_KEYS) {
+                    let _ = writeln!(
+                        out,
+                        "llmproxy_key_tokens_total{{key=\"{}\"}} {tokens}",
+                        escape(&name)
+                    );
+                }
+            }
         }
 
         header(
@@ -508,17 +570,38 @@ fn histogram<const N: usize>(
     f: &dyn Fn(&WorkerMetrics) -> &Histogram<N>,
 ) {
     header(out, name, "histogram", help);
+    histogram_series(out, name, "", workers, f);
+}
+
+/// One histogram's series; `labels` is empty or `name="value",` (trailing comma).
+fn histogram_series<const N: usize>(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    workers: &[WorkerMetrics],
+    f: &dyn Fn(&WorkerMetrics) -> &Histogram<N>,
+) {
     let first = f(&workers[0]);
     let mut cumulative = 0u64;
     for (i, bound) in first.bounds.iter().enumerate() {
         cumulative += workers.iter().map(|w| f(w).buckets[i].get()).sum::<u64>();
-        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
     }
     cumulative += workers.iter().map(|w| f(w).inf.get()).sum::<u64>();
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
     let sum_us: u64 = workers.iter().map(|w| f(w).sum_us.get()).sum();
-    let _ = writeln!(out, "{name}_sum {}", sum_us as f64 / first.unit_us as f64);
-    let _ = writeln!(out, "{name}_count {cumulative}");
+    let braced = labels.trim_end_matches(',');
+    let braced = if braced.is_empty() {
+        String::new()
+    } else {
+        format!("{{{braced}}}")
+    };
+    let _ = writeln!(
+        out,
+        "{name}_sum{braced} {}",
+        sum_us as f64 / first.unit_us as f64
+    );
+    let _ = writeln!(out, "{name}_count{braced} {cumulative}");
 }
 
 fn status_label(slot: usize) -> String {
@@ -561,7 +644,7 @@ mod tests {
             crate::config::Format::Yaml,
         )
         .unwrap();
-        let text = r.render(&Backends::new(&config).unwrap());
+        let text = r.render(&Backends::new(&config).unwrap(), None);
         assert!(text.contains("llmproxy_backend_up{backend=\"http://127.0.0.1:1\"} 1\n"));
         assert!(text.contains("llmproxy_requests_total{path=\"/v1/chat/completions\",stream=\"true\",backend=\"http://a:1\",status=\"200\"} 2\n"), "{text}");
         assert!(text.contains("llmproxy_requests_total{path=\"other\",stream=\"false\",backend=\"none\",status=\"404\"} 1\n"));

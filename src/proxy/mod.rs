@@ -168,7 +168,9 @@ async fn handle_request<'r>(
             .await
         }
         Route::Metrics => {
-            let text = ctx.registry.render(&generation.upstreams.backends);
+            let text = ctx
+                .registry
+                .render(&generation.upstreams.backends, generation.auth.as_deref());
             local(
                 wr,
                 c,
@@ -242,6 +244,42 @@ async fn local(
     let keep = keep_alive && c.head.framing() == Framing::Empty;
     crate::http::write_response(&mut c.out, status, content_type, &[], body, keep);
     conn::write_out(wr, &mut c.out, keep).await
+}
+
+/// With `scheduling`: who the request is when it must wait for a saturated backend. Its key's
+/// priority, or the one it asks for in `scheduling.priority_header`, up to the key's
+/// `max_priority`; without a key, priority 0 and one shared flow.
+fn queueing(
+    generation: &Generation,
+    c: &ClientConn,
+    key: Option<&crate::auth::KeyEntry>,
+) -> Option<pick::Queueing> {
+    generation.upstreams.backends.scheduler.as_ref()?;
+    let prompt_estimate = c.body.len() as f64 / 4.0;
+    let Some(key) = key else {
+        return Some(pick::Queueing {
+            class: crate::schedule::Class {
+                priority: 0,
+                service: None,
+            },
+            prompt_estimate,
+        });
+    };
+    let asked = generation
+        .config
+        .scheduling
+        .as_ref()
+        .and_then(|s| s.priority_header.as_deref())
+        .and_then(|name| c.head.header(&c.buf, name.as_bytes()))
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<i32>().ok());
+    let priority = asked.map_or(key.priority, |p| p.min(key.max_priority));
+    Some(pick::Queueing {
+        class: crate::schedule::Class {
+            priority,
+            service: Some(key.live.service.clone()),
+        },
+        prompt_estimate,
+    })
 }
 
 /// Phases 3 to 7 for a relayed request; what the account phase needs goes into `outcome`.
@@ -332,6 +370,7 @@ async fn proxy<'r>(
         model_at: info.model.clone().filter(|_| outcome.has_model),
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
         prompt: pick::prompt(&c.body, &info),
+        queueing: queueing(generation, c, admission.key.as_deref()),
     };
     let attempted = retry::relay_with_retries(
         ctx,

@@ -3,11 +3,20 @@
 //! The [`InFlight`] it returns counts the request on that backend until it is dropped; its error
 //! is what the client gets when no backend can take the request. A `cache_aware` decision is
 //! counted in the worker's metrics.
+//!
+//! With `scheduling`, a request whose backends are all saturated waits here, in its place in
+//! the generation's [`crate::schedule::Scheduler`], until a slot is handed to it, its
+//! `queue_timeout` passes or its client leaves.
+
+use std::time::{Duration, Instant};
 
 use crate::config::Affinity;
-use crate::error::GatewayError;
-use crate::metrics::WorkerMetrics;
-use crate::upstream::{InFlight, PickError, PickRequest};
+use crate::error::{GatewayError, Overload};
+use crate::metrics::{self, WorkerMetrics};
+use crate::schedule::{Class, Refusal};
+use crate::upstream::{Backends, InFlight, PickError, PickRequest};
+
+use super::client_watch::ClientWatch;
 
 use super::inspect::{RequestInfo, PROMPT_FIELDS};
 use super::Generation;
@@ -38,14 +47,122 @@ pub fn pick(
     metrics: &WorkerMetrics,
     request: &PickRequest<'_>,
 ) -> Result<InFlight, GatewayError> {
-    let picked = generation.upstreams.pick(request).map_err(|e| match e {
-        PickError::UnknownModel => GatewayError::UnknownModel {
-            model: request.model.unwrap_or_default().to_owned(),
-        },
-        PickError::NoneAvailable => GatewayError::NoBackend,
-    })?;
+    let picked = generation
+        .upstreams
+        .pick(request)
+        .map_err(|e| refusal(e, request))?;
     if let Some(route) = picked.route {
         metrics.prefix_route(route);
     }
     Ok(picked)
+}
+
+/// What the client gets when no backend can take the request now.
+fn refusal(e: PickError, request: &PickRequest<'_>) -> GatewayError {
+    match e {
+        PickError::UnknownModel => GatewayError::UnknownModel {
+            model: request.model.unwrap_or_default().to_owned(),
+        },
+        PickError::NoneAvailable | PickError::Saturated(_) => GatewayError::NoBackend,
+    }
+}
+
+/// With `scheduling`: the request's place in the wait for a saturated backend, and what it is
+/// charged against its key's fair share when dispatched (its prompt, estimated from its bytes;
+/// the usage record corrects it).
+pub struct Queueing {
+    pub class: Class,
+    pub prompt_estimate: f64,
+}
+
+/// [`pick`], or with `scheduling` and every backend for the request saturated, the wait for one
+/// of them. `Ok(None)`: the client left while waiting.
+pub async fn pick_or_wait(
+    generation: &Generation,
+    metrics: &WorkerMetrics,
+    request: &PickRequest<'_>,
+    queueing: Option<&Queueing>,
+    watch: &mut ClientWatch<'_>,
+) -> Result<Option<InFlight>, GatewayError> {
+    let backends = &generation.upstreams.backends;
+    let (Some(scheduler), Some(settings), Some(q)) =
+        (&backends.scheduler, &generation.config.scheduling, queueing)
+    else {
+        return pick(generation, metrics, request).map(Some);
+    };
+    let (mask, returned) = match generation.upstreams.pick(request) {
+        // Nobody waits: the common case, as cheap as without scheduling.
+        Ok(picked) if scheduler.backlog() == 0 => {
+            if let Some(route) = picked.route {
+                metrics.prefix_route(route);
+            }
+            charge(q, request);
+            return Ok(Some(picked));
+        }
+        // Room, but others wait (a backend that just looked unsaturated again, or a slot freed
+        // an instant ago): the slot goes back to them, and this request takes its place in line.
+        Ok(picked) => {
+            let mask = generation.upstreams.waitable(request) | 1 << (picked.index % 64);
+            (mask, Some(picked))
+        }
+        Err(PickError::Saturated(mask)) => (mask, None),
+        Err(e) => return Err(refusal(e, request)),
+    };
+    let sheddable = q.class.priority < 0;
+    let overloaded = |why| GatewayError::Overloaded {
+        why,
+        sheddable,
+        // A hint only: the queue turns over as requests finish, which nothing here predicts.
+        retry_after: settings
+            .queue_timeout
+            .clamp(Duration::from_secs(1), Duration::from_secs(10)),
+    };
+    let band = metrics::band(q.class.priority);
+    let started = Instant::now();
+    let wait = match scheduler.enqueue(&q.class, mask) {
+        Ok(wait) => wait,
+        Err(refusal) => {
+            metrics.queue_refused(band);
+            return Err(overloaded(refused(refusal)));
+        }
+    };
+    // The slot it had, and any freed while it decided to wait, go to the first in order.
+    drop(returned);
+    for i in (0..64).filter(|i| mask & (1 << i) != 0) {
+        Backends::offer(backends, i);
+    }
+    let ended = watch
+        .race(monoio::time::timeout(settings.queue_timeout, wait))
+        .await;
+    metrics.queue_wait(band, started.elapsed());
+    match ended {
+        None => Ok(None),
+        Some(Ok(Ok(in_flight))) => {
+            charge(q, request);
+            Ok(Some(in_flight))
+        }
+        Some(Ok(Err(refusal))) => {
+            metrics.queue_refused(band);
+            Err(overloaded(refused(refusal)))
+        }
+        Some(Err(_)) => {
+            metrics.queue_refused(band);
+            Err(overloaded(Overload::TimedOut))
+        }
+    }
+}
+
+fn refused(refusal: Refusal) -> Overload {
+    match refusal {
+        Refusal::Full => Overload::QueueFull,
+        Refusal::Shed => Overload::Shed,
+    }
+}
+
+/// A dispatched request's estimated prompt, charged to its key's counter once (not again on a
+/// retry).
+fn charge(q: &Queueing, request: &PickRequest<'_>) {
+    if let (Some(service), 0) = (&q.class.service, request.tried) {
+        service.charge(q.prompt_estimate);
+    }
 }

@@ -70,6 +70,8 @@ pub struct Request<'a> {
     pub affinity_key: Option<&'a [u8]>,
     /// The prompt's raw JSON values, for `cache_aware` routing.
     pub prompt: [&'a [u8]; PROMPT_FIELDS.len()],
+    /// With `scheduling`: its place when it must wait for a saturated backend.
+    pub queueing: Option<pick::Queueing>,
 }
 
 /// The last attempt's ending, and the backend it went to (still counted in flight).
@@ -103,8 +105,24 @@ pub async fn relay_with_retries(
             tried,
             prompt: &req.prompt,
         };
-        let in_flight = match pick::pick(generation, ctx.metrics(), &pick_request) {
-            Ok(f) => f,
+        let picked = pick::pick_or_wait(
+            generation,
+            ctx.metrics(),
+            &pick_request,
+            req.queueing.as_ref(),
+            watch,
+        )
+        .await;
+        let in_flight = match picked {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                return Attempted {
+                    result: Ok(Relayed::ClientGone),
+                    progress: Progress::default(),
+                    in_flight: None,
+                    attempts: attempt,
+                }
+            }
             Err(e) => {
                 return Attempted {
                     result: Err(e),

@@ -181,7 +181,7 @@ fn serve(mut stream: TcpStream, control: &Control, registry: &Registry) -> io::R
             Err(e) => respond(&mut stream, 422, &error(&e)),
         },
         ("GET", "/admin/metrics") => {
-            let text = registry.render(&snapshot.backends);
+            let text = registry.render(&snapshot.backends, snapshot.auth.as_deref());
             respond_with(&mut stream, 200, "text/plain; version=0.0.4", &text)
         }
         _ => respond(&mut stream, 404, &error("unknown admin endpoint")),

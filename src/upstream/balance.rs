@@ -34,6 +34,9 @@ pub enum PickError {
     UnknownModel,
     /// Backends serve it, but none can take a request now (unhealthy, ejected or full).
     NoneAvailable,
+    /// With `scheduling`: the backends in the mask are up and serve it, but are saturated;
+    /// the request may wait for one of them ([`Backends::scheduler`]).
+    Saturated(u64),
 }
 
 /// A request counted in flight on a backend, across workers, until dropped.
@@ -46,9 +49,42 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // Sequentially consistent with the scheduler's count of waiters: either this release
+        // sees a request that just started waiting, or that request's offer sees the slot.
         self.backends.list[self.index]
             .in_flight
-            .fetch_sub(1, Ordering::Relaxed);
+            .fetch_sub(1, Ordering::SeqCst);
+        if self.backends.scheduler.is_some() {
+            Backends::offer(&self.backends, self.index);
+        }
+    }
+}
+
+impl Backends {
+    /// Hands a free slot of backend `index` to the first request waiting for one (with
+    /// `scheduling`); whether one was handed over. The slot is taken here, for the waiter, so no
+    /// newcomer can take it in between.
+    pub fn offer(backends: &Arc<Backends>, index: usize) -> bool {
+        let Some(scheduler) = &backends.scheduler else {
+            return false;
+        };
+        let b = &backends.list[index];
+        scheduler.grant(index, || {
+            if !b.up() || b.saturated_by_metrics() {
+                return None;
+            }
+            let max = b.max_in_flight.unwrap_or(u32::MAX);
+            b.in_flight
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .ok()?;
+            Some(InFlight {
+                backends: backends.clone(),
+                index,
+                route: None,
+            })
+        })
     }
 }
 
@@ -150,7 +186,7 @@ impl WorkerUpstreams {
             }
         }
         if candidates == 0 {
-            return Err(PickError::NoneAvailable);
+            return Err(self.none_available(req));
         }
         let candidates = self.lowest_tier(candidates);
         let blocks = &mut *self.blocks.borrow_mut();
@@ -210,6 +246,29 @@ impl WorkerUpstreams {
         } else {
             any
         }
+    }
+
+    /// Why no backend could take the request: with `scheduling`, the backends it could wait
+    /// for (up, serving its model, not ejected, only saturated).
+    fn none_available(&self, req: &PickRequest<'_>) -> PickError {
+        if self.backends.scheduler.is_none() {
+            return PickError::NoneAvailable;
+        }
+        match self.waitable(req) {
+            0 => PickError::NoneAvailable,
+            saturated => PickError::Saturated(saturated),
+        }
+    }
+
+    /// The backends a request may wait for a slot on: up, serving its model, not ejected.
+    pub fn waitable(&self, req: &PickRequest<'_>) -> u64 {
+        let mut mask = 0u64;
+        for (i, b) in self.backends.list.iter().enumerate().take(64) {
+            if b.serves(req.model) && b.up() && !b.is_ejected() {
+                mask |= 1 << i;
+            }
+        }
+        mask
     }
 
     /// sgl-router's rule: the least loaded when load is imbalanced; else the backend holding the

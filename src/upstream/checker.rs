@@ -1,8 +1,9 @@
 //! The checker threads, off the worker cores: one per backend, each on its own schedule, so a
 //! backend that hangs until the timeout delays no other backend's verdict. Each round it
 //! - runs the active health check (`health_check`) and publishes the backend's verdict,
-//! - scrapes vLLM's `/metrics` for `least_load` and `cache_aware` (waiting and running requests,
-//!   KV-cache use),
+//! - scrapes vLLM's `/metrics` for `least_load`, `cache_aware` and `scheduling`'s saturation
+//!   thresholds (waiting and running requests, KV-cache use), and hands the slots of a backend
+//!   that is no longer saturated to the requests waiting for it,
 //! - forgets the prompt blocks `cache_aware` sent to a backend that turns unhealthy.
 //!
 //! With several backends or aliases, one more thread merges the backends' `/v1/models` lists
@@ -12,7 +13,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +32,11 @@ pub fn spawn_checker(backends: Arc<Backends>, config: &Config) {
     let scrape_load = matches!(
         config.routing.strategy,
         Strategy::LeastLoad | Strategy::CacheAware
-    ) || config.routing.saturation > 0.0;
+    ) || config.routing.saturation > 0.0
+        || config
+            .scheduling
+            .as_ref()
+            .is_some_and(|s| s.max_waiting.is_some() || s.max_kv_cache.is_some());
     let merge_models = backends.list.len() > 1 || !backends.aliases.is_empty();
     if health.active || scrape_load {
         let mut period = if health.active {
@@ -117,13 +122,43 @@ impl BackendWatch {
                 publish_health(b, ok, ok_streak, fail_streak, health);
             }
             if let Some(path) = &self.load_path {
-                if let Some((200, body)) = get(b, path, &[], health.timeout, Wanted::Body) {
-                    b.load.store(load_score(&body).to_bits(), Ordering::Relaxed);
-                }
+                let load = match get(b, path, &[], health.timeout, Wanted::Body) {
+                    Some((200, body)) => Some(Load::parse(&body)),
+                    _ => None,
+                };
+                self.publish_load(load);
             }
             std::thread::sleep(self.period);
         }
     }
+}
+
+impl BackendWatch {
+    /// Publishes a scrape. With none (the backend did not answer), the last score stays for
+    /// balancing, but saturation is forgotten: a stale verdict must not hold requests back.
+    fn publish_load(&self, load: Option<Load>) {
+        let b = &self.backends.list[self.index];
+        if let Some(load) = &load {
+            b.load.store(load.score().to_bits(), Ordering::Relaxed);
+        }
+        let (waiting, kv) = load.map_or((0.0, 0.0), |l| (l.waiting, l.kv));
+        set(&b.waiting, waiting as u32);
+        set(&b.kv_milli, (kv * 1000.0).round() as u32);
+        // Room again: hand it to the waiting requests, as many as its queue threshold allows
+        // (an in-flight cap, when set, is enforced by each hand-over).
+        if self.backends.scheduler.is_some() && !b.saturated_by_metrics() {
+            let room = b.max_waiting.saturating_sub(waiting as u32).clamp(1, 64);
+            for _ in 0..room {
+                if !Backends::offer(&self.backends, self.index) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn set(a: &AtomicU32, v: u32) {
+    a.store(v, Ordering::Relaxed);
 }
 
 fn publish_health(b: &Backend, ok: bool, ok_streak: u32, fail_streak: u32, policy: &HealthCheck) {
@@ -149,28 +184,43 @@ fn publish_health(b: &Backend, ok: bool, ok_streak: u32, fail_streak: u32, polic
     }
 }
 
-/// vLLM's load signals folded into one number: queued requests weigh most (they wait for a
-/// slot), then running ones, then KV-cache pressure (0..1, scaled to a few requests' worth).
-fn load_score(metrics: &[u8]) -> f64 {
-    let text = String::from_utf8_lossy(metrics);
-    let mut waiting = 0.0;
-    let mut running = 0.0;
-    let mut kv: f64 = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let name = line.split(['{', ' ']).next().unwrap_or("");
-        let value: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        match name {
-            "vllm:num_requests_waiting" => waiting += value,
-            "vllm:num_requests_running" => running += value,
-            "vllm:gpu_cache_usage_perc" | "vllm:kv_cache_usage_perc" => kv = kv.max(value),
-            _ => {}
+/// vLLM's load signals, from its `/metrics` text.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Load {
+    waiting: f64,
+    running: f64,
+    /// KV-cache use, 0..1.
+    kv: f64,
+}
+
+impl Load {
+    fn parse(metrics: &[u8]) -> Load {
+        let text = String::from_utf8_lossy(metrics);
+        let mut load = Load::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            let value: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            match name {
+                "vllm:num_requests_waiting" => load.waiting += value,
+                "vllm:num_requests_running" => load.running += value,
+                "vllm:gpu_cache_usage_perc" | "vllm:kv_cache_usage_perc" => {
+                    load.kv = load.kv.max(value)
+                }
+                _ => {}
+            }
         }
+        load
     }
-    waiting * 4.0 + running + kv * 4.0
+
+    /// Folded into one number: queued requests weigh most (they wait for a slot), then running
+    /// ones, then KV-cache pressure (0..1, scaled to a few requests' worth).
+    fn score(&self) -> f64 {
+        self.waiting * 4.0 + self.running + self.kv * 4.0
+    }
 }
 
 /// The union of the backends' models (configured lists, else what `/v1/models` reports) plus
@@ -376,8 +426,8 @@ mod tests {
     #[test]
     fn load_score_reads_vllm_metrics() {
         let text = b"# HELP x\nvllm:num_requests_running{model_name=\"m\"} 3.0\nvllm:num_requests_waiting{model_name=\"m\"} 2.0\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.5\n";
-        assert_eq!(load_score(text), 2.0 * 4.0 + 3.0 + 2.0);
-        assert_eq!(load_score(b""), 0.0);
+        assert_eq!(Load::parse(text).score(), 2.0 * 4.0 + 3.0 + 2.0);
+        assert_eq!(Load::parse(b"").score(), 0.0);
     }
 
     /// A server for one exchange: reads the request head, then hands the connection to `answer`.

@@ -24,6 +24,8 @@ pub use checker::spawn_checker;
 pub use pool::{ConnectError, UpstreamConn};
 pub use prefix::{PrefixRoute, Reason as PrefixReason};
 
+use crate::schedule::Scheduler;
+
 use crate::config::{Config, HealthCheck, Secret, Strategy};
 use prefix::BlockIndex;
 
@@ -70,6 +72,13 @@ pub struct Backend {
     in_flight: AtomicU32,
     /// `least_load` score from the backend's metrics (f64 bits); lower is less loaded.
     load: AtomicU64,
+    /// Scraped `vllm:num_requests_waiting` and KV-cache use (per mille), for `scheduling`.
+    waiting: AtomicU32,
+    kv_milli: AtomicU32,
+    /// `scheduling.saturation`: at or past either, the backend takes no new request
+    /// (`u32::MAX`: that check is off). Both off without scheduling.
+    max_waiting: u32,
+    max_kv_milli: u32,
     /// The prompt blocks `cache_aware` sent here; empty with other strategies.
     blocks: BlockIndex,
 }
@@ -115,14 +124,32 @@ impl Backend {
             .is_some_and(|max| self.in_flight() >= max)
     }
 
+    /// Its scraped queue or KV-cache use reached `scheduling.saturation`.
+    fn saturated_by_metrics(&self) -> bool {
+        // Without thresholds (scheduling off) nothing is loaded: the pick costs what it did.
+        (self.max_waiting, self.max_kv_milli) != (u32::MAX, u32::MAX)
+            && (self.waiting.load(Ordering::Relaxed) >= self.max_waiting
+                || self.kv_milli.load(Ordering::Relaxed) >= self.max_kv_milli)
+    }
+
+    /// No room for another request: at `max_in_flight`, or saturated by its metrics.
+    fn saturated(&self) -> bool {
+        self.full() || self.saturated_by_metrics()
+    }
+
     fn load_score(&self) -> f64 {
         f64::from_bits(self.load.load(Ordering::Relaxed))
     }
 
-    /// Resolved, passing its active checks and below `max_in_flight`: passive ejection aside,
-    /// able to take a request.
+    /// Resolved, passing its active checks and not saturated: passive ejection aside, able to
+    /// take a request.
     fn available(&self) -> bool {
-        self.addr().is_some() && self.is_healthy() && !self.full()
+        self.up() && !self.saturated()
+    }
+
+    /// Resolved and passing its active checks, full or not.
+    fn up(&self) -> bool {
+        self.addr().is_some() && self.is_healthy()
     }
 
     /// Ejected for bad answers, not for refusing connections: it is up, only failing.
@@ -207,6 +234,8 @@ pub struct Backends {
     models_json: RwLock<Option<Arc<[u8]>>>,
     /// Set when a reload replaced this set: its checker and resolver threads end.
     retired: AtomicBool,
+    /// Requests waiting for a slot when every backend for them is saturated (`scheduling`).
+    pub scheduler: Option<Scheduler<InFlight>>,
 }
 
 impl Backends {
@@ -218,6 +247,11 @@ impl Backends {
             Strategy::CacheAware => config.routing.cache_aware.index_blocks,
             _ => 0,
         };
+        let scheduling = config.scheduling.as_ref();
+        let max_waiting = scheduling.and_then(|s| s.max_waiting).unwrap_or(u32::MAX);
+        let max_kv_milli = scheduling
+            .and_then(|s| s.max_kv_cache)
+            .map_or(u32::MAX, |k| (k * 1000.0).round() as u32);
         let list = config
             .backends
             .iter()
@@ -254,6 +288,10 @@ impl Backends {
                     unreachable: AtomicBool::new(false),
                     in_flight: AtomicU32::new(0),
                     load: AtomicU64::new(0f64.to_bits()),
+                    waiting: AtomicU32::new(0),
+                    kv_milli: AtomicU32::new(0),
+                    max_waiting,
+                    max_kv_milli,
                     blocks: BlockIndex::new(index_blocks),
                     tls,
                     tier: b.tier,
@@ -266,6 +304,7 @@ impl Backends {
             aliases: config.model_aliases.clone(),
             models_json: RwLock::new(None),
             retired: AtomicBool::new(false),
+            scheduler: scheduling.map(|s| Scheduler::new(s.max_queue)),
         });
         let unresolved: Vec<usize> = (0..backends.list.len())
             .filter(|&i| !backends.list[i].resolve())

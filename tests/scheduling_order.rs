@@ -1,0 +1,204 @@
+//! `scheduling`: the order in which waiting requests get a freed slot. Strict priority bands
+//! first (the key's `priority`, or the header up to its `max_priority`), then within a band the
+//! key that has received the fewest tokens (Virtual Token Counter). One worker, so the access
+//! log's order is the order in which slots were granted (a request is logged before its slot is
+//! handed on). Orders are asserted, never timings.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const KEYS: &str = "api_keys:
+  - {key: sk-hold-00000001, name: hold}
+  - {key: sk-low-000000001, name: low}
+  - {key: sk-vip-000000001, name: vip, max_priority: 5}
+  - {key: sk-shed-00000001, name: shed, priority: -1}
+  - {key: sk-big-000000001, name: big}
+  - {key: sk-small-0000001, name: small}
+";
+
+fn gateway(mock: SocketAddr, log: &Path) -> Proc {
+    spawn_gateway(&format!(
+        "listen: \"{{listen}}\"\nworkers: 1\nbackends:\n  - url: \"http://{mock}\"\n    max_in_flight: 1\n\
+         scheduling:\n  enabled: true\n  queue_timeout: 120s\n  saturation: {{waiting_requests: 0, kv_cache: 0}}\n\
+         log:\n  format: json\n  access_path: \"{}\"\n  flush_interval: 50ms\n\
+         auth:\n  quota_path: \"{}\"\n{KEYS}",
+        log.display(),
+        unique_path("sched-order-quota").display()
+    ))
+}
+
+fn log_path() -> PathBuf {
+    unique_path("sched-order-access").with_extension("log")
+}
+
+/// Takes the one slot with a long stream, until the returned connection is dropped.
+fn hold(addr: SocketAddr) -> TcpStream {
+    let body = json!({"model": "mock-model", "stream": true, "messages": [{"role": "user", "content": "hold"}]});
+    let raw = raw_request(
+        "POST",
+        "/v1/chat/completions",
+        body.to_string().as_bytes(),
+        &[
+            ("x-mock-itl-ms", "100"),
+            ("x-mock-tokens", "1000"),
+            ("Authorization", "Bearer sk-hold-00000001"),
+            ("X-Request-Id", "hold"),
+        ],
+    );
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(&raw).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "the held stream ended early");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    s
+}
+
+/// Sends a request in the background once the queue holds `before` requests, and returns when
+/// it is queued too, so arrivals are in a known order.
+fn enqueue(
+    addr: SocketAddr,
+    id: &str,
+    key: &str,
+    priority: Option<&str>,
+    content: usize,
+    before: usize,
+) -> JoinHandle<Response> {
+    let (id, key, priority) = (id.to_owned(), key.to_owned(), priority.map(str::to_owned));
+    let handle = std::thread::spawn(move || {
+        let body = json!({"model": "mock-model", "max_tokens": 1,
+            "messages": [{"role": "user", "content": "x".repeat(content)}]});
+        let auth = format!("Bearer {key}");
+        let mut headers = vec![
+            ("Authorization", auth.as_str()),
+            ("X-Request-Id", id.as_str()),
+        ];
+        if let Some(p) = &priority {
+            headers.push(("X-LLMProxy-Priority", p));
+        }
+        post_json(addr, "/v1/chat/completions", &body, &headers)
+    });
+    assert!(
+        wait_until(
+            Duration::from_secs(30),
+            || metric(addr, "llmproxy_queue_depth") as usize == before + 1
+        ),
+        "request {before} never queued"
+    );
+    handle
+}
+
+/// The request ids of the access log, in order, once it holds `n` lines.
+fn served(log: &Path, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            ids = std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v["fields"]["request_id"].as_str().map(str::to_owned))
+                .collect();
+            ids.len() >= n
+        }),
+        "access log has {ids:?}"
+    );
+    ids
+}
+
+#[test]
+fn higher_priority_bands_go_first_and_the_header_is_capped_by_the_key() {
+    let mock = spawn_mock(&[]);
+    let log = log_path();
+    let gw = gateway(mock.addr, &log);
+    let held = hold(gw.addr);
+    let waiting = vec![
+        enqueue(gw.addr, "shed-1", "sk-shed-00000001", None, 8, 0),
+        enqueue(gw.addr, "low-1", "sk-low-000000001", None, 8, 1),
+        // Asks for 9; the key may not go above its priority (0).
+        enqueue(gw.addr, "low-2", "sk-low-000000001", Some("9"), 8, 2),
+        // May go up to 5.
+        enqueue(gw.addr, "vip-1", "sk-vip-000000001", Some("5"), 8, 3),
+    ];
+    drop(held);
+    for w in waiting {
+        assert_eq!(w.join().unwrap().status, 200);
+    }
+    assert_eq!(
+        served(&log, 5),
+        ["hold", "vip-1", "low-1", "low-2", "shed-1"]
+    );
+}
+
+#[test]
+fn within_a_band_a_key_gets_its_share_of_tokens_not_of_arrivals() {
+    let mock = spawn_mock(&[]);
+    let log = log_path();
+    let gw = gateway(mock.addr, &log);
+    let held = hold(gw.addr);
+    // Six big requests (~3x the prompt tokens) queue before six small ones. First come first
+    // served would run every big one first; by tokens the small key gets about three turns for
+    // each of the big key's.
+    let mut waiting = Vec::new();
+    for i in 0..6 {
+        waiting.push(enqueue(
+            gw.addr,
+            &format!("big-{i}"),
+            "sk-big-000000001",
+            None,
+            1200,
+            i,
+        ));
+    }
+    for i in 0..6 {
+        waiting.push(enqueue(
+            gw.addr,
+            &format!("small-{i}"),
+            "sk-small-0000001",
+            None,
+            400,
+            6 + i,
+        ));
+    }
+    drop(held);
+    for w in waiting {
+        assert_eq!(w.join().unwrap().status, 200);
+    }
+    let order = served(&log, 13);
+    assert_eq!(order[0], "hold");
+    let first8 = &order[1..9];
+    let small = first8.iter().filter(|id| id.starts_with("small")).count();
+    assert!(
+        (5..=7).contains(&small),
+        "small got {small} of the first 8 slots: {order:?}"
+    );
+    // The tokens served per key reach the metrics (from the usage records), by key name.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let text = get(gw.addr, "/metrics").text();
+            ["big", "small"]
+                .iter()
+                .all(|k| text.contains(&format!("llmproxy_key_tokens_total{{key=\"{k}\"}} ")))
+        }),
+        "{}",
+        get(gw.addr, "/metrics").text()
+    );
+    // Each key's own requests keep their arrival order.
+    for key in ["big", "small"] {
+        let mine: Vec<&String> = order.iter().filter(|id| id.starts_with(key)).collect();
+        let expected: Vec<String> = (0..6).map(|i| format!("{key}-{i}")).collect();
+        assert_eq!(mine, expected.iter().collect::<Vec<_>>());
+    }
+}
