@@ -37,8 +37,8 @@ pub use auth::{
 };
 pub use limits::{LimitSpec, RateLimitConfig, SharedLimits};
 pub use routing::{Affinity, CacheAware, HealthCheck, Retry, Routing, Strategy};
-pub use tls::{BackendTls, ListenerTls};
 pub use scheduling::Scheduling;
+pub use tls::{BackendTls, ListenerTls};
 pub use types::{
     AdminConfig, Backend, Config, IoDriver, LogConfig, LogFormat, MetricsConfig, Secret, Timeouts,
     UpstreamConfig,
