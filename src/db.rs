@@ -44,7 +44,10 @@ pub enum Conn {
 
 /// Opens a connection. `dsn` is a file path for SQLite, a URL or `key=value` string for
 /// PostgreSQL (a `connect_timeout` in it wins over [`CONNECT_TIMEOUT`]), a `mysql://` URL for
-/// MySQL. `io_timeout` bounds each read and write where the driver supports it (MySQL).
+/// MySQL. `io_timeout` bounds each read and write on MySQL; on PostgreSQL, whose client has no
+/// read timeout, it becomes `TCP_USER_TIMEOUT` (unless the DSN sets one): data the server's host
+/// stops acknowledging (a partition, a dead host) fails the call, a hung server that still
+/// acknowledges does not.
 pub fn connect(driver: DbDriver, dsn: &str, io_timeout: Option<Duration>) -> Result<Conn, String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     Ok(match driver {
@@ -53,6 +56,9 @@ pub fn connect(driver: DbDriver, dsn: &str, io_timeout: Option<Duration>) -> Res
             let mut config: postgres::Config = dsn.parse().map_err(|e| err(&e))?;
             if config.get_connect_timeout().is_none() {
                 config.connect_timeout(CONNECT_TIMEOUT);
+            }
+            if let Some(timeout) = io_timeout.filter(|_| config.get_tcp_user_timeout().is_none()) {
+                config.tcp_user_timeout(timeout);
             }
             let client = config.connect(postgres::NoTls).map_err(|e| err(&e))?;
             Conn::Postgres(Box::new(client))

@@ -32,6 +32,11 @@ enum Kind {
 
 /// Inserted columns, in order, and whether they may be NULL. Columns added after the first
 /// release go last: `ALTER TABLE ... ADD COLUMN` appends, so new and upgraded tables agree.
+/// Bounds each read and write of a delivery (MySQL) or unacknowledged data (PostgreSQL): a sink
+/// lost mid-batch fails the batch, which is retried with backoff, instead of holding its
+/// reporter forever. A batch of `MAX_ROWS_PER_STATEMENT` rows takes well under a second.
+const SINK_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 const COLUMNS: [(&str, Kind, bool); 22] = [
     ("request_id", Kind::Key, false),
     ("client_request_id", Kind::Text, true),
@@ -266,7 +271,7 @@ impl SqlSink {
         let create = create_table_sql(driver, table);
         let dsn = &self.config.dsn;
         let err = |e: &dyn std::fmt::Display| e.to_string();
-        let mut conn = db::connect(driver, dsn, None)?;
+        let mut conn = db::connect(driver, dsn, Some(SINK_IO_TIMEOUT))?;
         let existing: Vec<String> = match &mut conn {
             db::Conn::Sqlite(conn) => {
                 conn.busy_timeout(std::time::Duration::from_secs(10))
