@@ -102,6 +102,17 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+# New handshakes per second: `openssl s_time -new` opens a connection, completes a full
+# handshake (no session resumption) and closes it, one after another, for 5 s.
+for round in $(seq "$ROUNDS"); do
+  for target in llmproxy_tls nginx_tls; do
+    port=$TLS; [[ $target == nginx_tls ]] && port=$NGINX
+    line=$(openssl s_time -connect "127.0.0.1:$port" -new -time 5 2>/dev/null | grep 'real seconds' | head -n1)
+    # "N connections in T real seconds, B bytes read per connection"
+    awk -v t="$target" -v r="$round" '{printf "handshakes %s round %s: %d in %s s, %.0f per second\n", t, r, $1, $4, $1 / $4}' <<<"$line"
+  done
+done
+
 # Time to first token at one connection: request sent -> first body byte of a stream.
 python3 - "$PLAIN" "$TLS" "$WORK/cert.pem" <<'PY'
 import http.client, json, ssl, sys, time
