@@ -120,6 +120,28 @@ fn webhook_deliveries(
     (counts, keys)
 }
 
+/// Every post the receiver read under one `Idempotency-Key` carries the same records: a batch
+/// sent again after a failure is the same batch, so deduplicating on the key loses nothing.
+fn assert_keys_name_one_batch(posts: &[Value]) {
+    let mut batches: HashMap<String, Vec<String>> = HashMap::new();
+    for p in posts {
+        let Some(key) = p["headers"]["idempotency-key"].as_str() else {
+            continue;
+        };
+        let ids: Vec<String> = match &p["body"] {
+            Value::Array(items) => items.clone(),
+            one => vec![one.clone()],
+        }
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect();
+        let first = batches
+            .entry(key.to_string())
+            .or_insert_with(|| ids.clone());
+        assert_eq!(*first, ids, "{key} named two different batches");
+    }
+}
+
 #[test]
 fn webhook_receiver_killed_under_load_then_restarted() {
     webhook_outage(false);
@@ -188,6 +210,7 @@ fn webhook_outage(freeze: bool) {
     });
     let (accepted, keys) = webhook_deliveries(&usage::read_posts(&posts));
     assert!(all, "{} of {} records delivered", accepted.len(), ids.len());
+    assert_keys_name_one_batch(&usage::read_posts(&posts));
     assert_eq!(accepted.keys().cloned().collect::<HashSet<_>>(), ids);
     // A record the receiver took more than once is one whose answer never reached the gateway
     // (killed before answering, or answered after the gateway's timeout): re-sent, always with

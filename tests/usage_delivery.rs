@@ -124,6 +124,70 @@ fn failing_webhook_recovers_with_one_delivery_per_request() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A batch whose delivery failed is sent again as it was, though more records were spooled
+/// during the backoff: its `Idempotency-Key` (the first record's id) always names the same
+/// records, so a receiver that deduplicates by it loses none.
+#[test]
+fn a_failed_batch_is_sent_again_as_it_was() {
+    let mock = spawn_mock(&["--tokens", "2"]);
+    let dir = temp_dir("retry-batch");
+    let receiver = Receiver::start(&dir.join("posts.jsonl"), 1);
+    let reporters = webhook_reporter(
+        &receiver.url(),
+        "      retry: 0\n      batch_size: 50\n      batch_timeout: 200ms\n",
+    );
+    let gw = spawn_gateway(&gateway_yaml(mock.addr, &dir.join("usage.db"), &reporters));
+    let send = |prefix: &str| {
+        for i in 0..3 {
+            let id = format!("{prefix}-{i}");
+            let r = post_json(
+                gw.addr,
+                "/v1/chat/completions",
+                &chat(false),
+                &[("X-Request-Id", &id)],
+            );
+            assert_eq!(r.status, 200);
+        }
+    };
+    send("before");
+    assert!(wait_until(Duration::from_secs(20), || !receiver
+        .posts()
+        .is_empty()));
+    // Spooled during the backoff (at least half a second after the failure).
+    send("during");
+    assert!(
+        wait_until(Duration::from_secs(20), || accepted(&receiver.posts())
+            .len()
+            == 6),
+        "posts: {:?}",
+        receiver.posts()
+    );
+    let ids = |p: &Value| -> Vec<String> {
+        p["body"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["client_request_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let posts = receiver.posts();
+    assert_eq!(posts[0]["status"], 500);
+    let mut by_key: HashMap<&str, Vec<String>> = HashMap::new();
+    for p in &posts {
+        let key = p["headers"]["idempotency-key"].as_str().unwrap();
+        let first = by_key.entry(key).or_insert_with(|| ids(p));
+        assert_eq!(*first, ids(p), "{key} named two batches");
+    }
+    let failed_key = posts[0]["headers"]["idempotency-key"].as_str().unwrap();
+    assert!(
+        posts[1..]
+            .iter()
+            .any(|p| p["status"] == 200 && p["headers"]["idempotency-key"] == failed_key),
+        "the failed batch was never accepted"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn batched_webhook_sends_arrays() {
     let mock = spawn_mock(&["--tokens", "2"]);

@@ -198,6 +198,8 @@ impl Thread {
             ^ (self.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
             | 1;
         let mut failures = 0u32;
+        // The batch whose delivery failed, to be sent again as it was.
+        let mut retry: Option<Vec<Span>> = None;
         // Since when a batch short of `batch_size` has been waiting for more records.
         let mut short_since: Option<Instant> = None;
         let mut read_back = Rows::default();
@@ -213,74 +215,84 @@ impl Thread {
             stats
                 .backlog
                 .store(backlog.max(self.queued as u64), Ordering::Relaxed);
-            let in_memory = self.contiguous(batch_size);
-            let available = if in_memory > 0 {
-                in_memory
-            } else {
-                backlog.min(batch_size as u64) as usize
-            };
-            if available == 0 {
-                if self.final_deadline.is_some() {
-                    break;
-                }
-                self.ack();
-                match self.wait(IDLE_POLL, false) {
-                    Woken::Stop => break,
-                    Woken::Batch => {}
-                    // Rows this thread was not handed: a previous run's, another generation's.
-                    Woken::Timeout => match self.spool.last_id() {
-                        Ok(last) => {
-                            self.last_id.fetch_max(last, Ordering::AcqRel);
+            let spans = match retry.take() {
+                // A failed batch is sent again as it was, not grown by what was spooled since:
+                // its Idempotency-Key (the first record's id) names the same records each time.
+                Some(spans) => spans,
+                None => {
+                    let in_memory = self.contiguous(batch_size);
+                    let available = if in_memory > 0 {
+                        in_memory
+                    } else {
+                        backlog.min(batch_size as u64) as usize
+                    };
+                    if available == 0 {
+                        if self.final_deadline.is_some() {
+                            break;
                         }
-                        Err(e) => {
-                            tracing::error!(reporter = self.name(), "usage spool read failed: {e}")
+                        self.ack();
+                        match self.wait(IDLE_POLL, false) {
+                            Woken::Stop => break,
+                            Woken::Batch => {}
+                            // Rows this thread was not handed: a previous run's, another generation's.
+                            Woken::Timeout => match self.spool.last_id() {
+                                Ok(last) => {
+                                    self.last_id.fetch_max(last, Ordering::AcqRel);
+                                }
+                                Err(e) => {
+                                    tracing::error!(
+                                        reporter = self.name(),
+                                        "usage spool read failed: {e}"
+                                    )
+                                }
+                            },
                         }
-                    },
-                }
-                continue;
-            }
-            if available < batch_size && self.final_deadline.is_none() {
-                let since = *short_since.get_or_insert_with(Instant::now);
-                let linger = self.config.batch_timeout.saturating_sub(since.elapsed());
-                if !linger.is_zero() {
-                    if matches!(self.wait(linger, false), Woken::Stop) {
-                        break;
+                        continue;
                     }
-                    continue;
-                }
-            }
-            short_since = None;
-            let spans = if in_memory > 0 {
-                self.spans(batch_size)
-            } else {
-                if let Err(e) = self
-                    .spool
-                    .read_after(self.cursor, batch_size, &mut read_back)
-                {
-                    tracing::error!(reporter = self.name(), "usage spool read failed: {e}");
-                    if matches!(self.wait(IDLE_POLL, true), Woken::Stop) {
-                        break;
+                    if available < batch_size && self.final_deadline.is_none() {
+                        let since = *short_since.get_or_insert_with(Instant::now);
+                        let linger = self.config.batch_timeout.saturating_sub(since.elapsed());
+                        if !linger.is_zero() {
+                            if matches!(self.wait(linger, false), Woken::Stop) {
+                                break;
+                            }
+                            continue;
+                        }
                     }
-                    continue;
+                    short_since = None;
+                    if in_memory > 0 {
+                        self.spans(batch_size)
+                    } else {
+                        if let Err(e) =
+                            self.spool
+                                .read_after(self.cursor, batch_size, &mut read_back)
+                        {
+                            tracing::error!(reporter = self.name(), "usage spool read failed: {e}");
+                            if matches!(self.wait(IDLE_POLL, true), Woken::Stop) {
+                                break;
+                            }
+                            continue;
+                        }
+                        if read_back.is_empty() {
+                            // Pruned or never there (a stale `last_id`): nothing to catch up on,
+                            // unless the ingest thread spooled more meanwhile.
+                            let _ = self.last_id.compare_exchange(
+                                last_id,
+                                self.cursor,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
+                            continue;
+                        }
+                        let rows = std::mem::take(&mut read_back);
+                        let end = rows.len();
+                        vec![Span {
+                            batch: Arc::new(Batch::read_back(rows)),
+                            start: 0,
+                            end,
+                        }]
+                    }
                 }
-                if read_back.is_empty() {
-                    // Pruned or never there (a stale `last_id`): nothing to catch up on,
-                    // unless the ingest thread spooled more meanwhile.
-                    let _ = self.last_id.compare_exchange(
-                        last_id,
-                        self.cursor,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
-                    continue;
-                }
-                let rows = std::mem::take(&mut read_back);
-                let end = rows.len();
-                vec![Span {
-                    batch: Arc::new(Batch::read_back(rows)),
-                    start: 0,
-                    end,
-                }]
             };
             match self.sink.deliver(&spans) {
                 Ok(()) => {
@@ -310,6 +322,7 @@ impl Thread {
                         retry_in_ms = wait.as_millis() as u64,
                         "usage delivery failed: {e}"
                     );
+                    retry = Some(spans);
                     // During a backoff at shutdown, give up: the rows stay spooled.
                     if self.final_deadline.is_some() {
                         break;
