@@ -124,6 +124,7 @@ pub fn finish(
     } else {
         (request_id.as_str().to_owned(), None)
     };
+    let served_by = generation.upstreams.backend(backend);
     usage.send(
         ctx.worker(),
         UsageEvent {
@@ -135,8 +136,8 @@ pub fn finish(
             endpoint: String::from_utf8_lossy(path).into_owned(),
             api,
             is_stream: stream,
-            backend_url: generation.upstreams.backend(backend).url_shared.clone(),
-            tier: generation.upstreams.backend(backend).tier,
+            backend_url: served_by.url_shared.clone(),
+            tier: served_by.tier,
             status_code: status,
             latency: started.elapsed(),
             ttft,

@@ -142,6 +142,15 @@ fn lease(spool: &Path, name: &str) -> Arc<Mutex<()>> {
 }
 
 /// What ended a wait.
+/// What [`Thread::next_batch`] found.
+enum Next {
+    Spans(Vec<Span>),
+    /// Nothing to deliver now: look again.
+    Again,
+    /// [`Delivery::stop`], or the end of the final delivery.
+    Stop,
+}
+
 enum Woken {
     Batch,
     Timeout,
@@ -192,7 +201,6 @@ impl Thread {
             }
         };
         self.acked = self.cursor;
-        let batch_size = self.config.batch_size;
         let mut rng = (super::spool::now_ms() as u64)
             ^ (std::process::id() as u64).rotate_left(32)
             ^ (self.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -203,6 +211,8 @@ impl Thread {
         // Since when a batch short of `batch_size` has been waiting for more records.
         let mut short_since: Option<Instant> = None;
         let mut read_back = Rows::default();
+        // Held apart from `self`, which the loop borrows mutably.
+        let all_stats = Arc::clone(&self.stats);
         loop {
             if self.final_deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
@@ -211,7 +221,7 @@ impl Thread {
             self.trim();
             let last_id = self.last_id.load(Ordering::Acquire);
             let backlog = (last_id - self.cursor).max(0) as u64;
-            let stats = &self.stats.reporters[self.index];
+            let stats = &all_stats.reporters[self.index];
             stats
                 .backlog
                 .store(backlog.max(self.queued as u64), Ordering::Relaxed);
@@ -219,80 +229,11 @@ impl Thread {
                 // A failed batch is sent again as it was, not grown by what was spooled since:
                 // its Idempotency-Key (the first record's id) names the same records each time.
                 Some(spans) => spans,
-                None => {
-                    let in_memory = self.contiguous(batch_size);
-                    let available = if in_memory > 0 {
-                        in_memory
-                    } else {
-                        backlog.min(batch_size as u64) as usize
-                    };
-                    if available == 0 {
-                        if self.final_deadline.is_some() {
-                            break;
-                        }
-                        self.ack();
-                        match self.wait(IDLE_POLL, false) {
-                            Woken::Stop => break,
-                            Woken::Batch => {}
-                            // Rows this thread was not handed: a previous run's, another generation's.
-                            Woken::Timeout => match self.spool.last_id() {
-                                Ok(last) => {
-                                    self.last_id.fetch_max(last, Ordering::AcqRel);
-                                }
-                                Err(e) => {
-                                    tracing::error!(
-                                        reporter = self.name(),
-                                        "usage spool read failed: {e}"
-                                    )
-                                }
-                            },
-                        }
-                        continue;
-                    }
-                    if available < batch_size && self.final_deadline.is_none() {
-                        let since = *short_since.get_or_insert_with(Instant::now);
-                        let linger = self.config.batch_timeout.saturating_sub(since.elapsed());
-                        if !linger.is_zero() {
-                            if matches!(self.wait(linger, false), Woken::Stop) {
-                                break;
-                            }
-                            continue;
-                        }
-                    }
-                    short_since = None;
-                    if in_memory > 0 {
-                        self.spans(batch_size)
-                    } else {
-                        if let Err(e) =
-                            self.spool
-                                .read_after(self.cursor, batch_size, &mut read_back)
-                        {
-                            tracing::error!(reporter = self.name(), "usage spool read failed: {e}");
-                            if matches!(self.wait(IDLE_POLL, true), Woken::Stop) {
-                                break;
-                            }
-                            continue;
-                        }
-                        if read_back.is_empty() {
-                            // Pruned or never there (a stale `last_id`): nothing to catch up on,
-                            // unless the ingest thread spooled more meanwhile.
-                            let _ = self.last_id.compare_exchange(
-                                last_id,
-                                self.cursor,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            );
-                            continue;
-                        }
-                        let rows = std::mem::take(&mut read_back);
-                        let end = rows.len();
-                        vec![Span {
-                            batch: Arc::new(Batch::read_back(rows)),
-                            start: 0,
-                            end,
-                        }]
-                    }
-                }
+                None => match self.next_batch(last_id, backlog, &mut short_since, &mut read_back) {
+                    Next::Spans(spans) => spans,
+                    Next::Again => continue,
+                    Next::Stop => break,
+                },
             };
             match self.sink.deliver(&spans) {
                 Ok(()) => {
@@ -337,6 +278,83 @@ impl Thread {
             }
         }
         self.ack();
+    }
+
+    /// The next batch to deliver once no failed one waits: the queued rows that follow the
+    /// cursor, else rows read back from the spool; or why there is none yet.
+    fn next_batch(
+        &mut self,
+        last_id: i64,
+        backlog: u64,
+        short_since: &mut Option<Instant>,
+        read_back: &mut Rows,
+    ) -> Next {
+        let batch_size = self.config.batch_size;
+        let in_memory = self.contiguous(batch_size);
+        let available = if in_memory > 0 {
+            in_memory
+        } else {
+            backlog.min(batch_size as u64) as usize
+        };
+        if available == 0 {
+            if self.final_deadline.is_some() {
+                return Next::Stop;
+            }
+            self.ack();
+            match self.wait(IDLE_POLL, false) {
+                Woken::Stop => return Next::Stop,
+                Woken::Batch => {}
+                // Rows this thread was not handed: a previous run's, another generation's.
+                Woken::Timeout => match self.spool.last_id() {
+                    Ok(last) => {
+                        self.last_id.fetch_max(last, Ordering::AcqRel);
+                    }
+                    Err(e) => {
+                        tracing::error!(reporter = self.name(), "usage spool read failed: {e}")
+                    }
+                },
+            }
+            return Next::Again;
+        }
+        if available < batch_size && self.final_deadline.is_none() {
+            let since = *short_since.get_or_insert_with(Instant::now);
+            let linger = self.config.batch_timeout.saturating_sub(since.elapsed());
+            if !linger.is_zero() {
+                if matches!(self.wait(linger, false), Woken::Stop) {
+                    return Next::Stop;
+                }
+                return Next::Again;
+            }
+        }
+        *short_since = None;
+        if in_memory > 0 {
+            return Next::Spans(self.spans(batch_size));
+        }
+        if let Err(e) = self.spool.read_after(self.cursor, batch_size, read_back) {
+            tracing::error!(reporter = self.name(), "usage spool read failed: {e}");
+            if matches!(self.wait(IDLE_POLL, true), Woken::Stop) {
+                return Next::Stop;
+            }
+            return Next::Again;
+        }
+        if read_back.is_empty() {
+            // Pruned or never there (a stale `last_id`): nothing to catch up on,
+            // unless the ingest thread spooled more meanwhile.
+            let _ = self.last_id.compare_exchange(
+                last_id,
+                self.cursor,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            return Next::Again;
+        }
+        let rows = std::mem::take(read_back);
+        let end = rows.len();
+        Next::Spans(vec![Span {
+            batch: Arc::new(Batch::read_back(rows)),
+            start: 0,
+            end,
+        }])
     }
 
     /// Moves every batch in the inbox to the queue, without waiting.
