@@ -7,7 +7,11 @@
 #   fifo  today's default: no scheduling, every request goes straight to the backend's queue;
 #   fair  scheduling on, the backend's max_in_flight = N, so requests wait in the gateway in
 #         fair order (completion_weight 1: what is equalized is what is measured, tokens);
-#   fair_priority  the same with the light key at priority 1 (a higher band than the others).
+#   fair_priority  the same with the light key at priority 1 (a higher band than the others);
+#   fair_preempt   fair, against a simulator in SGLang's mode (--enable-priority-scheduling:
+#         preemption on arrival) with engine_priority: sglang, so the light key's request (its
+#         key has nothing else in flight) goes past max_in_flight and preempts a flood request.
+# Each mode gets a fresh simulator.
 # Reports the light key's TTFT p90 alone and under the flood, each backlogged key's share of the
 # tokens served per 10 s window, and total throughput. Markdown table in loadtest/results/.
 set -euo pipefail
@@ -24,7 +28,7 @@ usage: loadtest/fairness.sh [options]
   --flood-tokens T     tokens per flood answer; batch answers are half (default 200)
   --alone S            seconds of the light key alone (default 20)
   --flood S            seconds of the flood (default 60)
-  --modes "M..."       default "fifo fair" (also: fair_priority)
+  --modes "M..."       default "fifo fair fair_preempt" (also: fair_priority)
   --workers N          llmproxy workers (default 2)
   --llmproxy PATH      use this llmproxy binary instead of building one
   --no-build           do not run cargo (the binary must exist)
@@ -35,7 +39,7 @@ EOF2
 
 ORIG_CMD="loadtest/fairness.sh${*:+ $*}"
 MAX_RUNNING=4; ITL_MS=10; FLOOD_CLIENTS=32; BATCH_CLIENTS=8; FLOOD_TOKENS=200; ALONE=20; FLOOD=60
-MODES="fifo fair"; WORKERS=2; LLMPROXY_ARG=""; BUILD=1
+MODES="fifo fair fair_preempt"; WORKERS=2; LLMPROXY_ARG=""; BUILD=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --max-running) MAX_RUNNING=$2; shift 2 ;;
@@ -74,13 +78,15 @@ ready_addr() {
   die "$1 did not become ready"
 }
 
-start sim "$LLMPROXY" mock-llm --listen 127.0.0.1:0 --ready-file "$WORK/sim.ready" \
-  --max-running "$MAX_RUNNING" --itl-ms "$ITL_MS"
-SIM=$(ready_addr sim "$WORK/sim.ready")
-log "simulator on $SIM (max running $MAX_RUNNING, $ITL_MS ms per token)"
-
 declare -A RESULT=()
 for mode in $MODES; do
+  sim_flags=()
+  [[ $mode == fair_preempt ]] && sim_flags=(--enable-priority-scheduling)
+  rm -f "$WORK/sim.ready"
+  start sim "$LLMPROXY" mock-llm --listen 127.0.0.1:0 --ready-file "$WORK/sim.ready" \
+    --max-running "$MAX_RUNNING" --itl-ms "$ITL_MS" "${sim_flags[@]}"
+  SIM=$(ready_addr sim "$WORK/sim.ready")
+  log "$mode: simulator on $SIM (max running $MAX_RUNNING, $ITL_MS ms per token${sim_flags:+, ${sim_flags[*]}})"
   conf="$WORK/$mode.yaml"
   {
     echo "listen: \"127.0.0.1:0\""
@@ -90,6 +96,7 @@ for mode in $MODES; do
     echo "  - url: \"http://$SIM\""
     if [[ $mode == fair* ]]; then
       echo "    max_in_flight: $MAX_RUNNING"
+      [[ $mode == fair_preempt ]] && echo "    engine_priority: sglang"
       echo "scheduling: {enabled: true, queue_timeout: 300s, completion_weight: 1.0}"
     fi
     echo "auth: {quota_path: \"$WORK/$mode-quota.db\"}"
@@ -110,6 +117,7 @@ for mode in $MODES; do
     --flood-clients "$FLOOD_CLIENTS" --batch-clients "$BATCH_CLIENTS" --flood-tokens "$FLOOD_TOKENS")
   echo "${RESULT[$mode]}" >"$WORK/$mode.json"
   stop "gw-$mode"
+  stop sim
 done
 
 mkdir -p "$RESULTS_DIR"
@@ -127,8 +135,9 @@ for m in modes:
     print(f"| {m} | {x['light_alone_ttft_p50_ms']:.1f} / {x['light_alone_ttft_p90_ms']:.1f} | "
           f"{x['light_flood_ttft_p50_ms']:.1f} / {x['light_flood_ttft_p90_ms']:.1f} | {ratio:.1f}x | "
           f"{x['light_flood_requests']} | {x['tokens_per_s']:.0f} | {x['completion_tokens_per_s']:.0f} |")
-if "fifo" in r and "fair" in r:
-    print(f"\nfair/fifo throughput: {r['fair']['tokens_per_s'] / r['fifo']['tokens_per_s']:.3f}\n")
+for m in modes:
+    if m != "fifo" and "fifo" in r:
+        print(f"\n{m}/fifo throughput: {r[m]['tokens_per_s'] / r['fifo']['tokens_per_s']:.3f}")
 print("\nflood key's share of the tokens served to the two backlogged keys, per 10 s window:\n")
 print("| mode | " + " | ".join(f"{10*i}-{10*(i+1)} s" for i in range(len(r[modes[0]]["windows"]))) + " |")
 print("|---|" + "---|" * len(r[modes[0]]["windows"]))

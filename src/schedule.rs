@@ -18,7 +18,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -28,9 +28,23 @@ use std::task::{Context, Poll, Waker};
 #[derive(Debug, Default)]
 pub struct Service {
     milli: AtomicI64,
+    /// Requests of the flow at a backend now: a flow with none is fresh (an interactive
+    /// user's next turn), which an engine that preempts serves at once.
+    dispatched: AtomicU32,
 }
 
 impl Service {
+    /// Whether the flow has no request at a backend now.
+    pub fn is_idle(&self) -> bool {
+        self.dispatched.load(Ordering::Relaxed) == 0
+    }
+
+    /// Counts one of its requests at a backend until the guard is dropped.
+    pub fn dispatch(self: &Arc<Self>) -> Dispatched {
+        self.dispatched.fetch_add(1, Ordering::Relaxed);
+        Dispatched(self.clone())
+    }
+
     /// Adds `tokens` (negative to correct an estimate that was too high).
     pub fn charge(&self, tokens: f64) {
         self.milli
@@ -43,6 +57,16 @@ impl Service {
 
     fn lift(&self, floor: i64) {
         self.milli.fetch_max(floor, Ordering::Relaxed);
+    }
+}
+
+/// One request of a flow at a backend ([`Service::dispatch`]).
+#[derive(Debug)]
+pub struct Dispatched(Arc<Service>);
+
+impl Drop for Dispatched {
+    fn drop(&mut self) {
+        self.0.dispatched.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -145,6 +169,19 @@ impl<T> Scheduler<T> {
         self.queued.load(Ordering::SeqCst)
     }
 
+    /// The flow a request of `class` belongs to.
+    pub fn flow<'a>(&'a self, class: &'a Class) -> &'a Arc<Service> {
+        class.service.as_ref().unwrap_or(&self.anonymous)
+    }
+
+    /// The highest priority among the requests waiting now, if any wait.
+    pub fn highest_waiting(&self) -> Option<i32> {
+        if self.backlog() == 0 {
+            return None;
+        }
+        lock(&self.queue).waiting.iter().map(|t| t.priority).max()
+    }
+
     /// Requests waiting now by priority, highest first (for the metrics).
     pub fn depth_by_priority(&self) -> Vec<(i32, usize)> {
         let q = lock(&self.queue);
@@ -164,7 +201,7 @@ impl<T> Scheduler<T> {
     /// go unnoticed). A full queue sheds its newest waiter of the lowest priority below this
     /// one, or refuses this one.
     pub fn enqueue(&self, class: &Class, mask: u64) -> Result<Wait<'_, T>, Refusal> {
-        let service = class.service.as_ref().unwrap_or(&self.anonymous);
+        let service = self.flow(class);
         let mut shed = None;
         let ticket = {
             let mut q = lock(&self.queue);

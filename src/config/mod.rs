@@ -37,7 +37,7 @@ pub use auth::{
 };
 pub use limits::{LimitSpec, RateLimitConfig, SharedLimits};
 pub use routing::{Affinity, CacheAware, HealthCheck, Retry, Routing, Strategy};
-pub use scheduling::Scheduling;
+pub use scheduling::{EnginePriority, Scheduling};
 pub use tls::{BackendTls, ListenerTls};
 pub use types::{
     AdminConfig, Backend, Config, IoDriver, LogConfig, LogFormat, MetricsConfig, Secret, Timeouts,
@@ -281,6 +281,36 @@ weight = 3
         assert_eq!(config.backends[0].port, 443);
         assert_eq!(config.backends[0].tls, Some(BackendTls::default()));
         assert_eq!(config.backends[1].tls, None);
+    }
+
+    #[test]
+    fn engine_priority_names_an_engine_and_needs_scheduling() {
+        let config = yaml(
+            "scheduling: {enabled: true}\nbackends: [{url: 'http://a', engine_priority: sglang}, {url: 'http://b', engine_priority: vllm}, {url: 'http://c'}]",
+        )
+        .unwrap();
+        let engines: Vec<_> = config.backends.iter().map(|b| b.engine_priority).collect();
+        assert_eq!(
+            engines,
+            [
+                Some(EnginePriority::Sglang),
+                Some(EnginePriority::Vllm),
+                None
+            ]
+        );
+        let error =
+            yaml_err("backends: [{url: 'http://a'}, {url: 'http://b', engine_priority: vllm}]");
+        assert!(
+            error.starts_with("backends[1].engine_priority: needs `scheduling"),
+            "{error}"
+        );
+        let error = yaml_err(
+            "scheduling: {enabled: true}\nbackends: [{url: 'http://a', engine_priority: tgi}]",
+        );
+        assert!(
+            error.starts_with("backends[0].engine_priority: "),
+            "{error}"
+        );
     }
 
     #[test]

@@ -12,6 +12,58 @@ use serde::Deserialize;
 use super::units::DurationValue;
 use super::Issue;
 
+/// `backends[].engine_priority`: the backend's engine schedules by the request's `priority`
+/// field, which llmproxy then sets to the request's place in its own order (band, and whether
+/// its key has nothing else in flight), overriding any the client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnginePriority {
+    /// vLLM started with `--scheduling-policy priority`: a lower value runs first. It orders
+    /// vLLM's waiting queue (and picks the victim when KV blocks run out); a request never
+    /// preempts on arrival, so llmproxy never sends past `max_in_flight` for it.
+    Vllm,
+    /// SGLang started with `--enable-priority-scheduling`: a higher value runs first, and an
+    /// arrival that beats a running request by more than
+    /// `--priority-scheduling-preemption-threshold` (default 10; llmproxy's levels are 50
+    /// apart) preempts it. llmproxy sends such a request past `max_in_flight`, since the engine
+    /// makes room for it.
+    Sglang,
+}
+
+/// `backends[].engine_priority` as written: `none` (the default) or an engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawEnginePriority {
+    #[default]
+    None,
+    Vllm,
+    Sglang,
+}
+
+impl RawEnginePriority {
+    pub(super) fn build(self) -> Option<EnginePriority> {
+        match self {
+            RawEnginePriority::None => None,
+            RawEnginePriority::Vllm => Some(EnginePriority::Vllm),
+            RawEnginePriority::Sglang => Some(EnginePriority::Sglang),
+        }
+    }
+}
+
+impl EnginePriority {
+    /// The `priority` value for a request at `level` (higher: more urgent).
+    pub fn value(self, level: i64) -> i64 {
+        match self {
+            EnginePriority::Vllm => -level,
+            EnginePriority::Sglang => level,
+        }
+    }
+
+    /// The engine preempts a running request for a more urgent arrival.
+    pub fn preempts(self) -> bool {
+        self == EnginePriority::Sglang
+    }
+}
+
 /// `scheduling`, when enabled.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scheduling {

@@ -65,6 +65,7 @@ pub(super) const ROOT: Shape = Fields(&[
             ("max_in_flight", Leaf),
             ("tier", Leaf),
             ("model_map", Leaf),
+            ("engine_priority", Leaf),
             (
                 "tls",
                 Fields(&[

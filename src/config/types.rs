@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::auth::{self, ApiKeyConfig, AuthConfig};
 use super::limits::{self, RateLimitConfig};
 use super::routing::{self, HealthCheck, Retry, Routing, Strategy};
-use super::scheduling::{self, Scheduling};
+use super::scheduling::{self, EnginePriority, Scheduling};
 use super::tls::{self, BackendTls, ListenerTls};
 use super::units::{DurationValue, SizeValue};
 use super::usage::{self, UsageHook};
@@ -149,6 +149,8 @@ pub struct Backend {
     /// Model name in the request -> the name this backend serves it under (rewritten in the
     /// body sent to this backend only). Its keys count as models the backend serves.
     pub model_map: Vec<(String, String)>,
+    /// The engine schedules by a request's `priority` field (needs `scheduling`).
+    pub engine_priority: Option<EnginePriority>,
 }
 
 /// Logging (key `log`).
@@ -346,6 +348,8 @@ pub(super) struct RawBackend {
     pub(super) tier: u8,
     #[serde(default)]
     pub(super) model_map: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(super) engine_priority: scheduling::RawEnginePriority,
 }
 
 fn default_weight() -> u32 {

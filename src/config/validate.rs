@@ -129,6 +129,7 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
                 tls,
                 tier: backend.tier,
                 model_map: backend.model_map.into_iter().collect(),
+                engine_priority: backend.engine_priority.build(),
             }),
             Err(message) => report(&format!("backends[{index}].url"), Err(message)),
         }
@@ -143,6 +144,18 @@ pub(super) fn build(raw: RawConfig, issues: &mut Vec<Issue>) -> Option<Config> {
     }
     let rate_limit = limits::build(raw.rate_limit, issues);
     let scheduling = scheduling::build(raw.scheduling, issues);
+    if scheduling.is_none() {
+        for (index, _) in backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.engine_priority.is_some())
+        {
+            issues.push(Issue::new(
+                &format!("backends[{index}].engine_priority"),
+                "needs `scheduling: {enabled: true}`: the priority sent is the request's place in the scheduling order",
+            ));
+        }
+    }
     // Keys created through the admin API authenticate like any other provider's (in
     // `first_match` mode; with `all`, every provider must know a key, so the store stays out).
     if let Some(auth) = auth

@@ -285,6 +285,8 @@ pub struct WorkerMetrics {
     /// waiting or for want of room, by [`BANDS`].
     queue_wait: [Histogram<16>; BANDS.len()],
     queue_refused: [Counter; BANDS.len()],
+    /// Requests sent past a backend's `max_in_flight` because its engine preempts for them.
+    past_limit: [Counter; BANDS.len()],
 }
 
 const REQUEST_SLOTS: usize = PATHS.len() * 2 * BACKEND_SLOTS * STATUS_SLOTS;
@@ -317,6 +319,7 @@ impl WorkerMetrics {
             prefix_share_count: Counter::default(),
             queue_wait: std::array::from_fn(|_| Histogram::new(&LATENCY_BOUNDS_MS, 1000)),
             queue_refused: std::array::from_fn(|_| Counter::default()),
+            past_limit: std::array::from_fn(|_| Counter::default()),
         }
     }
 
@@ -352,6 +355,12 @@ impl WorkerMetrics {
     /// One request of band `band` refused by the scheduler (timed out, shed or no room).
     pub fn queue_refused(&self, band: usize) {
         self.queue_refused[band].inc();
+    }
+
+    /// One request of band `band` sent past a saturated backend's limit, for its engine to
+    /// preempt a less urgent one.
+    pub fn past_limit(&self, band: usize) {
+        self.past_limit[band].inc();
     }
 
     /// Counts one `cache_aware` decision.

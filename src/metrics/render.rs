@@ -183,6 +183,19 @@ impl Registry {
                 let v = sum(&|w| w.queue_refused[b].get());
                 let _ = writeln!(out, "llmproxy_queue_refused_total{{band=\"{name}\"}} {v}");
             }
+            header(
+                &mut out,
+                "llmproxy_preemptive_dispatches_total",
+                "counter",
+                "Requests sent past a saturated backend's max_in_flight because its engine (engine_priority: sglang) preempts a less urgent request for them, by priority band.",
+            );
+            for (b, name) in BANDS.iter().enumerate() {
+                let v = sum(&|w| w.past_limit[b].get());
+                let _ = writeln!(
+                    out,
+                    "llmproxy_preemptive_dispatches_total{{band=\"{name}\"}} {v}"
+                );
+            }
             if let Some(keys) = keys {
                 header(
                     &mut out,

@@ -254,32 +254,29 @@ fn queueing(
     c: &ClientConn,
     key: Option<&crate::auth::KeyEntry>,
 ) -> Option<pick::Queueing> {
-    generation.upstreams.backends.scheduler.as_ref()?;
+    let scheduler = generation.upstreams.backends.scheduler.as_ref()?;
     let prompt_estimate = c.body.len() as f64 / 4.0;
-    let Some(key) = key else {
-        return Some(pick::Queueing {
-            class: crate::schedule::Class {
-                priority: 0,
-                service: None,
-            },
-            prompt_estimate,
-        });
-    };
-    let asked = generation
-        .config
-        .scheduling
-        .as_ref()
-        .and_then(|s| s.priority_header.as_deref())
-        .and_then(|name| c.head.header(&c.buf, name.as_bytes()))
-        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<i32>().ok());
-    let priority = asked.map_or(key.priority, |p| p.min(key.max_priority));
-    Some(pick::Queueing {
-        class: crate::schedule::Class {
-            priority,
-            service: Some(key.live.service.clone()),
+    let class = match key {
+        None => crate::schedule::Class {
+            priority: 0,
+            service: None,
         },
-        prompt_estimate,
-    })
+        Some(key) => {
+            let asked = generation
+                .config
+                .scheduling
+                .as_ref()
+                .and_then(|s| s.priority_header.as_deref())
+                .and_then(|name| c.head.header(&c.buf, name.as_bytes()))
+                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<i32>().ok());
+            crate::schedule::Class {
+                priority: asked.map_or(key.priority, |p| p.min(key.max_priority)),
+                service: Some(key.live.service.clone()),
+            }
+        }
+    };
+    let flow = scheduler.flow(&class).clone();
+    Some(pick::Queueing::new(class, prompt_estimate, flow))
 }
 
 /// Phases 3 to 7 for a relayed request; what the account phase needs goes into `outcome`.
@@ -368,6 +365,12 @@ async fn proxy<'r>(
         client_ip: &c.ip,
         model: outcome.has_model.then_some(c.model.as_str()),
         model_at: info.model.clone().filter(|_| outcome.has_model),
+        priority_at: (matches!(
+            api_or_other,
+            Api::ChatCompletions | Api::Completions | Api::Responses
+        ) && info.end > 0
+            && !info.form)
+            .then_some((info.end, info.has_members)),
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
         prompt: pick::prompt(&c.body, &info),
         queueing: queueing(generation, c, admission.key.as_deref()),

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use crate::config::Affinity;
 use crate::error::{GatewayError, Overload};
 use crate::metrics::{self, WorkerMetrics};
-use crate::schedule::{Class, Refusal};
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use crate::schedule::{Class, Dispatched, Refusal, Service};
 use crate::upstream::{Backends, InFlight, PickError, PickRequest};
 
 use super::client_watch::ClientWatch;
@@ -67,12 +70,53 @@ fn refusal(e: PickError, request: &PickRequest<'_>) -> GatewayError {
     }
 }
 
-/// With `scheduling`: the request's place in the wait for a saturated backend, and what it is
+/// With `scheduling`: the request's place in the wait for a saturated backend, what it is
 /// charged against its key's fair share when dispatched (its prompt, estimated from its bytes;
-/// the usage record corrects it).
+/// the usage record corrects it), and its engine priority level.
 pub struct Queueing {
     pub class: Class,
     pub prompt_estimate: f64,
+    /// For `backends[].engine_priority`: its band, [`LEVEL_FRESH`] above the rest of the band
+    /// when its key had nothing at a backend as it arrived (an interactive user's next turn),
+    /// which is what a flooding key's requests never are.
+    pub level: i64,
+    /// Its flow ([`Class::service`], or the scheduler's flow of requests without a key).
+    flow: Arc<Service>,
+    /// Counts it among its flow's requests at a backend, from its first dispatch.
+    dispatched: RefCell<Option<Dispatched>>,
+}
+
+/// Levels of one band are [`LEVEL_BAND`] apart; a fresh request is [`LEVEL_FRESH`] above its
+/// band. SGLang preempts for a difference above `--priority-scheduling-preemption-threshold`
+/// (10 by default), so a fresh request preempts a backlogged one of its band.
+const LEVEL_BAND: i64 = 100;
+const LEVEL_FRESH: i64 = 50;
+
+impl Queueing {
+    pub fn new(class: Class, prompt_estimate: f64, flow: Arc<Service>) -> Queueing {
+        let level =
+            i64::from(class.priority) * LEVEL_BAND + if flow.is_idle() { LEVEL_FRESH } else { 0 };
+        Queueing {
+            class,
+            prompt_estimate,
+            level,
+            flow,
+            dispatched: RefCell::new(None),
+        }
+    }
+
+    /// The request goes to a backend: its first dispatch charges its estimated prompt to its
+    /// key's counter and counts it at a backend (a retry does neither again).
+    fn dispatch(&self, in_flight: &mut InFlight) {
+        in_flight.at_level(self.level);
+        let mut dispatched = self.dispatched.borrow_mut();
+        if dispatched.is_none() {
+            if let Some(service) = &self.class.service {
+                service.charge(self.prompt_estimate);
+            }
+            *dispatched = Some(self.flow.dispatch());
+        }
+    }
 }
 
 /// [`pick`], or with `scheduling` and every backend for the request saturated, the wait for one
@@ -92,11 +136,11 @@ pub async fn pick_or_wait(
     };
     let (mask, returned) = match generation.upstreams.pick(request) {
         // Nobody waits: the common case, as cheap as without scheduling.
-        Ok(picked) if scheduler.backlog() == 0 => {
+        Ok(mut picked) if scheduler.backlog() == 0 => {
             if let Some(route) = picked.route {
                 metrics.prefix_route(route);
             }
-            charge(q, request);
+            q.dispatch(&mut picked);
             return Ok(Some(picked));
         }
         // Room, but others wait (a backend that just looked unsaturated again, or a slot freed
@@ -105,7 +149,22 @@ pub async fn pick_or_wait(
             let mask = generation.upstreams.waitable(request) | 1 << (picked.index % 64);
             (mask, Some(picked))
         }
-        Err(PickError::Saturated(mask)) => (mask, None),
+        Err(PickError::Saturated(mask)) => {
+            // An engine that preempts runs a more urgent request at once, unless a request of a
+            // higher band waits here: it would go first.
+            let first = scheduler
+                .highest_waiting()
+                .is_none_or(|p| p <= q.class.priority);
+            if let Some(mut past) = first
+                .then(|| Backends::past_limit(backends, mask, q.level))
+                .flatten()
+            {
+                metrics.past_limit(metrics::band(q.class.priority));
+                q.dispatch(&mut past);
+                return Ok(Some(past));
+            }
+            (mask, None)
+        }
         Err(e) => return Err(refusal(e, request)),
     };
     let sheddable = q.class.priority < 0;
@@ -137,8 +196,8 @@ pub async fn pick_or_wait(
     metrics.queue_wait(band, started.elapsed());
     match ended {
         None => Ok(None),
-        Some(Ok(Ok(in_flight))) => {
-            charge(q, request);
+        Some(Ok(Ok(mut in_flight))) => {
+            q.dispatch(&mut in_flight);
             Ok(Some(in_flight))
         }
         Some(Ok(Err(refusal))) => {
@@ -156,13 +215,5 @@ fn refused(refusal: Refusal) -> Overload {
     match refusal {
         Refusal::Full => Overload::QueueFull,
         Refusal::Shed => Overload::Shed,
-    }
-}
-
-/// A dispatched request's estimated prompt, charged to its key's counter once (not again on a
-/// retry).
-fn charge(q: &Queueing, request: &PickRequest<'_>) {
-    if let (Some(service), 0) = (&q.class.service, request.tried) {
-        service.charge(q.prompt_estimate);
     }
 }

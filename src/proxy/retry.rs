@@ -5,6 +5,8 @@
 //! the last attempt's result with the backend it went to, still counted in flight.
 
 use std::cell::Cell;
+use std::io::Write;
+use std::ops::Range;
 use std::time::Instant;
 
 use super::client_watch::ClientWatch;
@@ -67,6 +69,10 @@ pub struct Request<'a> {
     pub model: Option<&'a str>,
     /// Where `body` holds the model's name (between the quotes), for a backend's `model_map`.
     pub model_at: Option<std::ops::Range<usize>>,
+    /// Where a `priority` member goes for a backend's `engine_priority`: the JSON object's
+    /// closing brace, and whether the object has members (a comma first). `None` for bodies
+    /// that are not a generation's JSON object.
+    pub priority_at: Option<(usize, bool)>,
     pub affinity_key: Option<&'a [u8]>,
     /// The prompt's raw JSON values, for `cache_aware` routing.
     pub prompt: [&'a [u8]; PROMPT_FIELDS.len()],
@@ -140,10 +146,24 @@ pub async fn relay_with_retries(
             .model
             .and_then(|m| backend.mapped_model(m))
             .zip(req.model_at.clone());
-        let body_len = match &renamed {
-            Some((name, at)) => req.body.len() - at.len() + name.len(),
-            None => req.body.len(),
-        };
+        // This backend's engine schedules by `priority`: the request's level, replacing any
+        // the client sent (a JSON object's last member wins).
+        let mut member = [0u8; 32];
+        let priority = backend
+            .engine_priority
+            .zip(req.queueing.as_ref())
+            .zip(req.priority_at)
+            .map(|((engine, q), (end, comma))| {
+                let mut w = std::io::Cursor::new(&mut member[..]);
+                let sep = if comma { "," } else { "" };
+                // 32 bytes hold `,"priority":` and any i64.
+                let _ = write!(w, "{sep}\"priority\":{}", engine.value(q.level));
+                (end, w.position() as usize)
+            });
+        let priority = priority.map(|(end, n)| (end, &member[..n]));
+        let body_len = req.body.len() + renamed.as_ref().map_or(0, |(name, _)| name.len())
+            - renamed.as_ref().map_or(0, |(_, at)| at.len())
+            + priority.map_or(0, |(_, m)| m.len());
         forward::write_upstream_head(
             out,
             req.buf,
@@ -160,14 +180,7 @@ pub async fn relay_with_retries(
             },
             body_len as u64,
         );
-        match renamed {
-            Some((name, at)) => {
-                out.extend_from_slice(&req.body[..at.start]);
-                out.extend_from_slice(name.as_bytes());
-                out.extend_from_slice(&req.body[at.end..]);
-            }
-            None => out.extend_from_slice(req.body),
-        }
+        push_body(out, req.body, renamed, priority);
         // With no retry left (attempts or budget), a retryable status is relayed as the
         // backend sent it rather than replaced by the gateway's own error.
         let last = attempt >= retry.max_attempts || !ctx.retry_budget.has_one();
@@ -231,6 +244,29 @@ pub async fn relay_with_retries(
     }
 }
 
+/// Writes `body` as one backend receives it: its model renamed (`model_map`, the name and
+/// where it stands) and a member added before the object's closing brace (`engine_priority`).
+fn push_body(
+    out: &mut Vec<u8>,
+    body: &[u8],
+    renamed: Option<(&str, Range<usize>)>,
+    member: Option<(usize, &[u8])>,
+) {
+    let mut from = 0;
+    if let Some((name, at)) = renamed {
+        out.extend_from_slice(&body[from..at.start]);
+        out.extend_from_slice(name.as_bytes());
+        from = at.end;
+    }
+    // The model is a member of the object, so it ends before the closing brace.
+    if let Some((end, member)) = member {
+        out.extend_from_slice(&body[from..end]);
+        out.extend_from_slice(member);
+        from = end;
+    }
+    out.extend_from_slice(&body[from..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +302,39 @@ mod tests {
             paid += 1;
         }
         assert_eq!(paid, 10);
+    }
+
+    fn pushed(
+        body: &str,
+        renamed: Option<(&str, std::ops::Range<usize>)>,
+        member: Option<(usize, &str)>,
+    ) -> String {
+        let mut out = Vec::new();
+        push_body(
+            &mut out,
+            body.as_bytes(),
+            renamed,
+            member.map(|(e, m)| (e, m.as_bytes())),
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_backend_gets_its_model_name_and_priority_in_one_pass() {
+        let body = r#"{"model":"pub","priority":-9,"messages":[]}"#;
+        let end = body.len() - 1;
+        assert_eq!(pushed(body, None, None), body);
+        assert_eq!(
+            pushed(
+                body,
+                Some(("served", 10..13)),
+                Some((end, r#","priority":150"#))
+            ),
+            r#"{"model":"served","priority":-9,"messages":[],"priority":150}"#
+        );
+        assert_eq!(
+            pushed("{}", None, Some((1, r#""priority":0"#))),
+            r#"{"priority":0}"#
+        );
     }
 }

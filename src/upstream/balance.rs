@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::hash;
 use super::pool::{self, ConnectError, UpstreamConn};
+use super::preempt;
 use super::prefix::{self, PrefixRoute, Reason};
 use super::{now_ms, Backend, Backends};
 use crate::config::{Affinity, CacheAware, Config, HealthCheck, Strategy};
@@ -45,22 +46,59 @@ pub struct InFlight {
     pub index: usize,
     /// How `cache_aware` chose the backend, when it did.
     pub route: Option<PrefixRoute>,
+    /// Its engine priority level, counted on a backend whose engine preempts ([`preempt`]).
+    level: Option<i64>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        let b = &self.backends.list[self.index];
+        if let (Some(level), Some(levels)) = (self.level, &b.levels) {
+            levels.remove(level);
+        }
         // Sequentially consistent with the scheduler's count of waiters: either this release
         // sees a request that just started waiting, or that request's offer sees the slot.
-        self.backends.list[self.index]
-            .in_flight
-            .fetch_sub(1, Ordering::SeqCst);
+        b.in_flight.fetch_sub(1, Ordering::SeqCst);
         if self.backends.scheduler.is_some() {
             Backends::offer(&self.backends, self.index);
         }
     }
 }
 
+impl InFlight {
+    /// Counts the request at engine priority `level` on a backend whose engine preempts, so a
+    /// more urgent arrival knows there is something to preempt.
+    pub fn at_level(&mut self, level: i64) {
+        if let Some(levels) = &self.backends.list[self.index].levels {
+            if self.level.is_none() {
+                levels.add(level);
+                self.level = Some(level);
+            }
+        }
+    }
+}
+
 impl Backends {
+    /// A slot past `max_in_flight` on one of the backends in `mask` whose engine preempts on
+    /// arrival, for a request at engine priority `level` that it would run at once by
+    /// preempting a less urgent one ([`preempt::take_past_limit`]).
+    pub fn past_limit(backends: &Arc<Backends>, mask: u64, level: i64) -> Option<InFlight> {
+        let index = (0..backends.list.len().min(64)).find(|&i| {
+            let b = &backends.list[i];
+            mask & (1 << i) != 0
+                && b.up()
+                && b.levels
+                    .as_ref()
+                    .is_some_and(|levels| preempt::take_past_limit(b, levels, level))
+        })?;
+        Some(InFlight {
+            backends: backends.clone(),
+            index,
+            route: None,
+            level: Some(level),
+        })
+    }
+
     /// Hands a free slot of backend `index` to the first request waiting for one (with
     /// `scheduling`); whether one was handed over. The slot is taken here, for the waiter, so no
     /// newcomer can take it in between.
@@ -83,6 +121,7 @@ impl Backends {
                 backends: backends.clone(),
                 index,
                 route: None,
+                level: None,
             })
         })
     }
@@ -211,6 +250,7 @@ impl WorkerUpstreams {
             backends: self.backends.clone(),
             index: chosen,
             route,
+            level: None,
         })
     }
 

@@ -12,6 +12,7 @@ mod balance;
 mod checker;
 mod hash;
 mod pool;
+mod preempt;
 mod prefix;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -26,7 +27,7 @@ pub use prefix::{PrefixRoute, Reason as PrefixReason};
 
 use crate::schedule::Scheduler;
 
-use crate::config::{Config, HealthCheck, Secret, Strategy};
+use crate::config::{Config, EnginePriority, HealthCheck, Secret, Strategy};
 use prefix::BlockIndex;
 
 /// Milliseconds since the process started: a clock every thread can compare through atomics.
@@ -57,6 +58,10 @@ pub struct Backend {
     pub tier: u8,
     /// `backends[].model_map`: request model -> the name sent to this backend.
     model_map: Vec<(String, String)>,
+    /// `backends[].engine_priority`: how its engine reads a request's `priority` field.
+    pub engine_priority: Option<EnginePriority>,
+    /// Its requests in flight by engine priority level, when its engine preempts on arrival.
+    levels: Option<preempt::Levels>,
     host: String,
     port: u16,
     /// Resolved once at start; re-resolved off the worker cores while unresolved.
@@ -296,6 +301,11 @@ impl Backends {
                     tls,
                     tier: b.tier,
                     model_map: b.model_map.clone(),
+                    engine_priority: b.engine_priority,
+                    levels: b
+                        .engine_priority
+                        .filter(|e| e.preempts())
+                        .map(|_| preempt::Levels::default()),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
