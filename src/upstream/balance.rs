@@ -682,4 +682,37 @@ mod tests {
         drop(held);
         assert_eq!(pick(&up, &key), home);
     }
+
+    #[test]
+    fn past_the_limit_only_while_a_less_urgent_request_runs_for_each() {
+        let config = config::parse(
+            "scheduling: {enabled: true}\nbackends:\n  - {url: 'http://127.0.0.1:9001', max_in_flight: 2, engine_priority: sglang}\n  - {url: 'http://127.0.0.1:9002', max_in_flight: 2, engine_priority: vllm}\n",
+            Format::Yaml,
+        )
+        .unwrap();
+        let up = WorkerUpstreams::new(Backends::new(&config).unwrap(), &config, 0);
+        let backends = &up.backends;
+        let fill = |i: usize, level: i64| {
+            let mut f = hold(&up, i);
+            f.at_level(level);
+            f
+        };
+        // Full with one fresh (50) and one backlogged (0) request each.
+        let mut held = vec![fill(0, 50), fill(0, 0), fill(1, 50), fill(1, 0)];
+        // vLLM never preempts for an arrival; on SGLang's backend one request of level 0 can
+        // make room for one more urgent arrival, and only one.
+        assert!(Backends::past_limit(backends, 0b10, 50).is_none());
+        assert!(Backends::past_limit(backends, 0b01, 0).is_none());
+        let past = Backends::past_limit(backends, 0b11, 50).expect("a slot past the limit");
+        assert_eq!((past.index, backends.list[0].in_flight()), (0, 3));
+        assert!(Backends::past_limit(backends, 0b01, 50).is_none());
+        // A higher band outranks the three below it, two of which still run.
+        let high = [0, 1].map(|_| Backends::past_limit(backends, 0b01, 150).expect("room"));
+        assert!(Backends::past_limit(backends, 0b01, 150).is_none());
+        // Ended requests are uncounted: the backlogged one's end leaves nothing to preempt.
+        drop((past, high));
+        held.remove(1);
+        assert_eq!(backends.list[0].in_flight(), 1);
+        assert!(Backends::past_limit(backends, 0b01, 50).is_none());
+    }
 }
