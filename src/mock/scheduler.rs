@@ -394,3 +394,115 @@ impl Drop for Slot {
         st.wake_head();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: MockOptions,
+    }
+
+    fn scheduler(args: &[&str]) -> &'static Scheduler {
+        let cli = Cli::parse_from(std::iter::once("mock-llm").chain(args.iter().copied()));
+        Box::leak(Box::new(Scheduler::new(&cli.opts).expect("scheduler on")))
+    }
+
+    fn queue(s: &'static Scheduler, priority: i64) -> Slot {
+        s.admit(0, PromptBlocks::new(0, b"prompt!!", 16), priority)
+    }
+
+    /// Polls the slot's admission once: when it would start now, when its prefill ends.
+    fn start(slot: &mut Slot, generated: u64) -> Option<Instant> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match std::pin::pin!(slot.start(generated)).poll(&mut cx) {
+            Poll::Ready(at) => Some(at),
+            Poll::Pending => None,
+        }
+    }
+
+    fn stats(s: &Scheduler) -> ModelStats {
+        s.stats().1[0]
+    }
+
+    #[test]
+    fn sglang_preempts_only_above_the_threshold_and_requeues_by_priority() {
+        let s = scheduler(&["--enable-priority-scheduling", "--max-running", "1"]);
+        let mut low = queue(s, 0);
+        assert!(start(&mut low, 0).is_some());
+        let mut ten = queue(s, 10);
+        assert!(start(&mut ten, 0).is_none(), "10 over 0 is not above 10");
+        assert!(!low.preempted());
+        let mut urgent = queue(s, 11);
+        assert!(start(&mut urgent, 0).is_some(), "11 over 0 is");
+        assert!(low.preempted());
+        assert_eq!((stats(s).waiting, stats(s).preemptions), (2, 1));
+        drop(urgent);
+        // Back in its place by priority: behind 10.
+        assert!(start(&mut low, 3).is_none());
+        assert!(start(&mut ten, 0).is_some());
+        drop(ten);
+        assert!(start(&mut low, 3).is_some());
+        assert!(!low.preempted());
+        assert_eq!(stats(s).waiting, 0);
+    }
+
+    #[test]
+    fn sglang_preempts_the_latest_of_the_worst_and_low_values_first_when_asked() {
+        let s = scheduler(&[
+            "--enable-priority-scheduling",
+            "--schedule-low-priority-values-first",
+            "--priority-scheduling-preemption-threshold",
+            "0",
+            "--max-running",
+            "2",
+        ]);
+        let (mut a, mut b) = (queue(s, 5), queue(s, 5));
+        assert!(start(&mut a, 0).is_some() && start(&mut b, 0).is_some());
+        let mut later = queue(s, 5);
+        assert!(start(&mut later, 0).is_none(), "equal is not above 0");
+        let mut urgent = queue(s, 4);
+        assert!(start(&mut urgent, 0).is_some());
+        assert!(b.preempted() && !a.preempted());
+    }
+
+    #[test]
+    fn vllm_orders_by_lower_value_without_preempting() {
+        let s = scheduler(&["--scheduling-policy", "priority", "--max-running", "1"]);
+        let mut running = queue(s, 9);
+        assert!(start(&mut running, 0).is_some());
+        let (mut five, mut one) = (queue(s, 5), queue(s, 1));
+        assert!(start(&mut one, 0).is_none() && start(&mut five, 0).is_none());
+        assert!(!running.preempted());
+        drop(running);
+        assert!(start(&mut five, 0).is_none());
+        assert!(start(&mut one, 0).is_some());
+        assert_eq!(stats(s).preemptions, 0);
+    }
+
+    #[test]
+    fn a_readmission_recomputes_the_generated_tokens() {
+        let s = scheduler(&[
+            "--enable-priority-scheduling",
+            "--max-running",
+            "1",
+            "--prefill-us-per-token",
+            "1000",
+        ]);
+        let mut low = queue(s, 0);
+        let first = start(&mut low, 0).unwrap();
+        let mut urgent = queue(s, 100);
+        let second = start(&mut urgent, 0).unwrap();
+        // Prefills run one after another: 2 prompt tokens each.
+        assert_eq!(second - first, Duration::from_millis(2));
+        drop(urgent);
+        let third = start(&mut low, 50).unwrap();
+        assert!(
+            third - second >= Duration::from_millis(52),
+            "prompt plus 50 generated"
+        );
+    }
+}
