@@ -1061,6 +1061,30 @@ fn sglang_priority_preempts_a_running_generation_above_the_threshold() {
         50
     );
     assert!(wait_until(Duration::from_secs(5), || running() == 0.0));
+
+    // A preempted non-streamed generation just finishes later, whole.
+    let body = chat(false, json!({})).to_string();
+    let send = |c: &mut Client| {
+        c.send(&raw_request(
+            "POST",
+            CHAT,
+            body.as_bytes(),
+            &[("x-mock-tokens", "50")],
+        ))
+    };
+    let mut low = Client::connect(m.addr);
+    send(&mut low);
+    assert!(wait_until(Duration::from_secs(5), || running() == 1.0));
+    let mut high = send_prioritized(m.addr, 100, "10");
+    assert!(wait_until(Duration::from_secs(5), || preemptions() == 3.0));
+    streamed_text_and_usage(&high.read_response());
+    let preempted = low.read_response().json();
+    let mut again = Client::connect(m.addr);
+    send(&mut again);
+    let unpreempted = again.read_response().json();
+    assert_eq!(preempted["usage"]["completion_tokens"], 50);
+    assert_eq!(preempted["usage"], unpreempted["usage"]);
+    assert_eq!(preempted["choices"], unpreempted["choices"]);
 }
 
 #[test]

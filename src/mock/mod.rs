@@ -5,10 +5,10 @@
 //! Anthropic Messages (and its token counting), OpenAI Responses, models, health and metrics, and
 //! the fault knobs (flags, overridden per request by `x-mock-*` headers), and, when asked for, an
 //! engine model for routing measurements (`scheduler`: admission by arrival or priority,
-//! preemption, a prefix-caching KV cache in
-//! `kv_cache`, prefill time). It must behave like vLLM on the wire and stay cheap enough to be the "direct" baseline
-//! in benchmarks, so it must not allocate per token, block a worker (delays are monoio timers), or
-//! parse HTTP itself (the codec in `crate::http` does).
+//! preemption, a prefix-caching KV cache in `kv_cache`, prefill time). It must behave like vLLM
+//! on the wire and stay cheap enough to be the "direct" baseline in benchmarks, so it must not
+//! allocate per token, block a worker (delays are monoio timers), or parse HTTP itself (the codec
+//! in `crate::http` does).
 
 mod anthropic;
 mod conn;

@@ -1,10 +1,10 @@
-//! The simulated engine's scheduler, on when `--kv-blocks`, `--max-running` or
-//! `--prefill-us-per-token` is given: one per process (one vLLM instance), shared by every worker
-//! thread behind a mutex (a test tool: simple and correct beats lock-free).
+//! The simulated engine's scheduler, on when `--kv-blocks`, `--max-running`,
+//! `--prefill-us-per-token` or a priority flag is given: one per process (one vLLM instance),
+//! shared by every worker thread behind a mutex (a test tool: simple and correct beats lock-free).
 //!
 //! Owns admission, preemption and the time to first token. A generation waits, first come first
-//! served or by priority (below), until it is at the head of the queue, fewer than `--max-running` run, and the KV cache
-//! ([`KvCache`]) can hold its prompt; it then pins its cached prefix and prefills the rest. The
+//! served or by priority (below), until it is at the head of the queue, fewer than
+//! `--max-running` run, and the KV cache ([`KvCache`]) can hold its prompt; it then pins its cached prefix and prefills the rest. The
 //! engine prefills one token at a time across all requests (prefill is compute-bound; batching
 //! prompts does not make their sum cheaper), so a prefill starts when the previous one ends and
 //! lasts `uncached tokens × --prefill-us-per-token`. Its first token is due then. The blocks stay
@@ -21,8 +21,8 @@
 //! (the blocks stay cached), it queues again at its original place, and when readmitted it pays
 //! the prefill of its uncached prompt plus the tokens it had generated.
 //!
-//! Also owns the counters vLLM's `/metrics` reports for this: requests waiting, KV-cache usage and
-//! the prefix-cache queries and hits in tokens. vLLM's `KVCacheManager.get_computed_blocks` adds
+//! Also owns the counters vLLM's `/metrics` reports for this: requests waiting, preemptions,
+//! KV-cache usage and the prefix-cache queries and hits in tokens. vLLM's `KVCacheManager.get_computed_blocks` adds
 //! the request's prompt tokens to the queries and its cached tokens to the hits at each lookup;
 //! here a request is looked up, and counted, when it is admitted (again after a preemption).
 
