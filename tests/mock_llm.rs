@@ -967,3 +967,191 @@ fn without_scheduling_flags_no_prefix_cache_is_reported() {
     assert_eq!(metric(m.addr, "vllm:num_requests_waiting"), 3.0);
     assert_eq!(metric(m.addr, "vllm:kv_cache_usage_perc"), 0.5);
 }
+
+/// Sends a streamed chat request with `priority` on its own connection.
+fn send_prioritized(addr: std::net::SocketAddr, priority: i64, tokens: &str) -> Client {
+    let body = chat(
+        true,
+        json!({"priority": priority, "stream_options": {"include_usage": true}}),
+    );
+    let mut c = Client::connect(addr);
+    c.send(&raw_request(
+        "POST",
+        CHAT,
+        body.to_string().as_bytes(),
+        &[("x-mock-tokens", tokens)],
+    ));
+    c
+}
+
+/// The concatenated content deltas of a streamed chat and its usage.
+fn streamed_text_and_usage(r: &Response) -> (String, Value) {
+    assert_eq!(r.status, 200);
+    assert!(r.chunks().1, "the stream completes");
+    let (events, _) = events_json(r);
+    let text = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    (text, events.last().unwrap()["usage"].clone())
+}
+
+#[test]
+fn sglang_priority_preempts_a_running_generation_above_the_threshold() {
+    let m = spawn_mock(&[
+        "--enable-priority-scheduling",
+        "--max-running",
+        "1",
+        "--itl-ms",
+        "20",
+    ]);
+    let running = || metric(m.addr, "vllm:num_requests_running");
+    let waiting = || metric(m.addr, "vllm:num_requests_waiting");
+    let completed = || metric(m.addr, "mock_streams_completed_total");
+    let preemptions = || metric(m.addr, "vllm:num_preemptions_total");
+    assert_eq!(preemptions(), 0.0);
+
+    // 100 tokens 20 ms apart: at least 2 s unpreempted.
+    let mut low = send_prioritized(m.addr, 0, "100");
+    assert!(wait_until(Duration::from_secs(5), || running() == 1.0));
+    let mut high = send_prioritized(m.addr, 100, "30");
+    // While the urgent one runs, the preempted one waits (out of the running gauge once it
+    // notices, at its next token).
+    assert!(wait_until(Duration::from_secs(5), || preemptions() == 1.0));
+    assert!(wait_until(Duration::from_secs(1), || (
+        running(),
+        waiting()
+    ) == (1.0, 1.0)));
+    let r = high.read_response();
+    assert_eq!(streamed_text_and_usage(&r).1["completion_tokens"], 30);
+    assert_eq!(completed(), 1.0, "the urgent one finished first");
+    let (text, usage) = streamed_text_and_usage(&low.read_response());
+    assert_eq!(completed(), 2.0);
+    assert_eq!((running(), waiting(), preemptions()), (0.0, 0.0, 1.0));
+    // Every token and the same usage as without the preemption.
+    let mut again = send_prioritized(m.addr, 0, "100");
+    assert_eq!(usage["completion_tokens"], 100);
+    assert_eq!(
+        (text, usage),
+        streamed_text_and_usage(&again.read_response())
+    );
+
+    // 5 over 0 is not above the default threshold of 10: it waits for the running one.
+    let mut low = send_prioritized(m.addr, 0, "30");
+    assert!(wait_until(Duration::from_secs(5), || running() == 1.0));
+    let mut mid = send_prioritized(m.addr, 5, "2");
+    assert!(wait_until(Duration::from_secs(5), || waiting() == 1.0));
+    assert_eq!(
+        streamed_text_and_usage(&mid.read_response()).1["completion_tokens"],
+        2
+    );
+    assert_eq!(completed(), 5.0, "the running one finished first");
+    assert_eq!(preemptions(), 1.0);
+    streamed_text_and_usage(&low.read_response());
+
+    // A preempted client that leaves is gone from the queue.
+    let low = send_prioritized(m.addr, 0, "100");
+    assert!(wait_until(Duration::from_secs(5), || running() == 1.0));
+    let mut high = send_prioritized(m.addr, 100, "50");
+    assert!(wait_until(Duration::from_secs(5), || preemptions() == 2.0));
+    drop(low);
+    assert!(wait_until(Duration::from_secs(5), || waiting() == 0.0));
+    assert_eq!(
+        streamed_text_and_usage(&high.read_response()).1["completion_tokens"],
+        50
+    );
+    assert!(wait_until(Duration::from_secs(5), || running() == 0.0));
+
+    // A preempted non-streamed generation just finishes later, whole.
+    let body = chat(false, json!({})).to_string();
+    let send = |c: &mut Client| {
+        c.send(&raw_request(
+            "POST",
+            CHAT,
+            body.as_bytes(),
+            &[("x-mock-tokens", "50")],
+        ))
+    };
+    let mut low = Client::connect(m.addr);
+    send(&mut low);
+    assert!(wait_until(Duration::from_secs(5), || running() == 1.0));
+    let mut high = send_prioritized(m.addr, 100, "10");
+    assert!(wait_until(Duration::from_secs(5), || preemptions() == 3.0));
+    streamed_text_and_usage(&high.read_response());
+    let preempted = low.read_response().json();
+    let mut again = Client::connect(m.addr);
+    send(&mut again);
+    let unpreempted = again.read_response().json();
+    assert_eq!(preempted["usage"]["completion_tokens"], 50);
+    assert_eq!(preempted["usage"], unpreempted["usage"]);
+    assert_eq!(preempted["choices"], unpreempted["choices"]);
+}
+
+#[test]
+fn vllm_priority_orders_the_queue_without_preempting() {
+    let m = spawn_mock(&[
+        "--scheduling-policy",
+        "priority",
+        "--max-running",
+        "1",
+        "--itl-ms",
+        "20",
+    ]);
+    let waiting = || metric(m.addr, "vllm:num_requests_waiting");
+    let mut holder = send_prioritized(m.addr, 10, "30");
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        m.addr,
+        "vllm:num_requests_running"
+    ) == 1.0));
+    let mut five = send_prioritized(m.addr, 5, "10");
+    assert!(wait_until(Duration::from_secs(5), || waiting() == 1.0));
+    let mut one = send_prioritized(m.addr, 1, "10");
+    assert!(wait_until(Duration::from_secs(5), || waiting() == 2.0));
+    let completed = || metric(m.addr, "mock_streams_completed_total");
+    // The more urgent arrivals wait for the running one.
+    assert_eq!(
+        streamed_text_and_usage(&holder.read_response()).1["completion_tokens"],
+        30
+    );
+    assert_eq!(
+        streamed_text_and_usage(&one.read_response()).1["completion_tokens"],
+        10
+    );
+    assert_eq!(completed(), 2.0, "priority 1 ran before priority 5");
+    streamed_text_and_usage(&five.read_response());
+    assert_eq!(metric(m.addr, "vllm:num_preemptions_total"), 0.0);
+}
+
+#[test]
+fn priority_without_priority_scheduling_is_vllms_400() {
+    let m = spawn_mock(&[]);
+    for (path, body) in [
+        (CHAT, chat(false, json!({"priority": 3}))),
+        ("/v1/completions", json!({"prompt": "hi", "priority": 3})),
+        ("/v1/responses", json!({"input": "hi", "priority": 3})),
+    ] {
+        let r = post_json(m.addr, path, &body, &[]);
+        assert_eq!(r.status, 400, "{path}");
+        assert_eq!(
+            r.json()["error"]["message"],
+            "Got priority 3 but Priority scheduling is not enabled.",
+            "{path}"
+        );
+        assert_eq!(r.json()["error"]["type"], "BadRequestError");
+    }
+    let r = post_json(m.addr, CHAT, &chat(false, json!({"priority": 0})), &[]);
+    assert_eq!(r.status, 200);
+    let r = post_json(m.addr, CHAT, &chat(false, json!({"priority": "high"})), &[]);
+    assert_eq!(r.status, 400);
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.starts_with("Invalid request body: invalid type"),
+        "{message}"
+    );
+    // No preemption counter without a priority policy.
+    assert!(!get(m.addr, "/metrics").text().contains("preemptions"));
+
+    let m = spawn_mock(&["--scheduling-policy", "priority"]);
+    let r = post_json(m.addr, CHAT, &chat(false, json!({"priority": -3})), &[]);
+    assert_eq!(r.status, 200);
+}

@@ -19,7 +19,7 @@ use super::anthropic::{self, Message};
 use super::kv_cache::PromptBlocks;
 use super::openai::{self, ApiError, Generation, TokenKnobs};
 use super::responses::Response;
-use super::scheduler::Admitted;
+use super::scheduler::Slot;
 use super::{metrics, Shared};
 use crate::error::GatewayError;
 use crate::http::{
@@ -98,6 +98,10 @@ impl Endpoint {
 pub(super) trait Generated {
     /// Index of the served model.
     fn model(&self) -> usize;
+    /// The request's `priority` (0 where the API has none).
+    fn priority(&self) -> i64 {
+        0
+    }
     fn stream(&self) -> bool;
     /// Completion tokens (events that carry one).
     fn steps(&self) -> u64;
@@ -197,10 +201,11 @@ impl Drop for Running {
 }
 
 /// A generation the scheduler admitted: its running slot and KV blocks, held until the response
-/// ends or the client leaves.
+/// ends or the client leaves. `running` is None while it is preempted.
 struct Scheduled {
-    _admitted: Admitted,
-    _running: Running,
+    slot: Slot,
+    model: usize,
+    running: Option<Running>,
 }
 
 struct Conn {
@@ -496,39 +501,69 @@ impl Conn {
     }
 
     /// Waits until the first token is due: with the scheduler, for admission and the prefill
-    /// of the uncached prompt; then `after` more. None when the client left meanwhile; otherwise
-    /// what keeps the generation admitted (None without the scheduler).
+    /// of the uncached prompt (again if preempted meanwhile); then `after` more. None when the
+    /// client left meanwhile; otherwise what keeps the generation admitted (None without the
+    /// scheduler).
     async fn first_token(
         &self,
         model: usize,
+        priority: i64,
         prompt: Option<PromptBlocks>,
         after: Duration,
         check_end: bool,
     ) -> Option<Option<Scheduled>> {
-        let (scheduled, from) = match (prompt, &self.sh.scheduler) {
-            (Some(p), Some(sched)) => {
-                let fd = self.fd;
-                let mut admission = std::pin::pin!(sched.admit(model, p));
-                let admitted = loop {
-                    monoio::select! {
-                        a = &mut admission => break a,
-                        _ = monoio::time::sleep(WATCH_SLICE) => if peer_gone(fd) {
-                            return None;
-                        },
-                    }
-                };
-                let from = admitted.prefilled_at;
-                let scheduled = Scheduled {
-                    _admitted: admitted,
-                    _running: Running::new(self.sh, model),
-                };
-                (Some(scheduled), from)
-            }
-            _ => (None, Instant::now()),
+        let Some((p, sched)) = prompt.zip(self.sh.scheduler.as_ref()) else {
+            return self
+                .wait_until(Instant::now() + after, check_end)
+                .await
+                .then_some(None);
         };
-        self.wait_until(from + after, check_end)
-            .await
-            .then_some(scheduled)
+        let mut s = Scheduled {
+            slot: sched.admit(model, p, priority),
+            model,
+            running: None,
+        };
+        let mut from = self.resume(&mut s, 0).await?;
+        loop {
+            if !self.wait_until(from + after, check_end).await {
+                return None;
+            }
+            if !s.slot.preempted() {
+                return Some(Some(s));
+            }
+            from = self.resume(&mut s, 0).await?;
+        }
+    }
+
+    /// Waits for the generation's (re)admission, having generated `generated` tokens, while
+    /// watching the client; returns when its prefill ends, None when the client left. Out of
+    /// `vllm:num_requests_running` meanwhile.
+    async fn resume(&self, s: &mut Scheduled, generated: u64) -> Option<Instant> {
+        s.running = None;
+        let fd = self.fd;
+        let mut start = std::pin::pin!(s.slot.start(generated));
+        let at = loop {
+            monoio::select! {
+                at = &mut start => break at,
+                _ = monoio::time::sleep(WATCH_SLICE) => if peer_gone(fd) {
+                    return None;
+                },
+            }
+        };
+        s.running = Some(Running::new(self.sh, s.model));
+        Some(at)
+    }
+
+    /// At a token boundary: a preempted generation waits to be readmitted and for its
+    /// recompute; false when the client left meanwhile.
+    async fn unless_preempted(&self, s: &mut Option<Scheduled>, generated: u64) -> bool {
+        match s {
+            Some(s) if s.slot.preempted() => match self.resume(s, generated).await {
+                Some(at) => self.wait_until(at, false).await,
+                None => false,
+            },
+            _ => true,
+        }
     }
 
     /// A streamed generation: head, then each SSE event as its own chunk in its own write.
@@ -557,14 +592,17 @@ impl Conn {
                 return self.cancelled();
             }
         }
-        let mut _scheduled = None;
+        let mut scheduled = None;
         if prompt.is_some() || k.ttft_ms > 0 {
             if !(self.out.is_empty() || self.flush().await) {
                 return self.cancelled();
             }
             let ttft = Duration::from_millis(k.ttft_ms);
-            match self.first_token(g.model(), prompt, ttft, false).await {
-                Some(s) => _scheduled = s,
+            match self
+                .first_token(g.model(), g.priority(), prompt, ttft, false)
+                .await
+            {
+                Some(s) => scheduled = s,
                 None => return self.cancelled(),
             }
         }
@@ -580,6 +618,9 @@ impl Conn {
                 return self.cut().await;
             }
             if i > 0 && k.itl_ms > 0 && !self.wait(k.itl_ms, false).await {
+                return self.cancelled();
+            }
+            if !self.unless_preempted(&mut scheduled, i).await {
                 return self.cancelled();
             }
             g.step_event(i, &mut self.ev);
@@ -612,12 +653,36 @@ impl Conn {
         let ms = k
             .ttft_ms
             .saturating_add(k.itl_ms.saturating_mul(g.steps().saturating_sub(1)));
-        let mut _scheduled = None;
-        if prompt.is_some() || ms > 0 {
-            let generation = Duration::from_millis(ms);
-            match self.first_token(g.model(), prompt, generation, true).await {
-                Some(s) => _scheduled = s,
+        let preemptible = prompt.is_some()
+            && self
+                .sh
+                .scheduler
+                .as_ref()
+                .is_some_and(|s| s.preempts_on_arrival());
+        // When preemptible it goes token by token after the first, so that a preemption delays
+        // the rest by its recompute.
+        let first = if preemptible { k.ttft_ms } else { ms };
+        let mut scheduled = None;
+        if prompt.is_some() || first > 0 {
+            let first = Duration::from_millis(first);
+            match self
+                .first_token(g.model(), g.priority(), prompt, first, !preemptible)
+                .await
+            {
+                Some(s) => scheduled = s,
                 None => return self.cancelled(),
+            }
+        }
+        if preemptible {
+            for i in 1..g.steps() {
+                if !(self.wait(k.itl_ms, false).await
+                    && self.unless_preempted(&mut scheduled, i).await)
+                {
+                    return self.cancelled();
+                }
+            }
+            if peer_gone(self.fd) {
+                return self.cancelled();
             }
         }
         self.ev.clear();

@@ -13,6 +13,7 @@ pub(super) fn render(sh: &Shared, out: &mut Vec<u8>) {
         Some(sched) => sched.stats(),
         None => (None, Vec::new()),
     };
+    let prioritized = sh.scheduler.as_ref().is_some_and(|s| s.prioritizes());
     let waiting = |m: usize| sh.opts.waiting + scheduled.get(m).map_or(0, |st| st.waiting);
     let kv_usage = cache_usage.unwrap_or(sh.opts.kv_cache_usage);
     let gauges: [(&str, &str); 4] = [
@@ -78,6 +79,23 @@ pub(super) fn render(sh: &Shared, out: &mut Vec<u8>) {
                     }
                 );
             }
+        }
+    }
+    // vLLM's `vllm:num_preemptions` Counter; reported only under a priority policy, so the
+    // output without one stays as it was.
+    if prioritized {
+        let name = "vllm:num_preemptions_total";
+        let _ = writeln!(
+            s,
+            "# HELP {name} Cumulative number of preemption from the engine.\n# TYPE {name} counter"
+        );
+        for (m, model) in sh.opts.models.iter().enumerate() {
+            let label = escape_label(model);
+            let _ = writeln!(
+                s,
+                "{name}{{model_name=\"{label}\"}} {}",
+                scheduled[m].preemptions
+            );
         }
     }
     let counters = [

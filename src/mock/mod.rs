@@ -4,10 +4,11 @@
 //! Owns: its listeners and worker runtimes, vLLM's wire format for chat, completions, embeddings,
 //! Anthropic Messages (and its token counting), OpenAI Responses, models, health and metrics, and
 //! the fault knobs (flags, overridden per request by `x-mock-*` headers), and, when asked for, an
-//! engine model for routing measurements (`scheduler`: admission, a prefix-caching KV cache in
-//! `kv_cache`, prefill time). It must behave like vLLM on the wire and stay cheap enough to be the "direct" baseline
-//! in benchmarks, so it must not allocate per token, block a worker (delays are monoio timers), or
-//! parse HTTP itself (the codec in `crate::http` does).
+//! engine model for routing measurements (`scheduler`: admission by arrival or priority,
+//! preemption, a prefix-caching KV cache in `kv_cache`, prefill time). It must behave like vLLM
+//! on the wire and stay cheap enough to be the "direct" baseline in benchmarks, so it must not
+//! allocate per token, block a worker (delays are monoio timers), or parse HTTP itself (the codec
+//! in `crate::http` does).
 
 mod anthropic;
 mod conn;
@@ -95,10 +96,42 @@ pub struct MockOptions {
     /// Require client certificates signed by a CA in this PEM file (with --tls-cert).
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
-    /// Generations running at once; the rest wait, first come first served (vLLM's
-    /// `--max-num-seqs`). Unlimited by default.
+    /// Generations running at once; the rest wait, first come first served unless a priority
+    /// flag is given (vLLM's `--max-num-seqs`). Unlimited by default.
     #[arg(long, value_name = "N")]
     pub max_running: Option<usize>,
+    /// vLLM's policy: `priority` orders waiting generations by their request's `priority`,
+    /// lower first, then arrival, and never preempts on arrival (vLLM V1). With `fcfs` a
+    /// request with a `priority` other than 0 gets vLLM's 400.
+    #[arg(long, value_enum, default_value_t = SchedulingPolicy::Fcfs)]
+    pub scheduling_policy: SchedulingPolicy,
+    /// SGLang's priority scheduling: waiting generations by `priority`, higher first (see
+    /// --schedule-low-priority-values-first), then arrival; a head of the queue held back by
+    /// --max-running preempts the worst running generation it beats by more than
+    /// --priority-scheduling-preemption-threshold (recomputed when readmitted).
+    #[arg(long, conflicts_with = "scheduling_policy")]
+    pub enable_priority_scheduling: bool,
+    /// With --enable-priority-scheduling: lower `priority` values are more urgent.
+    #[arg(long, requires = "enable_priority_scheduling")]
+    pub schedule_low_priority_values_first: bool,
+    /// With --enable-priority-scheduling: how much more urgent than a running generation an
+    /// arriving one must be to preempt it.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub priority_scheduling_preemption_threshold: i64,
+}
+
+/// `--scheduling-policy` values, vLLM's names.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulingPolicy {
+    Fcfs,
+    Priority,
+}
+
+impl MockOptions {
+    /// Whether requests may carry a `priority` other than 0.
+    fn priority_scheduling(&self) -> bool {
+        self.enable_priority_scheduling || self.scheduling_policy == SchedulingPolicy::Priority
+    }
 }
 
 /// State every worker reads; counters are process-wide atomics because workers share them.

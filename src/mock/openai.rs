@@ -82,6 +82,18 @@ pub(super) fn bad_json(e: serde_json::Error) -> ApiError {
     ApiError::new(400, format!("Invalid request body: {e}"))
 }
 
+/// vLLM's 400 for a `priority` other than 0 when no priority scheduling flag is given (its
+/// input processor raises this `ValueError`).
+pub(super) fn check_priority(sh: &Shared, priority: i64) -> Result<(), ApiError> {
+    if priority != 0 && !sh.opts.priority_scheduling() {
+        return Err(ApiError::new(
+            400,
+            format!("Got priority {priority} but Priority scheduling is not enabled."),
+        ));
+    }
+    Ok(())
+}
+
 /// Index of the served model a request names; a missing `model` means the first, as in vLLM.
 pub(super) fn resolve_model(sh: &Shared, model: Option<&str>) -> Result<usize, ApiError> {
     match model {
@@ -106,6 +118,9 @@ struct GenRequest {
     max_completion_tokens: Option<u64>,
     tools: Option<Vec<Tool>>,
     tool_choice: Option<Value>,
+    /// Not `Option`: like vLLM's pydantic `int = 0`, a null is a type error.
+    #[serde(default)]
+    priority: i64,
 }
 
 #[derive(Deserialize)]
@@ -162,6 +177,7 @@ pub(super) struct Generation {
     include_usage: bool,
     continuous_usage: bool,
     knobs: TokenKnobs,
+    priority: i64,
 }
 
 impl Generation {
@@ -173,6 +189,7 @@ impl Generation {
     ) -> Result<Generation, ApiError> {
         let req: GenRequest = serde_json::from_slice(body).map_err(bad_json)?;
         let model = resolve_model(sh, req.model.as_deref())?;
+        check_priority(sh, req.priority)?;
         let mut chars = 0u64;
         let mut token_ids = 0u64;
         if chat {
@@ -259,6 +276,7 @@ impl Generation {
             include_usage,
             continuous_usage,
             knobs,
+            priority: req.priority,
         })
     }
 
@@ -406,6 +424,10 @@ impl Generation {
 impl Generated for Generation {
     fn model(&self) -> usize {
         self.model
+    }
+
+    fn priority(&self) -> i64 {
+        self.priority
     }
 
     fn stream(&self) -> bool {

@@ -18,7 +18,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::conn::Generated;
-use super::openai::{bad_json, resolve_model, text_chars, unix_now, word, ApiError, TokenKnobs};
+use super::openai::{
+    bad_json, check_priority, resolve_model, text_chars, unix_now, word, ApiError, TokenKnobs,
+};
 use super::Shared;
 use crate::http::push_decimal;
 
@@ -37,12 +39,16 @@ struct ResponsesRequest {
     max_output_tokens: Option<u64>,
     temperature: Option<f64>,
     top_p: Option<f64>,
+    /// Not `Option`: like vLLM's pydantic `int = 0`, a null is a type error.
+    #[serde(default)]
+    priority: i64,
 }
 
 /// One Responses answer, rendered on demand event by event.
 pub(super) struct Response {
     model: usize,
     stream: bool,
+    priority: i64,
     steps: u64,
     prompt_tokens: u64,
     knobs: TokenKnobs,
@@ -58,6 +64,7 @@ impl Response {
     pub fn parse(sh: &Shared, body: &[u8], knobs: TokenKnobs) -> Result<Response, ApiError> {
         let req: ResponsesRequest = serde_json::from_slice(body).map_err(bad_json)?;
         let model = resolve_model(sh, req.model.as_deref())?;
+        check_priority(sh, req.priority)?;
         let input_chars = match &req.input {
             Value::String(s) => s.chars().count() as u64,
             Value::Array(items) => items
@@ -113,6 +120,7 @@ impl Response {
         Ok(Response {
             model,
             stream: req.stream.unwrap_or(false),
+            priority: req.priority,
             steps,
             prompt_tokens,
             knobs,
@@ -200,6 +208,10 @@ impl Response {
 impl Generated for Response {
     fn model(&self) -> usize {
         self.model
+    }
+
+    fn priority(&self) -> i64 {
+        self.priority
     }
 
     fn stream(&self) -> bool {
