@@ -58,7 +58,8 @@ fn start_stream(addr: SocketAddr, id: &str, tokens: u64) -> TcpStream {
     let at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 2;
     raw.splice(
         at..at,
-        format!("x-mock-itl-ms: 20\r\nx-mock-tokens: {tokens}\r\n").into_bytes(),
+        format!("x-mock-itl-ms: 20\r\nx-mock-tokens: {tokens}\r\nconnection: close\r\n")
+            .into_bytes(),
     );
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();

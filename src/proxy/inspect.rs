@@ -31,6 +31,8 @@ pub struct RequestInfo {
     /// `stream_options.include_usage` (its last member): whether it reads as true, its value.
     pub include_usage: Option<(bool, Range<usize>)>,
     pub user: Option<Range<usize>>,
+    /// Raw JSON value of `priority` (any type), which `engine_priority` replaces.
+    pub priority: Option<Range<usize>>,
     /// Raw JSON value of each of [`PROMPT_FIELDS`], in its order; empty when absent.
     pub prompt: [Range<usize>; PROMPT_FIELDS.len()],
     /// Position of the closing brace of the top-level object.
@@ -99,6 +101,7 @@ impl RequestInfo {
             &mut self.stream_options,
             &mut self.stream_options_null,
             &mut self.user,
+            &mut self.priority,
         ]
         .into_iter()
         .flatten()
@@ -145,6 +148,7 @@ pub fn inspect(body: &[u8]) -> Option<RequestInfo> {
         match &*member_name(body, key) {
             b"model" => info.model = string,
             b"user" => info.user = string,
+            b"priority" => info.priority = Some(value),
             b"stream" => info.stream = lax_bool(&body[value]) == Some(true),
             b"stream_options" => {
                 let object = body[value.start] == b'{';

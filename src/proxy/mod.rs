@@ -370,7 +370,13 @@ async fn proxy<'r>(
             Api::ChatCompletions | Api::Completions | Api::Responses
         ) && info.end > 0
             && !info.form)
-            .then_some((info.end, info.has_members)),
+            .then(|| match info.priority.clone() {
+                Some(value) => retry::PriorityAt::Value(value),
+                None => retry::PriorityAt::Append {
+                    end: info.end,
+                    comma: info.has_members,
+                },
+            }),
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
         prompt: pick::prompt(&c.body, &info),
         queueing: queueing(generation, c, admission.key.as_deref()),

@@ -69,15 +69,24 @@ pub struct Request<'a> {
     pub model: Option<&'a str>,
     /// Where `body` holds the model's name (between the quotes), for a backend's `model_map`.
     pub model_at: Option<std::ops::Range<usize>>,
-    /// Where a `priority` member goes for a backend's `engine_priority`: the JSON object's
-    /// closing brace, and whether the object has members (a comma first). `None` for bodies
-    /// that are not a generation's JSON object.
-    pub priority_at: Option<(usize, bool)>,
+    /// Where a backend's `engine_priority` value goes; `None` for bodies that are not a
+    /// generation's JSON object.
+    pub priority_at: Option<PriorityAt>,
     pub affinity_key: Option<&'a [u8]>,
     /// The prompt's raw JSON values, for `cache_aware` routing.
     pub prompt: [&'a [u8]; PROMPT_FIELDS.len()],
     /// With `scheduling`: its place when it must wait for a saturated backend.
     pub queueing: Option<pick::Queueing>,
+}
+
+/// Where the `priority` sent to an `engine_priority` backend goes in the body.
+pub enum PriorityAt {
+    /// Over the value of the client's own `priority` member (the gateway's replaces it; a
+    /// strict parser would refuse a second member).
+    Value(Range<usize>),
+    /// A new last member, before the object's closing brace at `end` (after a comma when the
+    /// object has members).
+    Append { end: usize, comma: bool },
 }
 
 /// The last attempt's ending, and the backend it went to (still counted in flight).
@@ -146,24 +155,38 @@ pub async fn relay_with_retries(
             .model
             .and_then(|m| backend.mapped_model(m))
             .zip(req.model_at.clone());
-        // This backend's engine schedules by `priority`: the request's level, replacing any
-        // the client sent (a JSON object's last member wins).
+        // This backend's engine schedules by `priority`: the request's level, in place of any
+        // the client sent.
         let mut member = [0u8; 32];
         let priority = backend
             .engine_priority
             .zip(req.queueing.as_ref())
-            .zip(req.priority_at)
-            .map(|((engine, q), (end, comma))| {
+            .zip(req.priority_at.as_ref())
+            .map(|((engine, q), at)| {
                 let mut w = std::io::Cursor::new(&mut member[..]);
-                let sep = if comma { "," } else { "" };
+                let value = engine.value(q.level);
                 // 32 bytes hold `,"priority":` and any i64.
-                let _ = write!(w, "{sep}\"priority\":{}", engine.value(q.level));
-                (end, w.position() as usize)
+                let at = match at {
+                    PriorityAt::Value(range) => {
+                        let _ = write!(w, "{value}");
+                        range.clone()
+                    }
+                    PriorityAt::Append { end, comma } => {
+                        let sep = if *comma { "," } else { "" };
+                        let _ = write!(w, "{sep}\"priority\":{value}");
+                        *end..*end
+                    }
+                };
+                (at, w.position() as usize)
             });
-        let priority = priority.map(|(end, n)| (end, &member[..n]));
-        let body_len = req.body.len() + renamed.as_ref().map_or(0, |(name, _)| name.len())
-            - renamed.as_ref().map_or(0, |(_, at)| at.len())
-            + priority.map_or(0, |(_, m)| m.len());
+        let renamed = renamed.map(|(name, at)| (at, name.as_bytes()));
+        let priority = priority.map(|(at, n)| (at, &member[..n]));
+        let body_len = [&renamed, &priority]
+            .into_iter()
+            .flatten()
+            .fold(req.body.len(), |len, (at, bytes)| {
+                len - at.len() + bytes.len()
+            });
         forward::write_upstream_head(
             out,
             req.buf,
@@ -180,7 +203,7 @@ pub async fn relay_with_retries(
             },
             body_len as u64,
         );
-        push_body(out, req.body, renamed, priority);
+        push_body(out, req.body, [renamed, priority]);
         // With no retry left (attempts or budget), a retryable status is relayed as the
         // backend sent it rather than replaced by the gateway's own error.
         let last = attempt >= retry.max_attempts || !ctx.retry_budget.has_one();
@@ -244,25 +267,16 @@ pub async fn relay_with_retries(
     }
 }
 
-/// Writes `body` as one backend receives it: its model renamed (`model_map`, the name and
-/// where it stands) and a member added before the object's closing brace (`engine_priority`).
-fn push_body(
-    out: &mut Vec<u8>,
-    body: &[u8],
-    renamed: Option<(&str, Range<usize>)>,
-    member: Option<(usize, &[u8])>,
-) {
+/// Writes `body` as one backend receives it: each edit replaces a range of it (the model's name
+/// for `model_map`, the `priority` for `engine_priority`). The edits are members of one object,
+/// so they never overlap.
+fn push_body(out: &mut Vec<u8>, body: &[u8], mut edits: [Option<(Range<usize>, &[u8])>; 2]) {
+    edits.sort_by_key(|e| e.as_ref().map(|(at, _)| at.start));
     let mut from = 0;
-    if let Some((name, at)) = renamed {
+    for (at, bytes) in edits.into_iter().flatten() {
         out.extend_from_slice(&body[from..at.start]);
-        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(bytes);
         from = at.end;
-    }
-    // The model is a member of the object, so it ends before the closing brace.
-    if let Some((end, member)) = member {
-        out.extend_from_slice(&body[from..end]);
-        out.extend_from_slice(member);
-        from = end;
     }
     out.extend_from_slice(&body[from..]);
 }
@@ -304,37 +318,29 @@ mod tests {
         assert_eq!(paid, 10);
     }
 
-    fn pushed(
-        body: &str,
-        renamed: Option<(&str, std::ops::Range<usize>)>,
-        member: Option<(usize, &str)>,
-    ) -> String {
+    fn pushed(body: &str, edits: [Option<(std::ops::Range<usize>, &str)>; 2]) -> String {
         let mut out = Vec::new();
         push_body(
             &mut out,
             body.as_bytes(),
-            renamed,
-            member.map(|(e, m)| (e, m.as_bytes())),
+            edits.map(|e| e.map(|(at, b)| (at, b.as_bytes()))),
         );
         String::from_utf8(out).unwrap()
     }
 
     #[test]
     fn a_backend_gets_its_model_name_and_priority_in_one_pass() {
-        let body = r#"{"model":"pub","priority":-9,"messages":[]}"#;
-        let end = body.len() - 1;
-        assert_eq!(pushed(body, None, None), body);
+        let body = r#"{"priority":-9,"model":"pub","messages":[]}"#;
+        assert_eq!(pushed(body, [None, None]), body);
+        // The client's priority (before the model) replaced, the model renamed.
         assert_eq!(
-            pushed(
-                body,
-                Some(("served", 10..13)),
-                Some((end, r#","priority":150"#))
-            ),
-            r#"{"model":"served","priority":-9,"messages":[],"priority":150}"#
+            pushed(body, [Some((22..25, "served")), Some((12..14, "150"))]),
+            r#"{"priority":150,"model":"served","messages":[]}"#
         );
+        let end = body.len() - 1;
         assert_eq!(
-            pushed("{}", None, Some((1, r#""priority":0"#))),
-            r#"{"priority":0}"#
+            pushed(body, [Some((end..end, r#","x":1"#)), Some((22..25, "m"))]),
+            r#"{"priority":-9,"model":"m","messages":[],"x":1}"#
         );
     }
 }
