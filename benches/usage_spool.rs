@@ -38,6 +38,7 @@ fn event(i: usize) -> UsageEvent {
         ),
         content_events: 42,
         request_bytes: 120,
+        fair_share_charged: 0.0,
     }
 }
 

@@ -45,6 +45,7 @@ fn event(id: &str, captured: Captured) -> UsageEvent {
         captured,
         content_events: 0,
         request_bytes: 400,
+        fair_share_charged: 0.0,
     }
 }
 

@@ -323,16 +323,16 @@ impl Auth {
     }
 
     /// [`Auth::charge_tokens`] from a usage record, plus with `scheduling` the key's fair-share
-    /// counter: the request was charged `request_bytes / 4` when dispatched, and is now charged
-    /// what it really cost instead (prompt + `completion_weight` × completion).
-    pub fn charge_usage(&self, api_key: &str, tokens: &crate::usage::Tokens, request_bytes: u64) {
+    /// counter: the request was charged an estimate (`charged`) when dispatched, and is now
+    /// charged what it really cost instead (prompt + `completion_weight` × completion).
+    pub fn charge_usage(&self, api_key: &str, tokens: &crate::usage::Tokens, charged: f64) {
         let Some(live) = self.live(api_key) else {
             return;
         };
         self.charge_live(&live, tokens.total);
         if let Some(weight) = self.shared.completion_weight {
             let cost = tokens.prompt as f64 + weight * tokens.completion as f64;
-            live.service.charge(cost - request_bytes as f64 / 4.0);
+            live.service.charge(cost - charged);
         }
     }
 

@@ -103,6 +103,7 @@ pub fn finish(
         body_read,
         status,
         stream,
+        fair_share_charged,
         ..
     } = outcome;
     let (captured, content_events) = match progress.meter {
@@ -145,6 +146,7 @@ pub fn finish(
             captured,
             content_events,
             request_bytes: c.body.len() as u64,
+            fair_share_charged,
         },
     )
 }

@@ -253,9 +253,15 @@ fn queueing(
     generation: &Generation,
     c: &ClientConn,
     key: Option<&crate::auth::KeyEntry>,
+    max_tokens: Option<u64>,
 ) -> Option<pick::Queueing> {
     let scheduler = generation.upstreams.backends.scheduler.as_ref()?;
-    let prompt_estimate = c.body.len() as f64 / 4.0;
+    let weight = generation
+        .config
+        .scheduling
+        .as_ref()
+        .map_or(0.0, |s| s.completion_weight);
+    let estimate = c.body.len() as f64 / 4.0 + weight * max_tokens.unwrap_or(0) as f64;
     let class = match key {
         None => crate::schedule::Class {
             priority: 0,
@@ -276,7 +282,7 @@ fn queueing(
         }
     };
     let flow = scheduler.flow(&class).clone();
-    Some(pick::Queueing::new(class, prompt_estimate, flow))
+    Some(pick::Queueing::new(class, estimate, flow))
 }
 
 /// Phases 3 to 7 for a relayed request; what the account phase needs goes into `outcome`.
@@ -379,7 +385,7 @@ async fn proxy<'r>(
             }),
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
         prompt: pick::prompt(&c.body, &info),
-        queueing: queueing(generation, c, admission.key.as_deref()),
+        queueing: queueing(generation, c, admission.key.as_deref(), info.max_tokens),
     };
     let attempted = retry::relay_with_retries(
         ctx,
@@ -392,6 +398,8 @@ async fn proxy<'r>(
         &plan,
     )
     .await;
+    outcome.fair_share_charged = request.queueing.as_ref().map_or(0.0, |q| q.charged());
+    drop(request);
     let client_still_there = match watch.finish() {
         client_watch::WatchEnd::Quiet(read) => {
             *armed = Some(read);

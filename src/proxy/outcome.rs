@@ -40,6 +40,8 @@ pub struct RequestOutcome {
     pub retries: u32,
     /// The backend of the last attempt, counted in flight until the request is accounted.
     pub in_flight: Option<InFlight>,
+    /// With `scheduling`: what its key's fair-share counter was charged at dispatch.
+    pub fair_share_charged: f64,
 }
 
 impl RequestOutcome {
@@ -56,6 +58,7 @@ impl RequestOutcome {
             upstream_error: None,
             ending: None,
             progress: Progress::default(),
+            fair_share_charged: 0.0,
             retries: 0,
             in_flight: None,
         }

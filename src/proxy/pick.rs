@@ -75,7 +75,10 @@ fn refusal(e: PickError, request: &PickRequest<'_>) -> GatewayError {
 /// the usage record corrects it), and its engine priority level.
 pub struct Queueing {
     pub class: Class,
-    pub prompt_estimate: f64,
+    /// Charged to its key's counter when first dispatched: its prompt (body bytes / 4) and
+    /// `completion_weight` × its `max_tokens`, an upper bound its usage record corrects, so a
+    /// key's long answers count against it while they run rather than only once they end.
+    pub estimate: f64,
     /// For `backends[].engine_priority`: its band, [`LEVEL_FRESH`] above the rest of the band
     /// when its key had nothing at a backend as it arrived (an interactive user's next turn),
     /// which is what a flooding key's requests never are.
@@ -93,26 +96,34 @@ const LEVEL_BAND: i64 = 100;
 const LEVEL_FRESH: i64 = 50;
 
 impl Queueing {
-    pub fn new(class: Class, prompt_estimate: f64, flow: Arc<Service>) -> Queueing {
+    pub fn new(class: Class, estimate: f64, flow: Arc<Service>) -> Queueing {
         let level =
             i64::from(class.priority) * LEVEL_BAND + if flow.is_idle() { LEVEL_FRESH } else { 0 };
         Queueing {
             class,
-            prompt_estimate,
+            estimate,
             level,
             flow,
             dispatched: RefCell::new(None),
         }
     }
 
-    /// The request goes to a backend: its first dispatch charges its estimated prompt to its
-    /// key's counter and counts it at a backend (a retry does neither again).
+    /// What its key's counter was charged (0 until dispatched, and for a request without a key).
+    pub fn charged(&self) -> f64 {
+        match (&self.class.service, self.dispatched.borrow().is_some()) {
+            (Some(_), true) => self.estimate,
+            _ => 0.0,
+        }
+    }
+
+    /// The request goes to a backend: its first dispatch charges its estimate to its key's
+    /// counter and counts it at a backend (a retry does neither again).
     fn dispatch(&self, in_flight: &mut InFlight) {
         in_flight.at_level(self.level);
         let mut dispatched = self.dispatched.borrow_mut();
         if dispatched.is_none() {
             if let Some(service) = &self.class.service {
-                service.charge(self.prompt_estimate);
+                service.charge(self.estimate);
             }
             *dispatched = Some(self.flow.dispatch());
         }

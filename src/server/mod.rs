@@ -466,9 +466,9 @@ fn start_reporter(
     }
     let hook = &config.usage_hook;
     let charge = auth_on.then(|| -> usage::QuotaHook {
-        Box::new(move |key, tokens, request_bytes| {
+        Box::new(move |key, tokens, charged| {
             if let Some(auth) = live.get().and_then(|l| l.snapshot().1.auth.clone()) {
-                auth.charge_usage(key, tokens, request_bytes);
+                auth.charge_usage(key, tokens, charged);
             }
         })
     });

@@ -109,6 +109,9 @@ pub struct UsageEvent {
     pub content_events: u32,
     /// Request body size: the prompt estimate (bytes / 4) when the backend reports no usage.
     pub request_bytes: u64,
+    /// With `scheduling`: the estimate its key's fair-share counter was charged when the
+    /// request was dispatched, which its billed tokens replace.
+    pub fair_share_charged: f64,
 }
 
 /// What travels from a worker to the ingest thread: the event, and its number when the worker

@@ -555,6 +555,7 @@ mod tests {
             captured,
             content_events,
             request_bytes: 40,
+            fair_share_charged: 0.0,
         }
     }
 

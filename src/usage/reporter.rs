@@ -36,10 +36,11 @@ use super::{Sent, UsageSender};
 use crate::api::Api;
 use crate::config::{Durability, ReporterKind, UsageHook};
 
-/// Called on the ingest thread with each request's raw key, billed tokens and request body size,
-/// before its record is spooled (quota, token-rate and fair-share accounting). Must be quick: it
-/// runs once per request.
-pub type QuotaHook = Box<dyn Fn(&str, &super::Tokens, u64) + Send>;
+/// Called on the ingest thread with each request's raw key, billed tokens and what the
+/// request was charged against its key's fair share when dispatched, before its record is
+/// spooled (quota, token-rate and fair-share accounting). Must be quick: it runs once per
+/// request.
+pub type QuotaHook = Box<dyn Fn(&str, &super::Tokens, f64) + Send>;
 
 /// With `durability: async`, how often the ingest thread collects events from the channel:
 /// each collection is one spool transaction, whose fixed cost is worth spreading over a
@@ -367,7 +368,7 @@ impl Ingest {
         }
         // The record may carry the key masked; charging needs the key itself.
         if let (Some(quota), Some(key)) = (&self.quota, &event.key) {
-            quota(&key.api_key, &billed.tokens, event.request_bytes);
+            quota(&key.api_key, &billed.tokens, event.fair_share_charged);
         }
         self.spool.is_some().then(|| Accounted::new(event, billed))
     }
