@@ -31,9 +31,6 @@ pub struct RequestInfo {
     /// `stream_options.include_usage` (its last member): whether it reads as true, its value.
     pub include_usage: Option<(bool, Range<usize>)>,
     pub user: Option<Range<usize>>,
-    /// The most the request may generate (`max_tokens`, `max_completion_tokens` or Responses'
-    /// `max_output_tokens`, whichever comes last), when it is a plain integer.
-    pub max_tokens: Option<u64>,
     /// Raw JSON value of `priority` (any type), which `engine_priority` replaces.
     pub priority: Option<Range<usize>>,
     /// Raw JSON value of each of [`PROMPT_FIELDS`], in its order; empty when absent.
@@ -152,11 +149,6 @@ pub fn inspect(body: &[u8]) -> Option<RequestInfo> {
             b"model" => info.model = string,
             b"user" => info.user = string,
             b"priority" => info.priority = Some(value),
-            b"max_tokens" | b"max_completion_tokens" | b"max_output_tokens" => {
-                info.max_tokens = std::str::from_utf8(&body[value])
-                    .ok()
-                    .and_then(|n| n.parse().ok());
-            }
             b"stream" => info.stream = lax_bool(&body[value]) == Some(true),
             b"stream_options" => {
                 let object = body[value.start] == b'{';
@@ -478,14 +470,11 @@ mod tests {
     }
 
     #[test]
-    fn the_generation_bound_and_the_clients_priority_are_found() {
-        let body = br#"{"max_tokens":9,"priority":[1],"max_output_tokens":12,"n":1}"#;
+    fn the_clients_priority_is_found_whatever_its_type() {
+        let body = br#"{"priority":1,"n":1,"priority":[1]}"#;
         let info = inspect(body).unwrap();
-        assert_eq!(info.max_tokens, Some(12));
         assert_eq!(&body[info.priority.unwrap()], b"[1]");
-        for body in [&br#"{"max_tokens":-1}"#[..], br#"{"max_tokens":"9"}"#, br#"{}"#] {
-            assert_eq!(inspect(body).unwrap().max_tokens, None);
-        }
+        assert_eq!(inspect(b"{}").unwrap().priority, None);
     }
 
     #[test]

@@ -253,15 +253,9 @@ fn queueing(
     generation: &Generation,
     c: &ClientConn,
     key: Option<&crate::auth::KeyEntry>,
-    max_tokens: Option<u64>,
 ) -> Option<pick::Queueing> {
     let scheduler = generation.upstreams.backends.scheduler.as_ref()?;
-    let weight = generation
-        .config
-        .scheduling
-        .as_ref()
-        .map_or(0.0, |s| s.completion_weight);
-    let estimate = c.body.len() as f64 / 4.0 + weight * max_tokens.unwrap_or(0) as f64;
+    let estimate = c.body.len() as f64 / 4.0;
     let class = match key {
         None => crate::schedule::Class {
             priority: 0,
@@ -385,7 +379,7 @@ async fn proxy<'r>(
             }),
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
         prompt: pick::prompt(&c.body, &info),
-        queueing: queueing(generation, c, admission.key.as_deref(), info.max_tokens),
+        queueing: queueing(generation, c, admission.key.as_deref()),
     };
     let attempted = retry::relay_with_retries(
         ctx,

@@ -75,9 +75,10 @@ fn refusal(e: PickError, request: &PickRequest<'_>) -> GatewayError {
 /// the usage record corrects it), and its engine priority level.
 pub struct Queueing {
     pub class: Class,
-    /// Charged to its key's counter when first dispatched: its prompt (body bytes / 4) and
-    /// `completion_weight` × its `max_tokens`, an upper bound its usage record corrects, so a
-    /// key's long answers count against it while they run rather than only once they end.
+    /// Charged to its key's counter when first dispatched: its prompt, estimated from its bytes
+    /// (its usage record replaces it with what it cost). Its answer is not guessed at: a key
+    /// that starts waiting is lifted to the counters of those waiting, so an estimate charged
+    /// ahead would count a head start against every key behind it.
     pub estimate: f64,
     /// For `backends[].engine_priority`: its band, [`LEVEL_FRESH`] above the rest of the band
     /// when its key had nothing at a backend as it arrived (an interactive user's next turn),
