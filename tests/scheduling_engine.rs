@@ -78,24 +78,6 @@ fn send(addr: SocketAddr, raw: Vec<u8>) -> JoinHandle<Response> {
     std::thread::spawn(move || request(addr, &raw))
 }
 
-/// The request ids of the access log, in order, once it holds `n` lines.
-fn served(log: &Path, n: usize) -> Vec<String> {
-    let mut ids = Vec::new();
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            ids = std::fs::read_to_string(log)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .filter_map(|v| v["fields"]["request_id"].as_str().map(str::to_owned))
-                .collect();
-            ids.len() >= n
-        }),
-        "access log has {ids:?}"
-    );
-    ids
-}
-
 #[test]
 fn the_priority_sent_is_the_requests_level_whatever_the_client_asked() {
     // A vLLM without priority scheduling names the priority it got in its 400.
@@ -149,7 +131,7 @@ fn vllm_runs_a_fresh_request_before_a_backlogged_key_queued_earlier() {
     drop(held);
     assert_eq!(light.join().unwrap().status, 200);
     assert_eq!(flood.join().unwrap().status, 200);
-    let order = served(&log, 3);
+    let order = logged_request_ids(&log, 3);
     assert_eq!(order[1..], ["light-1", "flood-2"], "{order:?}");
     assert_eq!(metric(gw.addr, "llmproxy_preemptive_dispatches_total"), 0.0);
 }
@@ -195,7 +177,7 @@ fn sglang_preempts_for_a_fresh_request_and_the_flood_waits_its_turn() {
     assert_eq!(finish(first), (tokens, true));
     assert_eq!(finish(second), (tokens, true));
     assert_eq!(third.join().unwrap().status, 200);
-    let order = served(&log, 4);
+    let order = logged_request_ids(&log, 4);
     assert_eq!(order[0], "light-1", "{order:?}");
     assert_eq!(order[3], "flood-3", "{order:?}");
 }

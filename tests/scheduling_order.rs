@@ -100,24 +100,6 @@ fn enqueue(
     handle
 }
 
-/// The request ids of the access log, in order, once it holds `n` lines.
-fn served(log: &Path, n: usize) -> Vec<String> {
-    let mut ids = Vec::new();
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            ids = std::fs::read_to_string(log)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter_map(|v| v["fields"]["request_id"].as_str().map(str::to_owned))
-                .collect();
-            ids.len() >= n
-        }),
-        "access log has {ids:?}"
-    );
-    ids
-}
-
 #[test]
 fn higher_priority_bands_go_first_and_the_header_is_capped_by_the_key() {
     let mock = spawn_mock(&[]);
@@ -137,7 +119,7 @@ fn higher_priority_bands_go_first_and_the_header_is_capped_by_the_key() {
         assert_eq!(w.join().unwrap().status, 200);
     }
     assert_eq!(
-        served(&log, 5),
+        logged_request_ids(&log, 5),
         ["hold", "vip-1", "low-1", "low-2", "shed-1"]
     );
 }
@@ -176,7 +158,7 @@ fn within_a_band_a_key_gets_its_share_of_tokens_not_of_arrivals() {
     for w in waiting {
         assert_eq!(w.join().unwrap().status, 200);
     }
-    let order = served(&log, 13);
+    let order = logged_request_ids(&log, 13);
     assert_eq!(order[0], "hold");
     let first8 = &order[1..9];
     let small = first8.iter().filter(|id| id.starts_with("small")).count();

@@ -698,3 +698,21 @@ pub fn python_has(modules: &[&str]) -> bool {
     );
     false
 }
+
+/// The request ids of a JSON access log, in order, once it holds `n` lines.
+pub fn logged_request_ids(log: &Path, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            ids = std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v["fields"]["request_id"].as_str().map(str::to_owned))
+                .collect();
+            ids.len() >= n
+        }),
+        "access log has {ids:?}"
+    );
+    ids
+}
