@@ -334,12 +334,12 @@ mod tests {
         assert_eq!(pushed(body, [None, None]), body);
         // The client's priority (before the model) replaced, the model renamed.
         assert_eq!(
-            pushed(body, [Some((22..25, "served")), Some((12..14, "150"))]),
+            pushed(body, [Some((24..27, "served")), Some((12..14, "150"))]),
             r#"{"priority":150,"model":"served","messages":[]}"#
         );
         let end = body.len() - 1;
         assert_eq!(
-            pushed(body, [Some((end..end, r#","x":1"#)), Some((22..25, "m"))]),
+            pushed(body, [Some((end..end, r#","x":1"#)), Some((24..27, "m"))]),
             r#"{"priority":-9,"model":"m","messages":[],"x":1}"#
         );
     }
