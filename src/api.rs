@@ -56,6 +56,14 @@ impl Api {
     /// The API a request path is for; `None` for a path the gateway does not relay (a 404).
     pub fn of_path(path: &[u8]) -> Option<Api> {
         let path = crate::http::path_of(path);
+        // The backend's server decodes %XX before it routes, so the gateway classifies what it
+        // will serve: `/v1/chat/completion%73` is chat. Longer paths than any named here only
+        // need their `/v1/` prefix, which a decoding cannot create beyond the first bytes.
+        let mut decoded = [0u8; 64];
+        let path = match memchr::memchr(b'%', path) {
+            Some(_) => percent_decode(path, &mut decoded).unwrap_or(path),
+            None => path,
+        };
         let path = path.strip_suffix(b"/").unwrap_or(path);
         Some(match path {
             b"/v1/chat/completions" => Api::ChatCompletions,
@@ -104,13 +112,41 @@ impl Api {
     }
 }
 
+/// `path` with its `%XX` escapes decoded into `out`; `None` when it does not fit or an escape is
+/// not two hex digits (the path is then classified as it is).
+fn percent_decode<'a>(path: &[u8], out: &'a mut [u8; 64]) -> Option<&'a [u8]> {
+    let (mut i, mut n) = (0, 0);
+    while i < path.len() {
+        let byte = match path[i] {
+            b'%' => {
+                let hex = path.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                i += 2;
+                u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?
+            }
+            b => b,
+        };
+        *out.get_mut(n)? = byte;
+        n += 1;
+        i += 1;
+    }
+    Some(&out[..n])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn paths_map_to_their_api() {
-        let cases: [(&[u8], Option<Api>); 14] = [
+        let cases: [(&[u8], Option<Api>); 18] = [
+            // As the backend decodes them.
+            (b"/v1/chat/completion%73", Some(Api::ChatCompletions)),
+            (b"/v1/%72esponses?x=%ZZ", Some(Api::Responses)),
+            (b"/v1/chat/completion%7", Some(Api::Other)),
+            (b"/v1/chat/completion%+3", Some(Api::Other)),
             (b"/v1/chat/completions", Some(Api::ChatCompletions)),
             (b"/v1/chat/completions?x=1", Some(Api::ChatCompletions)),
             (b"/v1/completions/", Some(Api::Completions)),

@@ -99,6 +99,23 @@ fn the_priority_sent_is_the_requests_level_whatever_the_client_asked() {
             format!("Got priority {sent} but Priority scheduling is not enabled.")
         );
     }
+    // A body the gateway cannot read (UTF-16, which Python's json.loads would) could carry the
+    // client's own priority: refused.
+    let utf16: Vec<u8> = r#"{"model":"mock-model","messages":[],"priority":-9999}"#
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    let r = request(
+        gw.addr,
+        &raw_request(
+            "POST",
+            "/v1/chat/completions",
+            &utf16,
+            &[("Authorization", "Bearer sk-light-0000001")],
+        ),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
     // Embeddings carry no priority.
     let r = post_json(
         gw.addr,

@@ -116,7 +116,12 @@ pub struct MockOptions {
     pub schedule_low_priority_values_first: bool,
     /// With --enable-priority-scheduling: how much more urgent than a running generation an
     /// arriving one must be to preempt it.
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10,
+        requires = "enable_priority_scheduling"
+    )]
     pub priority_scheduling_preemption_threshold: i64,
 }
 

@@ -123,7 +123,9 @@ impl RequestInfo {
 
 /// Scans a request body. `None` when it is not a JSON object (the backend will judge it).
 pub fn inspect(body: &[u8]) -> Option<RequestInfo> {
-    let mut s = Scanner { b: body, i: 0 };
+    // A UTF-8 byte order mark, which Python's json.loads (vLLM, SGLang) skips too.
+    let bom = usize::from(body.starts_with(b"\xef\xbb\xbf")) * 3;
+    let mut s = Scanner { b: body, i: bom };
     let mut info = RequestInfo::default();
     s.ws();
     s.eat(b'{')?;
@@ -475,6 +477,9 @@ mod tests {
         let info = inspect(body).unwrap();
         assert_eq!(&body[info.priority.unwrap()], b"[1]");
         assert_eq!(inspect(b"{}").unwrap().priority, None);
+        // Behind a byte order mark, as the backend's parser reads it.
+        let body = b"\xef\xbb\xbf {\"priority\":7}";
+        assert_eq!(&body[inspect(body).unwrap().priority.unwrap()], b"7");
     }
 
     #[test]

@@ -253,6 +253,7 @@ fn queueing(
     generation: &Generation,
     c: &ClientConn,
     key: Option<&crate::auth::KeyEntry>,
+    prioritized: bool,
 ) -> Option<pick::Queueing> {
     let scheduler = generation.upstreams.backends.scheduler.as_ref()?;
     let estimate = c.body.len() as f64 / 4.0;
@@ -276,7 +277,7 @@ fn queueing(
         }
     };
     let flow = scheduler.flow(&class).clone();
-    Some(pick::Queueing::new(class, estimate, flow))
+    Some(pick::Queueing::new(class, estimate, flow, prioritized))
 }
 
 /// Phases 3 to 7 for a relayed request; what the account phase needs goes into `outcome`.
@@ -337,6 +338,20 @@ async fn proxy<'r>(
             return respond_error(wr, &mut c.out, &e, api, id, keep_alive).await;
         }
     }
+    // The gateway decides the priority an `engine_priority` backend schedules by; a body it
+    // cannot read would carry the client's own to the engine's lenient parser.
+    let generates = matches!(
+        api_or_other,
+        Api::ChatCompletions | Api::Completions | Api::Responses
+    );
+    let readable = info.end > 0 && !info.form;
+    if generates && !readable && generation.upstreams.engine_priority() {
+        let e = GatewayError::Request(crate::http::RequestError::Malformed(
+            "the body is not a UTF-8 JSON object, which a backend scheduling by priority needs",
+        ));
+        outcome.fail(&e);
+        return respond_error(wr, &mut c.out, &e, api, id, keep_alive).await;
+    }
     let strip_usage = forward::rewrite_body(generation, api_or_other, c, &mut info);
 
     let canceller = monoio::io::Canceller::new();
@@ -365,21 +380,21 @@ async fn proxy<'r>(
         client_ip: &c.ip,
         model: outcome.has_model.then_some(c.model.as_str()),
         model_at: info.model.clone().filter(|_| outcome.has_model),
-        priority_at: (matches!(
-            api_or_other,
-            Api::ChatCompletions | Api::Completions | Api::Responses
-        ) && info.end > 0
-            && !info.form)
-            .then(|| match info.priority.clone() {
-                Some(value) => retry::PriorityAt::Value(value),
-                None => retry::PriorityAt::Append {
-                    end: info.end,
-                    comma: info.has_members,
-                },
-            }),
+        priority_at: (generates && readable).then(|| match info.priority.clone() {
+            Some(value) => retry::PriorityAt::Value(value),
+            None => retry::PriorityAt::Append {
+                end: info.end,
+                comma: info.has_members,
+            },
+        }),
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
         prompt: pick::prompt(&c.body, &info),
-        queueing: queueing(generation, c, admission.key.as_deref()),
+        queueing: queueing(
+            generation,
+            c,
+            admission.key.as_deref(),
+            generates && readable,
+        ),
     };
     let attempted = retry::relay_with_retries(
         ctx,

@@ -84,6 +84,9 @@ pub struct Queueing {
     /// when its key had nothing at a backend as it arrived (an interactive user's next turn),
     /// which is what a flooding key's requests never are.
     pub level: i64,
+    /// Its API and body take the `priority` an `engine_priority` backend schedules by (chat,
+    /// completions, responses): only then is it counted at its level, or sent past a limit.
+    prioritized: bool,
     /// Its flow ([`Class::service`], or the scheduler's flow of requests without a key).
     flow: Arc<Service>,
     /// Counts it among its flow's requests at a backend, from its first dispatch.
@@ -97,13 +100,14 @@ const LEVEL_BAND: i64 = 100;
 const LEVEL_FRESH: i64 = 50;
 
 impl Queueing {
-    pub fn new(class: Class, estimate: f64, flow: Arc<Service>) -> Queueing {
+    pub fn new(class: Class, estimate: f64, flow: Arc<Service>, prioritized: bool) -> Queueing {
         let level =
             i64::from(class.priority) * LEVEL_BAND + if flow.is_idle() { LEVEL_FRESH } else { 0 };
         Queueing {
             class,
             estimate,
             level,
+            prioritized,
             flow,
             dispatched: RefCell::new(None),
         }
@@ -120,7 +124,9 @@ impl Queueing {
     /// The request goes to a backend: its first dispatch charges its estimate to its key's
     /// counter and counts it at a backend (a retry does neither again).
     fn dispatch(&self, in_flight: &mut InFlight) {
-        in_flight.at_level(self.level);
+        if self.prioritized {
+            in_flight.at_level(self.level);
+        }
         let mut dispatched = self.dispatched.borrow_mut();
         if dispatched.is_none() {
             if let Some(service) = &self.class.service {
@@ -167,7 +173,7 @@ pub async fn pick_or_wait(
             let first = scheduler
                 .highest_waiting()
                 .is_none_or(|p| p <= q.class.priority);
-            if let Some(mut past) = first
+            if let Some(mut past) = (first && q.prioritized)
                 .then(|| Backends::past_limit(backends, mask, q.level))
                 .flatten()
             {

@@ -147,6 +147,8 @@ pub struct WorkerUpstreams {
     /// Some backend has a tier above 0, or saturation is set: picks go through [`Self::lowest_tier`].
     tiered: bool,
     saturation: f64,
+    /// Some backend has `engine_priority`.
+    engine_priority: bool,
 }
 
 impl WorkerUpstreams {
@@ -175,8 +177,14 @@ impl WorkerUpstreams {
             ),
             tiered: backends.list.iter().any(|b| b.tier != 0) || config.routing.saturation > 0.0,
             saturation: config.routing.saturation,
+            engine_priority: backends.list.iter().any(|b| b.engine_priority.is_some()),
             backends,
         }
+    }
+
+    /// Some backend schedules by the `priority` the gateway writes (`engine_priority`).
+    pub fn engine_priority(&self) -> bool {
+        self.engine_priority
     }
 
     pub fn affinity(&self) -> Option<&Affinity> {
