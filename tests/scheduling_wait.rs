@@ -192,3 +192,35 @@ fn a_backend_whose_scraped_queue_passes_the_threshold_is_saturated() {
     let (_, body) = last.unwrap();
     assert!(body.contains("queue_timeout"), "{body}");
 }
+
+#[test]
+fn a_reload_keeps_counting_the_requests_still_running_and_hands_their_slots_on() {
+    let mock = spawn_mock(&[]);
+    let yaml = format!(
+        "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n    max_in_flight: 1\n{}",
+        mock.addr,
+        scheduling("60s")
+    );
+    let notifications = Notifications::new();
+    let gw = spawn_gateway_notifying(&yaml, &notifications);
+    notifications.expect("READY=1");
+    let held = hold(gw.addr, "-");
+    // The same file again: a new config generation, the stream still running on the old one.
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
+    notifications.expect("RELOADING=1");
+    notifications.expect("READY=1");
+    // The stream still holds the backend's one slot: the next request waits.
+    let addr = gw.addr;
+    let waiting = std::thread::spawn(move || chat(addr, "-"));
+    assert!(
+        wait_until(Duration::from_secs(30), || queued(addr) == 1.0),
+        "the request after the reload was not held back by the one before it"
+    );
+    assert_eq!(metric(mock.addr, "vllm:num_requests_running"), 1.0);
+    // The old generation's request ends: its slot goes to the new generation's waiter.
+    drop(held);
+    let r = waiting.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(metric(addr, "llmproxy_queue_refused_total"), 0.0);
+}

@@ -517,7 +517,8 @@ fn reload_config(control: &Control) -> Result<u64, String> {
             // before anything running is replaced.
             let prepared = keys_and_limits(&next, control.ledger.as_ref()).and_then(|k| {
                 let tls = listener_tls(&next)?;
-                Ok((k, tls, Backends::new(&next)?))
+                let running = control.live.snapshot().1;
+                Ok((k, tls, Backends::after(&next, Some(&running.backends))?))
             });
             match prepared {
                 Err(e) => {
@@ -565,6 +566,8 @@ fn reload_config(control: &Control) -> Result<u64, String> {
                     let next = Arc::new(next);
                     upstream::spawn_checker(backends.clone(), &next);
                     let count = next.backends.len();
+                    // The slots the running set's requests free go to the new set's waiters too.
+                    running.backends.hand_over(&backends);
                     let generation = live.publish(Snapshot {
                         config: next,
                         backends,

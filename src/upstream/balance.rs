@@ -62,6 +62,7 @@ impl Drop for InFlight {
         if self.backends.scheduler.is_some() {
             Backends::offer(&self.backends, self.index);
         }
+        self.backends.offer_to_successors(self.index);
     }
 }
 

@@ -17,7 +17,7 @@ mod prefix;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 pub use balance::{InFlight, PickError, PickRequest, WorkerUpstreams};
@@ -60,8 +60,9 @@ pub struct Backend {
     model_map: Vec<(String, String)>,
     /// `backends[].engine_priority`: how its engine reads a request's `priority` field.
     pub engine_priority: Option<EnginePriority>,
-    /// Its requests in flight by engine priority level, when its engine preempts on arrival.
-    levels: Option<preempt::Levels>,
+    /// Its requests in flight by engine priority level, when its engine preempts on arrival;
+    /// shared with the next config generation like `in_flight`.
+    levels: Option<Arc<preempt::Levels>>,
     host: String,
     port: u16,
     /// Resolved once at start; re-resolved off the worker cores while unresolved.
@@ -73,8 +74,10 @@ pub struct Backend {
     ejected_until: AtomicU64,
     /// The last failure was a connection that could not be made (not a bad answer).
     unreachable: AtomicBool,
-    /// Requests in flight to this backend from all workers.
-    in_flight: AtomicU32,
+    /// Requests in flight to this backend from all workers, of every config generation: a
+    /// reload that keeps the backend (same URL) shares the count, so requests still running
+    /// on the old config keep counting against `max_in_flight`.
+    in_flight: Arc<AtomicU32>,
     /// `least_load` score from the backend's metrics (f64 bits); lower is less loaded.
     load: AtomicU64,
     /// Scraped `vllm:num_requests_waiting` and KV-cache use (per mille), for `scheduling`.
@@ -241,6 +244,9 @@ pub struct Backends {
     retired: AtomicBool,
     /// Requests waiting for a slot when every backend for them is saturated (`scheduling`).
     pub scheduler: Option<Scheduler<InFlight>>,
+    /// The set a reload replaced this one with: a slot freed by a request of this generation
+    /// is offered to the requests waiting there too.
+    successor: OnceLock<Weak<Backends>>,
 }
 
 impl Backends {
@@ -248,6 +254,16 @@ impl Backends {
     /// on a background thread (never on a worker) until they do; meanwhile they take no traffic.
     /// Fails when an https backend's certificate files do not load.
     pub fn new(config: &Config) -> Result<Arc<Backends>, String> {
+        Backends::after(config, None)
+    }
+
+    /// [`Backends::new`] for a reload: a backend the running set also has (same URL) shares its
+    /// count of requests in flight (and by level), so the requests still running on the old
+    /// config count against the limits of the new one.
+    pub fn after(config: &Config, previous: Option<&Backends>) -> Result<Arc<Backends>, String> {
+        let mut carried: Vec<&Backend> = previous
+            .map(|p| p.list.iter().collect())
+            .unwrap_or_default();
         let index_blocks = match config.routing.strategy {
             Strategy::CacheAware => config.routing.cache_aware.index_blocks,
             _ => 0,
@@ -271,6 +287,12 @@ impl Backends {
                 for (n, v) in &b.headers {
                     crate::http::push_header(&mut extra_headers, n.as_bytes(), v.as_bytes());
                 }
+                // The same backend in the running set (each old one matched once).
+                let same = carried.iter().position(|old| old.url == b.url);
+                let same = same.map(|i| carried.swap_remove(i));
+                let shared_in_flight =
+                    same.map_or_else(Default::default, |old| old.in_flight.clone());
+                let shared_levels = same.and_then(|old| old.levels.clone());
                 Ok(Backend {
                     url: b.url.clone(),
                     url_shared: Arc::from(b.url.as_str()),
@@ -291,7 +313,7 @@ impl Backends {
                     failures: AtomicU32::new(0),
                     ejected_until: AtomicU64::new(0),
                     unreachable: AtomicBool::new(false),
-                    in_flight: AtomicU32::new(0),
+                    in_flight: shared_in_flight.clone(),
                     load: AtomicU64::new(0f64.to_bits()),
                     waiting: AtomicU32::new(0),
                     kv_milli: AtomicU32::new(0),
@@ -302,10 +324,9 @@ impl Backends {
                     tier: b.tier,
                     model_map: b.model_map.clone(),
                     engine_priority: b.engine_priority,
-                    levels: b
-                        .engine_priority
-                        .filter(|e| e.preempts())
-                        .map(|_| preempt::Levels::default()),
+                    levels: b.engine_priority.filter(|e| e.preempts()).map(|_| {
+                        shared_levels.unwrap_or_else(|| Arc::new(preempt::Levels::default()))
+                    }),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -315,6 +336,7 @@ impl Backends {
             models_json: RwLock::new(None),
             retired: AtomicBool::new(false),
             scheduler: scheduling.map(|s| Scheduler::new(s.max_queue)),
+            successor: OnceLock::new(),
         });
         let unresolved: Vec<usize> = (0..backends.list.len())
             .filter(|&i| !backends.list[i].resolve())
@@ -347,6 +369,31 @@ impl Backends {
     }
 
     /// Ends this set's background threads (a reload published a new one).
+    /// Once `next` serves new requests in this set's place: slots this set's requests free are
+    /// offered to `next`'s waiters as well.
+    pub fn hand_over(&self, next: &Arc<Backends>) {
+        let _ = self.successor.set(Arc::downgrade(next));
+    }
+
+    /// Offers the slot backend `index` freed to the waiters of the later generations that
+    /// share its count (reloads that kept it), newest last.
+    fn offer_to_successors(&self, index: usize) {
+        let mut count = Arc::as_ptr(&self.list[index].in_flight);
+        let mut next = self.successor.get().and_then(Weak::upgrade);
+        while let Some(n) = next {
+            let Some(j) = n
+                .list
+                .iter()
+                .position(|b| Arc::as_ptr(&b.in_flight) == count)
+            else {
+                return;
+            };
+            Backends::offer(&n, j);
+            count = Arc::as_ptr(&n.list[j].in_flight);
+            next = n.successor.get().and_then(Weak::upgrade);
+        }
+    }
+
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
     }
