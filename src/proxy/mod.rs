@@ -393,7 +393,7 @@ async fn proxy<'r>(
             generation,
             c,
             admission.key.as_deref(),
-            generates && readable,
+            generates && readable && generation.upstreams.engine_priority(),
         ),
     };
     let attempted = retry::relay_with_retries(

@@ -8,14 +8,13 @@
 //! the generation's [`crate::schedule::Scheduler`], until a slot is handed to it, its
 //! `queue_timeout` passes or its client leaves.
 
+use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Affinity;
 use crate::error::{GatewayError, Overload};
 use crate::metrics::{self, WorkerMetrics};
-use std::cell::RefCell;
-use std::sync::Arc;
-
 use crate::schedule::{Class, Dispatched, Refusal, Service};
 use crate::upstream::{Backends, InFlight, PickError, PickRequest};
 
@@ -84,8 +83,9 @@ pub struct Queueing {
     /// when its key had nothing at a backend as it arrived (an interactive user's next turn),
     /// which is what a flooding key's requests never are.
     pub level: i64,
-    /// Its API and body take the `priority` an `engine_priority` backend schedules by (chat,
-    /// completions, responses): only then is it counted at its level, or sent past a limit.
+    /// Some backend has `engine_priority`, and the request's API and body take the `priority`
+    /// it schedules by (chat, completions, responses): only then is it counted at its level, or
+    /// sent past a limit.
     prioritized: bool,
     /// Its flow ([`Class::service`], or the scheduler's flow of requests without a key).
     flow: Arc<Service>,
@@ -170,10 +170,12 @@ pub async fn pick_or_wait(
         Err(PickError::Saturated(mask)) => {
             // An engine that preempts runs a more urgent request at once, unless a request of a
             // higher band waits here: it would go first.
-            let first = scheduler
-                .highest_waiting()
-                .is_none_or(|p| p <= q.class.priority);
-            if let Some(mut past) = (first && q.prioritized)
+            let first = || {
+                scheduler
+                    .highest_waiting()
+                    .is_none_or(|p| p <= q.class.priority)
+            };
+            if let Some(mut past) = (q.prioritized && first())
                 .then(|| Backends::past_limit(backends, mask, q.level))
                 .flatten()
             {
