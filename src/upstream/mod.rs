@@ -313,7 +313,7 @@ impl Backends {
                     failures: AtomicU32::new(0),
                     ejected_until: AtomicU64::new(0),
                     unreachable: AtomicBool::new(false),
-                    in_flight: shared_in_flight.clone(),
+                    in_flight: shared_in_flight,
                     load: AtomicU64::new(0f64.to_bits()),
                     waiting: AtomicU32::new(0),
                     kv_milli: AtomicU32::new(0),
