@@ -180,6 +180,7 @@ pub async fn pick_or_wait(
                 .flatten()
             {
                 metrics.past_limit(metrics::band(q.class.priority));
+                generation.upstreams.record_prompt(request, past.index);
                 q.dispatch(&mut past);
                 return Ok(Some(past));
             }
@@ -217,6 +218,7 @@ pub async fn pick_or_wait(
     match ended {
         None => Ok(None),
         Some(Ok(Ok(mut in_flight))) => {
+            generation.upstreams.record_prompt(request, in_flight.index);
             q.dispatch(&mut in_flight);
             Ok(Some(in_flight))
         }

@@ -183,6 +183,24 @@ impl WorkerUpstreams {
         }
     }
 
+    /// With `cache_aware`: records the request's prompt blocks as sent to backend `index`, for
+    /// a request that got there without a pick (a slot handed over after a wait, or one past
+    /// the limit), so its conversation's next turn finds the prefix where it is.
+    pub fn record_prompt(&self, req: &PickRequest<'_>, index: usize) {
+        if self.strategy != Strategy::CacheAware {
+            return;
+        }
+        let blocks = &mut *self.blocks.borrow_mut();
+        blocks.clear();
+        let model = req.model.unwrap_or_default().as_bytes();
+        prefix::chain(model, req.prompt, self.cache_aware.block_bytes, blocks);
+        if !blocks.is_empty() {
+            self.backends.list[index]
+                .blocks
+                .record(blocks, prefix::tick(now_ms()));
+        }
+    }
+
     /// Some backend schedules by the `priority` the gateway writes (`engine_priority`).
     pub fn engine_priority(&self) -> bool {
         self.engine_priority

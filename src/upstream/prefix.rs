@@ -431,6 +431,22 @@ mod tests {
     }
 
     #[test]
+    fn a_prompt_sent_without_a_pick_is_recorded_where_it_went() {
+        let up = upstreams();
+        let turn1: &[&[u8]] = &[b"[{\"role\":\"user\",\"content\":\"tell me a story\"}"];
+        // As after a wait: the slot handed over was on backend 2.
+        let req = crate::upstream::PickRequest {
+            model: Some("m"),
+            prompt: turn1,
+            ..Default::default()
+        };
+        up.record_prompt(&req, 2);
+        let next = pick(&up, "m", turn1, 0);
+        assert_eq!(next.index, 2);
+        assert_eq!(next.route.unwrap().reason, Reason::PrefixMatch);
+    }
+
+    #[test]
     fn an_ejected_backend_forgets_its_blocks() {
         let up = upstreams();
         let prompt: &[&[u8]] = &[b"a system prompt long enough for two blocks"];
