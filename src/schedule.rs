@@ -16,10 +16,11 @@
 //! It must not know backends, HTTP or keys: backends are bits of a mask, the grant is opaque,
 //! flows are [`Service`] counters.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 /// A flow's service received, in milli-tokens (prompt + weighted completion), for the Virtual
@@ -58,6 +59,24 @@ impl Service {
     fn lift(&self, floor: i64) {
         self.milli.fetch_max(floor, Ordering::Relaxed);
     }
+}
+
+/// The flow of the key with id `key_id`, the same for every config generation that knows the
+/// key: a reload keeps its counter and its count of requests at a backend. Held weakly here, so
+/// a key no generation knows any more is forgotten.
+pub fn flow_of(key_id: &str) -> Arc<Service> {
+    static FLOWS: LazyLock<Mutex<HashMap<String, Weak<Service>>>> = LazyLock::new(Default::default);
+    let mut flows = lock(&FLOWS);
+    if let Some(flow) = flows.get(key_id).and_then(Weak::upgrade) {
+        return flow;
+    }
+    // Forget the dead now and then: the map stays within twice the keys alive.
+    if flows.len() >= 64 && flows.len().is_power_of_two() {
+        flows.retain(|_, f| f.strong_count() > 0);
+    }
+    let flow = Arc::new(Service::default());
+    flows.insert(key_id.to_owned(), Arc::downgrade(&flow));
+    flow
 }
 
 /// One request of a flow at a backend ([`Service::dispatch`]).

@@ -16,7 +16,11 @@ use common::*;
 use serde_json::{json, Value};
 
 fn gateway(mock: SocketAddr, engine: &str, max_in_flight: u32, log: &Path) -> Proc {
-    spawn_gateway(&format!(
+    spawn_gateway(&config(mock, engine, max_in_flight, log))
+}
+
+fn config(mock: SocketAddr, engine: &str, max_in_flight: u32, log: &Path) -> String {
+    format!(
         "listen: \"{{listen}}\"\nworkers: 1\nbackends:\n  - url: \"http://{mock}\"\n    max_in_flight: {max_in_flight}\n    engine_priority: {engine}\n\
          scheduling:\n  enabled: true\n  queue_timeout: 120s\n  saturation: {{waiting_requests: 0, kv_cache: 0}}\n\
          log:\n  format: json\n  access_path: \"{}\"\n  flush_interval: 50ms\n\
@@ -24,7 +28,7 @@ fn gateway(mock: SocketAddr, engine: &str, max_in_flight: u32, log: &Path) -> Pr
          api_keys:\n  - {{key: sk-flood-0000001, name: flood}}\n  - {{key: sk-light-0000001, name: light}}\n  - {{key: sk-vip-000000001, name: vip, priority: 1}}\n",
         log.display(),
         unique_path("sched-engine-quota").display()
-    ))
+    )
 }
 
 fn log_path() -> PathBuf {
@@ -197,4 +201,29 @@ fn sglang_preempts_for_a_fresh_request_and_the_flood_waits_its_turn() {
     let order = logged_request_ids(&log, 4);
     assert_eq!(order[0], "light-1", "{order:?}");
     assert_eq!(order[3], "flood-3", "{order:?}");
+}
+
+#[test]
+fn a_reload_keeps_each_keys_flow_so_a_backlogged_key_stays_backlogged() {
+    let mock = spawn_mock(&["--enable-priority-scheduling", "--max-running", "2"]);
+    let notifications = Notifications::new();
+    let gw = spawn_gateway_notifying(&config(mock.addr, "sglang", 2, &log_path()), &notifications);
+    notifications.expect("READY=1");
+    let first = start_stream(gw.addr, "flood-1", 1000);
+    let second = start_stream(gw.addr, "flood-2", 1000);
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
+    notifications.expect("RELOADING=1");
+    notifications.expect("READY=1");
+    // The flood key still has two requests at the backend: under the new config its next one
+    // is not fresh, so it waits instead of preempting its own.
+    let third = send(gw.addr, chat("sk-flood-0000001", "flood-3", json!({})));
+    assert!(wait_until(Duration::from_secs(30), || metric(
+        gw.addr,
+        "llmproxy_queue_depth"
+    ) == 1.0));
+    assert_eq!(metric(gw.addr, "llmproxy_preemptive_dispatches_total"), 0.0);
+    drop((first, second));
+    assert_eq!(third.join().unwrap().status, 200);
+    assert_eq!(metric(mock.addr, "vllm:num_preemptions_total"), 0.0);
 }

@@ -199,17 +199,23 @@ fn a_reload_keeps_counting_the_requests_still_running_and_hands_their_slots_on()
     let yaml = format!(
         "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n    max_in_flight: 1\n{}",
         mock.addr,
-        scheduling("60s")
+        scheduling("20s")
     );
     let notifications = Notifications::new();
     let gw = spawn_gateway_notifying(&yaml, &notifications);
     notifications.expect("READY=1");
+    // The same file again: a new config generation.
+    let reload = || {
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
+        notifications.expect("RELOADING=1");
+        notifications.expect("READY=1");
+    };
     let held = hold(gw.addr, "-");
-    // The same file again: a new config generation, the stream still running on the old one.
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
-    notifications.expect("RELOADING=1");
-    notifications.expect("READY=1");
+    // Two reloads with the stream running on the first generation: the third has nobody on
+    // the second.
+    reload();
+    reload();
     // The stream still holds the backend's one slot: the next request waits.
     let addr = gw.addr;
     let waiting = std::thread::spawn(move || chat(addr, "-"));
@@ -218,7 +224,9 @@ fn a_reload_keeps_counting_the_requests_still_running_and_hands_their_slots_on()
         "the request after the reload was not held back by the one before it"
     );
     assert_eq!(metric(mock.addr, "vllm:num_requests_running"), 1.0);
-    // The old generation's request ends: its slot goes to the new generation's waiter.
+    // And one more, so that it waits on a generation that is no longer the newest.
+    reload();
+    // The first generation's request ends: its slot goes to the waiter two generations on.
     drop(held);
     let r = waiting.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.text());

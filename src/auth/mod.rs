@@ -433,6 +433,7 @@ impl Shared {
                     .get(&key_id)
                     .filter(|(p, _)| *p == period)
                     .map_or(0, |(_, used)| *used);
+                let service = crate::schedule::flow_of(&key_id);
                 let live = Arc::new(KeyLive {
                     limits: (!spec.is_empty())
                         .then(|| Arc::new(LimitSet::new(&spec, format!("key:{key_id}")))),
@@ -443,7 +444,7 @@ impl Shared {
                     quota_period: self.config.quota_period,
                     shared: k.total_quota.is_some() || spec.tokens_per_minute.is_some(),
                     active: AtomicBool::new(false),
-                    service: Arc::default(),
+                    service,
                     served: AtomicU64::new(0),
                 });
                 if let Some(ledger) = &self.ledger {

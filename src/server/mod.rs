@@ -566,8 +566,9 @@ fn reload_config(control: &Control) -> Result<u64, String> {
                     let next = Arc::new(next);
                     upstream::spawn_checker(backends.clone(), &next);
                     let count = next.backends.len();
-                    // The slots the running set's requests free go to the new set's waiters too.
-                    running.backends.hand_over(&backends);
+                    // Its background threads stop; requests still running keep using it, and
+                    // the slots they free are offered to the new set's waiters too.
+                    running.backends.retire();
                     let generation = live.publish(Snapshot {
                         config: next,
                         backends,
@@ -576,8 +577,6 @@ fn reload_config(control: &Control) -> Result<u64, String> {
                         usage,
                         tls,
                     });
-                    // Its background threads stop; requests still running keep using it.
-                    running.backends.retire();
                     tracing::info!(generation, backends = count, file = %path.display(), "config reloaded");
                     Ok(generation)
                 }

@@ -62,7 +62,9 @@ impl Drop for InFlight {
         if self.backends.scheduler.is_some() {
             Backends::offer(&self.backends, self.index);
         }
-        self.backends.offer_to_successors(self.index);
+        if self.backends.is_retired() {
+            self.backends.offer_to_later(self.index);
+        }
     }
 }
 

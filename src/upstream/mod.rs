@@ -17,7 +17,7 @@ mod prefix;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 pub use balance::{InFlight, PickError, PickRequest, WorkerUpstreams};
@@ -244,9 +244,10 @@ pub struct Backends {
     retired: AtomicBool,
     /// Requests waiting for a slot when every backend for them is saturated (`scheduling`).
     pub scheduler: Option<Scheduler<InFlight>>,
-    /// The set a reload replaced this one with: a slot freed by a request of this generation
-    /// is offered to the requests waiting there too.
-    successor: OnceLock<Weak<Backends>>,
+    /// The sets of this process still alive, in the order they were built, shared by them all:
+    /// a slot freed by a request of a replaced set is offered to the waiters of later sets
+    /// too (requests wait in the set they started on).
+    generations: Arc<Mutex<Vec<Weak<Backends>>>>,
 }
 
 impl Backends {
@@ -336,8 +337,13 @@ impl Backends {
             models_json: RwLock::new(None),
             retired: AtomicBool::new(false),
             scheduler: scheduling.map(|s| Scheduler::new(s.max_queue)),
-            successor: OnceLock::new(),
+            generations: previous.map_or_else(Default::default, |p| p.generations.clone()),
         });
+        backends
+            .generations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&backends));
         let unresolved: Vec<usize> = (0..backends.list.len())
             .filter(|&i| !backends.list[i].resolve())
             .collect();
@@ -369,28 +375,28 @@ impl Backends {
     }
 
     /// Ends this set's background threads (a reload published a new one).
-    /// Once `next` serves new requests in this set's place: slots this set's requests free are
-    /// offered to `next`'s waiters as well.
-    pub fn hand_over(&self, next: &Arc<Backends>) {
-        let _ = self.successor.set(Arc::downgrade(next));
-    }
-
-    /// Offers the slot backend `index` freed to the waiters of the later generations that
-    /// share its count (reloads that kept it), newest last.
-    fn offer_to_successors(&self, index: usize) {
-        let mut count = Arc::as_ptr(&self.list[index].in_flight);
-        let mut next = self.successor.get().and_then(Weak::upgrade);
-        while let Some(n) = next {
-            let Some(j) = n
+    /// Offers the slot backend `index` of this replaced set freed to the waiters of the sets
+    /// built after it that share its count (reloads that kept the backend), oldest first.
+    fn offer_to_later(&self, index: usize) {
+        let count = Arc::as_ptr(&self.list[index].in_flight);
+        let later: Vec<Arc<Backends>> = {
+            let mut sets = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+            sets.retain(|s| s.strong_count() > 0);
+            let after = sets
+                .iter()
+                .position(|s| std::ptr::eq(s.as_ptr(), self))
+                .map_or(0, |i| i + 1);
+            sets[after..].iter().filter_map(Weak::upgrade).collect()
+        };
+        // Outside the lock: a grant may drop a slot nobody claimed, which offers it again.
+        for set in later {
+            if let Some(j) = set
                 .list
                 .iter()
                 .position(|b| Arc::as_ptr(&b.in_flight) == count)
-            else {
-                return;
-            };
-            Backends::offer(&n, j);
-            count = Arc::as_ptr(&n.list[j].in_flight);
-            next = n.successor.get().and_then(Weak::upgrade);
+            {
+                Backends::offer(&set, j);
+            }
         }
     }
 
