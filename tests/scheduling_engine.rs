@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -65,17 +65,7 @@ fn start_stream(addr: SocketAddr, id: &str, tokens: u64) -> TcpStream {
         format!("x-mock-itl-ms: 20\r\nx-mock-tokens: {tokens}\r\nconnection: close\r\n")
             .into_bytes(),
     );
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(&raw).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "the stream ended early");
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
-    s
+    open_stream(addr, &raw)
 }
 
 fn send(addr: SocketAddr, raw: Vec<u8>) -> JoinHandle<Response> {

@@ -716,3 +716,23 @@ pub fn logged_request_ids(log: &Path, n: usize) -> Vec<String> {
     );
     ids
 }
+
+/// Sends `raw` (a streamed request) on a new connection and returns it once a 200 head has
+/// arrived, the body still to read: the stream holds its slot until the connection is dropped.
+pub fn open_stream(addr: SocketAddr, raw: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(raw).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut byte).unwrap(),
+            1,
+            "the stream ended before its head"
+        );
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    s
+}
