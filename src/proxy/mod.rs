@@ -345,13 +345,16 @@ async fn proxy<'r>(
         Api::ChatCompletions | Api::Completions | Api::Responses
     );
     let readable = info.end > 0 && !info.form;
-    if generates && !readable && generation.upstreams.engine_priority() {
+    let engine_priority = generation.upstreams.engine_priority();
+    if generates && !readable && engine_priority {
         let e = GatewayError::Request(crate::http::RequestError::Malformed(
             "the body is not a UTF-8 JSON object, which a backend scheduling by priority needs",
         ));
         outcome.fail(&e);
         return respond_error(wr, &mut c.out, &e, api, id, keep_alive).await;
     }
+    // The request carries the priority the gateway writes.
+    let prioritized = generates && readable && engine_priority;
     let strip_usage = forward::rewrite_body(generation, api_or_other, c, &mut info);
 
     let canceller = monoio::io::Canceller::new();
@@ -380,7 +383,7 @@ async fn proxy<'r>(
         client_ip: &c.ip,
         model: outcome.has_model.then_some(c.model.as_str()),
         model_at: info.model.clone().filter(|_| outcome.has_model),
-        priority_at: (generates && readable).then(|| match info.priority.clone() {
+        priority_at: prioritized.then(|| match info.priority.clone() {
             Some(value) => retry::PriorityAt::Value(value),
             None => retry::PriorityAt::Append {
                 end: info.end,
@@ -389,12 +392,7 @@ async fn proxy<'r>(
         }),
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
         prompt: pick::prompt(&c.body, &info),
-        queueing: queueing(
-            generation,
-            c,
-            admission.key.as_deref(),
-            generates && readable && generation.upstreams.engine_priority(),
-        ),
+        queueing: queueing(generation, c, admission.key.as_deref(), prioritized),
     };
     let attempted = retry::relay_with_retries(
         ctx,
