@@ -167,7 +167,9 @@ fn sglang_preempts_for_a_fresh_request_and_the_flood_waits_its_turn() {
     let mock = spawn_mock(&["--enable-priority-scheduling", "--max-running", "2"]);
     let log = log_path();
     let gw = gateway(mock.addr, "sglang", 2, &log);
-    let tokens = 150;
+    // Long enough (5 s) that light-1 is answered while both streams still run, even on a
+    // loaded machine.
+    let tokens = 250;
     // The flood key's first stream is fresh; its second is not, and its third waits here.
     let first = start_stream(gw.addr, "flood-1", tokens);
     let second = start_stream(gw.addr, "flood-2", tokens);
@@ -188,9 +190,12 @@ fn sglang_preempts_for_a_fresh_request_and_the_flood_waits_its_turn() {
     assert_eq!(finish(first), (tokens, true));
     assert_eq!(finish(second), (tokens, true));
     assert_eq!(third.join().unwrap().status, 200);
+    // The log is in order of completion: flood-3 ran only once a flood stream had ended. (It
+    // may end before the preempted stream, which lost its place for light-1's turn.)
     let order = logged_request_ids(&log, 4);
     assert_eq!(order[0], "light-1", "{order:?}");
-    assert_eq!(order[3], "flood-3", "{order:?}");
+    let third_at = order.iter().position(|id| id == "flood-3").unwrap();
+    assert!(third_at >= 2, "{order:?}");
 }
 
 #[test]
