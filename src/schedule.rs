@@ -24,8 +24,9 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 /// A flow's service received, in milli-tokens (prompt + weighted completion), for the Virtual
-/// Token Counter. Charged with an estimate when a request is dispatched and corrected with its
-/// metered tokens when its usage record is read.
+/// Token Counter. Charged a request's estimated prompt when it is dispatched and each token of a
+/// streamed answer as it is relayed, then corrected with its metered tokens when its usage
+/// record is read.
 #[derive(Debug, Default)]
 pub struct Service {
     milli: AtomicI64,

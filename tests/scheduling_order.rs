@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -172,4 +173,62 @@ fn within_a_band_a_key_gets_its_share_of_tokens_not_of_arrivals() {
         let expected: Vec<String> = (0..6).map(|i| format!("{key}-{i}")).collect();
         assert_eq!(mine, expected.iter().collect::<Vec<_>>());
     }
+}
+
+#[test]
+fn a_streamed_answer_counts_against_its_key_as_it_is_relayed() {
+    let mock = spawn_mock(&[]);
+    let log = log_path();
+    let gw = gateway(mock.addr, &log);
+    // The big key has been served a 100-token prompt.
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &json!({"model": "mock-model", "max_tokens": 1,
+            "messages": [{"role": "user", "content": "x".repeat(400)}]}),
+        &[
+            ("Authorization", "Bearer sk-big-000000001"),
+            ("X-Request-Id", "big-0"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The hold key's stream takes the slot, and 150 of its tokens reach the client: charged at
+    // completion_weight 2, they put its key past the big one while the stream still runs.
+    let body = json!({"model": "mock-model", "stream": true,
+        "messages": [{"role": "user", "content": "hold"}]});
+    let mut held = open_stream(
+        gw.addr,
+        &raw_request(
+            "POST",
+            "/v1/chat/completions",
+            body.to_string().as_bytes(),
+            &[
+                ("x-mock-itl-ms", "5"),
+                ("x-mock-tokens", "100000"),
+                ("Authorization", "Bearer sk-hold-00000001"),
+                ("X-Request-Id", "hold"),
+            ],
+        ),
+    );
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while memchr::memmem::find_iter(&seen, b"data: ").count() < 150 {
+        let n = held.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let waiting = vec![
+        enqueue(gw.addr, "hold-2", "sk-hold-00000001", None, 8, 0),
+        enqueue(gw.addr, "big-1", "sk-big-000000001", None, 8, 1),
+    ];
+    drop(held);
+    for w in waiting {
+        assert_eq!(w.join().unwrap().status, 200);
+    }
+    // Counted only when its record is read, the stream would leave the hold key at its
+    // prompt's estimate, below the big key: hold-2 would go first.
+    assert_eq!(
+        logged_request_ids(&log, 4),
+        ["big-0", "hold", "big-1", "hold-2"]
+    );
 }

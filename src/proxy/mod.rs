@@ -277,7 +277,18 @@ fn queueing(
         }
     };
     let flow = scheduler.flow(&class).clone();
-    Some(pick::Queueing::new(class, estimate, flow, prioritized))
+    let completion_weight = generation
+        .config
+        .scheduling
+        .as_ref()
+        .map_or(0.0, |s| s.completion_weight);
+    Some(pick::Queueing::new(
+        class,
+        estimate,
+        completion_weight,
+        flow,
+        prioritized,
+    ))
 }
 
 /// Phases 3 to 7 for a relayed request; what the account phase needs goes into `outcome`.

@@ -8,7 +8,7 @@
 //! the generation's [`crate::schedule::Scheduler`], until a slot is handed to it, its
 //! `queue_timeout` passes or its client leaves.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,8 +70,8 @@ fn refusal(e: PickError, request: &PickRequest<'_>) -> GatewayError {
 }
 
 /// With `scheduling`: the request's place in the wait for a saturated backend, what it is
-/// charged against its key's fair share when dispatched (its prompt, estimated from its bytes;
-/// the usage record corrects it), and its engine priority level.
+/// charged against its key's fair share (its prompt, estimated from its bytes, when dispatched;
+/// its answer as it streams; the usage record corrects both), and its engine priority level.
 pub struct Queueing {
     pub class: Class,
     /// Charged to its key's counter when first dispatched: its prompt, estimated from its bytes
@@ -79,6 +79,10 @@ pub struct Queueing {
     /// that starts waiting is lifted to the counters of those waiting, so an estimate charged
     /// ahead would count a head start against every key behind it.
     pub estimate: f64,
+    /// `scheduling.completion_weight`: what one token of its answer is charged.
+    completion_weight: f64,
+    /// Content events of its streamed answer charged so far ([`Queueing::charge_streamed`]).
+    streamed: Cell<u32>,
     /// For `backends[].engine_priority`: its band, [`LEVEL_FRESH`] above the rest of the band
     /// when its key had nothing at a backend as it arrived (an interactive user's next turn),
     /// which is what a flooding key's requests never are.
@@ -100,12 +104,20 @@ const LEVEL_BAND: i64 = 100;
 const LEVEL_FRESH: i64 = 50;
 
 impl Queueing {
-    pub fn new(class: Class, estimate: f64, flow: Arc<Service>, prioritized: bool) -> Queueing {
+    pub fn new(
+        class: Class,
+        estimate: f64,
+        completion_weight: f64,
+        flow: Arc<Service>,
+        prioritized: bool,
+    ) -> Queueing {
         let level =
             i64::from(class.priority) * LEVEL_BAND + if flow.is_idle() { LEVEL_FRESH } else { 0 };
         Queueing {
             class,
             estimate,
+            completion_weight,
+            streamed: Cell::new(0),
             level,
             prioritized,
             flow,
@@ -116,8 +128,25 @@ impl Queueing {
     /// What its key's counter was charged (0 until dispatched, and for a request without a key).
     pub fn charged(&self) -> f64 {
         match (&self.class.service, self.dispatched.borrow().is_some()) {
-            (Some(_), true) => self.estimate,
+            (Some(_), true) => {
+                self.estimate + self.completion_weight * f64::from(self.streamed.get())
+            }
             _ => 0.0,
+        }
+    }
+
+    /// Its answer streams and `content_events` of it have been relayed: the ones not charged
+    /// yet are charged to its key's counter, one token each (what vLLM sends per event; the
+    /// usage record corrects it). As VTC counts each token when it is generated, a key's
+    /// running answers rank it behind the others before they end, not seconds after.
+    pub fn charge_streamed(&self, content_events: u32) {
+        let new = content_events.saturating_sub(self.streamed.get());
+        if new == 0 {
+            return;
+        }
+        self.streamed.set(content_events);
+        if let Some(service) = &self.class.service {
+            service.charge(self.completion_weight * f64::from(new));
         }
     }
 

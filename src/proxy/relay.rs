@@ -1,7 +1,8 @@
 //! Phase 7b, relay: runs once per attempt, after [`super::pick`] chose a backend. Sends the
 //! request upstream, then stream the response to the client as each upstream read
 //! arrives. Response bytes are forwarded unchanged (chunked stays chunked); the only per-read work
-//! is the framing tracker skipping over chunk sizes, the meter, and one write to the client.
+//! is the framing tracker skipping over chunk sizes, the meter, and one write to the client (and
+//! with `scheduling`, a streamed answer's new tokens charged to its key's fair share).
 //! Two cases re-frame the body instead, still one write per read: the usage-only event the
 //! gateway asked for is left out (sent as chunks, whatever the backend's framing), and an
 //! HTTP/1.0 client gets the payload without chunking, ended by the close.
@@ -13,6 +14,7 @@ use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 
 use super::client_watch::ClientWatch;
+use super::pick::Queueing;
 use super::Context;
 use crate::api::Api;
 use crate::error::GatewayError;
@@ -81,6 +83,8 @@ pub struct Exchange<'a> {
     pub retry_status: &'a [u16],
     /// Latest time for the response head (`timeouts.first_byte`, `timeouts.total`).
     pub head_deadline: Option<Instant>,
+    /// With `scheduling`: charged for a streamed answer's tokens as they are relayed.
+    pub fair_share: Option<&'a Queueing>,
 }
 
 /// What the relay observed, filled in as it goes so every exit path can be accounted for.
@@ -273,6 +277,10 @@ pub async fn exchange(
         resp_head.extend_from_slice(&initial[..k]);
         k
     };
+    let fair_share = ex.fair_share.filter(|_| head.event_stream);
+    if let Some(q) = fair_share {
+        q.charge_streamed(meter.content_events());
+    }
     let mut upstream_reusable = head.reusable && first == initial.len();
     let written = Instant::now();
     progress.head_written = Some(written);
@@ -336,6 +344,9 @@ pub async fn exchange(
             else {
                 return Ok(Relayed::Broken { timed_out: false });
             };
+            if let Some(q) = fair_share {
+                q.charge_streamed(meter.content_events());
+            }
             upstream_reusable &= body == n;
             let end = end_of_body || tracker.is_done();
             if end && strip {
@@ -377,6 +388,9 @@ pub async fn exchange(
             let Ok(body) = tracker.advance(&up.buf[..n], |d| meter.observe(d)) else {
                 return Ok(Relayed::Broken { timed_out: false });
             };
+            if let Some(q) = fair_share {
+                q.charge_streamed(meter.content_events());
+            }
             // Bytes past the end of the response mean the backend is out of step: never reuse it.
             upstream_reusable &= body == n;
             progress.bytes += body as u64;

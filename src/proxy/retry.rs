@@ -217,6 +217,7 @@ pub async fn relay_with_retries(
             backend: idx,
             retry_status: if last { &[] } else { &retry.on_status },
             head_deadline: first_byte.into_iter().chain(plan.deadline).min(),
+            fair_share: req.queueing.as_ref(),
         };
         let mut progress = Progress::default();
         let result = relay::exchange(
