@@ -110,7 +110,7 @@ fn the_priority_sent_is_the_requests_level_whatever_the_client_asked() {
     );
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
-    // Embeddings carry no priority.
+    // Embeddings get no priority added...
     let r = post_json(
         gw.addr,
         "/v1/embeddings",
@@ -118,6 +118,18 @@ fn the_priority_sent_is_the_requests_level_whatever_the_client_asked() {
         &[("Authorization", "Bearer sk-light-0000001")],
     );
     assert_eq!(r.status, 200, "{}", r.text());
+    // ...but vLLM reads one there too: a client's own is replaced.
+    let r = post_json(
+        gw.addr,
+        "/v1/embeddings",
+        &json!({"model": "mock-model", "input": "x", "priority": -9999}),
+        &[("Authorization", "Bearer sk-light-0000001")],
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        r.json()["error"]["message"],
+        "Got priority -50 but Priority scheduling is not enabled."
+    );
 }
 
 #[test]

@@ -551,12 +551,16 @@ struct EmbeddingRequest {
     model: Option<String>,
     input: Value,
     encoding_format: Option<String>,
+    /// vLLM's pooling requests take one too (it orders nothing here: embeddings do not queue).
+    #[serde(default)]
+    priority: i64,
 }
 
 /// `/v1/embeddings`: one unit vector per input, derived from the input's bytes.
 pub(super) fn embeddings(sh: &Shared, body: &[u8]) -> Result<Vec<u8>, ApiError> {
     let req: EmbeddingRequest = serde_json::from_slice(body).map_err(bad_json)?;
     let model = resolve_model(sh, req.model.as_deref())?;
+    check_priority(sh, req.priority)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

@@ -394,13 +394,17 @@ async fn proxy<'r>(
         client_ip: &c.ip,
         model: outcome.has_model.then_some(c.model.as_str()),
         model_at: info.model.clone().filter(|_| outcome.has_model),
-        priority_at: prioritized.then(|| match info.priority.clone() {
-            Some(value) => retry::PriorityAt::Value(value),
-            None => retry::PriorityAt::Append {
+        // Other APIs (embeddings, pooling) take a `priority` in vLLM too: a client's own is
+        // replaced, none is added.
+        priority_at: match info.priority.clone() {
+            _ if !(readable && engine_priority) => None,
+            Some(value) => Some(retry::PriorityAt::Value(value)),
+            None if prioritized => Some(retry::PriorityAt::Append {
                 end: info.end,
                 comma: info.has_members,
-            },
-        }),
+            }),
+            None => None,
+        },
         affinity_key: pick::affinity_key(generation, &c.buf, &c.head, &c.body, &info),
         prompt: pick::prompt(&c.body, &info),
         queueing: queueing(generation, c, admission.key.as_deref(), prioritized),

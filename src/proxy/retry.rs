@@ -70,7 +70,8 @@ pub struct Request<'a> {
     /// Where `body` holds the model's name (between the quotes), for a backend's `model_map`.
     pub model_at: Option<std::ops::Range<usize>>,
     /// Where a backend's `engine_priority` value goes; `None` unless some backend has one and
-    /// the body is a generation's JSON object.
+    /// the body is a JSON object: a generation's, or another API's that carries a `priority`
+    /// of the client's (replaced, never added).
     pub priority_at: Option<PriorityAt>,
     pub affinity_key: Option<&'a [u8]>,
     /// The prompt's raw JSON values, for `cache_aware` routing.
