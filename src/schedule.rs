@@ -6,15 +6,17 @@
 //! served when none wait), so idle time earns no credit and a flooding key gets its share and
 //! no more.
 //!
-//! One [`Scheduler`] per config generation, shared by every worker: a small mutex-protected
-//! list of waiters, touched only when a request must wait or a slot frees while some wait (one
-//! atomic load tells whether any do). A freed slot is handed to the chosen waiter directly: the
-//! grant carries it (`T`, the upstream's in-flight count), so a waiter woken on another core
-//! never races newcomers for it, and a grant its waiter no longer wants is dropped, which frees
-//! the slot again for the next one.
+//! One [`Scheduler`] per process, shared by every worker and by every config generation since
+//! scheduling was turned on: a request that waits under a replaced config keeps its place among
+//! those that arrive under the new one. A small mutex-protected list of waiters, touched only
+//! when a request must wait or a slot frees while some wait (one atomic load tells whether any
+//! do). A freed slot is handed to the chosen waiter directly: the grant carries it (`T`, the
+//! upstream's in-flight count), so a waiter woken on another core never races newcomers for
+//! it, and a grant its waiter no longer wants is dropped, which frees the slot again for the
+//! next one.
 //!
-//! It must not know backends, HTTP or keys: backends are bits of a mask, the grant is opaque,
-//! flows are [`Service`] counters.
+//! It must not know backends, HTTP or keys: backends are opaque ids (the same for a backend
+//! across config generations), the grant is opaque, flows are [`Service`] counters.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -106,9 +108,10 @@ pub struct Class {
     pub service: Option<Arc<Service>>,
 }
 
-/// The waiters of one config generation, shared by every worker.
+/// The waiters of the process, shared by every worker and config generation.
 pub struct Scheduler<T> {
-    max_queue: usize,
+    /// `scheduling.max_queue` of the running config.
+    max_queue: AtomicUsize,
     /// Waiters in `queue`, readable without the lock.
     queued: AtomicUsize,
     queue: Mutex<Queue<T>>,
@@ -119,7 +122,7 @@ pub struct Scheduler<T> {
 impl<T> std::fmt::Debug for Scheduler<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scheduler")
-            .field("max_queue", &self.max_queue)
+            .field("max_queue", &self.max_queue.load(Ordering::Relaxed))
             .field("queued", &self.backlog())
             .finish_non_exhaustive()
     }
@@ -136,8 +139,8 @@ struct Queue<T> {
 struct Ticket<T> {
     priority: i32,
     service: Arc<Service>,
-    /// Backends that could take the request (bit i = backend i).
-    mask: u64,
+    /// Ids of the backends that could take the request.
+    backends: Box<[u64]>,
     seq: u64,
     state: Mutex<State<T>>,
 }
@@ -172,7 +175,7 @@ impl<T> Ticket<T> {
 impl<T> Scheduler<T> {
     pub fn new(max_queue: usize) -> Scheduler<T> {
         Scheduler {
-            max_queue,
+            max_queue: AtomicUsize::new(max_queue),
             queued: AtomicUsize::new(0),
             queue: Mutex::new(Queue {
                 waiting: Vec::new(),
@@ -181,6 +184,11 @@ impl<T> Scheduler<T> {
             }),
             anonymous: Arc::new(Service::default()),
         }
+    }
+
+    /// A reload's `scheduling.max_queue`: waiters beyond it stay, newcomers find the queue full.
+    pub fn set_max_queue(&self, max_queue: usize) {
+        self.max_queue.store(max_queue, Ordering::Relaxed);
     }
 
     /// Requests waiting now. Sequentially consistent with the slot counts it guards: a slot
@@ -216,16 +224,21 @@ impl<T> Scheduler<T> {
         depth
     }
 
-    /// Starts waiting for a slot on one of the backends in `mask`. The caller must then offer
-    /// those backends' free slots (a slot freed while it was deciding to wait would otherwise
-    /// go unnoticed). A full queue sheds its newest waiter of the lowest priority below this
-    /// one, or refuses this one.
-    pub fn enqueue(&self, class: &Class, mask: u64) -> Result<Wait<'_, T>, Refusal> {
+    /// Starts waiting for a slot on one of `backends` (ids). The caller must then offer those
+    /// backends' free slots (a slot freed while it was deciding to wait would otherwise go
+    /// unnoticed). A full queue sheds its newest waiter of the lowest priority below this one,
+    /// or refuses this one.
+    pub fn enqueue(
+        &self,
+        class: &Class,
+        backends: impl IntoIterator<Item = u64>,
+    ) -> Result<Wait<'_, T>, Refusal> {
         let service = self.flow(class);
+        let backends = backends.into_iter().collect();
         let mut shed = None;
         let ticket = {
             let mut q = lock(&self.queue);
-            if q.waiting.len() >= self.max_queue {
+            if q.waiting.len() >= self.max_queue.load(Ordering::Relaxed) {
                 let victim = q
                     .waiting
                     .iter()
@@ -249,7 +262,7 @@ impl<T> Scheduler<T> {
             let ticket = Arc::new(Ticket {
                 priority: class.priority,
                 service: service.clone(),
-                mask,
+                backends,
                 seq: q.next_seq,
                 state: Mutex::new(State::Waiting(None)),
             });
@@ -267,20 +280,20 @@ impl<T> Scheduler<T> {
         })
     }
 
-    /// Hands a slot of `backend` to the first waiter in order that could use it: `take` claims
-    /// the slot (`None`: there is none after all). Whether a waiter got one.
-    pub fn grant(&self, backend: usize, take: impl FnOnce() -> Option<T>) -> bool {
+    /// Hands a slot of the backend with id `backend` to the first waiter in order that could
+    /// use it: `take` claims the slot (`None`: there is none after all). Whether a waiter got
+    /// one.
+    pub fn grant(&self, backend: u64, take: impl FnOnce() -> Option<T>) -> bool {
         if self.backlog() == 0 {
             return false;
         }
         let waker = {
             let mut q = lock(&self.queue);
-            let bit = 1u64 << (backend % 64);
             let Some(first) = q
                 .waiting
                 .iter()
                 .enumerate()
-                .filter(|(_, t)| t.mask & bit != 0)
+                .filter(|(_, t)| t.backends.contains(&backend))
                 .min_by_key(|(_, t)| t.rank())
                 .map(|(i, _)| i)
             else {
@@ -374,8 +387,8 @@ mod tests {
         let (a, b) = (Arc::new(Service::default()), Arc::new(Service::default()));
         let counter = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(counter.clone());
-        let mut on_1 = s.enqueue(&class(0, &a), 0b10).unwrap();
-        let mut on_0 = s.enqueue(&class(0, &b), 0b01).unwrap();
+        let mut on_1 = s.enqueue(&class(0, &a), [1]).unwrap();
+        let mut on_0 = s.enqueue(&class(0, &b), [0]).unwrap();
         assert!(poll(&mut on_1, &waker).is_none() && poll(&mut on_0, &waker).is_none());
         assert_eq!(s.backlog(), 2);
         // No slot after all: nobody is granted.
@@ -394,13 +407,13 @@ mod tests {
         let (heavy, light) = (Arc::new(Service::default()), Arc::new(Service::default()));
         heavy.charge(10_000.0);
         let waker = Waker::noop();
-        let mut low = s.enqueue(&class(-1, &light), 1).unwrap();
-        let mut heavy1 = s.enqueue(&class(0, &heavy), 1).unwrap();
-        let mut heavy2 = s.enqueue(&class(0, &heavy), 1).unwrap();
+        let mut low = s.enqueue(&class(-1, &light), [0]).unwrap();
+        let mut heavy1 = s.enqueue(&class(0, &heavy), [0]).unwrap();
+        let mut heavy2 = s.enqueue(&class(0, &heavy), [0]).unwrap();
         // Lifted to just below the least counter waiting in its band (heavy's): no credit for
         // idling beyond going next.
-        let mut light1 = s.enqueue(&class(0, &light), 1).unwrap();
-        let mut high = s.enqueue(&class(5, &heavy), 1).unwrap();
+        let mut light1 = s.enqueue(&class(0, &light), [0]).unwrap();
+        let mut high = s.enqueue(&class(5, &heavy), [0]).unwrap();
         let mut order = Vec::new();
         for slot in 0..5u32 {
             assert!(s.grant(0, || Some(slot)));
@@ -435,9 +448,9 @@ mod tests {
         let (a, b) = (Arc::new(Service::default()), Arc::new(Service::default()));
         let mut waits: Vec<(char, Wait<'_, ()>)> = Vec::new();
         for i in 0..300 {
-            waits.push(('a', s.enqueue(&class(0, &a), 1).unwrap()));
+            waits.push(('a', s.enqueue(&class(0, &a), [0]).unwrap()));
             if i % 3 == 0 {
-                waits.push(('b', s.enqueue(&class(0, &b), 1).unwrap()));
+                waits.push(('b', s.enqueue(&class(0, &b), [0]).unwrap()));
             }
         }
         let (mut tokens_a, mut tokens_b) = (0.0, 0.0);
@@ -466,10 +479,10 @@ mod tests {
         let s: Scheduler<()> = Scheduler::new(2);
         let k = Arc::new(Service::default());
         let waker = Waker::noop();
-        let mut old_low = s.enqueue(&class(-1, &k), 1).unwrap();
-        let mut new_low = s.enqueue(&class(-1, &k), 1).unwrap();
-        assert_eq!(s.enqueue(&class(-1, &k), 1).err(), Some(Refusal::Full));
-        let _normal = s.enqueue(&class(0, &k), 1).unwrap();
+        let mut old_low = s.enqueue(&class(-1, &k), [0]).unwrap();
+        let mut new_low = s.enqueue(&class(-1, &k), [0]).unwrap();
+        assert_eq!(s.enqueue(&class(-1, &k), [0]).err(), Some(Refusal::Full));
+        let _normal = s.enqueue(&class(0, &k), [0]).unwrap();
         assert_eq!(poll(&mut new_low, waker), Some(Err(Refusal::Shed)));
         assert!(poll(&mut old_low, waker).is_none());
         assert_eq!(s.backlog(), 2);
@@ -487,10 +500,10 @@ mod tests {
         let freed = Arc::new(AtomicUsize::new(0));
         let s: Scheduler<Slot> = Scheduler::new(4);
         let k = Arc::new(Service::default());
-        let gone = s.enqueue(&class(0, &k), 1).unwrap();
+        let gone = s.enqueue(&class(0, &k), [0]).unwrap();
         drop(gone);
         assert_eq!(s.backlog(), 0);
-        let granted = s.enqueue(&class(0, &k), 1).unwrap();
+        let granted = s.enqueue(&class(0, &k), [0]).unwrap();
         assert!(s.grant(0, || Some(Slot(freed.clone()))));
         assert_eq!(freed.load(Ordering::SeqCst), 0);
         drop(granted);

@@ -213,11 +213,57 @@ fn a_reload_keeps_counting_the_requests_still_running_and_hands_their_slots_on()
         "the request after the reload was not held back by the one before it"
     );
     assert_eq!(metric(mock.addr, "vllm:num_requests_running"), 1.0);
-    // And one more, so that it waits on a generation that is no longer the newest.
+    // And one more, so that it waits on a generation that is no longer the newest: it keeps
+    // its place in the one queue, and a newcomer lines up behind it.
     reload();
+    assert_eq!(queued(addr), 1.0);
+    let newcomer = std::thread::spawn(move || chat(addr, "-"));
+    assert!(
+        wait_until(Duration::from_secs(30), || queued(addr) == 2.0),
+        "the newcomer did not line up behind the request waiting since the last config"
+    );
     // The first generation's request ends: its slot goes to the waiter two generations on.
     drop(held);
-    let r = waiting.join().unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
+    for w in [waiting, newcomer] {
+        let r = w.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
     assert_eq!(metric(addr, "llmproxy_queue_refused_total"), 0.0);
+}
+
+#[test]
+fn a_reload_that_raises_max_in_flight_lets_the_waiters_in_at_once() {
+    let mock = spawn_mock(&[]);
+    let yaml = format!(
+        "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n    max_in_flight: 1\n{}",
+        mock.addr,
+        scheduling("60s")
+    );
+    let notifications = Notifications::new();
+    let gw = spawn_gateway_notifying(&yaml, &notifications);
+    notifications.expect("READY=1");
+    let held = hold(gw.addr, "-");
+    let addr = gw.addr;
+    let waiting: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || chat(addr, "-")))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || queued(addr) == 2.0),
+        "the requests never queued"
+    );
+    let file = gw.config.as_ref().unwrap();
+    let text = std::fs::read_to_string(file).unwrap();
+    std::fs::write(file, text.replace("max_in_flight: 1", "max_in_flight: 3")).unwrap();
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
+    notifications.expect("RELOADING=1");
+    notifications.expect("READY=1");
+    // Both are answered while the stream still holds its slot: the new limit has room for them.
+    for w in waiting {
+        let r = w.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(queued(addr), 0.0);
+    assert_eq!(metric(mock.addr, "vllm:num_requests_running"), 1.0);
+    drop(held);
 }

@@ -255,6 +255,7 @@ fn queueing(
     key: Option<&crate::auth::KeyEntry>,
     prioritized: bool,
 ) -> Option<pick::Queueing> {
+    generation.config.scheduling.as_ref()?;
     let scheduler = generation.upstreams.backends.scheduler.as_ref()?;
     let estimate = c.body.len() as f64 / 4.0;
     let class = match key {

@@ -228,7 +228,10 @@ pub async fn pick_or_wait(
     };
     let band = metrics::band(q.class.priority);
     let started = Instant::now();
-    let wait = match scheduler.enqueue(&q.class, mask) {
+    let ids = (0..backends.list.len().min(64))
+        .filter(|i| mask & (1 << i) != 0)
+        .map(|i| backends.list[i].id());
+    let wait = match scheduler.enqueue(&q.class, ids) {
         Ok(wait) => wait,
         Err(refusal) => {
             metrics.queue_refused(band);
@@ -246,7 +249,9 @@ pub async fn pick_or_wait(
     metrics.queue_wait(band, started.elapsed());
     match ended {
         None => Ok(None),
-        Some(Ok(Ok(mut in_flight))) => {
+        Some(Ok(Ok(granted))) => {
+            // Handed over under a later config's limits, it is still relayed by this one.
+            let mut in_flight = granted.rebase(backends).ok_or(GatewayError::NoBackend)?;
             generation.upstreams.record_prompt(request, in_flight.index);
             q.dispatch(&mut in_flight);
             Ok(Some(in_flight))

@@ -567,8 +567,16 @@ fn reload_config(control: &Control) -> Result<u64, String> {
                     upstream::spawn_checker(backends.clone(), &next);
                     let count = next.backends.len();
                     // Its background threads stop; requests still running keep using it, and
-                    // the slots they free are offered to the new set's waiters too.
+                    // the slots they free are handed over under the new set's limits.
                     running.backends.retire();
+                    if let (Some(queue), Some(s)) = (&backends.scheduler, &next.scheduling) {
+                        queue.set_max_queue(s.max_queue);
+                    }
+                    // Room the new limits make (a higher `max_in_flight`) goes to those
+                    // waiting, in their order, before any newcomer sees it.
+                    for i in 0..backends.list.len() {
+                        while Backends::offer(&backends, i) {}
+                    }
                     let generation = live.publish(Snapshot {
                         config: next,
                         backends,

@@ -59,16 +59,28 @@ impl Drop for InFlight {
         // Sequentially consistent with the scheduler's count of waiters: either this release
         // sees a request that just started waiting, or that request's offer sees the slot.
         b.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if self.backends.scheduler.is_some() {
-            Backends::offer(&self.backends, self.index);
-        }
-        if self.backends.is_retired() {
-            self.backends.offer_to_later(self.index);
-        }
+        Backends::offer(&self.backends, self.index);
     }
 }
 
 impl InFlight {
+    /// A slot handed over under another config generation's set as the slot of the same
+    /// backend in `set`, the set the request was routed by (and is relayed by). `None` when
+    /// `set` lacks the backend, which a waiter's grant never does: it waits only for its own.
+    pub fn rebase(mut self, set: &Arc<Backends>) -> Option<InFlight> {
+        if Arc::ptr_eq(&self.backends, set) {
+            return Some(self);
+        }
+        let id = self.backends.list[self.index].id();
+        let index = set.list.iter().position(|b| b.id() == id)?;
+        // A grant carries no level (it is counted at one after this), and the count is the
+        // same object in both sets: only where the slot is released from changes.
+        debug_assert!(self.level.is_none());
+        self.backends = set.clone();
+        self.index = index;
+        Some(self)
+    }
+
     /// Counts the request at engine priority `level` on a backend whose engine preempts, so a
     /// more urgent arrival knows there is something to preempt.
     pub fn at_level(&mut self, level: i64) {
@@ -104,13 +116,24 @@ impl Backends {
 
     /// Hands a free slot of backend `index` to the first request waiting for one (with
     /// `scheduling`); whether one was handed over. The slot is taken here, for the waiter, so no
-    /// newcomer can take it in between.
+    /// newcomer can take it in between; for a set a reload replaced, under the limits of the
+    /// newest set that kept the backend.
     pub fn offer(backends: &Arc<Backends>, index: usize) -> bool {
         let Some(scheduler) = &backends.scheduler else {
             return false;
         };
+        if scheduler.backlog() == 0 {
+            return false;
+        }
+        let newest;
+        let (backends, index) = if backends.is_retired() {
+            newest = backends.newest_with(index);
+            (&newest.0, newest.1)
+        } else {
+            (backends, index)
+        };
         let b = &backends.list[index];
-        scheduler.grant(index, || {
+        scheduler.grant(b.id(), || {
             if !b.up() || b.saturated_by_metrics() {
                 return None;
             }
@@ -152,6 +175,8 @@ pub struct WorkerUpstreams {
     saturation: f64,
     /// Some backend has `engine_priority`.
     engine_priority: bool,
+    /// `scheduling` is on: a request may wait for a saturated backend.
+    scheduling: bool,
 }
 
 impl WorkerUpstreams {
@@ -181,6 +206,7 @@ impl WorkerUpstreams {
             tiered: backends.list.iter().any(|b| b.tier != 0) || config.routing.saturation > 0.0,
             saturation: config.routing.saturation,
             engine_priority: backends.list.iter().any(|b| b.engine_priority.is_some()),
+            scheduling: config.scheduling.is_some(),
             backends,
         }
     }
@@ -320,7 +346,7 @@ impl WorkerUpstreams {
     /// Why no backend could take the request: with `scheduling`, the backends it could wait
     /// for (up, serving its model, not ejected, only saturated).
     fn none_available(&self, req: &PickRequest<'_>) -> PickError {
-        if self.backends.scheduler.is_none() {
+        if !self.scheduling {
             return PickError::NoneAvailable;
         }
         match self.waitable(req) {

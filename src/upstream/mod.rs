@@ -92,6 +92,12 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// The same for this backend in every config generation that kept it (its shared count),
+    /// so a request waiting under one config is handed a slot freed under another.
+    pub fn id(&self) -> u64 {
+        Arc::as_ptr(&self.in_flight) as u64
+    }
+
     pub fn addr(&self) -> Option<SocketAddr> {
         *self.addr.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -242,11 +248,13 @@ pub struct Backends {
     models_json: RwLock<Option<Arc<[u8]>>>,
     /// Set when a reload replaced this set: its checker and resolver threads end.
     retired: AtomicBool,
-    /// Requests waiting for a slot when every backend for them is saturated (`scheduling`).
-    pub scheduler: Option<Scheduler<InFlight>>,
+    /// Requests waiting for a slot when every backend for them is saturated: the process's
+    /// one queue, from the first config with `scheduling` on, kept by every later set (a
+    /// config that turns it off only lets the queue drain).
+    pub scheduler: Option<Arc<Scheduler<InFlight>>>,
     /// The sets of this process still alive, in the order they were built, shared by them all:
-    /// a slot freed by a request of a replaced set is offered to the waiters of later sets
-    /// too (requests wait in the set they started on).
+    /// a slot that a request of a replaced set frees is handed over under the newest set's
+    /// limits.
     generations: Arc<Mutex<Vec<Weak<Backends>>>>,
 }
 
@@ -331,12 +339,17 @@ impl Backends {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
+        // The running queue, when there is one (its `max_queue` is set when this set is
+        // published: a refused reload changes nothing).
+        let scheduler = previous
+            .and_then(|p| p.scheduler.clone())
+            .or_else(|| scheduling.map(|s| Arc::new(Scheduler::new(s.max_queue))));
         let backends = Arc::new(Backends {
             list,
             aliases: config.model_aliases.clone(),
             models_json: RwLock::new(None),
             retired: AtomicBool::new(false),
-            scheduler: scheduling.map(|s| Scheduler::new(s.max_queue)),
+            scheduler,
             generations: previous.map_or_else(Default::default, |p| p.generations.clone()),
         });
         backends
@@ -374,32 +387,24 @@ impl Backends {
         Ok(backends)
     }
 
-    /// Ends this set's background threads (a reload published a new one).
-    /// Offers the slot backend `index` of this replaced set freed to the waiters of the sets
-    /// built after it that share its count (reloads that kept the backend), oldest first.
-    fn offer_to_later(&self, index: usize) {
-        let count = Arc::as_ptr(&self.list[index].in_flight);
-        let later: Vec<Arc<Backends>> = {
-            let mut sets = self.generations.lock().unwrap_or_else(|e| e.into_inner());
-            sets.retain(|s| s.strong_count() > 0);
-            let after = sets
-                .iter()
-                .position(|s| std::ptr::eq(s.as_ptr(), self))
-                .map_or(0, |i| i + 1);
-            sets[after..].iter().filter_map(Weak::upgrade).collect()
-        };
-        // Outside the lock: a grant may drop a slot nobody claimed, which offers it again.
-        for set in later {
-            if let Some(j) = set
-                .list
-                .iter()
-                .position(|b| Arc::as_ptr(&b.in_flight) == count)
-            {
-                Backends::offer(&set, j);
-            }
-        }
+    /// The newest set of this process that has backend `index` of this one (the same backend,
+    /// kept by the reloads since), and its index there: whose limits a slot of it is handed
+    /// over under.
+    fn newest_with(self: &Arc<Self>, index: usize) -> (Arc<Backends>, usize) {
+        let id = self.list[index].id();
+        let mut sets = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        sets.retain(|s| s.strong_count() > 0);
+        sets.iter()
+            .rev()
+            .filter_map(Weak::upgrade)
+            .find_map(|set| {
+                let j = set.list.iter().position(|b| b.id() == id)?;
+                Some((set, j))
+            })
+            .unwrap_or_else(|| (self.clone(), index))
     }
 
+    /// Ends this set's background threads (a reload published a new one).
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
     }
