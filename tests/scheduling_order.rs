@@ -232,3 +232,41 @@ fn a_streamed_answer_counts_against_its_key_as_it_is_relayed() {
         ["big-0", "hold", "big-1", "hold-2"]
     );
 }
+
+#[test]
+fn the_priority_header_is_read_by_the_gateway_and_not_sent_upstream() {
+    // An upstream that records the head it gets and answers once.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let seen = std::thread::spawn(move || {
+        let (mut s, _) = upstream.accept().unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while memchr::memmem::find(&got, b"\r\n\r\n").is_none() {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the request ended before its head");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let body = r#"{"id":"x","object":"chat.completion","model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        std::io::Write::write_all(&mut s, answer.as_bytes()).unwrap();
+        String::from_utf8_lossy(&got).to_lowercase()
+    });
+    let gw = gateway(addr, &log_path());
+    let r = post_json(
+        gw.addr,
+        "/v1/chat/completions",
+        &json!({"model": "mock-model", "messages": [{"role": "user", "content": "x"}]}),
+        &[
+            ("Authorization", "Bearer sk-vip-000000001"),
+            ("X-LLMProxy-Priority", "5"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let head = seen.join().unwrap();
+    assert!(head.contains("x-forwarded-for: "), "{head}");
+    assert!(!head.contains("x-llmproxy-priority"), "{head}");
+}

@@ -58,6 +58,8 @@ pub struct Origin<'a> {
     pub request_id_header: Option<&'a str>,
     /// Lowercased header names carrying the client's gateway key (empty when auth is off).
     pub credentials: &'a [Vec<u8>],
+    /// `scheduling.priority_header`: the gateway's to read, not the backend's.
+    pub priority_header: Option<&'a str>,
 }
 
 /// Writes the upstream request head (through the blank line) into `out`, cleared first.
@@ -75,6 +77,7 @@ pub fn write_upstream_head(
         request_id,
         request_id_header,
         credentials,
+        priority_header,
     } = origin;
     let connection_tokens = head.header(buf, b"connection").unwrap_or(b"");
     out.clear();
@@ -112,6 +115,7 @@ pub fn write_upstream_head(
         if is_hop_by_hop(name)
             || replaced_by_gateway(name, request_id_header)
             || has_token(connection_tokens, name)
+            || priority_header.is_some_and(|h| name.eq_ignore_ascii_case(h.as_bytes()))
         {
             continue;
         }

@@ -201,6 +201,11 @@ pub async fn relay_with_retries(
                     .auth
                     .as_ref()
                     .map_or(&[][..], |a| a.header_names()),
+                priority_header: generation
+                    .config
+                    .scheduling
+                    .as_ref()
+                    .and_then(|s| s.priority_header.as_deref()),
             },
             body_len as u64,
         );
