@@ -267,3 +267,40 @@ fn a_reload_that_raises_max_in_flight_lets_the_waiters_in_at_once() {
     assert_eq!(metric(mock.addr, "vllm:num_requests_running"), 1.0);
     drop(held);
 }
+
+#[test]
+fn a_backend_dropped_and_added_back_by_reloads_keeps_counting_its_requests() {
+    let (first, second) = (spawn_mock(&[]), spawn_mock(&[]));
+    let yaml = format!(
+        "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n    max_in_flight: 1\n",
+        first.addr
+    );
+    let notifications = Notifications::new();
+    let gw = spawn_gateway_notifying(&yaml, &notifications);
+    notifications.expect("READY=1");
+    let held = hold(gw.addr, "-");
+    let file = gw.config.as_ref().unwrap();
+    let text = std::fs::read_to_string(file).unwrap();
+    let (at_first, at_second) = (
+        format!("http://{}", first.addr),
+        format!("http://{}", second.addr),
+    );
+    for text in [text.replace(&at_first, &at_second), text] {
+        std::fs::write(file, text).unwrap();
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
+        notifications.expect("RELOADING=1");
+        notifications.expect("READY=1");
+    }
+    // Back in the config, the first backend still has the stream: it is at its limit.
+    assert_eq!(
+        metric(gw.addr, "llmproxy_backend_in_flight"),
+        1.0,
+        "{}",
+        get(gw.addr, "/metrics").text()
+    );
+    let r = chat(gw.addr, "-");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(metric(first.addr, "vllm:num_requests_running"), 1.0);
+    drop(held);
+}

@@ -266,13 +266,22 @@ impl Backends {
         Backends::after(config, None)
     }
 
-    /// [`Backends::new`] for a reload: a backend the running set also has (same URL) shares its
-    /// count of requests in flight (and by level), so the requests still running on the old
-    /// config count against the limits of the new one.
+    /// [`Backends::new`] for a reload: a backend a set still alive also has (same URL: the
+    /// running set's, or one an earlier reload dropped that still has requests running) shares
+    /// its count of requests in flight (and by level), so the requests still running on the
+    /// old config count against the limits of the new one.
     pub fn after(config: &Config, previous: Option<&Backends>) -> Result<Arc<Backends>, String> {
-        let mut carried: Vec<&Backend> = previous
-            .map(|p| p.list.iter().collect())
-            .unwrap_or_default();
+        // Newest set first, each backend's count once.
+        let alive: Vec<Arc<Backends>> = previous.map_or_else(Vec::new, |p| {
+            let sets = p.generations.lock().unwrap_or_else(|e| e.into_inner());
+            sets.iter().rev().filter_map(Weak::upgrade).collect()
+        });
+        let mut carried: Vec<&Backend> = Vec::new();
+        for b in alive.iter().flat_map(|set| &set.list) {
+            if !carried.iter().any(|c| c.id() == b.id()) {
+                carried.push(b);
+            }
+        }
         let index_blocks = match config.routing.strategy {
             Strategy::CacheAware => config.routing.cache_aware.index_blocks,
             _ => 0,
@@ -296,9 +305,9 @@ impl Backends {
                 for (n, v) in &b.headers {
                     crate::http::push_header(&mut extra_headers, n.as_bytes(), v.as_bytes());
                 }
-                // The same backend in the running set (each old one matched once).
+                // The same backend in a set still alive, the newest first (each matched once).
                 let same = carried.iter().position(|old| old.url == b.url);
-                let same = same.map(|i| carried.swap_remove(i));
+                let same = same.map(|i| carried.remove(i));
                 let shared_in_flight =
                     same.map_or_else(Default::default, |old| old.in_flight.clone());
                 let shared_levels = same.and_then(|old| old.levels.clone());
