@@ -39,25 +39,6 @@ fn status(gw: &Proc, key: &str) -> u16 {
     .status
 }
 
-/// Rewrites the config file, sends SIGHUP and waits until the reload is over (applied or
-/// refused): the gateway reports RELOADING=1, then READY=1, as it does to systemd.
-fn reload(gw: &Proc, notifications: &Notifications, text: &str) {
-    std::fs::write(gw.config.as_ref().unwrap(), text).unwrap();
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
-    notifications.expect("RELOADING=1");
-    notifications.expect("READY=1");
-}
-
-/// A gateway whose reloads [`reload`] can wait for.
-fn gateway(yaml: &str) -> (Proc, Notifications) {
-    let notifications = Notifications::new();
-    let gw = spawn_gateway_notifying(yaml, &notifications);
-    // Start-up's READY=1 comes first, so a reload's cannot be taken for it.
-    notifications.expect("READY=1");
-    (gw, notifications)
-}
-
 #[test]
 fn reload_swaps_keys_and_limits_under_a_running_stream() {
     let sim = spawn_mock(&[]);
@@ -65,7 +46,8 @@ fn reload_swaps_keys_and_limits_under_a_running_stream() {
         "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n",
         sim.addr
     );
-    let (gw, notes) = gateway(&format!("{base}{}", keys(&["sk-old-key-000001"], 1000)));
+    let (gw, notes) =
+        spawn_gateway_reloadable(&format!("{base}{}", keys(&["sk-old-key-000001"], 1000)));
     let file = std::fs::read_to_string(gw.config.as_ref().unwrap()).unwrap();
     let listen_line = file.lines().next().unwrap().to_string();
     let base = base.replacen("listen: \"{listen}\"", &listen_line, 1);
@@ -137,7 +119,7 @@ fn reload_starts_and_swaps_usage_reporters() {
         "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n",
         sim.addr
     );
-    let (gw, notes) = gateway(&base);
+    let (gw, notes) = spawn_gateway_reloadable(&base);
     let file = std::fs::read_to_string(gw.config.as_ref().unwrap()).unwrap();
     let base = base.replacen("listen: \"{listen}\"", file.lines().next().unwrap(), 1);
     let reporter = |db: &str| {

@@ -213,15 +213,11 @@ fn sglang_preempts_for_a_fresh_request_and_the_flood_waits_its_turn() {
 #[test]
 fn a_reload_keeps_each_keys_flow_so_a_backlogged_key_stays_backlogged() {
     let mock = spawn_mock(&["--enable-priority-scheduling", "--max-running", "2"]);
-    let notifications = Notifications::new();
-    let gw = spawn_gateway_notifying(&config(mock.addr, "sglang", 2, &log_path()), &notifications);
-    notifications.expect("READY=1");
+    let (gw, notifications) =
+        spawn_gateway_reloadable(&config(mock.addr, "sglang", 2, &log_path()));
     let first = start_stream(gw.addr, "flood-1", 1000);
     let second = start_stream(gw.addr, "flood-2", 1000);
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
-    notifications.expect("RELOADING=1");
-    notifications.expect("READY=1");
+    reload(&gw, &notifications, &config_text(&gw));
     // The flood key still has two requests at the backend: under the new config its next one
     // is not fresh, so it waits instead of preempting its own.
     let third = send(gw.addr, chat("sk-flood-0000001", "flood-3", json!({})));

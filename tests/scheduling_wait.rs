@@ -190,16 +190,10 @@ fn a_reload_keeps_counting_the_requests_still_running_and_hands_their_slots_on()
         mock.addr,
         scheduling("20s")
     );
-    let notifications = Notifications::new();
-    let gw = spawn_gateway_notifying(&yaml, &notifications);
-    notifications.expect("READY=1");
+    let (gw, notifications) = spawn_gateway_reloadable(&yaml);
     // The same file again: a new config generation.
-    let reload = || {
-        // SAFETY: signalling our own child.
-        assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
-        notifications.expect("RELOADING=1");
-        notifications.expect("READY=1");
-    };
+    let same = config_text(&gw);
+    let reload = || reload(&gw, &notifications, &same);
     let held = hold(gw.addr, "-");
     // Two reloads with the stream running on the first generation: the third has nobody on
     // the second.
@@ -239,9 +233,7 @@ fn a_reload_that_raises_max_in_flight_lets_the_waiters_in_at_once() {
         mock.addr,
         scheduling("60s")
     );
-    let notifications = Notifications::new();
-    let gw = spawn_gateway_notifying(&yaml, &notifications);
-    notifications.expect("READY=1");
+    let (gw, notifications) = spawn_gateway_reloadable(&yaml);
     let held = hold(gw.addr, "-");
     let addr = gw.addr;
     let waiting: Vec<_> = (0..2)
@@ -251,13 +243,8 @@ fn a_reload_that_raises_max_in_flight_lets_the_waiters_in_at_once() {
         wait_until(Duration::from_secs(30), || queued(addr) == 2.0),
         "the requests never queued"
     );
-    let file = gw.config.as_ref().unwrap();
-    let text = std::fs::read_to_string(file).unwrap();
-    std::fs::write(file, text.replace("max_in_flight: 1", "max_in_flight: 3")).unwrap();
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
-    notifications.expect("RELOADING=1");
-    notifications.expect("READY=1");
+    let raised = config_text(&gw).replace("max_in_flight: 1", "max_in_flight: 3");
+    reload(&gw, &notifications, &raised);
     // Both are answered while the stream still holds its slot: the new limit has room for them.
     for w in waiting {
         let r = w.join().unwrap();
@@ -275,22 +262,15 @@ fn a_backend_dropped_and_added_back_by_reloads_keeps_counting_its_requests() {
         "listen: \"{{listen}}\"\nworkers: 2\nbackends:\n  - url: \"http://{}\"\n    max_in_flight: 1\n",
         first.addr
     );
-    let notifications = Notifications::new();
-    let gw = spawn_gateway_notifying(&yaml, &notifications);
-    notifications.expect("READY=1");
+    let (gw, notifications) = spawn_gateway_reloadable(&yaml);
     let held = hold(gw.addr, "-");
-    let file = gw.config.as_ref().unwrap();
-    let text = std::fs::read_to_string(file).unwrap();
+    let text = config_text(&gw);
     let (at_first, at_second) = (
         format!("http://{}", first.addr),
         format!("http://{}", second.addr),
     );
     for text in [text.replace(&at_first, &at_second), text] {
-        std::fs::write(file, text).unwrap();
-        // SAFETY: signalling our own child.
-        assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
-        notifications.expect("RELOADING=1");
-        notifications.expect("READY=1");
+        reload(&gw, &notifications, &text);
     }
     // Back in the config, the first backend still has the stream: it is at its limit.
     assert_eq!(

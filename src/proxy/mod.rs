@@ -255,7 +255,7 @@ fn queueing(
     key: Option<&crate::auth::KeyEntry>,
     prioritized: bool,
 ) -> Option<pick::Queueing> {
-    generation.config.scheduling.as_ref()?;
+    let settings = generation.config.scheduling.as_ref()?;
     let scheduler = generation.upstreams.backends.scheduler.as_ref()?;
     let estimate = c.body.len() as f64 / 4.0;
     let class = match key {
@@ -264,11 +264,9 @@ fn queueing(
             service: None,
         },
         Some(key) => {
-            let asked = generation
-                .config
-                .scheduling
-                .as_ref()
-                .and_then(|s| s.priority_header.as_deref())
+            let asked = settings
+                .priority_header
+                .as_deref()
                 .and_then(|name| c.head.header(&c.buf, name.as_bytes()))
                 .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<i32>().ok());
             crate::schedule::Class {
@@ -278,15 +276,10 @@ fn queueing(
         }
     };
     let flow = scheduler.flow(&class).clone();
-    let completion_weight = generation
-        .config
-        .scheduling
-        .as_ref()
-        .map_or(0.0, |s| s.completion_weight);
     Some(pick::Queueing::new(
         class,
         estimate,
-        completion_weight,
+        settings.completion_weight,
         flow,
         prioritized,
     ))

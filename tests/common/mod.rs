@@ -248,6 +248,32 @@ impl Drop for Notifications {
     }
 }
 
+/// A gateway started with a notification socket, past its start-up `READY=1`, so [`reload`]
+/// can wait for its reloads.
+pub fn spawn_gateway_reloadable(config_yaml: &str) -> (Proc, Notifications) {
+    let notifications = Notifications::new();
+    let gw = spawn_gateway_notifying(config_yaml, &notifications);
+    // Start-up's READY=1 comes first, so a reload's cannot be taken for it.
+    notifications.expect("READY=1");
+    (gw, notifications)
+}
+
+/// Rewrites the config file of `gw` (from [`spawn_gateway_reloadable`]), sends SIGHUP and
+/// waits until the reload is over (applied or refused): the gateway reports RELOADING=1, then
+/// READY=1, as it does to systemd.
+pub fn reload(gw: &Proc, notifications: &Notifications, text: &str) {
+    std::fs::write(gw.config.as_ref().unwrap(), text).unwrap();
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(gw.child.id() as i32, libc::SIGHUP) }, 0);
+    notifications.expect("RELOADING=1");
+    notifications.expect("READY=1");
+}
+
+/// The config file `gw` runs on, as written (its `{listen}` filled in).
+pub fn config_text(gw: &Proc) -> String {
+    std::fs::read_to_string(gw.config.as_ref().unwrap()).unwrap()
+}
+
 /// A port nothing listens on, held for as long as this lives: a bound socket that never listens,
 /// so connecting is refused and no other test's port-0 bind can be given the port. It has
 /// `SO_REUSEPORT`, so a server the test starts later may bind the port explicitly and take over.
