@@ -193,6 +193,12 @@ fn relay(shared: Arc<Shared>, client: TcpStream) {
         .lock()
         .unwrap()
         .push((Arc::downgrade(&client), Arc::downgrade(&server)));
+    // Cut while it was connecting: [`FaultProxy::cut`] may have emptied `open` before it was in.
+    if shared.cut.load(Ordering::SeqCst) {
+        reset(&client);
+        reset(&server);
+        return;
+    }
     let armed = Arc::new(Mutex::new(Armed::default()));
     let born = shared.hangs.load(Ordering::SeqCst);
     {
@@ -223,6 +229,11 @@ fn upstream(
         };
         if shared.hangs.load(Ordering::SeqCst) > born {
             continue;
+        }
+        // Read just before a cut: it must not reach the server after it (a reset stops reads,
+        // not this write).
+        if shared.cut.load(Ordering::SeqCst) {
+            break;
         }
         // A new request (the gateway sends one only after the last response ended) arms the
         // fault it names, or disarms the last one.
